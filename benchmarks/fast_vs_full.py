@@ -1,0 +1,110 @@
+"""Fast layer vs full-model FedAvg on Fashion-MNIST, side by side from one run.
+
+Setup (issue 2 acceptance): Dirichlet(0.3) label split over 50 clients, 20% of
+clients per round, 30 rounds, the same pretrained base for every row. Each row
+is one `simulate` run; bytes come from the communication log.
+
+    python benchmarks/fast_vs_full.py                    # full, lora
+    python benchmarks/fast_vs_full.py --fast full lora ffa-lora head sparse
+
+Prints a table and writes benchmarks/results/fast_vs_full.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fedslim.config import FastSpec, RunConfig
+from fedslim.simulation.simulate import simulate
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", nargs="+", default=["full", "lora"])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--fraction", type=float, default=0.2)
+    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-fast-vs-full")
+    args = parser.parse_args()
+
+    console = Console()
+    base_config = RunConfig(
+        dataset="fmnist",
+        num_clients=args.clients,
+        rounds=args.rounds,
+        fraction=args.fraction,
+        dirichlet_alpha=args.alpha,
+        lr=args.lr,
+        local_epochs=args.local_epochs,
+        seed=args.seed,
+    )
+    rows = []
+    for kind in args.fast:
+        config = replace(
+            base_config,
+            fast=FastSpec(kind=kind, rank=args.rank, seed=args.seed),
+            out=f"{args.out}/{kind}",
+        )
+        started = time.monotonic()
+        result = simulate(config, on_round=lambda t: console.print(f"  {kind} round {t.round}: acc {t.accuracy:.4f}"))
+        trained = [r for r in result.rounds if r.round > 0]
+        moved = sum(r.bytes_up + r.bytes_down for r in trained)
+        rows.append(
+            {
+                "fast": kind,
+                "final_accuracy": trained[-1].accuracy,
+                "best_accuracy": max(r.accuracy for r in trained),
+                "base_accuracy": result.rounds[0].accuracy,
+                "bytes_per_round": moved / len(trained),
+                "bytes_up_per_round": sum(r.bytes_up for r in trained) / len(trained),
+                "bytes_down_per_round": sum(r.bytes_down for r in trained) / len(trained),
+                "full_model_equivalent_per_round": sum(r.full_model_bytes for r in trained) / len(trained),
+                "wall_s": time.monotonic() - started,
+                "log": result.log_path,
+            }
+        )
+
+    reference = next((r for r in rows if r["fast"] == "full"), rows[0])
+    table = Table(title=f"Fashion-MNIST, Dir({args.alpha}), {args.clients} clients, "
+                        f"{args.fraction:.0%}/round, {args.rounds} rounds")
+    for column in ("fast layer", "final acc", "best acc", "acc - full", "KiB/round (up+down)",
+                   "bytes vs full", "wall s"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        row["accuracy_gap_to_full"] = row["final_accuracy"] - reference["final_accuracy"]
+        row["byte_reduction_vs_full"] = reference["bytes_per_round"] / row["bytes_per_round"]
+        table.add_row(
+            row["fast"],
+            f"{row['final_accuracy']:.4f}",
+            f"{row['best_accuracy']:.4f}",
+            f"{100 * row['accuracy_gap_to_full']:+.2f} pt",
+            f"{row['bytes_per_round'] / 1024:,.1f}",
+            f"{row['byte_reduction_vs_full']:,.1f}x fewer",
+            f"{row['wall_s']:.0f}",
+        )
+    console.print(table)
+
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"setup": vars(args), "rows": rows}
+    (RESULTS / "fast_vs_full.json").write_text(json.dumps(payload, indent=2))
+    with (RESULTS / "fast_vs_full.md").open("w") as handle:
+        Console(file=handle, width=140, color_system=None).print(table)
+    console.print(f"results written to {RESULTS}/fast_vs_full.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()

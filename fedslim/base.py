@@ -1,0 +1,109 @@
+"""The resident slow base: a checkpoint on local disk, identified by its fingerprint.
+
+For the built-in benchmarks the base is pretrained centrally on the public
+slice of the dataset, once, and cached as a checkpoint; clients and server
+then load the same file. A deployed client points to its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedslim.adapters import FastSlowModel, attach_fast_layer, fingerprint
+from fedslim.config import FastSpec, RunConfig
+from fedslim.models import build_architecture
+from fedslim.simulation.datasets import DataSpec, load_federation
+from fedslim.training import evaluate, train_epochs
+
+PRETRAIN_EPOCHS = {"synthetic": 20, "fmnist": 10}
+PRETRAIN_LR = 0.05
+
+
+class BaseMismatchError(RuntimeError):
+    """The client's resident base is not the one the server expects."""
+
+
+@dataclass(frozen=True, eq=False)
+class ResidentBase:
+    """A loaded base checkpoint and its fingerprint (hashable by identity: loads are cached)."""
+
+    dataset: str
+    state: dict[str, torch.Tensor]
+    fingerprint: str
+    path: Path
+
+    def build(self, spec: FastSpec) -> FastSlowModel:
+        """A fresh model with this base's weights and the fast layer ``spec`` attached."""
+        module = build_architecture(self.dataset)
+        module.load_state_dict(self.state)
+        return attach_fast_layer(module, spec, self.fingerprint)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.state.values())
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDSLIM_CACHE", Path.home() / ".cache" / "fedslim"))
+
+
+def default_base_path(config: RunConfig) -> Path:
+    """Where the pretrained base of a built-in benchmark is cached (keyed by its data)."""
+    spec = DataSpec.of(config)
+    key = hashlib.sha256(repr((spec.dataset, spec.seed, spec.synthetic_alpha, spec.synthetic_beta)).encode())
+    return cache_dir() / "bases" / f"{config.dataset}-{key.hexdigest()[:12]}.pt"
+
+
+def ensure_pretrained_base(config: RunConfig) -> Path:
+    """Pretrain the benchmark base on the public slice if it is not cached yet."""
+    path = default_base_path(config)
+    if path.is_file():
+        return path
+    data = load_federation(config)
+    torch.manual_seed(config.seed)
+    module = build_architecture(config.dataset)
+    train_epochs(
+        module,
+        list(module.parameters()),
+        data.public,
+        epochs=PRETRAIN_EPOCHS[config.dataset],
+        lr=PRETRAIN_LR,
+        batch_size=32,
+        seed=config.seed,
+        momentum=0.9,
+    )
+    result = evaluate(module, data.test)
+    save_base(module, path, {"dataset": config.dataset, "public_examples": len(data.public),
+                             "test_accuracy": result.accuracy})
+    return path
+
+
+def save_base(module: nn.Module, path: Path, meta: dict[str, object]) -> None:
+    """Write a base checkpoint atomically (a crash never leaves a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"state_dict": module.state_dict(), "meta": json.dumps(meta)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_base(path: Path, dataset: str) -> ResidentBase:
+    """Load a base checkpoint; cached per process and invalidated when the file changes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"base checkpoint {path} does not exist")
+    stat = path.stat()
+    return _load_base(path.resolve(), dataset, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=4)
+def _load_base(path: Path, dataset: str, _mtime_ns: int, _size: int) -> ResidentBase:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    return ResidentBase(dataset, state, fingerprint(state), path)

@@ -1,0 +1,104 @@
+"""The `fedslim` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedslim.config import DATASETS, FAST_KINDS, ConfigError, FastSpec, RunConfig
+
+
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    defaults = RunConfig()
+    p = sub.add_parser(
+        "simulate",
+        help="run a federation in Flower's simulation engine",
+        description="Simulate a federation in which only the fast layer travels, and print a per-round table.",
+    )
+    p.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
+    p.add_argument("--data-dir", default="", help="folder with the four Fashion-MNIST IDX .gz files "
+                   "(default: $FEDSLIM_DATA_DIR or /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--clients", type=int, default=defaults.num_clients, help="number of clients (virtual SuperNodes)")
+    p.add_argument("--rounds", type=int, default=defaults.rounds)
+    p.add_argument("--fraction", type=float, default=defaults.fraction, help="fraction of clients sampled per round")
+    p.add_argument("--fast", choices=FAST_KINDS, default=defaults.fast.kind, help="which tensors train and travel")
+    p.add_argument("--rank", type=int, default=defaults.fast.rank, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=defaults.fast.lora_alpha, help="LoRA scaling numerator")
+    p.add_argument("--density", type=float, default=defaults.fast.density, help="fast fraction of entries (sparse)")
+    p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    p.add_argument("--lr", type=float, default=defaults.lr, help="client SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--server-lr", type=float, default=defaults.server_lr)
+    p.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha, help="Dirichlet concentration (fmnist)")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--out", default=defaults.out, help="run directory (communication log goes here)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        dataset=args.dataset,
+        num_clients=args.clients,
+        rounds=args.rounds,
+        fraction=args.fraction,
+        fast=FastSpec(args.fast, args.rank, args.lora_alpha, args.density, args.seed),
+        seed=args.seed,
+        local_epochs=args.local_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        server_lr=args.server_lr,
+        dirichlet_alpha=args.alpha,
+        data_dir=args.data_dir,
+        out=args.out,
+    )
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedslim.commlog import RoundTotals
+    from fedslim.report import round_table
+    from fedslim.simulation.datasets import DatasetMissingError
+    from fedslim.simulation.simulate import simulate
+
+    config = config_from_args(args)
+    console = Console()
+    progress = Progress(
+        TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"), console=console,
+    )
+    task = progress.add_task("rounds", total=config.rounds, status="starting nodes")
+
+    def on_round(totals: RoundTotals) -> None:
+        progress.update(task, completed=totals.round,
+                        status=f"round {totals.round}: accuracy {totals.accuracy:.4f}")
+
+    console.print(f"fedslim: {config.dataset}, {config.num_clients} clients, {config.rounds} rounds, "
+                  f"fast layer {config.fast.kind}, run dir {config.run_dir}")
+    try:
+        with progress:
+            result = simulate(config, on_round=on_round, verbose=args.verbose)
+    except DatasetMissingError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})"))
+    console.print(f"communication log: {result.log_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedslim", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _simulate_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return run_simulate(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Client side: the resident base, local training of the fast layer, encoding."""

@@ -1,0 +1,204 @@
+"""The communication log: every message in both directions, in SQLite in the run directory.
+
+Rows are committed as they are written, so a crash leaves every finished
+round readable. Byte columns:
+
+- ``payload_bytes``: the fast-layer record as serialised (0 for errors).
+- ``message_bytes``: the whole Flower message as serialised for transport
+  (the sum of its deflated objects: metadata, records, arrays).
+- ``full_model_bytes``: what the same message would have been if it carried
+  the full model, as full-model FedAvg does.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+SCHEMA_VERSION = 1
+LOG_FILENAME = "commlog.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    config TEXT NOT NULL,
+    base_fingerprint TEXT NOT NULL,
+    base_parameters INTEGER NOT NULL,
+    fast_parameters INTEGER NOT NULL,
+    fast_payload_bytes INTEGER NOT NULL,
+    full_model_payload_bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    node_id TEXT NOT NULL,  -- Flower node ids are unsigned 64-bit: kept as decimal text
+    direction TEXT NOT NULL CHECK (direction IN ('down', 'up')),
+    message_type TEXT NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    message_bytes INTEGER NOT NULL,
+    full_model_bytes INTEGER NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
+    reason TEXT,
+    timestamp REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_round ON messages (run_id, round, direction);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    sampled INTEGER NOT NULL,
+    accepted INTEGER NOT NULL,
+    accuracy REAL,
+    loss REAL,
+    wall_time_s REAL NOT NULL,
+    PRIMARY KEY (run_id, round)
+);
+"""
+
+
+def message_bytes(message: Message) -> int:
+    """Serialised size of a Flower message: every object Flower transfers for it."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+@dataclass(frozen=True)
+class RoundTotals:
+    """One row of the per-round table."""
+
+    round: int
+    accuracy: float | None
+    loss: float | None
+    sampled: int
+    accepted: int
+    bytes_up: int
+    bytes_down: int
+    full_model_bytes: int
+
+
+class CommLog:
+    """Writer and reader of one run directory's communication log.
+
+    Parameters
+    ----------
+    path : Path
+        The SQLite file (created with its schema if absent).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        version = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has log schema {version}; this fedslim reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def start_run(
+        self,
+        run_id: str,
+        config: dict[str, Any],
+        base_fingerprint: str,
+        base_parameters: int,
+        fast_parameters: int,
+        fast_payload_bytes: int,
+        full_model_payload_bytes: int,
+    ) -> None:
+        self._db.execute(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                time.time(),
+                json.dumps(config, default=str),
+                base_fingerprint,
+                base_parameters,
+                fast_parameters,
+                fast_payload_bytes,
+                full_model_payload_bytes,
+            ),
+        )
+
+    def record_message(
+        self,
+        run_id: str,
+        server_round: int,
+        node_id: int,
+        direction: str,
+        message_type: str,
+        payload_bytes: int,
+        serialized_bytes: int,
+        full_model_bytes: int,
+        reason: str | None = None,
+    ) -> None:
+        """Record one message; a ``reason`` marks it rejected."""
+        self._db.execute(
+            "INSERT INTO messages (run_id, round, node_id, direction, message_type, payload_bytes,"
+            " message_bytes, full_model_bytes, status, reason, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                server_round,
+                str(node_id),
+                direction,
+                message_type,
+                payload_bytes,
+                serialized_bytes,
+                full_model_bytes,
+                "rejected" if reason else "ok",
+                reason,
+                time.time(),
+            ),
+        )
+
+    def record_round(
+        self,
+        run_id: str,
+        server_round: int,
+        sampled: int,
+        accepted: int,
+        accuracy: float | None,
+        loss: float | None,
+        wall_time_s: float,
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, server_round, sampled, accepted, accuracy, loss, wall_time_s),
+        )
+
+    def run_ids(self) -> list[str]:
+        return [row[0] for row in self._db.execute("SELECT run_id FROM runs ORDER BY started_at")]
+
+    def round_totals(self, run_id: str) -> list[RoundTotals]:
+        """Per-round accuracy and bytes, read back from the log."""
+        rows = self._db.execute(
+            """
+            SELECT r.round, r.accuracy, r.loss, r.sampled, r.accepted,
+                   COALESCE(SUM(CASE WHEN m.direction = 'up' THEN m.message_bytes END), 0),
+                   COALESCE(SUM(CASE WHEN m.direction = 'down' THEN m.message_bytes END), 0),
+                   COALESCE(SUM(m.full_model_bytes), 0)
+            FROM rounds r LEFT JOIN messages m ON m.run_id = r.run_id AND m.round = r.round
+            WHERE r.run_id = ?
+            GROUP BY r.round ORDER BY r.round
+            """,
+            (run_id,),
+        )
+        return [RoundTotals(*row) for row in rows]
+
+    def messages(self, run_id: str) -> list[sqlite3.Row]:
+        cursor = self._db.cursor()
+        cursor.row_factory = sqlite3.Row
+        return cursor.execute("SELECT * FROM messages WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()

@@ -1,0 +1,1 @@
+"""Server side: the ServerApp round loop, its state and the communication log."""

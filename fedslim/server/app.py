@@ -1,0 +1,40 @@
+"""The fedslim ServerApp, as loaded by `flwr run .` and by `fedslim simulate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedslim.commlog import RoundTotals
+from fedslim.config import RunConfig
+from fedslim.server.loop import RunResult, run_federation
+from fedslim.report import log_round_table
+
+
+def make_server_app(
+    config: RunConfig | None = None,
+    on_round: Callable[[RoundTotals], None] | None = None,
+    on_finish: Callable[[RunResult], None] | None = None,
+) -> ServerApp:
+    """A ServerApp running ``config``, or the run config Flower passes when None.
+
+    ``on_round`` is called after each round is logged, ``on_finish`` with the
+    result of the whole run.
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = config or RunConfig.from_flat(context.run_config)
+        result = run_federation(grid, run_config, on_round=on_round)
+        if on_finish:
+            on_finish(result)
+        else:
+            log_round_table(result.run_id, result.rounds)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,159 @@
+"""The server's round loop: send the fast state, check and log replies, aggregate, evaluate."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedslim.base import ensure_pretrained_base, load_base
+from fedslim.codec import DenseCodec
+from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals, message_bytes
+from fedslim.config import RunConfig
+from fedslim.simulation.datasets import load_federation
+from fedslim.strategies.fedavg import DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FastFedAvg
+from fedslim.training import evaluate
+
+NODE_WAIT_TIMEOUT_S = 120.0
+
+
+class NodesMissingError(RuntimeError):
+    """Fewer nodes connected than the run needs."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished run leaves behind."""
+
+    run_id: str
+    log_path: str
+    rounds: list[RoundTotals]
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> list[int]:
+    """Block until ``expected`` nodes are connected (they register asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise NodesMissingError(
+                f"only {len(nodes)} of {expected} nodes connected after {timeout_s:.0f} s; "
+                "check that num-clients matches the federation's number of SuperNodes"
+            )
+        time.sleep(0.2)
+
+
+def check_update(reply: Message, shapes: dict[str, tuple[int, ...]], codec: DenseCodec) -> str | None:
+    """Why ``reply`` cannot be aggregated, or None if it is a valid fast update."""
+    if reply.has_error():
+        return f"client error {reply.error.code}: {reply.error.reason}"
+    try:
+        codec.decode(reply.content[DELTA_KEY], shapes)
+        examples = reply.content[METRICS_KEY][NUM_EXAMPLES_KEY]
+    except (KeyError, ValueError) as exc:
+        return f"malformed update: {exc}"
+    if not isinstance(examples, int) or examples <= 0:
+        return f"malformed update: num-examples must be a positive integer, got {examples!r}"
+    return None
+
+
+def run_federation(
+    grid: Grid,
+    config: RunConfig,
+    strategy: Strategy | None = None,
+    on_round: Callable[[RoundTotals], None] | None = None,
+) -> RunResult:
+    """Run ``config.rounds`` rounds of fast-layer training and log every message.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower's grid (simulation or deployment).
+    config : RunConfig
+        The run.
+    strategy : Strategy, optional
+        Aggregation over fast deltas; FedAvg over participants by default.
+    on_round : callable, optional
+        Called with each round's totals as soon as the round is logged
+        (progress displays).
+    """
+    strategy = strategy or FastFedAvg(
+        fraction_train=config.fraction, server_lr=config.server_lr, seed=config.seed
+    )
+    codec = DenseCodec()
+    base = load_base(ensure_pretrained_base(config), config.dataset)
+    model = base.build(config.fast)
+    test_set = load_federation(config).test
+    shapes = model.fast_shapes()
+    fast_state = model.fast_state()
+    full_payload_bytes = ArrayRecord(base.state).count_bytes()
+
+    commlog = CommLog(config.run_dir / LOG_FILENAME)
+    run_id = uuid.uuid4().hex[:12]
+    commlog.start_run(
+        run_id,
+        config.to_dict(),
+        base.fingerprint,
+        base.num_parameters(),
+        model.num_fast_parameters(),
+        codec.payload_bytes(codec.encode(fast_state)),
+        full_payload_bytes,
+    )
+    log(INFO, "fedslim run %s: %d fast of %d base parameters (%s), log %s", run_id,
+        model.num_fast_parameters(), base.num_parameters(), config.fast.kind, commlog.path)
+
+    def finish_round(server_round: int, sampled: int, accepted: int, started: float) -> None:
+        result = evaluate(model.module, test_set)
+        commlog.record_round(run_id, server_round, sampled, accepted, result.accuracy, result.loss,
+                             time.monotonic() - started)
+        totals = commlog.round_totals(run_id)[-1]
+        log(INFO, "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted", server_round,
+            result.accuracy, result.loss, accepted, sampled)
+        if on_round:
+            on_round(totals)
+
+    try:
+        wait_for_nodes(grid, config.num_clients)
+        finish_round(0, 0, 0, time.monotonic())
+        for server_round in range(1, config.rounds + 1):
+            started = time.monotonic()
+            task = ConfigRecord({**config.client_task(), "base-fingerprint": base.fingerprint})
+            instructions = list(strategy.configure_train(server_round, codec.encode(fast_state), task, grid))
+            replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout))
+            for message in instructions:
+                payload = codec.payload_bytes(message.content.array_records[FAST_KEY])
+                size = message_bytes(message)
+                commlog.record_message(run_id, server_round, message.metadata.dst_node_id, "down",
+                                       message.metadata.message_type, payload, size,
+                                       size - payload + full_payload_bytes)
+            accepted = []
+            for reply in replies:
+                reason = check_update(reply, shapes, codec)
+                size = message_bytes(reply)
+                payload = 0 if reply.has_error() or reason else codec.payload_bytes(reply.content[DELTA_KEY])
+                full = size if payload == 0 else size - payload + full_payload_bytes
+                commlog.record_message(run_id, server_round, reply.metadata.src_node_id, "up",
+                                       reply.metadata.message_type, payload, size, full, reason)
+                if reason:
+                    log(WARNING, "round %d: rejected update from node %d: %s", server_round,
+                        reply.metadata.src_node_id, reason)
+                else:
+                    accepted.append(reply)
+            new_arrays, _ = strategy.aggregate_train(server_round, accepted)
+            if new_arrays is not None:
+                fast_state = codec.decode(new_arrays, shapes)
+                model.load_fast_state(fast_state)
+            finish_round(server_round, len(instructions), len(accepted), started)
+        return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id))
+    finally:
+        commlog.close()
+

@@ -1,0 +1,57 @@
+"""`simulate`: run a fedslim federation in Flower's simulation engine, in this process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+
+from fedslim.base import ensure_pretrained_base
+from fedslim.commlog import RoundTotals
+from fedslim.config import RunConfig
+from fedslim.server.loop import RunResult
+from fedslim.simulation.datasets import load_federation
+
+
+def simulate(
+    config: RunConfig,
+    on_round: Callable[[RoundTotals], None] | None = None,
+    verbose: bool = False,
+) -> RunResult:
+    """Run ``config`` with one virtual SuperNode per client.
+
+    The data is loaded and the base pretrained (once, cached) before any node
+    starts, so a missing dataset fails fast with its own message.
+    """
+    from flwr.simulation import run_simulation
+
+    from fedslim.client.app import app as client_app
+    from fedslim.server.app import make_server_app
+
+    load_federation(config)
+    ensure_pretrained_base(config)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:
+        flwr_logger = logging.getLogger("flwr")
+        flwr_logger.setLevel(logging.WARNING)
+        # fedslim calls run_simulation on purpose (in-process, with a progress display).
+        flwr_logger.addFilter(lambda record: "run_simulation` function is deprecated" not in record.getMessage())
+    results: list[RunResult] = []
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=make_server_app(config, on_round, results.append),
+            client_app=client_app,
+            num_supernodes=config.num_clients,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        )
+    if not results:
+        raise RuntimeError("the simulation ended before the server finished its rounds (see the log above)")
+    return results[0]

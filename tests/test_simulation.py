@@ -1,0 +1,48 @@
+"""End to end through Flower's simulation engine, and the CLI's error paths."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fedslim.cli import main
+from fedslim.commlog import LOG_FILENAME
+from fedslim.config import RunConfig
+from fedslim.simulation.simulate import simulate
+
+
+def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> None:
+    rounds_seen: list[int] = []
+    result = simulate(small_config, on_round=lambda totals: rounds_seen.append(totals.round))
+
+    assert rounds_seen == [0, 1, 2]
+    db = sqlite3.connect(Path(small_config.out) / LOG_FILENAME)
+    per_round = db.execute(
+        "SELECT round, direction, COUNT(*), COUNT(DISTINCT node_id), SUM(status = 'ok') FROM messages "
+        "GROUP BY round, direction ORDER BY round, direction"
+    ).fetchall()
+    sampled = small_config.clients_per_round
+    assert per_round == [(r, d, sampled, sampled, sampled) for r in (1, 2) for d in ("down", "up")]
+    fast_payload, full_payload = db.execute("SELECT fast_payload_bytes, full_model_payload_bytes FROM runs").fetchone()
+    for direction, payload, size, full in db.execute("SELECT direction, payload_bytes, message_bytes, full_model_bytes FROM messages"):
+        assert payload == fast_payload, direction
+        assert payload < size < payload + 4096
+        assert full == size - payload + full_payload
+    assert [r.round for r in result.rounds] == [0, 1, 2]
+    assert all(r.accepted == sampled for r in result.rounds[1:])
+    assert all(0.0 <= r.accuracy <= 1.0 for r in result.rounds)
+
+
+def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--fraction", "1.5"])
+    assert exit_info.value.code == 2
+    assert "fraction must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_fashion_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["simulate", "--dataset", "fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "dataset-fashion-mnist" in capsys.readouterr().out
