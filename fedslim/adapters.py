@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ class SparseDelta(nn.Module):
 
     def forward(self) -> torch.Tensor:
         flat = torch.zeros(math.prod(self.weight_shape), dtype=self.values.dtype, device=self.values.device)
-        return flat.index_put((self.indices,), self.values).view(self.weight_shape)
+        return flat.index_put((self.get_buffer("indices"),), self.values).view(self.weight_shape)
 
 
 class DeltaAdapted(nn.Module):
@@ -124,7 +124,7 @@ class FastSlowModel:
         self.base_fingerprint = base_fingerprint or fingerprint(self.base_state())
 
     @classmethod
-    def from_peft(cls, peft_model: nn.Module) -> "FastSlowModel":
+    def from_peft(cls, peft_model: nn.Module) -> FastSlowModel:
         """Split a ``peft`` model: its trainable parameters are the fast layer."""
         trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
         return cls(peft_model, trainable)
@@ -202,23 +202,21 @@ def attach_fast_layer(base: nn.Module, spec: FastSpec, base_fingerprint: str | N
     """
     base_fingerprint = base_fingerprint or fingerprint(base.state_dict())
     head = _last_linear_name(base)
-    select: Callable[[str], bool]
+    head_names = [n for n, _ in base.named_parameters() if n.startswith(head + ".")]
     if spec.kind == "full":
-        select = lambda name: True  # noqa: E731
+        fast_names = [n for n, _ in base.named_parameters()]
     elif spec.kind == "head":
-        select = lambda name: name.startswith(head + ".")  # noqa: E731
+        fast_names = head_names
     elif spec.kind in ("lora", "ffa-lora"):
         for name, layer in _adaptable_layers(base, exclude=head):
-            delta = LoRADelta(layer.weight.shape, spec.rank, spec.lora_alpha, _seeded_generator(spec.seed, name))
-            _replace_submodule(base, name, DeltaAdapted(layer, delta))
+            lora = LoRADelta(layer.weight.shape, spec.rank, spec.lora_alpha, _seeded_generator(spec.seed, name))
+            _replace_submodule(base, name, DeltaAdapted(layer, lora))
         trained_factors = ("lora_B",) if spec.kind == "ffa-lora" else ("lora_A", "lora_B")
-        select = lambda name: name.startswith(head + ".") or name.rsplit(".", 1)[-1] in trained_factors  # noqa: E731
-    elif spec.kind == "sparse":
+        factors = [n for n, _ in base.named_parameters() if n.rsplit(".", 1)[-1] in trained_factors]
+        fast_names = factors + head_names
+    else:  # sparse
         for name, layer in _adaptable_layers(base, exclude=""):
-            delta = SparseDelta(layer.weight.shape, spec.density, _seeded_generator(spec.seed, name))
-            _replace_submodule(base, name, DeltaAdapted(layer, delta))
-        select = lambda name: name.endswith(".delta.values")  # noqa: E731
-    else:  # FastSpec validates kind; this guards future kinds added there only.
-        raise ValueError(f"unsupported fast layer {spec.kind!r}")
-    fast_names = [n for n, _ in base.named_parameters() if select(n)]
+            sparse = SparseDelta(layer.weight.shape, spec.density, _seeded_generator(spec.seed, name))
+            _replace_submodule(base, name, DeltaAdapted(layer, sparse))
+        fast_names = [n for n, _ in base.named_parameters() if n.endswith(".delta.values")]
     return FastSlowModel(base, fast_names, base_fingerprint)

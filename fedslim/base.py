@@ -23,7 +23,7 @@ from fedslim.models import build_architecture
 from fedslim.simulation.datasets import DataSpec, load_federation
 from fedslim.training import evaluate, train_epochs
 
-PRETRAIN_EPOCHS = {"synthetic": 20, "fmnist": 10}
+PRETRAIN_EPOCHS = {"synthetic": 2, "fmnist": 10}
 PRETRAIN_LR = 0.05
 
 
@@ -80,8 +80,9 @@ def ensure_pretrained_base(config: RunConfig) -> Path:
         momentum=0.9,
     )
     result = evaluate(module, data.test)
-    save_base(module, path, {"dataset": config.dataset, "public_examples": len(data.public),
-                             "test_accuracy": result.accuracy})
+    save_base(
+        module, path, {"dataset": config.dataset, "public_examples": len(data.public), "test_accuracy": result.accuracy}
+    )
     return path
 
 

@@ -16,8 +16,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         description="Simulate a federation in which only the fast layer travels, and print a per-round table.",
     )
     p.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    p.add_argument("--data-dir", default="", help="folder with the four Fashion-MNIST IDX .gz files "
-                   "(default: $FEDSLIM_DATA_DIR or /usr/share/datasets/fashion-mnist)")
+    p.add_argument(
+        "--data-dir",
+        default="",
+        help="folder with the four Fashion-MNIST IDX .gz files "
+        "(default: $FEDSLIM_DATA_DIR or /usr/share/datasets/fashion-mnist)",
+    )
     p.add_argument("--clients", type=int, default=defaults.num_clients, help="number of clients (virtual SuperNodes)")
     p.add_argument("--rounds", type=int, default=defaults.rounds)
     p.add_argument("--fraction", type=float, default=defaults.fraction, help="fraction of clients sampled per round")
@@ -65,17 +69,22 @@ def run_simulate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     console = Console()
     progress = Progress(
-        TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"), console=console,
+        TextColumn("[bold]rounds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
     )
     task = progress.add_task("rounds", total=config.rounds, status="starting nodes")
 
     def on_round(totals: RoundTotals) -> None:
-        progress.update(task, completed=totals.round,
-                        status=f"round {totals.round}: accuracy {totals.accuracy:.4f}")
+        progress.update(task, completed=totals.round, status=f"round {totals.round}: accuracy {totals.accuracy:.4f}")
 
-    console.print(f"fedslim: {config.dataset}, {config.num_clients} clients, {config.rounds} rounds, "
-                  f"fast layer {config.fast.kind}, run dir {config.run_dir}")
+    console.print(
+        f"fedslim: {config.dataset}, {config.num_clients} clients, {config.rounds} rounds, "
+        f"fast layer {config.fast.kind}, run dir {config.run_dir}"
+    )
     try:
         with progress:
             result = simulate(config, on_round=on_round, verbose=args.verbose)

@@ -99,9 +99,7 @@ class CommLog:
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-        )
+        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         version = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
         if version != SCHEMA_VERSION:
             raise RuntimeError(f"{self.path} has log schema {version}; this fedslim reads {SCHEMA_VERSION}")

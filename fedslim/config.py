@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DATASETS = ("synthetic", "fmnist")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
@@ -162,7 +163,7 @@ class RunConfig:
         return task
 
     @classmethod
-    def from_flat(cls, values: Mapping[str, Any]) -> "RunConfig":
+    def from_flat(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from a flat mapping with kebab-case keys (Flower's run_config)."""
         field_names = {f.name for f in dataclasses.fields(cls)} - {"fast"}
         fast_names = {f.name for f in dataclasses.fields(FastSpec)} - {"kind", "seed"}

@@ -38,7 +38,9 @@ def round_table(rounds: list[RoundTotals], title: str = "") -> Table:
     down = sum(r.bytes_down for r in rounds)
     full = sum(r.full_model_bytes for r in rounds)
     table.add_section()
-    table.add_row("total", "", "", "", _kib(up), _kib(down), _kib(full), f"{full / (up + down):,.1f}x" if up + down else "-")
+    table.add_row(
+        "total", "", "", "", _kib(up), _kib(down), _kib(full), f"{full / (up + down):,.1f}x" if up + down else "-"
+    )
     return table
 
 

@@ -22,7 +22,12 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def small_config(tmp_path: Path) -> RunConfig:
     return RunConfig(
-        dataset="synthetic", num_clients=4, rounds=2, fraction=0.5, fast=FastSpec("lora", rank=2), out=str(tmp_path / "run")
+        dataset="synthetic",
+        num_clients=4,
+        rounds=2,
+        fraction=0.5,
+        fast=FastSpec("lora", rank=2),
+        out=str(tmp_path / "run"),
     )
 
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedslim.base import ensure_pretrained_base, load_base, save_base
-from fedslim.client.app import BASE_MISMATCH, BASE_MISSING, BAD_REQUEST, train
+from fedslim.client.app import BAD_REQUEST, BASE_MISMATCH, BASE_MISSING, train
 from fedslim.codec import DenseCodec
 from fedslim.commlog import message_bytes
 from fedslim.config import RunConfig
 from fedslim.models import SyntheticMLP
 from fedslim.server.loop import check_update
 from fedslim.strategies.fedavg import FastFedAvg
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 
 class _FakeGrid:
@@ -98,7 +98,9 @@ def test_bad_fast_state_from_server_is_refused(small_config: RunConfig, resident
 
 
 def _update(delta: dict[str, np.ndarray], metrics: dict[str, object]) -> Message:
-    content = RecordDict({"delta": ArrayRecord({k: Array(v) for k, v in delta.items()}), "metrics": MetricRecord(metrics)})
+    content = RecordDict(
+        {"delta": ArrayRecord({k: Array(v) for k, v in delta.items()}), "metrics": MetricRecord(metrics)}
+    )
     return Message(content=content, dst_node_id=0, message_type="train")
 
 

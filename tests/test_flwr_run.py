@@ -43,10 +43,25 @@ def local_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
     }
     log_file = tmp_path / "superlink.log"
     process = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
-         "--database", str(tmp_path / "state.db")],
-        env=env, stdout=log_file.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            f"127.0.0.1:{control_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(http_port),
+            "--database",
+            str(tmp_path / "state.db"),
+        ],
+        env=env,
+        stdout=log_file.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -72,10 +87,21 @@ def local_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
 def test_flwr_run_from_the_repo_root(local_superlink: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "run"
     completed = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", "--stream",
-         "--run-config", f'rounds=1 num-clients=4 fraction=0.5 out="{out}"',
-         "--federation-config", "num-supernodes=4"],
-        cwd=REPO, env=local_superlink, capture_output=True, text=True, timeout=240,
+        [
+            str(BIN / "flwr"),
+            "run",
+            ".",
+            "--stream",
+            "--run-config",
+            f'rounds=1 num-clients=4 fraction=0.5 out="{out}"',
+            "--federation-config",
+            "num-supernodes=4",
+        ],
+        cwd=REPO,
+        env=local_superlink,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     db = sqlite3.connect(out / LOG_FILENAME)

@@ -26,7 +26,9 @@ def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> N
     sampled = small_config.clients_per_round
     assert per_round == [(r, d, sampled, sampled, sampled) for r in (1, 2) for d in ("down", "up")]
     fast_payload, full_payload = db.execute("SELECT fast_payload_bytes, full_model_payload_bytes FROM runs").fetchone()
-    for direction, payload, size, full in db.execute("SELECT direction, payload_bytes, message_bytes, full_model_bytes FROM messages"):
+    for direction, payload, size, full in db.execute(
+        "SELECT direction, payload_bytes, message_bytes, full_model_bytes FROM messages"
+    ):
         assert payload == fast_payload, direction
         assert payload < size < payload + 4096
         assert full == size - payload + full_payload

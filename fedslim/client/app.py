@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,9 +46,11 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     Raises :class:`Refusal` when the request cannot be honoured: the resident
     base is missing or differs from the server's, or the request is malformed.
     """
-    task = dict(msg.content[CONFIG_KEY])
+    task = dict(msg.content.config_records[CONFIG_KEY])
     expected_fingerprint = str(task.pop("base-fingerprint", ""))
-    server_round = int(task.pop("server-round", 0))
+    server_round = task.pop("server-round", 0)
+    if not isinstance(server_round, int):
+        raise Refusal(BAD_REQUEST, f"bad task config: server-round must be an integer, got {server_round!r}")
     try:
         config = RunConfig.from_flat(task)
     except (ConfigError, TypeError) as exc:
@@ -64,7 +67,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     model = fast_model(base, config.fast)
     codec = DenseCodec()
     try:
-        received = codec.decode(msg.content[FAST_KEY], model.fast_shapes())
+        received = codec.decode(msg.content.array_records[FAST_KEY], model.fast_shapes())
     except (KeyError, ValueError) as exc:
         raise Refusal(BAD_REQUEST, f"bad fast state from the server: {exc}") from exc
     model.load_fast_state(received)
@@ -92,7 +95,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
 
 def resident_base(context: Context, config: RunConfig) -> ResidentBase:
     """The base checkpoint this node holds: ``base-path`` from the node config, else the benchmark cache."""
-    path = context.node_config.get("base-path") or default_base_path(config)
+    path = Path(str(context.node_config.get("base-path") or default_base_path(config)))
     try:
         return load_base(path, config.dataset)
     except FileNotFoundError as exc:
@@ -117,4 +120,3 @@ def local_data(context: Context, config: RunConfig) -> ArrayDataset:
     if not 0 <= partition_id < len(clients):
         raise Refusal(BAD_REQUEST, f"partition-id {partition_id} out of range for {len(clients)} clients")
     return clients[partition_id]
-

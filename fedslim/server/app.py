@@ -9,8 +9,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedslim.commlog import RoundTotals
 from fedslim.config import RunConfig
-from fedslim.server.loop import RunResult, run_federation
 from fedslim.report import log_round_table
+from fedslim.server.loop import RunResult, run_federation
 
 
 def make_server_app(

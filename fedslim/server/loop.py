@@ -57,8 +57,8 @@ def check_update(reply: Message, shapes: dict[str, tuple[int, ...]], codec: Dens
     if reply.has_error():
         return f"client error {reply.error.code}: {reply.error.reason}"
     try:
-        codec.decode(reply.content[DELTA_KEY], shapes)
-        examples = reply.content[METRICS_KEY][NUM_EXAMPLES_KEY]
+        codec.decode(reply.content.array_records[DELTA_KEY], shapes)
+        examples = reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]
     except (KeyError, ValueError) as exc:
         return f"malformed update: {exc}"
     if not isinstance(examples, int) or examples <= 0:
@@ -86,9 +86,7 @@ def run_federation(
         Called with each round's totals as soon as the round is logged
         (progress displays).
     """
-    strategy = strategy or FastFedAvg(
-        fraction_train=config.fraction, server_lr=config.server_lr, seed=config.seed
-    )
+    strategy = strategy or FastFedAvg(fraction_train=config.fraction, server_lr=config.server_lr, seed=config.seed)
     codec = DenseCodec()
     base = load_base(ensure_pretrained_base(config), config.dataset)
     model = base.build(config.fast)
@@ -108,16 +106,31 @@ def run_federation(
         codec.payload_bytes(codec.encode(fast_state)),
         full_payload_bytes,
     )
-    log(INFO, "fedslim run %s: %d fast of %d base parameters (%s), log %s", run_id,
-        model.num_fast_parameters(), base.num_parameters(), config.fast.kind, commlog.path)
+    log(
+        INFO,
+        "fedslim run %s: %d fast of %d base parameters (%s), log %s",
+        run_id,
+        model.num_fast_parameters(),
+        base.num_parameters(),
+        config.fast.kind,
+        commlog.path,
+    )
 
     def finish_round(server_round: int, sampled: int, accepted: int, started: float) -> None:
         result = evaluate(model.module, test_set)
-        commlog.record_round(run_id, server_round, sampled, accepted, result.accuracy, result.loss,
-                             time.monotonic() - started)
+        commlog.record_round(
+            run_id, server_round, sampled, accepted, result.accuracy, result.loss, time.monotonic() - started
+        )
         totals = commlog.round_totals(run_id)[-1]
-        log(INFO, "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted", server_round,
-            result.accuracy, result.loss, accepted, sampled)
+        log(
+            INFO,
+            "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted",
+            server_round,
+            result.accuracy,
+            result.loss,
+            accepted,
+            sampled,
+        )
         if on_round:
             on_round(totals)
 
@@ -132,20 +145,43 @@ def run_federation(
             for message in instructions:
                 payload = codec.payload_bytes(message.content.array_records[FAST_KEY])
                 size = message_bytes(message)
-                commlog.record_message(run_id, server_round, message.metadata.dst_node_id, "down",
-                                       message.metadata.message_type, payload, size,
-                                       size - payload + full_payload_bytes)
+                commlog.record_message(
+                    run_id,
+                    server_round,
+                    message.metadata.dst_node_id,
+                    "down",
+                    message.metadata.message_type,
+                    payload,
+                    size,
+                    size - payload + full_payload_bytes,
+                )
             accepted = []
             for reply in replies:
                 reason = check_update(reply, shapes, codec)
                 size = message_bytes(reply)
-                payload = 0 if reply.has_error() or reason else codec.payload_bytes(reply.content[DELTA_KEY])
+                payload = (
+                    0 if reply.has_error() or reason else codec.payload_bytes(reply.content.array_records[DELTA_KEY])
+                )
                 full = size if payload == 0 else size - payload + full_payload_bytes
-                commlog.record_message(run_id, server_round, reply.metadata.src_node_id, "up",
-                                       reply.metadata.message_type, payload, size, full, reason)
+                commlog.record_message(
+                    run_id,
+                    server_round,
+                    reply.metadata.src_node_id,
+                    "up",
+                    reply.metadata.message_type,
+                    payload,
+                    size,
+                    full,
+                    reason,
+                )
                 if reason:
-                    log(WARNING, "round %d: rejected update from node %d: %s", server_round,
-                        reply.metadata.src_node_id, reason)
+                    log(
+                        WARNING,
+                        "round %d: rejected update from node %d: %s",
+                        server_round,
+                        reply.metadata.src_node_id,
+                        reason,
+                    )
                 else:
                     accepted.append(reply)
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
@@ -156,4 +192,3 @@ def run_federation(
         return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id))
     finally:
         commlog.close()
-

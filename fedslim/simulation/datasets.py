@@ -41,7 +41,7 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.y)
 
-    def subset(self, indices: np.ndarray) -> "ArrayDataset":
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
         return ArrayDataset(self.x[indices], self.y[indices])
 
 
@@ -104,7 +104,7 @@ def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float, s
     return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
 
 
-def fashion_mnist_federation(config: "DataSpec") -> FederatedData:
+def fashion_mnist_federation(config: DataSpec) -> FederatedData:
     train, test = load_fashion_mnist(config.data_dir)
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(train))
@@ -145,15 +145,13 @@ def synthetic_devices(
     return devices
 
 
-def synthetic_federation(config: "DataSpec") -> FederatedData:
+def synthetic_federation(config: DataSpec) -> FederatedData:
     # Separate streams: the public devices (and so the pretrained base) do not
     # depend on how many clients the federation has.
     alpha, beta = config.synthetic_alpha, config.synthetic_beta
     public_devices = synthetic_devices(SYNTHETIC_PUBLIC_DEVICES, alpha, beta, [config.seed, 0])
     client_devices = synthetic_devices(config.num_clients, alpha, beta, [config.seed, 1])
-    public = ArrayDataset(
-        np.concatenate([d.x for d in public_devices]), np.concatenate([d.y for d in public_devices])
-    )
+    public = ArrayDataset(np.concatenate([d.x for d in public_devices]), np.concatenate([d.y for d in public_devices]))
     clients, tests = [], []
     for device in client_devices:
         cut = int(round(len(device) * (1 - SYNTHETIC_TEST_FRACTION)))
@@ -181,7 +179,7 @@ class DataSpec:
     data_dir: Path
 
     @classmethod
-    def of(cls, config: RunConfig) -> "DataSpec":
+    def of(cls, config: RunConfig) -> DataSpec:
         return cls(
             config.dataset,
             config.num_clients,

@@ -7,6 +7,8 @@ import os
 import warnings
 from collections.abc import Callable
 
+from flwr.app import ConfigRecordValues
+
 from fedslim.base import ensure_pretrained_base
 from fedslim.commlog import RoundTotals
 from fedslim.config import RunConfig
@@ -39,7 +41,7 @@ def simulate(
         # fedslim calls run_simulation on purpose (in-process, with a progress display).
         flwr_logger.addFilter(lambda record: "run_simulation` function is deprecated" not in record.getMessage())
     results: list[RunResult] = []
-    backend_config = {
+    backend_config: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
     }

@@ -109,11 +109,12 @@ class FastFedAvg(Strategy):
         replies = list(replies)
         if not replies:
             return None, None
-        deltas = [{n: a.numpy() for n, a in r.content[DELTA_KEY].items()} for r in replies]
-        weights = [float(r.content[METRICS_KEY][NUM_EXAMPLES_KEY]) for r in replies]
+        deltas = [{n: a.numpy() for n, a in r.content.array_records[DELTA_KEY].items()} for r in replies]
+        weights = [_metric(r, NUM_EXAMPLES_KEY) for r in replies]
         new_state = fedavg_step(self.current, deltas, weights, self.server_lr)
         total = sum(weights)
-        train_loss = sum(w * float(r.content[METRICS_KEY]["train-loss"]) for w, r in zip(weights, replies)) / total
+        with_loss = [(w, _metric(r, "train-loss")) for w, r in zip(weights, replies) if _has_metric(r, "train-loss")]
+        train_loss = sum(w * loss for w, loss in with_loss) / sum(w for w, _ in with_loss) if with_loss else 0.0
         metrics = MetricRecord({"train-loss": train_loss, NUM_EXAMPLES_KEY: int(total)})
         return ArrayRecord({n: Array(v) for n, v in new_state.items()}), metrics
 
@@ -126,3 +127,13 @@ class FastFedAvg(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
 
+
+def _has_metric(reply: Message, key: str) -> bool:
+    return key in reply.content.metric_records[METRICS_KEY]
+
+
+def _metric(reply: Message, key: str) -> float:
+    value = reply.content.metric_records[METRICS_KEY][key]
+    if not isinstance(value, int | float):
+        raise ValueError(f"metric {key!r} must be a number, got {value!r}")
+    return float(value)
