@@ -61,9 +61,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedslim.base import ensure_pretrained_base
     from fedslim.commlog import RoundTotals
     from fedslim.report import round_table
-    from fedslim.simulation.datasets import DatasetMissingError
+    from fedslim.simulation.datasets import DatasetMissingError, load_federation
     from fedslim.simulation.simulate import simulate
 
     config = config_from_args(args)
@@ -86,6 +87,9 @@ def run_simulate(args: argparse.Namespace) -> int:
         f"fast layer {config.fast.kind}, run dir {config.run_dir}"
     )
     try:
+        with console.status(f"loading {config.dataset} and the resident base (pretrained once, then cached)"):
+            load_federation(config)
+            ensure_pretrained_base(config)
         with progress:
             result = simulate(config, on_round=on_round, verbose=args.verbose)
     except DatasetMissingError as exc:

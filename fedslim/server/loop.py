@@ -66,6 +66,57 @@ def check_update(reply: Message, shapes: dict[str, tuple[int, ...]], codec: Dens
     return None
 
 
+@dataclass
+class WireAccounting:
+    """Logs one round's messages with their byte counts, and screens the replies."""
+
+    commlog: CommLog
+    run_id: str
+    server_round: int
+    codec: DenseCodec
+    full_payload_bytes: int
+
+    def record_down(self, message: Message) -> None:
+        payload = self.codec.payload_bytes(message.content.array_records[FAST_KEY])
+        size = message_bytes(message)
+        self.commlog.record_message(
+            self.run_id,
+            self.server_round,
+            message.metadata.dst_node_id,
+            "down",
+            message.metadata.message_type,
+            payload,
+            size,
+            size - payload + self.full_payload_bytes,
+        )
+
+    def screen_up(self, reply: Message, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Log ``reply``; True if it is a valid update to aggregate, False if rejected."""
+        reason = check_update(reply, shapes, self.codec)
+        size = message_bytes(reply)
+        payload = 0 if reason else self.codec.payload_bytes(reply.content.array_records[DELTA_KEY])
+        self.commlog.record_message(
+            self.run_id,
+            self.server_round,
+            reply.metadata.src_node_id,
+            "up",
+            reply.metadata.message_type,
+            payload,
+            size,
+            size - payload + (self.full_payload_bytes if payload else 0),
+            reason,
+        )
+        if reason:
+            log(
+                WARNING,
+                "round %d: rejected update from node %d: %s",
+                self.server_round,
+                reply.metadata.src_node_id,
+                reason,
+            )
+        return reason is None
+
+
 def run_federation(
     grid: Grid,
     config: RunConfig,
@@ -142,48 +193,10 @@ def run_federation(
             task = ConfigRecord({**config.client_task(), "base-fingerprint": base.fingerprint})
             instructions = list(strategy.configure_train(server_round, codec.encode(fast_state), task, grid))
             replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout))
+            wire = WireAccounting(commlog, run_id, server_round, codec, full_payload_bytes)
             for message in instructions:
-                payload = codec.payload_bytes(message.content.array_records[FAST_KEY])
-                size = message_bytes(message)
-                commlog.record_message(
-                    run_id,
-                    server_round,
-                    message.metadata.dst_node_id,
-                    "down",
-                    message.metadata.message_type,
-                    payload,
-                    size,
-                    size - payload + full_payload_bytes,
-                )
-            accepted = []
-            for reply in replies:
-                reason = check_update(reply, shapes, codec)
-                size = message_bytes(reply)
-                payload = (
-                    0 if reply.has_error() or reason else codec.payload_bytes(reply.content.array_records[DELTA_KEY])
-                )
-                full = size if payload == 0 else size - payload + full_payload_bytes
-                commlog.record_message(
-                    run_id,
-                    server_round,
-                    reply.metadata.src_node_id,
-                    "up",
-                    reply.metadata.message_type,
-                    payload,
-                    size,
-                    full,
-                    reason,
-                )
-                if reason:
-                    log(
-                        WARNING,
-                        "round %d: rejected update from node %d: %s",
-                        server_round,
-                        reply.metadata.src_node_id,
-                        reason,
-                    )
-                else:
-                    accepted.append(reply)
+                wire.record_down(message)
+            accepted = [reply for reply in replies if wire.screen_up(reply, shapes)]
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
             if new_arrays is not None:
                 fast_state = codec.decode(new_arrays, shapes)
