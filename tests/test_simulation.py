@@ -48,3 +48,16 @@ def test_cli_reports_missing_fashion_mnist(tmp_path: Path, capsys: pytest.Captur
     code = main(["simulate", "--dataset", "fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
     assert code == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().out
+
+
+def test_cli_simulate_prints_the_round_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-run"
+    code = main(
+        ["simulate", "--clients", "3", "--rounds", "1", "--fraction", "0.5", "--fast", "head", "--out", str(out)]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "full FedAvg" in printed and "total" in printed
+    assert str(out / LOG_FILENAME) in printed.replace("\n", "")
+    rows = sqlite3.connect(out / LOG_FILENAME).execute("SELECT direction, COUNT(*) FROM messages GROUP BY 1").fetchall()
+    assert sorted(rows) == [("down", 2), ("up", 2)]
