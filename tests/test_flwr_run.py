@@ -106,7 +106,5 @@ def test_flwr_run_from_the_repo_root(local_superlink: dict[str, str], tmp_path: 
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     db = sqlite3.connect(out / LOG_FILENAME)
     assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 2
-    assert db.execute("SELECT direction, COUNT(*) FROM messages GROUP BY direction ORDER BY direction").fetchall() == [
-        ("down", 2),
-        ("up", 2),
-    ]
+    counts = db.execute("SELECT message_type, direction, COUNT(*) FROM messages GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    assert counts == [("query", "down", 4), ("query", "up", 4), ("train", "down", 2), ("train", "up", 2)]

@@ -21,13 +21,16 @@ def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> N
     db = sqlite3.connect(Path(small_config.out) / LOG_FILENAME)
     per_round = db.execute(
         "SELECT round, direction, COUNT(*), COUNT(DISTINCT node_id), SUM(status = 'ok') FROM messages "
-        "GROUP BY round, direction ORDER BY round, direction"
+        "WHERE message_type = 'train' GROUP BY round, direction ORDER BY round, direction"
     ).fetchall()
     sampled = small_config.clients_per_round
     assert per_round == [(r, d, sampled, sampled, sampled) for r in (1, 2) for d in ("down", "up")]
+    # Round 0 is the identity exchange with every node.
+    identity = db.execute("SELECT direction, COUNT(*) FROM messages WHERE round = 0 GROUP BY 1 ORDER BY 1").fetchall()
+    assert identity == [("down", small_config.num_clients), ("up", small_config.num_clients)]
     fast_payload, full_payload = db.execute("SELECT fast_payload_bytes, full_model_payload_bytes FROM runs").fetchone()
     for direction, payload, size, full in db.execute(
-        "SELECT direction, payload_bytes, message_bytes, full_model_bytes FROM messages"
+        "SELECT direction, payload_bytes, message_bytes, full_model_bytes FROM messages WHERE message_type = 'train'"
     ):
         assert payload == fast_payload, direction
         assert payload < size < payload + 4096
@@ -59,5 +62,7 @@ def test_cli_simulate_prints_the_round_table(tmp_path: Path, capsys: pytest.Capt
     assert code == 0
     assert "full FedAvg" in printed and "total" in printed
     assert str(out / LOG_FILENAME) in printed.replace("\n", "")
-    rows = sqlite3.connect(out / LOG_FILENAME).execute("SELECT direction, COUNT(*) FROM messages GROUP BY 1").fetchall()
-    assert sorted(rows) == [("down", 2), ("up", 2)]
+    rows = sqlite3.connect(out / LOG_FILENAME).execute(
+        "SELECT message_type, direction, COUNT(*) FROM messages GROUP BY 1, 2"
+    )
+    assert sorted(rows) == [("query", "down", 3), ("query", "up", 3), ("train", "down", 2), ("train", "up", 2)]

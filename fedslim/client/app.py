@@ -12,8 +12,8 @@ from fedslim.adapters import FastSlowModel
 from fedslim.base import ResidentBase, default_base_path, load_base
 from fedslim.codec import DenseCodec
 from fedslim.config import ConfigError, FastSpec, RunConfig
+from fedslim.messages import CONFIG_KEY, DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, identity_reply
 from fedslim.simulation.datasets import ArrayDataset, DatasetMissingError, load_federation
-from fedslim.strategies.fedavg import CONFIG_KEY, DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from fedslim.training import train_epochs
 
 # Error codes of fedslim's refusals (Flower's own codes are below 100).
@@ -38,6 +38,16 @@ def train(msg: Message, context: Context) -> Message:
         return Message(handle_train(msg, context), reply_to=msg)
     except Refusal as refusal:
         return Message(Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Report this node's stable client key (the server orders and samples nodes by it)."""
+    if "partition-id" in context.node_config:
+        key = f"partition-{context.node_config['partition-id']}"
+    else:
+        key = str(context.node_config.get("node-name") or f"node-{context.node_id}")
+    return identity_reply(msg, key)
 
 
 def handle_train(msg: Message, context: Context) -> RecordDict:

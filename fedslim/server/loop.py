@@ -17,15 +17,11 @@ from fedslim.base import ensure_pretrained_base, load_base
 from fedslim.codec import DenseCodec
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals, message_bytes
 from fedslim.config import RunConfig
+from fedslim.messages import DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, client_key, identity_requests
+from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
 from fedslim.simulation.datasets import load_federation
-from fedslim.strategies.fedavg import DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, FastFedAvg
+from fedslim.strategies.fedavg import FastFedAvg
 from fedslim.training import evaluate
-
-NODE_WAIT_TIMEOUT_S = 120.0
-
-
-class NodesMissingError(RuntimeError):
-    """Fewer nodes connected than the run needs."""
 
 
 @dataclass(frozen=True)
@@ -37,25 +33,10 @@ class RunResult:
     rounds: list[RoundTotals]
 
 
-def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> list[int]:
-    """Block until ``expected`` nodes are connected (they register asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= expected:
-            return nodes
-        if time.monotonic() > deadline:
-            raise NodesMissingError(
-                f"only {len(nodes)} of {expected} nodes connected after {timeout_s:.0f} s; "
-                "check that num-clients matches the federation's number of SuperNodes"
-            )
-        time.sleep(0.2)
-
-
 def check_update(reply: Message, shapes: dict[str, tuple[int, ...]], codec: DenseCodec) -> str | None:
     """Why ``reply`` cannot be aggregated, or None if it is a valid fast update."""
     if reply.has_error():
-        return f"client error {reply.error.code}: {reply.error.reason}"
+        return _error_text(reply)
     try:
         codec.decode(reply.content.array_records[DELTA_KEY], shapes)
         examples = reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]
@@ -77,7 +58,8 @@ class WireAccounting:
     full_payload_bytes: int
 
     def record_down(self, message: Message) -> None:
-        payload = self.codec.payload_bytes(message.content.array_records[FAST_KEY])
+        records = message.content.array_records
+        payload = self.codec.payload_bytes(records[FAST_KEY]) if FAST_KEY in records else 0
         size = message_bytes(message)
         self.commlog.record_message(
             self.run_id,
@@ -87,7 +69,22 @@ class WireAccounting:
             message.metadata.message_type,
             payload,
             size,
-            size - payload + self.full_payload_bytes,
+            size - payload + (self.full_payload_bytes if payload else 0),
+        )
+
+    def record_identity(self, reply: Message, key: str | None) -> None:
+        size = message_bytes(reply)
+        reason = None if key else f"no client key in the identity reply: {_error_text(reply)}"
+        self.commlog.record_message(
+            self.run_id,
+            self.server_round,
+            reply.metadata.src_node_id,
+            "up",
+            reply.metadata.message_type,
+            0,
+            size,
+            size,
+            reason,
         )
 
     def screen_up(self, reply: Message, shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -115,6 +112,27 @@ class WireAccounting:
                 reason,
             )
         return reason is None
+
+
+def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> OrderedGrid:
+    """Wait for the federation, ask each node for its client key, and order the grid by it."""
+    requests = identity_requests(wait_for_nodes(grid, config.num_clients))
+    replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
+    for request in requests:
+        wire.record_down(request)
+    keys: dict[int, str] = {}
+    for reply in replies:
+        key = client_key(reply)
+        wire.record_identity(reply, key)
+        if key:
+            keys[reply.metadata.src_node_id] = key
+    if len(keys) < config.num_clients:
+        raise NodesMissingError(f"only {len(keys)} of {config.num_clients} nodes identified themselves")
+    return OrderedGrid(grid, keys)
+
+
+def _error_text(reply: Message) -> str:
+    return f"client error {reply.error.code}: {reply.error.reason}" if reply.has_error() else "malformed reply"
 
 
 def run_federation(
@@ -186,7 +204,7 @@ def run_federation(
             on_round(totals)
 
     try:
-        wait_for_nodes(grid, config.num_clients)
+        grid = identify_nodes(grid, config, WireAccounting(commlog, run_id, 0, codec, full_payload_bytes))
         finish_round(0, 0, 0, time.monotonic())
         for server_round in range(1, config.rounds + 1):
             started = time.monotonic()

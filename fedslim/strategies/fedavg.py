@@ -18,11 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-FAST_KEY = "fast"
-CONFIG_KEY = "config"
-DELTA_KEY = "delta"
-METRICS_KEY = "metrics"
-NUM_EXAMPLES_KEY = "num-examples"
+from fedslim.messages import CONFIG_KEY, DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 
 
 def fedavg_step(
@@ -79,8 +75,12 @@ class FastFedAvg(Strategy):
         )
 
     def sample_nodes(self, server_round: int, node_ids: Iterable[int]) -> list[int]:
-        """A seeded uniform sample without replacement of the connected nodes."""
-        nodes = sorted(node_ids)
+        """A seeded uniform sample without replacement of the connected nodes.
+
+        Positions are drawn over the order the grid lists the nodes, so a grid
+        with a stable order (fedslim's, by client key) gives reproducible runs.
+        """
+        nodes = list(node_ids)
         size = min(len(nodes), max(self.min_train_nodes, round(self.fraction_train * len(nodes))))
         rng = np.random.default_rng([self.seed, server_round])
         # Choose positions, not ids: node ids are unsigned 64-bit and overflow numpy's int64.

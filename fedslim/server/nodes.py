@@ -1,0 +1,86 @@
+"""Stable node identities: Flower's node ids are random per run, the clients behind them are not.
+
+At the start of a run the server asks every node for its *client key*
+(``partition-<id>`` in simulation, the ``node-name`` from the node config in
+deployment). :class:`OrderedGrid` then lists nodes sorted by that key, so
+seeded sampling picks the same clients in every run with the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+NODE_WAIT_TIMEOUT_S = 120.0
+
+
+class NodesMissingError(RuntimeError):
+    """Fewer nodes connected or answered than the run needs."""
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> list[int]:
+    """Block until ``expected`` nodes are connected (they register asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise NodesMissingError(
+                f"only {len(nodes)} of {expected} nodes connected after {timeout_s:.0f} s; "
+                "check that num-clients matches the federation's number of SuperNodes"
+            )
+        time.sleep(0.2)
+
+
+class OrderedGrid(Grid):
+    """A grid that lists nodes by their client key; every other call goes to the wrapped grid.
+
+    Parameters
+    ----------
+    grid : Grid
+        The grid of the run.
+    keys : dict[int, str]
+        Client key of each identified node id. Nodes without a key (connected
+        later, or that did not answer) are listed after the others, by id.
+    """
+
+    def __init__(self, grid: Grid, keys: dict[int, str]) -> None:
+        self.grid = grid
+        self.keys = keys
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self.grid.get_node_ids())
+        known = sorted((n for n in nodes if n in self.keys), key=lambda n: _natural(self.keys[n]))
+        return known + sorted(n for n in nodes if n not in self.keys)
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+def _natural(key: str) -> tuple[str, int]:
+    """Sort key so that partition-10 follows partition-9."""
+    stem, _, number = key.rpartition("-")
+    return (stem, int(number)) if number.isdigit() else (key, -1)
