@@ -6,7 +6,7 @@ is one `simulate` run; bytes come from the communication log. Per-round test
 accuracy under Dirichlet(0.3) with 10 clients a round swings by a point or two,
 so rows are compared on the mean of the last five rounds as well as the last.
 
-    python benchmarks/fast_vs_full.py                              # full@0.05 full@0.1 lora@0.1
+    python benchmarks/fast_vs_full.py              # full@0.05 full@0.1 lora@0.1 lora@0.2, 2 local epochs
     python benchmarks/fast_vs_full.py --rows full@0.05 lora@0.1 head@0.1 sparse@0.1
 
 A row is FAST_KIND@CLIENT_LR. LoRA-style fast layers are usually run with a
@@ -77,15 +77,16 @@ def results_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=["full@0.05", "full@0.1", "lora@0.1"], help="FAST_KIND@LR")
+    parser.add_argument("--rows", nargs="+", default=["full@0.05", "full@0.1", "lora@0.1", "lora@0.2"], help="FAST_KIND@LR")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--fraction", type=float, default=0.2)
     parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/bench-fast-vs-full")
+    parser.add_argument("--out", default="runs/bench-fast-vs-full", help="run directories")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and JSON go")
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 160))
@@ -133,12 +134,12 @@ def main() -> None:
     table = results_table(rows, args)
     console.print(table)
 
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"setup": vars(args), "rows": rows}
-    (RESULTS / "fast_vs_full.json").write_text(json.dumps(payload, indent=2))
-    with (RESULTS / "fast_vs_full.md").open("w") as handle:
+    args.results.mkdir(parents=True, exist_ok=True)
+    payload = {"setup": {**vars(args), "results": str(args.results)}, "rows": rows}
+    (args.results / "fast_vs_full.json").write_text(json.dumps(payload, indent=2))
+    with (args.results / "fast_vs_full.md").open("w") as handle:
         Console(file=handle, width=160, color_system=None).print(table)
-    console.print(f"results written to {RESULTS}/fast_vs_full.{{json,md}}")
+    console.print(f"results written to {args.results}/fast_vs_full.{{json,md}}")
 
 
 if __name__ == "__main__":

@@ -177,9 +177,6 @@ class CommLog:
             (run_id, server_round, sampled, accepted, accuracy, loss, wall_time_s),
         )
 
-    def run_ids(self) -> list[str]:
-        return [row[0] for row in self._db.execute("SELECT run_id FROM runs ORDER BY started_at")]
-
     def round_totals(self, run_id: str) -> list[RoundTotals]:
         """Per-round accuracy and bytes, read back from the log."""
         rows = self._db.execute(
@@ -195,8 +192,3 @@ class CommLog:
             (run_id,),
         )
         return [RoundTotals(*row) for row in rows]
-
-    def messages(self, run_id: str) -> list[sqlite3.Row]:
-        cursor = self._db.cursor()
-        cursor.row_factory = sqlite3.Row
-        return cursor.execute("SELECT * FROM messages WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()

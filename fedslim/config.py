@@ -130,10 +130,6 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.out)
 
-    @property
-    def clients_per_round(self) -> int:
-        return max(1, round(self.fraction * self.num_clients))
-
     def resolved_data_dir(self) -> Path:
         """The Fashion-MNIST folder: the explicit one, else $FEDSLIM_DATA_DIR, else Debian's."""
         return Path(self.data_dir or os.environ.get("FEDSLIM_DATA_DIR", "/usr/share/datasets/fashion-mnist"))
