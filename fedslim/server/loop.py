@@ -59,50 +59,16 @@ class WireAccounting:
 
     def record_down(self, message: Message) -> None:
         records = message.content.array_records
-        payload = self.codec.payload_bytes(records[FAST_KEY]) if FAST_KEY in records else 0
-        size = message_bytes(message)
-        self.commlog.record_message(
-            self.run_id,
-            self.server_round,
-            message.metadata.dst_node_id,
-            "down",
-            message.metadata.message_type,
-            payload,
-            size,
-            size - payload + (self.full_payload_bytes if payload else 0),
-        )
+        self._record(message, "down", self.codec.payload_bytes(records[FAST_KEY]) if FAST_KEY in records else 0)
 
     def record_identity(self, reply: Message, key: str | None) -> None:
-        size = message_bytes(reply)
-        reason = None if key else f"no client key in the identity reply: {_error_text(reply)}"
-        self.commlog.record_message(
-            self.run_id,
-            self.server_round,
-            reply.metadata.src_node_id,
-            "up",
-            reply.metadata.message_type,
-            0,
-            size,
-            size,
-            reason,
-        )
+        self._record(reply, "up", 0, None if key else f"no client key in the identity reply: {_error_text(reply)}")
 
     def screen_up(self, reply: Message, shapes: dict[str, tuple[int, ...]]) -> bool:
         """Log ``reply``; True if it is a valid update to aggregate, False if rejected."""
         reason = check_update(reply, shapes, self.codec)
-        size = message_bytes(reply)
         payload = 0 if reason else self.codec.payload_bytes(reply.content.array_records[DELTA_KEY])
-        self.commlog.record_message(
-            self.run_id,
-            self.server_round,
-            reply.metadata.src_node_id,
-            "up",
-            reply.metadata.message_type,
-            payload,
-            size,
-            size - payload + (self.full_payload_bytes if payload else 0),
-            reason,
-        )
+        self._record(reply, "up", payload, reason)
         if reason:
             log(
                 WARNING,
@@ -112,6 +78,15 @@ class WireAccounting:
                 reason,
             )
         return reason is None
+
+    def _record(self, message: Message, direction: str, payload: int, reason: str | None = None) -> None:
+        """One log row; the full-model figure swaps the fast payload for the full model's."""
+        size = message_bytes(message)
+        node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
+        full = size - payload + (self.full_payload_bytes if payload else 0)
+        self.commlog.record_message(
+            self.run_id, self.server_round, node, direction, message.metadata.message_type, payload, size, full, reason
+        )
 
 
 def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> OrderedGrid:
