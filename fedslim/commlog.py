@@ -177,8 +177,8 @@ class CommLog:
             (run_id, server_round, sampled, accepted, accuracy, loss, wall_time_s),
         )
 
-    def round_totals(self, run_id: str) -> list[RoundTotals]:
-        """Per-round accuracy and bytes, read back from the log."""
+    def round_totals(self, run_id: str, only_round: int | None = None) -> list[RoundTotals]:
+        """Per-round accuracy and bytes, read back from the log (one round if ``only_round`` is given)."""
         rows = self._db.execute(
             """
             SELECT r.round, r.accuracy, r.loss, r.sampled, r.accepted,
@@ -186,9 +186,9 @@ class CommLog:
                    COALESCE(SUM(CASE WHEN m.direction = 'down' THEN m.message_bytes END), 0),
                    COALESCE(SUM(m.full_model_bytes), 0)
             FROM rounds r LEFT JOIN messages m ON m.run_id = r.run_id AND m.round = r.round
-            WHERE r.run_id = ?
+            WHERE r.run_id = ? AND (? IS NULL OR r.round = ?)
             GROUP BY r.round ORDER BY r.round
             """,
-            (run_id,),
+            (run_id, only_round, only_round),
         )
         return [RoundTotals(*row) for row in rows]

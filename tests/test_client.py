@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import ListGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -20,15 +21,10 @@ from fedslim.server.loop import check_update
 from fedslim.strategies.fedavg import FastFedAvg
 
 
-class _FakeGrid:
-    def get_node_ids(self) -> list[int]:
-        return [11]
-
-
 def _train_request(config: RunConfig, fast: dict[str, np.ndarray], fingerprint: str) -> Message:
     task = ConfigRecord({**config.client_task(), "base-fingerprint": fingerprint})
     strategy = FastFedAvg(fraction_train=1.0)
-    (message,) = strategy.configure_train(1, DenseCodec().encode(fast), task, _FakeGrid())
+    (message,) = strategy.configure_train(1, DenseCodec().encode(fast), task, ListGrid([11]))
     return message
 
 

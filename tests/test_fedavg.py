@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fakes import ListGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedslim.strategies.fedavg import FastFedAvg, fedavg_step
@@ -17,14 +18,6 @@ def _reply(delta: dict[str, list[float]], num_examples: int, loss: float = 1.0) 
         }
     )
     return Message(content=content, dst_node_id=0, message_type="train")
-
-
-class _FakeGrid:
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return self.node_ids
 
 
 def test_fedavg_step_is_the_example_weighted_mean() -> None:
@@ -43,7 +36,7 @@ def test_fedavg_step_without_updates_keeps_the_state() -> None:
 def test_aggregate_train_applies_the_weighted_mean_to_the_sent_state() -> None:
     strategy = FastFedAvg(fraction_train=1.0)
     state = ArrayRecord({"a": Array(np.array([0.0, 0.0], np.float32)), "b": Array(np.array([10.0], np.float32))})
-    list(strategy.configure_train(1, state, ConfigRecord(), _FakeGrid([7, 8])))
+    list(strategy.configure_train(1, state, ConfigRecord(), ListGrid([7, 8])))
     replies = [
         _reply({"a": [2.0, -2.0], "b": [1.0]}, num_examples=10, loss=1.0),
         _reply({"a": [8.0, 4.0], "b": [-1.0]}, num_examples=30, loss=3.0),
@@ -72,7 +65,7 @@ def test_sampling_is_seeded_and_keeps_64_bit_node_ids() -> None:
 def test_configure_train_sends_fast_state_and_round() -> None:
     strategy = FastFedAvg(fraction_train=0.5)
     state = ArrayRecord({"a": Array(np.zeros(2, np.float32))})
-    messages = list(strategy.configure_train(4, state, ConfigRecord({"lr": 0.1}), _FakeGrid([1, 2, 3, 4])))
+    messages = list(strategy.configure_train(4, state, ConfigRecord({"lr": 0.1}), ListGrid([1, 2, 3, 4])))
     assert len(messages) == 2
     for message in messages:
         assert message.metadata.message_type == "train"

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from fakes import ListGrid
 from flwr.app import Array, Context, Error, Message, RecordDict
 
 from fedslim.client.app import app as client_app
@@ -74,18 +75,10 @@ def test_identity_exchange_is_logged_as_round_zero(small_config: RunConfig) -> N
     assert sorted(rows) == [("down", "query", 4, 0, 4), ("up", "query", 4, 0, 4)]
 
 
-class _ListGrid:
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return self.node_ids
-
-
 def test_sampling_follows_client_keys_not_random_node_ids() -> None:
     def sampled_partitions(node_of_partition: dict[int, int]) -> list[list[int]]:
         keys = {node: f"partition-{p}" for p, node in node_of_partition.items()}
-        grid = OrderedGrid(_ListGrid(sorted(keys)), keys)  # type: ignore[arg-type]
+        grid = OrderedGrid(ListGrid(sorted(keys)), keys)  # type: ignore[arg-type]
         partition_of = {node: p for p, node in node_of_partition.items()}
         strategy = FastFedAvg(fraction_train=0.25, seed=3)
         return [sorted(partition_of[n] for n in strategy.sample_nodes(r, grid.get_node_ids())) for r in range(1, 6)]
@@ -98,5 +91,5 @@ def test_sampling_follows_client_keys_not_random_node_ids() -> None:
 
 def test_ordered_grid_sorts_keys_naturally_and_lists_unknown_nodes_last() -> None:
     keys = {5: "partition-10", 6: "partition-9", 7: "partition-0"}
-    grid = OrderedGrid(_ListGrid([9, 5, 6, 7, 3]), keys)  # type: ignore[arg-type]
+    grid = OrderedGrid(ListGrid([9, 5, 6, 7, 3]), keys)  # type: ignore[arg-type]
     assert grid.get_node_ids() == [7, 6, 5, 3, 9]

@@ -165,7 +165,7 @@ def run_federation(
         commlog.record_round(
             run_id, server_round, sampled, accepted, result.accuracy, result.loss, time.monotonic() - started
         )
-        totals = commlog.round_totals(run_id)[-1]
+        (totals,) = commlog.round_totals(run_id, only_round=server_round)
         log(
             INFO,
             "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted",

@@ -16,6 +16,11 @@ from fedslim.server.loop import RunResult
 from fedslim.simulation.datasets import load_federation
 
 
+def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:
+    # fedslim calls run_simulation on purpose (in-process, with a progress display).
+    return "run_simulation` function is deprecated" not in record.getMessage()
+
+
 def simulate(
     config: RunConfig,
     on_round: Callable[[RoundTotals], None] | None = None,
@@ -38,8 +43,7 @@ def simulate(
     if not verbose:
         flwr_logger = logging.getLogger("flwr")
         flwr_logger.setLevel(logging.WARNING)
-        # fedslim calls run_simulation on purpose (in-process, with a progress display).
-        flwr_logger.addFilter(lambda record: "run_simulation` function is deprecated" not in record.getMessage())
+        flwr_logger.addFilter(_hide_run_simulation_deprecation)  # a no-op when already added
     results: list[RunResult] = []
     backend_config: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
