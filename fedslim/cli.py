@@ -35,6 +35,28 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--server-lr", type=float, default=defaults.server_lr)
     p.add_argument("--alpha", type=float, default=defaults.dirichlet_alpha, help="Dirichlet concentration (fmnist)")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--codec",
+        default=defaults.codec,
+        help="uplink codec pipeline, e.g. topk:0.05+q8+lzma, randk:0.05+q4, ternary:0.1, powersgd:2, fp16, none",
+    )
+    p.add_argument(
+        "--downstream-codec",
+        default=defaults.downstream_codec,
+        help="codec of the server's broadcast steps (same syntax as --codec)",
+    )
+    p.add_argument(
+        "--no-error-feedback",
+        dest="error_feedback",
+        action="store_false",
+        help="send biased codecs' output without carrying what they drop into the next update",
+    )
+    p.add_argument(
+        "--ef-decay",
+        type=float,
+        default=defaults.error_feedback_decay,
+        help="error-feedback residual kept per round a client missed (1: all of it)",
+    )
     p.add_argument("--out", default=defaults.out, help="run directory (communication log goes here)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
@@ -54,6 +76,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dirichlet_alpha=args.alpha,
         data_dir=args.data_dir,
         out=args.out,
+        codec=args.codec,
+        downstream_codec=args.downstream_codec,
+        error_feedback=args.error_feedback,
+        error_feedback_decay=args.ef_decay,
     )
 
 
@@ -84,7 +110,8 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     console.print(
         f"fedslim: {config.dataset}, {config.num_clients} clients, {config.rounds} rounds, "
-        f"fast layer {config.fast.kind}, run dir {config.run_dir}"
+        f"fast layer {config.fast.kind}, codec up {config.uplink.spec} / down {config.downlink.spec}, "
+        f"run dir {config.run_dir}"
     )
     try:
         with console.status(f"loading {config.dataset} and the resident base (pretrained once, then cached)"):

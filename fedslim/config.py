@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedslim.codecs.pipeline import CodecSpecError, Pipeline, parse_codec
+
 DATASETS = ("synthetic", "fmnist")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
 
@@ -93,6 +95,16 @@ class RunConfig:
         Run directory: the communication log and results go there.
     round_timeout : float
         Seconds the server waits for replies in one round.
+    codec : str
+        Uplink codec pipeline, e.g. ``topk:0.05+q8+lzma`` (see
+        :func:`fedslim.codecs.parse_codec`); ``none`` sends float32.
+    downstream_codec : str
+        Codec for the server's broadcast steps (the replica difference).
+    error_feedback : bool
+        Clients keep what a biased uplink codec dropped and send it later.
+    error_feedback_decay : float
+        Per missed round, the residual of an absent client is scaled by this
+        factor before it is used (1 keeps it whole).
     """
 
     dataset: str = "synthetic"
@@ -111,6 +123,10 @@ class RunConfig:
     data_dir: str = ""
     out: str = "runs/latest"
     round_timeout: float = 600.0
+    codec: str = "none"
+    downstream_codec: str = "none"
+    error_feedback: bool = True
+    error_feedback_decay: float = 0.9
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -125,6 +141,21 @@ class RunConfig:
             raise ConfigError("local_epochs and batch_size must be >= 1")
         if self.lr <= 0 or self.dirichlet_alpha <= 0:
             raise ConfigError("lr and dirichlet_alpha must be > 0")
+        if not 0.0 <= self.error_feedback_decay <= 1.0:
+            raise ConfigError(f"error_feedback_decay must be in [0, 1], got {self.error_feedback_decay}")
+        for name in ("codec", "downstream_codec"):
+            try:
+                parse_codec(getattr(self, name))
+            except CodecSpecError as exc:
+                raise ConfigError(f"{name}: {exc}") from exc
+
+    @property
+    def uplink(self) -> Pipeline:
+        return parse_codec(self.codec)
+
+    @property
+    def downlink(self) -> Pipeline:
+        return parse_codec(self.downstream_codec)
 
     @property
     def run_dir(self) -> Path:
@@ -153,6 +184,9 @@ class RunConfig:
             "rank": self.fast.rank,
             "lora-alpha": self.fast.lora_alpha,
             "density": self.fast.density,
+            "codec": self.codec,
+            "error-feedback": self.error_feedback,
+            "error-feedback-decay": self.error_feedback_decay,
         }
         if self.data_dir:
             task["data-dir"] = self.data_dir

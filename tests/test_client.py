@@ -12,20 +12,34 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedslim.base import ensure_pretrained_base, load_base, save_base
-from fedslim.client.app import BAD_REQUEST, BASE_MISMATCH, BASE_MISSING, train
-from fedslim.codec import DenseCodec
+from fedslim.client.app import train
+from fedslim.codecs import decode_update, encode_update, parse_codec
+from fedslim.codecs.pipeline import DELTA, STATE
 from fedslim.commlog import message_bytes
 from fedslim.config import RunConfig
+from fedslim.messages import BAD_REQUEST, BASE_MISMATCH, BASE_MISSING, REPLICA_MISMATCH, record_update, update_record
 from fedslim.models import SyntheticMLP
-from fedslim.server.loop import check_update
+from fedslim.replica import ServerReplica
+from fedslim.server.loop import UpdateCheck, check_update, with_sync
 from fedslim.strategies.fedavg import FastFedAvg
 
 
-def _train_request(config: RunConfig, fast: dict[str, np.ndarray], fingerprint: str) -> Message:
-    task = ConfigRecord({**config.client_task(), "base-fingerprint": fingerprint})
+def _train_request(
+    config: RunConfig, fast: dict[str, np.ndarray], fingerprint: str, replica: ServerReplica | None = None
+) -> Message:
+    """A train instruction as the server loop builds it: the strategy's message plus the node's replica sync."""
+    replica = replica or ServerReplica(fast, parse_codec("none"), fingerprint)
+    task = ConfigRecord(
+        {
+            **config.client_task(),
+            "base-fingerprint": fingerprint,
+            "replica-version": replica.version,
+            "replica-digest": replica.digest,
+        }
+    )
     strategy = FastFedAvg(fraction_train=1.0)
-    (message,) = strategy.configure_train(1, DenseCodec().encode(fast), task, ListGrid([11]))
-    return message
+    (message,) = strategy.configure_train(1, ArrayRecord({n: Array(v) for n, v in fast.items()}), task, ListGrid([11]))
+    return with_sync(message, replica.sync_for(None))
 
 
 def _context(**node_config: object) -> Context:
@@ -49,10 +63,11 @@ def test_training_reply_carries_only_the_fast_delta(small_config: RunConfig, res
 
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     fast_names = set(model.fast_names)
-    assert set(request.content["fast"].keys()) == fast_names
-    assert set(reply.content["delta"].keys()) == fast_names
+    (sync,) = [decode_update(blob, model.fast_shapes()) for blob in _blobs(request)]
+    assert sync.kind == STATE and set(sync.tensors) == fast_names
+    delta, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
+    assert reason is None and delta is not None and set(delta) == fast_names
     assert reply.content["metrics"]["num-examples"] > 0
-    assert check_update(reply, model.fast_shapes(), DenseCodec()) is None
     # No slow tensor appears anywhere in the serialised messages, in either direction.
     # (In LoRA mode the head is fast: its pretrained values are its initial fast state.)
     slow = {name: tensor for name, tensor in base.state.items() if name not in fast_names}
@@ -74,7 +89,8 @@ def test_mismatched_base_is_refused(small_config: RunConfig, resident, tmp_path:
     assert reply.has_error()
     assert reply.error.code == BASE_MISMATCH
     assert "fingerprint mismatch" in reply.error.reason
-    assert check_update(reply, model.fast_shapes(), DenseCodec()).startswith("client error 1001")
+    delta, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
+    assert delta is None and reason is not None and reason.startswith("client error 1001")
 
 
 def test_missing_base_is_refused(small_config: RunConfig, resident, tmp_path: Path) -> None:
@@ -82,6 +98,11 @@ def test_missing_base_is_refused(small_config: RunConfig, resident, tmp_path: Pa
     request = _train_request(small_config, model.fast_state(), base.fingerprint)
     reply = train(request, _context(**{"partition-id": 0, "base-path": str(tmp_path / "absent.pt")}))
     assert reply.has_error() and reply.error.code == BASE_MISSING
+
+
+def _blobs(message: Message) -> list[bytes]:
+    record = message.content.array_records["fast"]
+    return [record[str(i)].data for i in range(len(record))]
 
 
 def test_bad_fast_state_from_server_is_refused(small_config: RunConfig, resident) -> None:
@@ -93,24 +114,60 @@ def test_bad_fast_state_from_server_is_refused(small_config: RunConfig, resident
     assert "shape" in reply.error.reason
 
 
-def _update(delta: dict[str, np.ndarray], metrics: dict[str, object]) -> Message:
-    content = RecordDict(
-        {"delta": ArrayRecord({k: Array(v) for k, v in delta.items()}), "metrics": MetricRecord(metrics)}
-    )
+def test_client_that_cannot_reach_the_servers_version_refuses_and_forgets_its_replica(
+    small_config: RunConfig, resident
+) -> None:
+    base, model = resident
+    fast = model.fast_state()
+    replica = ServerReplica(fast, parse_codec("topk:0.5"), base.fingerprint)
+    for step in (1.0, 2.0):
+        replica.publish({n: v + step for n, v in fast.items()})
+    request = _train_request(small_config, fast, base.fingerprint, replica)
+    # Only the last step: a client at version 0 cannot apply a step that starts at version 1.
+    request = with_sync(request, replica.sync_for(1))
+    context = _context(**{"partition-id": 0})
+    reply = train(request, context)
+    assert reply.has_error() and reply.error.code == REPLICA_MISMATCH
+    assert "version 0" in reply.error.reason
+    assert "fedslim-replica" not in context.state
+    # The full state (what the server sends a client it marked unknown) brings it back.
+    reply = train(with_sync(request, replica.sync_for(None)), context)
+    assert not reply.has_error()
+    assert context.state.config_records["fedslim-replica-meta"]["version"] == 2
+
+
+def _update(blob: bytes, metrics: dict[str, object]) -> Message:
+    content = RecordDict({"delta": update_record(blob), "metrics": MetricRecord(metrics)})
     return Message(content=content, dst_node_id=0, message_type="train")
 
 
+def _blob(w: np.ndarray, *, kind: int = DELTA, fingerprint: str = "base", version: int = 3) -> bytes:
+    return encode_update(
+        {"w": w}, parse_codec("none"), kind=kind, base_fingerprint=fingerprint, state_version=version
+    ).blob
+
+
 @pytest.mark.parametrize(
-    ("delta", "metrics", "reason"),
+    ("blob", "metrics", "reason"),
     [
-        ({"w": np.full(2, np.nan, np.float32)}, {"num-examples": 3}, "NaN"),
-        ({"w": np.zeros(3, np.float32)}, {"num-examples": 3}, "shape"),
-        ({"v": np.zeros(2, np.float32)}, {"num-examples": 3}, "missing"),
-        ({"w": np.zeros(2, np.float64)}, {"num-examples": 3}, "dtype"),
-        ({"w": np.zeros(2, np.float32)}, {"train-loss": 1.0}, "num-examples"),
-        ({"w": np.zeros(2, np.float32)}, {"num-examples": 0}, "positive"),
+        (_blob(np.zeros(3, np.float32)), {"num-examples": 3}, "shape"),
+        (_blob(np.zeros(2, np.float32)), {"train-loss": 1.0}, "num-examples"),
+        (_blob(np.zeros(2, np.float32)), {"num-examples": 0}, "positive"),
+        (_blob(np.zeros(2, np.float32), kind=STATE), {"num-examples": 3}, "not a delta"),
+        (_blob(np.zeros(2, np.float32), fingerprint="other"), {"num-examples": 3}, "wrong base fingerprint"),
+        (_blob(np.zeros(2, np.float32), version=2), {"num-examples": 3}, "stale update"),
+        (b"\x0a\xff", {"num-examples": 3}, "corrupt"),
     ],
 )
-def test_server_rejects_malformed_updates(delta, metrics, reason: str) -> None:
-    found = check_update(_update(delta, metrics), {"w": (2,)}, DenseCodec())
-    assert found is not None and reason in found
+def test_server_rejects_malformed_updates(blob: bytes, metrics, reason: str) -> None:
+    delta, found = check_update(_update(blob, metrics), UpdateCheck({"w": (2,)}, "base", 3))
+    assert delta is None and found is not None and reason in found
+
+
+def test_server_rejects_a_plain_array_instead_of_a_blob() -> None:
+    content = RecordDict(
+        {"delta": ArrayRecord({"update": Array(np.zeros(2, np.float32))}), "metrics": MetricRecord({"num-examples": 3})}
+    )
+    delta, found = check_update(Message(content, dst_node_id=0, message_type="train"), UpdateCheck({"w": (2,)}, "b", 0))
+    assert delta is None and found is not None and "fedslim.v1.Envelope" in found
+    assert record_update(update_record(b"abc")) == b"abc"

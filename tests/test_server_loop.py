@@ -1,31 +1,104 @@
-"""The round loop with an in-process grid: bad replies are rejected and logged, the round goes on."""
+"""The round loop with an in-process grid: every kind of bad update is rejected and logged, the round goes on."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fakes import ListGrid
-from flwr.app import Array, Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 
 from fedslim.client.app import app as client_app
+from fedslim.codecs.layouts import encode_varints
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
+from fedslim.messages import record_update, update_record
+from fedslim.protos.fedslim.v1 import update_pb2 as pb
+from fedslim.replica import state_digest
 from fedslim.server.loop import run_federation
 from fedslim.server.nodes import OrderedGrid
 from fedslim.strategies.fedavg import FastFedAvg
 
-NAN_NODE, ERROR_NODE = 102, 103
+
+def _reencode(blob: bytes, edit: Callable[[pb.Envelope, pb.FastUpdate], None]) -> bytes:
+    """Open a (zlib-compressed) update blob, let ``edit`` change it, and close it again."""
+    envelope = pb.Envelope.FromString(blob)
+    update = pb.FastUpdate.FromString(zlib.decompress(envelope.payload))
+    edit(envelope, update)
+    raw = update.SerializeToString()
+    envelope.raw_size, envelope.payload, envelope.crc32 = len(raw), zlib.compress(raw), zlib.crc32(raw)
+    return envelope.SerializeToString()
+
+
+def _set(path: str, value: object) -> Callable[[pb.Envelope, pb.FastUpdate], None]:
+    def edit(envelope: pb.Envelope, update: pb.FastUpdate) -> None:
+        *parents, leaf = path.split(".")
+        target: object = update.tensors[0]
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+
+    return edit
+
+
+def _bomb(blob: bytes) -> bytes:
+    raw = bytes(50_000_000)
+    return pb.Envelope(lossless=pb.LOSSLESS_ZLIB, raw_size=len(raw), payload=zlib.compress(raw)).SerializeToString()
+
+
+def _lying_bomb(blob: bytes) -> bytes:
+    return pb.Envelope(
+        lossless=pb.LOSSLESS_ZLIB, raw_size=100, payload=zlib.compress(bytes(50_000_000))
+    ).SerializeToString()
+
+
+def _unknown_encoding(envelope: pb.Envelope, update: pb.FastUpdate) -> None:
+    update.tensors[0].ClearField("sparse")
+
+
+def _index_out_of_range(envelope: pb.Envelope, update: pb.FastUpdate) -> None:
+    sparse = update.tensors[0].sparse
+    gaps = [0] * int(sparse.nnz)
+    gaps[-1] = 10**9
+    sparse.gaps_varint = encode_varints(np.array(gaps))
+
+
+# How each misbehaving node spoils its reply; the healthy ones are those not listed.
+SPOILERS: dict[int, tuple[Callable[[bytes], bytes], str]] = {
+    101: (lambda b: b[: len(b) // 2], "corrupt"),
+    102: (lambda b: b[: len(b) // 2] + bytes(8) + b[len(b) // 2 + 8 :], "corrupt"),
+    103: (lambda b: b"\xff" * 40, "corrupt"),
+    104: (lambda b: _reencode(b, _unknown_encoding), "no known encoding"),
+    105: (lambda b: _reencode(b, lambda e, u: setattr(e, "lossless", 9)), "unknown lossless stage 9"),
+    106: (lambda b: _reencode(b, lambda e, u: u.tensors[0].shape.append(1)), "shape"),
+    107: (lambda b: _reencode(b, _index_out_of_range), "out of range"),
+    108: (lambda b: _reencode(b, _set("sparse.values.quantized.scale", float("nan"))), "non-finite"),
+    109: (_bomb, "above the"),
+    110: (_lying_bomb, "inflates past"),
+    111: (lambda b: _reencode(b, lambda e, u: setattr(u, "base_fingerprint", "f" * 64)), "wrong base fingerprint"),
+    112: (lambda b: _reencode(b, lambda e, u: setattr(u, "state_version", u.state_version + 7)), "stale update"),
+}
+ERROR_NODE = 113
 
 
 class InProcessGrid:
-    """Delivers each message straight to the ClientApp; two nodes misbehave."""
+    """Delivers each message straight to the ClientApp, keeping one Flower context per node as a SuperNode does."""
 
-    def __init__(self, num_nodes: int) -> None:
+    def __init__(self, num_nodes: int, spoilers: dict[int, tuple[Callable[[bytes], bytes], str]] | None = None) -> None:
         self.node_ids = [100 + i for i in range(num_nodes)]
+        self.spoilers = spoilers or {}
+        self.contexts = {
+            node: Context(
+                run_id=1, node_id=node, node_config={"partition-id": node - 100}, state=RecordDict(), run_config={}
+            )
+            for node in self.node_ids
+        }
+        self.downlinks: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return self.node_ids
@@ -34,34 +107,71 @@ class InProcessGrid:
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
-            if node == ERROR_NODE and message.metadata.message_type == "train":
+            is_train = message.metadata.message_type == "train"
+            if is_train:
+                self.downlinks.append(message)
+            if node == ERROR_NODE and is_train:
                 replies.append(Message(Error(code=7, reason="device ran out of memory"), reply_to=message))
                 continue
-            context = Context(
-                run_id=1, node_id=node, node_config={"partition-id": node - 100}, state=RecordDict(), run_config={}
-            )
-            reply = client_app(message, context)
-            if node == NAN_NODE and message.metadata.message_type == "train":
-                delta = reply.content.array_records["delta"]
-                name = next(iter(delta.keys()))
-                delta[name] = Array(np.full(delta[name].shape, np.nan, np.float32))
+            reply = client_app(message, self.contexts[node])
+            if node in self.spoilers and is_train and not reply.has_error():
+                spoil, _ = self.spoilers[node]
+                reply.content["delta"] = update_record(spoil(record_update(reply.content["delta"])))
             replies.append(reply)
         return replies
 
 
-def test_bad_replies_are_rejected_logged_and_the_round_goes_on(small_config: RunConfig) -> None:
-    config = replace(small_config, fraction=1.0, rounds=2)
-    result = run_federation(InProcessGrid(config.num_clients), config)  # type: ignore[arg-type]
+def test_each_kind_of_bad_update_is_rejected_logged_and_the_round_goes_on(
+    small_config: RunConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = replace(small_config, num_clients=16, fraction=1.0, rounds=2, codec="topk:0.3+q8+zlib")
+    result = run_federation(InProcessGrid(config.num_clients, SPOILERS), config)  # type: ignore[arg-type]
 
-    assert [(r.sampled, r.accepted) for r in result.rounds[1:]] == [(4, 2), (4, 2)]
+    bad = set(SPOILERS) | {ERROR_NODE}
+    assert [(r.sampled, r.accepted) for r in result.rounds[1:]] == [(16, 16 - len(bad))] * 2
     db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
-    rejected = dict(
-        db.execute("SELECT node_id, reason FROM messages WHERE status = 'rejected' AND round = 1").fetchall()
+    for server_round in (1, 2):
+        rejected = dict(
+            db.execute(
+                "SELECT node_id, reason FROM messages WHERE status = 'rejected' AND round = ?", (server_round,)
+            ).fetchall()
+        )
+        assert set(rejected) == {str(node) for node in bad}
+        for node, (_, reason) in SPOILERS.items():
+            assert reason in rejected[str(node)], (node, rejected[str(node)])
+            assert any(
+                f"rejected update from node {node}: " in r.getMessage() and reason in r.getMessage()
+                for r in caplog.records
+            )
+        assert "device ran out of memory" in rejected[str(ERROR_NODE)]
+    assert np.isfinite(result.rounds[-1].loss) and result.rounds[-1].accuracy > result.rounds[0].accuracy
+
+
+def test_replicas_stay_bit_identical_with_compressed_downstream(small_config: RunConfig) -> None:
+    config = replace(
+        small_config, num_clients=6, fraction=0.5, rounds=6, codec="topk:0.2+q4", downstream_codec="topk:0.1+q8"
     )
-    assert set(rejected) == {str(NAN_NODE), str(ERROR_NODE)}
-    assert "NaN" in rejected[str(NAN_NODE)]
-    assert "device ran out of memory" in rejected[str(ERROR_NODE)]
-    assert result.rounds[-1].accuracy is not None and np.isfinite(result.rounds[-1].loss)
+    grid = InProcessGrid(config.num_clients)
+    result = run_federation(grid, config)  # type: ignore[arg-type]
+
+    # Every client accepted every round: each one's replica matched the server's digest after syncing.
+    assert all(r.accepted == r.sampled == 3 for r in result.rounds[1:])
+    last = grid.downlinks[-1].content.config_records["config"]
+    current = []
+    for context in grid.contexts.values():
+        meta = context.state.config_records["fedslim-replica-meta"]
+        if meta["version"] == last["replica-version"]:
+            current.append({n: a.numpy() for n, a in context.state.array_records["fedslim-replica"].items()})
+    assert len(current) == 3 and last["replica-version"] >= 5
+    assert all(state_digest(state) == last["replica-digest"] for state in current)
+    for state in current[1:]:
+        assert all(np.array_equal(state[n].view(np.uint32), current[0][n].view(np.uint32)) for n in state)
+    # Clients that missed rounds got several steps in one message, or the full state.
+    db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
+    downlink_payloads = [
+        p for (p,) in db.execute("SELECT payload_bytes FROM messages WHERE direction='down' AND round > 0")
+    ]
+    assert len(set(downlink_payloads)) > 2
 
 
 def test_identity_exchange_is_logged_as_round_zero(small_config: RunConfig) -> None:

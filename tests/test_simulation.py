@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,28 +15,39 @@ from fedslim.simulation.simulate import simulate
 
 
 def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> None:
+    config = replace(
+        small_config, rounds=3, fraction=0.75, codec="topk:0.3+q8", downstream_codec="topk:0.5+q8+zstd"
+    )
     rounds_seen: list[int] = []
-    result = simulate(small_config, on_round=lambda totals: rounds_seen.append(totals.round))
+    result = simulate(config, on_round=lambda totals: rounds_seen.append(totals.round))
 
-    assert rounds_seen == [0, 1, 2]
-    db = sqlite3.connect(Path(small_config.out) / LOG_FILENAME)
+    assert rounds_seen == [0, 1, 2, 3]
+    db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
     per_round = db.execute(
         "SELECT round, direction, COUNT(*), COUNT(DISTINCT node_id), SUM(status = 'ok') FROM messages "
         "WHERE message_type = 'train' GROUP BY round, direction ORDER BY round, direction"
     ).fetchall()
-    sampled = 2  # fraction 0.5 of 4 clients
-    assert per_round == [(r, d, sampled, sampled, sampled) for r in (1, 2) for d in ("down", "up")]
+    sampled = 3  # fraction 0.75 of 4 clients
+    assert per_round == [(r, d, sampled, sampled, sampled) for r in (1, 2, 3) for d in ("down", "up")]
     # Round 0 is the identity exchange with every node.
     identity = db.execute("SELECT direction, COUNT(*) FROM messages WHERE round = 0 GROUP BY 1 ORDER BY 1").fetchall()
-    assert identity == [("down", small_config.num_clients), ("up", small_config.num_clients)]
+    assert identity == [("down", config.num_clients), ("up", config.num_clients)]
     fast_payload, full_payload = db.execute("SELECT fast_payload_bytes, full_model_payload_bytes FROM runs").fetchone()
-    for direction, payload, size, full in db.execute(
-        "SELECT direction, payload_bytes, message_bytes, full_model_bytes FROM messages WHERE message_type = 'train'"
-    ):
-        assert payload == fast_payload, direction
+    rows = db.execute(
+        "SELECT round, direction, payload_bytes, message_bytes, full_model_bytes FROM messages "
+        "WHERE message_type = 'train'"
+    ).fetchall()
+    for server_round, direction, payload, size, full in rows:
+        if server_round == 1 and direction == "down":
+            assert payload == 0  # version 0 is built by every client from its base: nothing to send
+        else:
+            assert 0 < payload < 0.6 * fast_payload, (server_round, direction)
         assert payload < size < payload + 4096
-        assert full == size - payload + full_payload
-    assert [r.round for r in result.rounds] == [0, 1, 2]
+        assert full == size - payload + (full_payload if payload else 0)
+    # Rounds 2 and 3 each train 3 of 4 clients, so at least two train in both: their replica (and
+    # error-feedback residual) at version 1 must have survived in the node's Flower context, or they
+    # would have refused the step from version 1 to 2.
+    assert [r.round for r in result.rounds] == [0, 1, 2, 3]
     assert all(r.accepted == sampled for r in result.rounds[1:])
     assert all(0.0 <= r.accuracy <= 1.0 for r in result.rounds)
 

@@ -1,25 +1,43 @@
-"""The fedslim ClientApp: check the resident base, train the fast layer, reply with its delta."""
+"""The fedslim ClientApp: check the resident base, sync the fast replica, train it, reply with the compressed delta."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedslim.adapters import FastSlowModel
 from fedslim.base import ResidentBase, default_base_path, load_base
-from fedslim.codec import DenseCodec
+from fedslim.codecs.feedback import Residual, compensate, new_residual
+from fedslim.codecs.pipeline import DELTA, encode_update
 from fedslim.config import ConfigError, FastSpec, RunConfig
-from fedslim.messages import CONFIG_KEY, DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, identity_reply
+from fedslim.messages import (
+    BAD_REQUEST,
+    BASE_MISMATCH,
+    BASE_MISSING,
+    CONFIG_KEY,
+    DELTA_KEY,
+    FAST_KEY,
+    METRICS_KEY,
+    NON_FINITE_UPDATE,
+    NUM_EXAMPLES_KEY,
+    REPLICA_MISMATCH,
+    identity_reply,
+    record_blobs,
+    update_record,
+)
+from fedslim.replica import ClientReplica, ReplicaMismatch
 from fedslim.simulation.datasets import ArrayDataset, DatasetMissingError, load_federation
 from fedslim.training import train_epochs
 
-# Error codes of fedslim's refusals (Flower's own codes are below 100).
-BASE_MISMATCH = 1001
-BASE_MISSING = 1002
-BAD_REQUEST = 1003
+# Keys in the node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).
+REPLICA_KEY = "fedslim-replica"
+REPLICA_META_KEY = "fedslim-replica-meta"
+RESIDUAL_KEY = "fedslim-ef-residual"
+RESIDUAL_META_KEY = "fedslim-ef-residual-meta"
 
 app = ClientApp()
 
@@ -51,16 +69,19 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 def handle_train(msg: Message, context: Context) -> RecordDict:
-    """Train the fast layer received in ``msg`` and return the reply content.
+    """Sync the replica, train the fast layer from it, and return the reply content.
 
     Raises :class:`Refusal` when the request cannot be honoured: the resident
-    base is missing or differs from the server's, or the request is malformed.
+    base is missing or differs from the server's, the replica cannot reach the
+    server's version, or the request is malformed.
     """
     task = dict(msg.content.config_records[CONFIG_KEY])
     expected_fingerprint = str(task.pop("base-fingerprint", ""))
     server_round = task.pop("server-round", 0)
-    if not isinstance(server_round, int):
-        raise Refusal(BAD_REQUEST, f"bad task config: server-round must be an integer, got {server_round!r}")
+    target_version = task.pop("replica-version", None)
+    target_digest = str(task.pop("replica-digest", ""))
+    if not isinstance(server_round, int) or not isinstance(target_version, int):
+        raise Refusal(BAD_REQUEST, "bad task config: server-round and replica-version must be integers")
     try:
         config = RunConfig.from_flat(task)
     except (ConfigError, TypeError) as exc:
@@ -75,12 +96,8 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         )
 
     model = fast_model(base, config.fast)
-    codec = DenseCodec()
-    try:
-        received = codec.decode(msg.content.array_records[FAST_KEY], model.fast_shapes())
-    except (KeyError, ValueError) as exc:
-        raise Refusal(BAD_REQUEST, f"bad fast state from the server: {exc}") from exc
-    model.load_fast_state(received)
+    replica = sync_replica(msg, context, base, config.fast, target_version, target_digest)
+    model.load_fast_state(replica.state)
 
     data = local_data(context, config)
     partition_id = int(context.node_config.get("partition-id", 0))
@@ -94,13 +111,83 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         seed=[config.seed, server_round, partition_id],
     )
     trained = model.fast_state()
-    delta = {name: trained[name] - received[name] for name in trained}
+    delta = {name: trained[name] - replica.state[name] for name in trained}
+    blob = encode_delta(
+        context, config, delta, base.fingerprint, replica.version, [config.seed, server_round, partition_id]
+    )
     return RecordDict(
         {
-            DELTA_KEY: codec.encode(delta),
+            DELTA_KEY: update_record(blob),
             METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: len(data), "train-loss": float(loss)}),
         }
     )
+
+
+def sync_replica(
+    msg: Message, context: Context, base: ResidentBase, spec: FastSpec, target_version: int, target_digest: str
+) -> ClientReplica:
+    """Bring this node's replica (kept in its Flower context) to the server's version, and store it back."""
+    held = context.state.config_records.get(REPLICA_META_KEY)
+    if held is not None and held.get("base") == base.fingerprint and REPLICA_KEY in context.state.array_records:
+        state = {name: array.numpy() for name, array in context.state.array_records[REPLICA_KEY].items()}
+        replica = ClientReplica(state, int(held["version"]))  # type: ignore[arg-type]
+    else:
+        replica = ClientReplica(initial_fast_state(base, spec), 0)
+    try:
+        blobs = record_blobs(msg.content.array_records[FAST_KEY])
+        replica = replica.synced(
+            blobs, fast_model(base, spec).fast_shapes(), base.fingerprint, target_version, target_digest
+        )
+    except (KeyError, ValueError) as exc:
+        if isinstance(exc, ReplicaMismatch):
+            for key in (REPLICA_KEY, REPLICA_META_KEY):
+                context.state.pop(key, None)
+            raise Refusal(REPLICA_MISMATCH, f"cannot sync the fast state: {exc}") from exc
+        raise Refusal(BAD_REQUEST, f"bad fast-state sync from the server: {exc}") from exc
+    context.state[REPLICA_KEY] = ArrayRecord({name: Array(value) for name, value in replica.state.items()})
+    context.state[REPLICA_META_KEY] = ConfigRecord({"version": replica.version, "base": base.fingerprint})
+    return replica
+
+
+def encode_delta(
+    context: Context,
+    config: RunConfig,
+    delta: dict[str, np.ndarray],
+    base_fingerprint: str,
+    version: int,
+    seed: list[int],
+) -> bytes:
+    """Compress the delta with the uplink codec, with error feedback for biased codecs (residual in the context)."""
+    pipeline = config.uplink
+    use_feedback = config.error_feedback and pipeline.biased
+    residual = load_residual(context) if use_feedback else None
+    sent = compensate(delta, residual, version, config.error_feedback_decay)
+    try:
+        encoded = encode_update(
+            sent,
+            pipeline,
+            kind=DELTA,
+            base_fingerprint=base_fingerprint,
+            state_version=version,
+            seed=int(np.random.SeedSequence(seed).generate_state(1)[0]),
+        )
+    except ValueError as exc:
+        raise Refusal(NON_FINITE_UPDATE, f"cannot encode the local update: {exc}") from exc
+    if use_feedback:
+        store_residual(context, new_residual(sent, encoded.decoded, version))
+    return encoded.blob
+
+
+def load_residual(context: Context) -> Residual | None:
+    if RESIDUAL_KEY not in context.state.array_records:
+        return None
+    tensors = {name: array.numpy() for name, array in context.state.array_records[RESIDUAL_KEY].items()}
+    return Residual(tensors, int(context.state.config_records[RESIDUAL_META_KEY]["version"]))  # type: ignore[arg-type]
+
+
+def store_residual(context: Context, residual: Residual) -> None:
+    context.state[RESIDUAL_KEY] = ArrayRecord({name: Array(value) for name, value in residual.tensors.items()})
+    context.state[RESIDUAL_META_KEY] = ConfigRecord({"version": residual.version})
 
 
 def resident_base(context: Context, config: RunConfig) -> ResidentBase:
@@ -110,6 +197,12 @@ def resident_base(context: Context, config: RunConfig) -> ResidentBase:
         return load_base(path, config.dataset)
     except FileNotFoundError as exc:
         raise Refusal(BASE_MISSING, f"no resident base on this node: {exc}") from exc
+
+
+@lru_cache(maxsize=4)
+def initial_fast_state(base: ResidentBase, spec: FastSpec) -> dict[str, np.ndarray]:
+    """Version 0 of the replica: the fast layer as attached to the base, before any training."""
+    return {name: value.copy() for name, value in base.build(spec).fast_state().items()}
 
 
 @lru_cache(maxsize=4)

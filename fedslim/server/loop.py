@@ -1,4 +1,4 @@
-"""The server's round loop: send the fast state, check and log replies, aggregate, evaluate."""
+"""The server's round loop: sync the clients' replica, decode, check and log replies, aggregate, evaluate."""
 
 from __future__ import annotations
 
@@ -8,16 +8,29 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslim.base import ensure_pretrained_base, load_base
-from fedslim.codec import DenseCodec
+from fedslim.codecs.pipeline import DELTA, decode_update
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals, message_bytes
 from fedslim.config import RunConfig
-from fedslim.messages import DELTA_KEY, FAST_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, client_key, identity_requests
+from fedslim.messages import (
+    DELTA_KEY,
+    FAST_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    REPLICA_MISMATCH,
+    blob_record,
+    client_key,
+    identity_requests,
+    record_blobs,
+    record_update,
+)
+from fedslim.replica import ServerReplica
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
 from fedslim.simulation.datasets import load_federation
 from fedslim.strategies.fedavg import FastFedAvg
@@ -33,18 +46,37 @@ class RunResult:
     rounds: list[RoundTotals]
 
 
-def check_update(reply: Message, shapes: dict[str, tuple[int, ...]], codec: DenseCodec) -> str | None:
-    """Why ``reply`` cannot be aggregated, or None if it is a valid fast update."""
+@dataclass(frozen=True)
+class UpdateCheck:
+    """The server's expectations of a train reply in one round."""
+
+    shapes: dict[str, tuple[int, ...]]
+    base_fingerprint: str
+    state_version: int
+
+
+def check_update(reply: Message, expected: UpdateCheck) -> tuple[dict[str, np.ndarray] | None, str | None]:
+    """The decoded delta of ``reply``, or None and the reason it cannot be aggregated."""
     if reply.has_error():
-        return _error_text(reply)
+        return None, _error_text(reply)
     try:
-        codec.decode(reply.content.array_records[DELTA_KEY], shapes)
+        blob = record_update(reply.content.array_records[DELTA_KEY])
         examples = reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]
+        update = decode_update(blob, expected.shapes)
     except (KeyError, ValueError) as exc:
-        return f"malformed update: {exc}"
+        return None, f"malformed update: {exc}"
     if not isinstance(examples, int) or examples <= 0:
-        return f"malformed update: num-examples must be a positive integer, got {examples!r}"
-    return None
+        return None, f"malformed update: num-examples must be a positive integer, got {examples!r}"
+    if update.kind != DELTA:
+        return None, "malformed update: a client sent a full state, not a delta"
+    if update.base_fingerprint != expected.base_fingerprint:
+        return None, f"wrong base fingerprint {update.base_fingerprint[:16]}... in the update"
+    if update.state_version != expected.state_version:
+        return None, (
+            f"stale update: computed against fast-state version {update.state_version}, "
+            f"the round trains version {expected.state_version}"
+        )
+    return update.tensors, None
 
 
 @dataclass
@@ -54,20 +86,20 @@ class WireAccounting:
     commlog: CommLog
     run_id: str
     server_round: int
-    codec: DenseCodec
     full_payload_bytes: int
 
     def record_down(self, message: Message) -> None:
         records = message.content.array_records
-        self._record(message, "down", self.codec.payload_bytes(records[FAST_KEY]) if FAST_KEY in records else 0)
+        payload = sum(len(b) for b in record_blobs(records[FAST_KEY])) if FAST_KEY in records else 0
+        self._record(message, "down", payload)
 
     def record_identity(self, reply: Message, key: str | None) -> None:
         self._record(reply, "up", 0, None if key else f"no client key in the identity reply: {_error_text(reply)}")
 
-    def screen_up(self, reply: Message, shapes: dict[str, tuple[int, ...]]) -> bool:
-        """Log ``reply``; True if it is a valid update to aggregate, False if rejected."""
-        reason = check_update(reply, shapes, self.codec)
-        payload = 0 if reason else self.codec.payload_bytes(reply.content.array_records[DELTA_KEY])
+    def screen_up(self, reply: Message, expected: UpdateCheck) -> dict[str, np.ndarray] | None:
+        """Log ``reply``; its decoded delta if it can be aggregated, None if rejected."""
+        delta, reason = check_update(reply, expected)
+        payload = len(record_update(reply.content.array_records[DELTA_KEY])) if delta is not None else 0
         self._record(reply, "up", payload, reason)
         if reason:
             log(
@@ -77,7 +109,7 @@ class WireAccounting:
                 reply.metadata.src_node_id,
                 reason,
             )
-        return reason is None
+        return delta
 
     def _record(self, message: Message, direction: str, payload: int, reason: str | None = None) -> None:
         """One log row; the full-model figure swaps the fast payload for the full model's."""
@@ -125,18 +157,20 @@ def run_federation(
     config : RunConfig
         The run.
     strategy : Strategy, optional
-        Aggregation over fast deltas; FedAvg over participants by default.
+        Aggregation over fast deltas; FedAvg over participants by default. It
+        sees the exact fast state and float32 deltas; the loop does the wire
+        work (replica sync down, decoding and screening up).
     on_round : callable, optional
         Called with each round's totals as soon as the round is logged
         (progress displays).
     """
     strategy = strategy or FastFedAvg(fraction_train=config.fraction, server_lr=config.server_lr, seed=config.seed)
-    codec = DenseCodec()
     base = load_base(ensure_pretrained_base(config), config.dataset)
     model = base.build(config.fast)
     test_set = load_federation(config).test
     shapes = model.fast_shapes()
     fast_state = model.fast_state()
+    replica = ServerReplica(fast_state, config.downlink, base.fingerprint, seed=config.seed)
     full_payload_bytes = ArrayRecord(base.state).count_bytes()
 
     commlog = CommLog(config.run_dir / LOG_FILENAME)
@@ -147,16 +181,18 @@ def run_federation(
         base.fingerprint,
         base.num_parameters(),
         model.num_fast_parameters(),
-        codec.payload_bytes(codec.encode(fast_state)),
+        ArrayRecord({n: Array(v) for n, v in fast_state.items()}).count_bytes(),
         full_payload_bytes,
     )
     log(
         INFO,
-        "fedslim run %s: %d fast of %d base parameters (%s), log %s",
+        "fedslim run %s: %d fast of %d base parameters (%s), codec up %s / down %s, log %s",
         run_id,
         model.num_fast_parameters(),
         base.num_parameters(),
         config.fast.kind,
+        config.uplink.spec,
+        config.downlink.spec,
         commlog.path,
     )
 
@@ -179,22 +215,56 @@ def run_federation(
             on_round(totals)
 
     try:
-        grid = identify_nodes(grid, config, WireAccounting(commlog, run_id, 0, codec, full_payload_bytes))
+        grid = identify_nodes(grid, config, WireAccounting(commlog, run_id, 0, full_payload_bytes))
+        # The replica version each client holds, by client key (0: the initial state every client can build).
+        client_versions: dict[str, int | None] = {key: 0 for key in grid.keys.values()}
         finish_round(0, 0, 0, time.monotonic())
         for server_round in range(1, config.rounds + 1):
             started = time.monotonic()
-            task = ConfigRecord({**config.client_task(), "base-fingerprint": base.fingerprint})
-            instructions = list(strategy.configure_train(server_round, codec.encode(fast_state), task, grid))
+            replica.publish(fast_state)
+            task = ConfigRecord(
+                {
+                    **config.client_task(),
+                    "base-fingerprint": base.fingerprint,
+                    "replica-version": replica.version,
+                    "replica-digest": replica.digest,
+                }
+            )
+            exact = ArrayRecord({n: Array(v) for n, v in fast_state.items()})
+            instructions = [
+                with_sync(
+                    message, replica.sync_for(client_versions.get(grid.keys.get(message.metadata.dst_node_id, "")))
+                )
+                for message in strategy.configure_train(server_round, exact, task, grid)
+            ]
             replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout))
-            wire = WireAccounting(commlog, run_id, server_round, codec, full_payload_bytes)
+            wire = WireAccounting(commlog, run_id, server_round, full_payload_bytes)
             for message in instructions:
                 wire.record_down(message)
-            accepted = [reply for reply in replies if wire.screen_up(reply, shapes)]
+            expected = UpdateCheck(shapes, base.fingerprint, replica.version)
+            accepted = []
+            for reply in replies:
+                key = grid.keys.get(reply.metadata.src_node_id, "")
+                delta = wire.screen_up(reply, expected)
+                if delta is not None:
+                    client_versions[key] = replica.version
+                    reply.content[DELTA_KEY] = ArrayRecord({n: Array(v) for n, v in delta.items()})
+                    accepted.append(reply)
+                elif reply.has_error() and reply.error.code == REPLICA_MISMATCH:
+                    client_versions[key] = None
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
             if new_arrays is not None:
-                fast_state = codec.decode(new_arrays, shapes)
+                fast_state = {name: new_arrays[name].numpy() for name in shapes}
                 model.load_fast_state(fast_state)
             finish_round(server_round, len(instructions), len(accepted), started)
         return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id))
     finally:
         commlog.close()
+
+
+def with_sync(message: Message, blobs: list[bytes]) -> Message:
+    """A copy of a strategy's train instruction whose fast record is this node's replica sync."""
+    content = RecordDict({**message.content, FAST_KEY: blob_record(blobs)})
+    return Message(
+        content=content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type
+    )

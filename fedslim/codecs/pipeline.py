@@ -1,0 +1,234 @@
+"""Codec pipelines and the fedslim.v1 update format: encode a set of tensors to one blob, and back.
+
+A pipeline has up to three stages, written as a spec string joined by ``+``:
+
+- layout: ``topk:D`` (largest-magnitude fraction D), ``randk:D`` (seeded
+  random fraction D, no indices sent), ``powersgd:R`` (rank-R factors), or
+  dense (the default);
+- value coding: ``fp32`` (default), ``fp16``, ``bf16``, ``q1``..``q8``, ``sign``;
+- lossless: ``zlib``, ``lzma`` or ``zstd``.
+
+``ternary:D`` is ``topk:D+sign`` (ComPEFT: keep the top entries, send their
+signs and one scale). ``none`` is dense fp32 with no lossless stage.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from fedslim.codecs.layouts import Dense, Layout, PowerSGD, RandK, TopK, decode_tensor
+from fedslim.codecs.lossless import LOSSLESS_STAGES, LosslessStage, NoLossless, stage_for
+from fedslim.codecs.values import BFloat16, Float16, Float32, Quantize, Sign, ValueCoding, WireFormatError
+from fedslim.protos.fedslim.v1 import update_pb2 as pb
+
+DELTA = pb.FastUpdate.KIND_DELTA
+STATE = pb.FastUpdate.KIND_STATE
+
+
+class CodecSpecError(ValueError):
+    """A codec spec string cannot be parsed."""
+
+
+class UpdateError(ValueError):
+    """An encoded update is rejected; the text says why."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Layout, then value coding, then an optional lossless stage.
+
+    Parameters
+    ----------
+    layout : Layout
+        Which numbers of each tensor are sent (default: all of them).
+    values : ValueCoding
+        How those numbers are written (default: float32).
+    lossless : LosslessStage
+        Compression of the whole serialized update (default: none).
+    """
+
+    layout: Layout = field(default_factory=Dense)
+    values: ValueCoding = field(default_factory=Float32)
+    lossless: LosslessStage = field(default_factory=NoLossless)
+
+    @property
+    def spec(self) -> str:
+        if isinstance(self.layout, TopK) and isinstance(self.values, Sign):
+            stages = [f"ternary:{self.layout.density:g}"]
+        else:
+            stages = [s for s in (self.layout.spec, self.values.spec) if s not in ("dense", "fp32")]
+        stages += [self.lossless.spec] if self.lossless.spec else []
+        return "+".join(stages) or "none"
+
+    @property
+    def biased(self) -> bool:
+        """True if decode(encode(x)) is not x (or an unbiased estimate of it): error feedback applies."""
+        return self.layout.biased or self.values.biased
+
+    @property
+    def lossy(self) -> bool:
+        return not (isinstance(self.layout, Dense) and isinstance(self.values, Float32))
+
+
+def parse_codec(spec: str) -> Pipeline:
+    """The pipeline a spec string names, e.g. ``topk:0.01+q8+zstd``; CodecSpecError if it is not one."""
+    text = spec.strip().lower()
+    if text in ("", "none"):
+        return Pipeline()
+    layout: Layout | None = None
+    values: ValueCoding | None = None
+    lossless: LosslessStage | None = None
+    for stage in text.split("+"):
+        name, _, arg = stage.partition(":")
+        try:
+            if name in ("topk", "randk", "ternary", "powersgd", "dense"):
+                if layout is not None or values is not None or lossless is not None:
+                    raise CodecSpecError(f"{stage!r} must come first, and only one layout is allowed")
+                layout = _layout(name, arg)
+                if name == "ternary":
+                    values = Sign()
+            elif name in ("fp32", "fp16", "bf16", "sign") or (name.startswith("q") and name[1:].isdigit()):
+                if values is not None or lossless is not None:
+                    raise CodecSpecError(f"{stage!r}: only one value coding is allowed, before the lossless stage")
+                values = _values(name, arg)
+            elif name in LOSSLESS_STAGES:
+                if lossless is not None or arg:
+                    raise CodecSpecError(f"{stage!r}: one lossless stage, last, without arguments")
+                lossless = LOSSLESS_STAGES[name]
+            else:
+                raise CodecSpecError(
+                    f"unknown codec stage {name!r}; stages are topk:D, randk:D, ternary:D, powersgd:R, "
+                    "fp32, fp16, bf16, q1..q8, sign, zlib, lzma, zstd"
+                )
+        except ValueError as exc:
+            raise CodecSpecError(f"bad codec spec {spec!r}: {exc}") from exc
+    return Pipeline(layout or Dense(), values or Float32(), lossless or NoLossless())
+
+
+def _layout(name: str, arg: str) -> Layout:
+    if name == "dense":
+        if arg:
+            raise CodecSpecError("dense takes no argument")
+        return Dense()
+    if not arg:
+        raise CodecSpecError(f"{name} needs an argument, e.g. {name}:{'2' if name == 'powersgd' else '0.01'}")
+    if name == "powersgd":
+        return PowerSGD(int(arg))
+    density = float(arg)
+    return RandK(density) if name == "randk" else TopK(density)
+
+
+def _values(name: str, arg: str) -> ValueCoding:
+    if arg:
+        raise CodecSpecError(f"{name} takes no argument")
+    if name.startswith("q"):
+        return Quantize(int(name[1:]))
+    return {"fp32": Float32(), "fp16": Float16(), "bf16": BFloat16(), "sign": Sign()}[name]
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """One blob ready for the wire, and what its receiver will decode from it.
+
+    Attributes
+    ----------
+    blob : bytes
+        The serialized Envelope.
+    raw_bytes : int
+        Size of the serialized FastUpdate before the lossless stage.
+    decoded : dict
+        The tensors the receiver reconstructs, computed by the same decoder it
+        runs (the sender's error-feedback residual and the server's replica
+        are updated with exactly these numbers).
+    """
+
+    blob: bytes
+    raw_bytes: int
+    decoded: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DecodedUpdate:
+    kind: int
+    base_fingerprint: str
+    state_version: int
+    tensors: dict[str, np.ndarray]
+
+
+def encode_update(
+    tensors: Mapping[str, np.ndarray],
+    pipeline: Pipeline,
+    *,
+    kind: int,
+    base_fingerprint: str,
+    state_version: int,
+    seed: int = 0,
+) -> EncodedUpdate:
+    """Encode ``tensors`` (float32, all finite) with ``pipeline``; ``seed`` drives random-k and PowerSGD starts."""
+    update = pb.FastUpdate(kind=kind, base_fingerprint=base_fingerprint, state_version=state_version)
+    seeds = np.random.SeedSequence([seed, state_version]).generate_state(max(1, len(tensors)), dtype=np.uint64)
+    decoded = {}
+    for (name, tensor), tensor_seed in zip(tensors.items(), seeds):
+        message = pipeline.layout.encode(name, np.asarray(tensor, dtype=np.float32), pipeline.values, int(tensor_seed))
+        update.tensors.append(message)
+        decoded[name] = decode_tensor(message, tuple(tensor.shape))
+    raw = update.SerializeToString()
+    envelope = pb.Envelope(
+        lossless=pipeline.lossless.kind,
+        raw_size=len(raw),
+        payload=pipeline.lossless.compress(raw),
+        crc32=zlib.crc32(raw),
+    )
+    return EncodedUpdate(envelope.SerializeToString(), len(raw), decoded)
+
+
+def dense_update_limit(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Largest serialized FastUpdate accepted for these shapes: any encoding of them fits well within it."""
+    entries = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes.values())
+    return 5 * entries + 256 * len(shapes) + 65536
+
+
+def decode_update(
+    blob: bytes, shapes: Mapping[str, tuple[int, ...]], max_raw_bytes: int | None = None
+) -> DecodedUpdate:
+    """Parse and decode a blob against the tensor names and shapes the receiver holds.
+
+    Raises UpdateError naming the problem: a corrupt or truncated blob, an
+    unknown encoding or lossless stage, a payload inflating past
+    ``max_raw_bytes`` (default: ``dense_update_limit(shapes)``), missing,
+    unknown or duplicate tensors, a shape mismatch, an index out of range,
+    non-finite values.
+    """
+    limit = dense_update_limit(shapes) if max_raw_bytes is None else max_raw_bytes
+    envelope = pb.Envelope()
+    try:
+        envelope.ParseFromString(blob)
+        if envelope.raw_size > limit:
+            raise WireFormatError(f"update declares {envelope.raw_size} bytes, above the {limit}-byte limit")
+        raw = stage_for(envelope.lossless).decompress(envelope.payload, limit)
+        if len(raw) != envelope.raw_size:
+            raise WireFormatError(f"payload is {len(raw)} bytes, the envelope declares {envelope.raw_size}")
+        if zlib.crc32(raw) != envelope.crc32:
+            raise WireFormatError("corrupt update: CRC-32 mismatch")
+        update = pb.FastUpdate()
+        update.ParseFromString(raw)
+        if update.kind not in (DELTA, STATE):
+            raise WireFormatError(f"unknown update kind {update.kind}")
+        names = [t.name for t in update.tensors]
+        if len(set(names)) != len(names):
+            raise WireFormatError("a tensor appears twice")
+        unknown = sorted(set(names) - set(shapes))
+        missing = sorted(set(shapes) - set(names))
+        if unknown or missing:
+            raise WireFormatError(f"tensor names differ: unknown {unknown}, missing {missing}")
+        tensors = {t.name: decode_tensor(t, tuple(shapes[t.name])) for t in update.tensors}
+    except DecodeError as exc:
+        raise UpdateError(f"corrupt or truncated update blob: {exc}") from exc
+    except WireFormatError as exc:
+        raise UpdateError(str(exc)) from exc
+    return DecodedUpdate(update.kind, update.base_fingerprint, update.state_version, tensors)

@@ -1,0 +1,158 @@
+"""Downstream: the fast state clients hold (the replica), kept bit-identical on server and clients.
+
+The server keeps the exact fast state x and the replica x_hat that clients
+hold. Each round it publishes one compressed step x_hat <- x_hat + C(x - x_hat)
+(one realisation for everyone; what C drops stays in x - x_hat and goes out
+with later steps, as in DoubleSqueeze and MCM). Steps are versioned: step v
+turns version v into v + 1. A client at version v gets the steps since v, or
+the whole replica when that is smaller; both sides apply steps with the same
+float32 addition, and the client checks the result against the server's digest.
+
+Version 0 is the initial fast state, which every client builds from the
+resident base and the shared seed, so it never needs to be sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedslim.codecs.pipeline import DELTA, STATE, Pipeline, UpdateError, decode_update, encode_update
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex, 32 characters) over names and float32 bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(state[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def apply_step(state: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """state + step in float32, tensor by tensor: the one addition server and clients both perform."""
+    return {name: np.add(value, step[name], dtype=np.float32) for name, value in state.items()}
+
+
+class ServerReplica:
+    """The server's copy of what clients hold, and the steps that bring a client up to date.
+
+    Parameters
+    ----------
+    initial : mapping of str to ndarray
+        Version 0 of the fast state (clients build the same one themselves).
+    pipeline : Pipeline
+        Downstream codec for the steps. Full-state syncs are sent as exact
+        float32 with the pipeline's lossless stage.
+    base_fingerprint : str
+        Written into every blob, so a client on another base refuses it.
+    seed : int
+        Seed for codecs that draw random numbers (random-k, PowerSGD).
+    """
+
+    def __init__(
+        self, initial: Mapping[str, np.ndarray], pipeline: Pipeline, base_fingerprint: str, seed: int = 0
+    ) -> None:
+        self.pipeline = pipeline
+        self.base_fingerprint = base_fingerprint
+        self.seed = seed
+        self.state = {name: np.array(value, dtype=np.float32) for name, value in initial.items()}
+        self.version = 0
+        self._steps: dict[int, bytes] = {}  # from-version -> blob of the step to from-version + 1
+        self._full: tuple[int, bytes] | None = None
+
+    @property
+    def digest(self) -> str:
+        return state_digest(self.state)
+
+    def publish(self, exact: Mapping[str, np.ndarray]) -> None:
+        """Move the replica towards ``exact`` by one compressed step (nothing if they are equal)."""
+        difference = {name: np.subtract(exact[name], value, dtype=np.float32) for name, value in self.state.items()}
+        if not any(np.any(d) for d in difference.values()):
+            return
+        step = encode_update(
+            difference,
+            self.pipeline,
+            kind=DELTA,
+            base_fingerprint=self.base_fingerprint,
+            state_version=self.version,
+            seed=self.seed,
+        )
+        self.state = apply_step(self.state, step.decoded)
+        self._steps[self.version] = step.blob
+        self.version += 1
+        self._prune()
+
+    def full_state_blob(self) -> bytes:
+        if self._full is None or self._full[0] != self.version:
+            exact = Pipeline(lossless=self.pipeline.lossless)
+            blob = encode_update(
+                self.state, exact, kind=STATE, base_fingerprint=self.base_fingerprint, state_version=self.version
+            ).blob
+            self._full = (self.version, blob)
+        return self._full[1]
+
+    def sync_for(self, client_version: int | None) -> list[bytes]:
+        """Blobs that bring a client at ``client_version`` (None: unknown) to the current version."""
+        if client_version == self.version:
+            return []
+        full = self.full_state_blob()
+        if client_version is None or client_version not in self._steps:
+            return [full]
+        chain = [self._steps[v] for v in range(client_version, self.version)]
+        return chain if sum(map(len, chain)) < len(full) else [full]
+
+    def _prune(self) -> None:
+        """Forget old steps: a chain starting there would cost more than the full state."""
+        budget = len(self.full_state_blob())
+        total = 0
+        for version in sorted(self._steps, reverse=True):
+            total += len(self._steps[version])
+            if total >= budget:
+                for old in [v for v in self._steps if v < version]:
+                    del self._steps[old]
+                return
+
+
+class ReplicaMismatch(ValueError):
+    """The client cannot reach the server's replica from what it holds."""
+
+
+@dataclass(frozen=True)
+class ClientReplica:
+    """What a client holds: the replica and its version."""
+
+    state: dict[str, np.ndarray]
+    version: int
+
+    def synced(
+        self,
+        blobs: Sequence[bytes],
+        shapes: Mapping[str, tuple[int, ...]],
+        base_fingerprint: str,
+        target_version: int,
+        target_digest: str,
+    ) -> ClientReplica:
+        """The replica after applying the server's sync blobs; raises ReplicaMismatch or UpdateError."""
+        state, version = self.state, self.version
+        for blob in blobs:
+            update = decode_update(blob, shapes)
+            if update.base_fingerprint != base_fingerprint:
+                raise UpdateError("sync blob belongs to another base")
+            if update.kind == STATE:
+                state, version = update.tensors, update.state_version
+            elif update.state_version == version:
+                state, version = apply_step(state, update.tensors), version + 1
+            elif update.state_version > version:
+                raise ReplicaMismatch(
+                    f"replica is at version {version}, the next step starts at {update.state_version}"
+                )
+            # else: a step this client applied already (its reply was lost); skip it.
+        if version != target_version:
+            raise ReplicaMismatch(f"replica reached version {version}, the server is at {target_version}")
+        if state_digest(state) != target_digest:
+            raise ReplicaMismatch(f"replica at version {version} differs from the server's (digest mismatch)")
+        return ClientReplica(state, version)

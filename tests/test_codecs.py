@@ -1,0 +1,264 @@
+"""Codecs: every stage holds its stated error bound, byte accounting is exact, bad blobs are refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fedslim.codecs import UpdateError, decode_update, encode_update, parse_codec
+from fedslim.codecs.layouts import PowerSGD, RandK, TopK, decode_varints, encode_varints, seeded_positions
+from fedslim.codecs.pipeline import DELTA, CodecSpecError, Pipeline
+from fedslim.codecs.values import BFloat16, Float16, Float32, Quantize, Sign, pack_bits, unpack_bits
+from fedslim.protos.fedslim.v1 import update_pb2 as pb
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+vectors = arrays(np.float32, st.integers(1, 300), elements=finite)
+matrices = arrays(np.float32, st.tuples(st.integers(2, 24), st.integers(2, 24)), elements=finite)
+
+
+def roundtrip(tensor: np.ndarray, pipeline: Pipeline, seed: int = 0) -> np.ndarray:
+    encoded = encode_update({"t": tensor}, pipeline, kind=DELTA, base_fingerprint="b", state_version=1, seed=seed)
+    decoded = decode_update(encoded.blob, {"t": tensor.shape})
+    np.testing.assert_array_equal(decoded.tensors["t"], encoded.decoded["t"])  # sender knows what receiver gets
+    return decoded.tensors["t"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(vectors, st.sampled_from([Float32(), Float16(), BFloat16(), *[Quantize(b) for b in range(1, 9)], Sign()]))
+def test_value_codings_hold_their_error_bound(x: np.ndarray, coding) -> None:
+    y = roundtrip(x, Pipeline(values=coding))
+    assert np.max(np.abs(y - x)) <= coding.max_abs_error(x)
+
+
+@settings(max_examples=40, deadline=None)
+@given(vectors)
+def test_sign_is_the_l2_optimal_scaled_sign(x: np.ndarray) -> None:
+    y = roundtrip(x, parse_codec("sign"))
+    scale = np.mean(np.abs(x.astype(np.float64)))
+    np.testing.assert_allclose(y, np.where(x >= 0, scale, -scale), rtol=1e-6, atol=1e-30)
+    # ||x - s sign(x)||^2 = ||x||^2 - ||x||_1^2 / d for the optimal s.
+    residual = np.sum((x.astype(np.float64) - y) ** 2)
+    expected = np.sum(x.astype(np.float64) ** 2) - np.sum(np.abs(x.astype(np.float64))) ** 2 / x.size
+    assert residual == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(vectors, st.floats(0.01, 1.0))
+def test_topk_keeps_exactly_the_largest_entries(x: np.ndarray, density: float) -> None:
+    y = roundtrip(x, Pipeline(layout=TopK(density)))
+    k = min(x.size, max(1, round(density * x.size)))
+    kept = np.flatnonzero(y)
+    assert kept.size <= k
+    np.testing.assert_array_equal(y[kept], x[kept])
+    dropped = np.setdiff1d(np.arange(x.size), kept)
+    if dropped.size and kept.size:
+        assert np.max(np.abs(x[dropped])) <= np.min(np.abs(x[kept]))
+    # Contractive: ||x - C(x)||^2 <= (1 - k/d) ||x||^2.
+    assert np.sum((x - y) ** 2.0) <= (1 - k / x.size) * np.sum(x**2.0) * (1 + 1e-6) + 1e-30
+
+
+@settings(max_examples=40, deadline=None)
+@given(vectors, st.floats(0.01, 1.0), st.integers(0, 2**63))
+def test_randk_sends_values_at_seeded_positions_and_no_indices(x: np.ndarray, density: float, seed: int) -> None:
+    pipeline = Pipeline(layout=RandK(density))
+    encoded = encode_update({"t": x}, pipeline, kind=DELTA, base_fingerprint="b", state_version=1, seed=seed)
+    update = pb.FastUpdate.FromString(pb.Envelope.FromString(encoded.blob).payload)
+    sparse = update.tensors[0].sparse
+    assert sparse.WhichOneof("indices") == "random_seed"
+    positions = seeded_positions(sparse.random_seed, x.size, int(sparse.nnz))
+    y = decode_update(encoded.blob, {"t": x.shape}).tensors["t"]
+    np.testing.assert_array_equal(y[positions], x[positions])
+    assert not np.any(np.delete(y, positions))
+
+
+@settings(max_examples=40, deadline=None)
+@given(matrices, st.integers(1, 4))
+def test_powersgd_is_a_projection_never_larger_than_its_input(m: np.ndarray, rank: int) -> None:
+    y = roundtrip(m, Pipeline(layout=PowerSGD(rank)))
+    m64 = m.astype(np.float64)
+    error = np.sum((m64 - y) ** 2)
+    assert error <= np.sum(m64**2) * (1 + 1e-5) + 1e-6
+
+
+def test_powersgd_recovers_a_low_rank_matrix_exactly() -> None:
+    rng = np.random.default_rng(0)
+    m = (rng.standard_normal((40, 2)) @ rng.standard_normal((2, 30))).astype(np.float32)
+    y = roundtrip(m, parse_codec("powersgd:2"))
+    np.testing.assert_allclose(y, m, atol=1e-4)
+    encoded = encode_update({"t": m}, parse_codec("powersgd:2"), kind=DELTA, base_fingerprint="b", state_version=0)
+    assert len(encoded.blob) < 0.2 * m.nbytes
+
+
+@settings(max_examples=30, deadline=None)
+@given(vectors, st.sampled_from(["zlib", "lzma", "zstd"]))
+def test_lossless_stages_are_exact(x: np.ndarray, stage: str) -> None:
+    np.testing.assert_array_equal(
+        roundtrip(x, parse_codec(f"topk:0.5+q8+{stage}")), roundtrip(x, parse_codec("topk:0.5+q8"))
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**62), max_size=50))
+def test_varints_roundtrip(numbers: list[int]) -> None:
+    data = encode_varints(np.array(numbers, dtype=np.uint64))
+    np.testing.assert_array_equal(decode_varints(data, len(numbers)), np.array(numbers, dtype=np.uint64))
+
+
+@given(arrays(np.uint8, st.integers(0, 100), elements=st.integers(0, 255)), st.integers(1, 8))
+def test_bit_packing_roundtrip(codes: np.ndarray, bits: int) -> None:
+    codes = codes & np.uint8(2**bits - 1)
+    packed = pack_bits(codes, bits)
+    assert len(packed) == (codes.size * bits + 7) // 8
+    np.testing.assert_array_equal(unpack_bits(packed, bits, codes.size), codes)
+
+
+def test_sparse_indices_use_the_smaller_of_varint_gaps_and_bitmask() -> None:
+    x = np.zeros(10_000, np.float32)
+    x[::2] = 1.0  # half the entries: a bitmask (1,250 B) beats 5,000 one-byte gaps
+    dense_positions = encode_update({"t": x}, parse_codec("topk:0.5"), kind=DELTA, base_fingerprint="", state_version=0)
+    x[:] = 0
+    x[::500] = 1.0  # 20 entries: gaps (2 B each) beat the bitmask
+    few_positions = encode_update({"t": x}, parse_codec("topk:0.002"), kind=DELTA, base_fingerprint="", state_version=0)
+    kinds = [
+        pb.FastUpdate.FromString(pb.Envelope.FromString(e.blob).payload).tensors[0].sparse.WhichOneof("indices")
+        for e in (dense_positions, few_positions)
+    ]
+    assert kinds == ["bitmask", "gaps_varint"]
+
+
+def test_byte_accounting_is_exact() -> None:
+    x = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
+    encoded = encode_update({"t": x}, parse_codec("topk:0.1+q4+zstd"), kind=DELTA, base_fingerprint="", state_version=0)
+    envelope = pb.Envelope.FromString(encoded.blob)
+    assert envelope.ByteSize() == len(encoded.blob)
+    assert (
+        envelope.raw_size
+        == encoded.raw_bytes
+        == len(zlib.compress(b"")) * 0 + len(__import__("zstandard").ZstdDecompressor().decompress(envelope.payload))
+    )
+    # 500 kept entries at 4 bits, their gaps at 1-2 bytes each, and a few bytes of framing.
+    tensor = pb.FastUpdate.FromString(__import__("zstandard").ZstdDecompressor().decompress(envelope.payload)).tensors[
+        0
+    ]
+    assert len(tensor.sparse.values.quantized.codes) == 250
+    assert 500 <= len(tensor.sparse.gaps_varint) <= 1000
+
+
+@pytest.mark.parametrize(
+    ("spec", "canonical"),
+    [
+        ("none", "none"),
+        ("", "none"),
+        ("TopK:0.01+q8", "topk:0.01+q8"),
+        ("ternary:0.1", "ternary:0.1"),
+        ("topk:0.1+sign+zstd", "ternary:0.1+zstd"),
+        ("randk:0.05+q4", "randk:0.05+q4"),
+        ("powersgd:2+fp16+lzma", "powersgd:2+fp16+lzma"),
+        ("fp32+zlib", "zlib"),
+    ],
+)
+def test_codec_specs_parse_to_their_canonical_form(spec: str, canonical: str) -> None:
+    assert parse_codec(spec).spec == canonical
+    assert parse_codec(canonical).spec == canonical
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("topk", "needs an argument"),
+        ("topk:2", "density"),
+        ("q9", "bits"),
+        ("q8+topk:0.1", "must come first"),
+        ("zstd+q8", "only one value coding"),
+        ("gzip", "unknown codec stage"),
+        ("topk:0.1+randk:0.1", "only one layout"),
+        ("powersgd:0", "rank"),
+    ],
+)
+def test_bad_codec_specs_are_named(spec: str, message: str) -> None:
+    with pytest.raises(CodecSpecError, match=message):
+        parse_codec(spec)
+
+
+def test_encoders_refuse_non_finite_and_out_of_range_input() -> None:
+    with pytest.raises(ValueError, match="non-finite"):
+        encode_update(
+            {"t": np.array([1.0, np.nan], np.float32)},
+            parse_codec("topk:0.5+q8"),
+            kind=DELTA,
+            base_fingerprint="",
+            state_version=0,
+        )
+    with pytest.raises(ValueError, match="float16 range"):
+        encode_update(
+            {"t": np.array([1e6], np.float32)}, parse_codec("fp16"), kind=DELTA, base_fingerprint="", state_version=0
+        )
+
+
+def _blob(pipeline: str = "topk:0.5+q8") -> tuple[bytes, dict[str, tuple[int, ...]]]:
+    x = np.arange(-8, 8, dtype=np.float32).reshape(4, 4)
+    return encode_update({"t": x}, parse_codec(pipeline), kind=DELTA, base_fingerprint="b", state_version=0).blob, {
+        "t": (4, 4)
+    }
+
+
+def _with_update(edit) -> bytes:
+    blob, _ = _blob()
+    envelope = pb.Envelope.FromString(blob)
+    update = pb.FastUpdate.FromString(envelope.payload)
+    edit(update)
+    envelope.payload = update.SerializeToString()
+    envelope.raw_size, envelope.crc32 = len(envelope.payload), zlib.crc32(envelope.payload)
+    return envelope.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("make_blob", "message"),
+    [
+        (lambda: _blob()[0][:20], "corrupt or truncated"),
+        (lambda: _blob("fp32")[0][:-9] + b"\x01" + _blob("fp32")[0][-8:], "CRC-32 mismatch"),
+        (lambda: _blob("topk:0.5+q8+zstd")[0][:-6] + b"\0" * 6, "corrupt"),
+        (lambda: _with_update(lambda u: u.tensors[0].ClearField("sparse")), "no known encoding"),
+        (
+            lambda: _with_update(lambda u: u.tensors[0].sparse.values.quantized.__setattr__("bits", 12)),
+            "bits must be 1..8",
+        ),
+        (lambda: _with_update(lambda u: u.tensors[0].sparse.__setattr__("gaps_varint", b"\x05" * 8)), "out of range"),
+        (
+            lambda: _with_update(lambda u: u.tensors[0].sparse.__setattr__("gaps_varint", b"\x00" * 8)),
+            "strictly increasing",
+        ),
+        (lambda: _with_update(lambda u: u.tensors[0].sparse.__setattr__("nnz", 99)), "more than its 16"),
+        (
+            lambda: _with_update(lambda u: u.tensors[0].sparse.values.quantized.__setattr__("offset", float("inf"))),
+            "non-finite",
+        ),
+        (lambda: _with_update(lambda u: u.tensors.add().CopyFrom(u.tensors[0])), "twice"),
+        (lambda: _with_update(lambda u: u.tensors[0].__setattr__("name", "s")), "unknown \\['s'\\], missing \\['t'\\]"),
+        (lambda: _with_update(lambda u: u.__setattr__("kind", 5)), "unknown update kind"),
+        (
+            lambda: pb.Envelope(
+                lossless=pb.LOSSLESS_LZMA, raw_size=100, payload=__import__("lzma").compress(bytes(10**7))
+            ).SerializeToString(),
+            "inflates past",
+        ),
+        (lambda: pb.Envelope(raw_size=10**12).SerializeToString(), "above the"),
+    ],
+)
+def test_bad_blobs_are_refused_with_a_named_reason(make_blob, message: str) -> None:
+    with pytest.raises(UpdateError, match=message):
+        decode_update(make_blob(), {"t": (4, 4)})
+
+
+def test_checked_in_protobuf_code_is_not_stale() -> None:
+    script = Path(__file__).resolve().parent.parent / "scripts" / "generate_protos.py"
+    done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
