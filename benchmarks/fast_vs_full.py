@@ -77,7 +77,9 @@ def results_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=["full@0.05", "full@0.1", "lora@0.1", "lora@0.2"], help="FAST_KIND@LR")
+    parser.add_argument(
+        "--rows", nargs="+", default=["full@0.05", "full@0.1", "lora@0.1", "lora@0.2"], help="FAST_KIND@LR"
+    )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--fraction", type=float, default=0.2)

@@ -1,7 +1,7 @@
 """The message contract between fedslim's server and clients: record keys, blobs and the identity exchange.
 
-A train instruction carries ``fast`` (ArrayRecord: the replica sync, zero or
-more fedslim.v1 blobs under keys "0", "1", ... applied in that order) and
+A train instruction carries ``fast`` (ArrayRecord: the replica sync, one
+fedslim.v1.Sync under "sync": zero or more blobs applied in order) and
 ``config`` (ConfigRecord: the client task, the base fingerprint, the round,
 the replica version and digest to reach). A train reply carries ``delta``
 (ArrayRecord: one blob under "update", the client's compressed delta) and
@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from google.protobuf.message import DecodeError
+
+from fedslim.protos.fedslim.v1 import update_pb2 as pb
 
 FAST_KEY = "fast"
 CONFIG_KEY = "config"
@@ -23,6 +26,9 @@ NUM_EXAMPLES_KEY = "num-examples"
 IDENTITY_KEY = "identity"
 CLIENT_KEY = "client-key"
 UPDATE_KEY = "update"
+SYNC_KEY = "sync"
+BLOB_STYPE = "fedslim.v1.Envelope"
+SYNC_STYPE = "fedslim.v1.Sync"
 
 # Error codes of a client's refusals (Flower's own codes are below 100).
 BASE_MISMATCH = 1001
@@ -30,39 +36,37 @@ BASE_MISSING = 1002
 BAD_REQUEST = 1003
 REPLICA_MISMATCH = 1004
 NON_FINITE_UPDATE = 1005
-BLOB_STYPE = "fedslim.v1.Envelope"
 
 
-def blob_record(blobs: Sequence[bytes]) -> ArrayRecord:
-    """Blobs as Flower Arrays (chunked and content-addressed like any array), keyed by position."""
-    return ArrayRecord({str(i): _blob_array(blob) for i, blob in enumerate(blobs)})
+def sync_record(blobs: Sequence[bytes]) -> ArrayRecord:
+    """A replica sync (blobs applied in order) as one Flower Array."""
+    data = pb.Sync(steps=blobs).SerializeToString()
+    return ArrayRecord({SYNC_KEY: Array(dtype="uint8", shape=(len(data),), stype=SYNC_STYPE, data=data)})
 
 
 def update_record(blob: bytes) -> ArrayRecord:
-    return ArrayRecord({UPDATE_KEY: _blob_array(blob)})
+    return ArrayRecord({UPDATE_KEY: Array(dtype="uint8", shape=(len(blob),), stype=BLOB_STYPE, data=blob)})
 
 
-def _blob_array(blob: bytes) -> Array:
-    return Array(dtype="uint8", shape=(len(blob),), stype=BLOB_STYPE, data=blob)
-
-
-def record_blobs(record: ArrayRecord) -> list[bytes]:
-    """The blobs of a ``blob_record`` in order; ValueError if keys or array types are not fedslim blobs."""
-    if sorted(record.keys(), key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(record))]:
-        raise ValueError(f"sync record keys must be 0..{len(record) - 1}, got {sorted(record.keys())}")
-    return [_blob(record[str(i)]) for i in range(len(record))]
+def record_sync(record: ArrayRecord) -> list[bytes]:
+    """The blobs of a ``sync_record``; ValueError if it is not one."""
+    data = _single(record, SYNC_KEY, SYNC_STYPE)
+    try:
+        return list(pb.Sync.FromString(data).steps)
+    except DecodeError as exc:
+        raise ValueError(f"corrupt sync record: {exc}") from exc
 
 
 def record_update(record: ArrayRecord) -> bytes:
-    if set(record.keys()) != {UPDATE_KEY}:
-        raise ValueError(f"update record must hold exactly {UPDATE_KEY!r}, got {sorted(record.keys())}")
-    return _blob(record[UPDATE_KEY])
+    return _single(record, UPDATE_KEY, BLOB_STYPE)
 
 
-def _blob(array: Array) -> bytes:
-    if array.stype != BLOB_STYPE:
-        raise ValueError(f"expected a {BLOB_STYPE} blob, got an array of type {array.stype!r}")
-    return array.data
+def _single(record: ArrayRecord, key: str, stype: str) -> bytes:
+    if set(record.keys()) != {key}:
+        raise ValueError(f"record must hold exactly {key!r}, got {sorted(record.keys())}")
+    if record[key].stype != stype:
+        raise ValueError(f"expected a {stype} blob, got an array of type {record[key].stype!r}")
+    return record[key].data
 
 
 def identity_requests(node_ids: Iterable[int]) -> list[Message]:

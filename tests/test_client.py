@@ -17,7 +17,15 @@ from fedslim.codecs import decode_update, encode_update, parse_codec
 from fedslim.codecs.pipeline import DELTA, STATE
 from fedslim.commlog import message_bytes
 from fedslim.config import RunConfig
-from fedslim.messages import BAD_REQUEST, BASE_MISMATCH, BASE_MISSING, REPLICA_MISMATCH, record_update, update_record
+from fedslim.messages import (
+    BAD_REQUEST,
+    BASE_MISMATCH,
+    BASE_MISSING,
+    REPLICA_MISMATCH,
+    record_sync,
+    record_update,
+    update_record,
+)
 from fedslim.models import SyntheticMLP
 from fedslim.replica import ServerReplica
 from fedslim.server.loop import UpdateCheck, check_update, with_sync
@@ -101,8 +109,7 @@ def test_missing_base_is_refused(small_config: RunConfig, resident, tmp_path: Pa
 
 
 def _blobs(message: Message) -> list[bytes]:
-    record = message.content.array_records["fast"]
-    return [record[str(i)].data for i in range(len(record))]
+    return record_sync(message.content.array_records["fast"])
 
 
 def test_bad_fast_state_from_server_is_refused(small_config: RunConfig, resident) -> None:

@@ -15,9 +15,7 @@ from fedslim.simulation.simulate import simulate
 
 
 def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> None:
-    config = replace(
-        small_config, rounds=3, fraction=0.75, codec="topk:0.3+q8", downstream_codec="topk:0.5+q8+zstd"
-    )
+    config = replace(small_config, rounds=3, fraction=0.75, codec="topk:0.3+q8", downstream_codec="topk:0.5+q8+zstd")
     rounds_seen: list[int] = []
     result = simulate(config, on_round=lambda totals: rounds_seen.append(totals.round))
 

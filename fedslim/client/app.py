@@ -26,7 +26,7 @@ from fedslim.messages import (
     NUM_EXAMPLES_KEY,
     REPLICA_MISMATCH,
     identity_reply,
-    record_blobs,
+    record_sync,
     update_record,
 )
 from fedslim.replica import ClientReplica, ReplicaMismatch
@@ -134,7 +134,7 @@ def sync_replica(
     else:
         replica = ClientReplica(initial_fast_state(base, spec), 0)
     try:
-        blobs = record_blobs(msg.content.array_records[FAST_KEY])
+        blobs = record_sync(msg.content.array_records[FAST_KEY])
         replica = replica.synced(
             blobs, fast_model(base, spec).fast_shapes(), base.fingerprint, target_version, target_digest
         )

@@ -60,14 +60,26 @@ class Zlib:
 
 @dataclass(frozen=True)
 class Lzma:
+    """LZMA in the 13-byte-header ``.lzma`` container, tuned for update payloads.
+
+    lc=lp=pb=0 makes the literal coder order-0 (no previous-byte or position
+    contexts): the streams it sees (index gaps, quantization codes) are close
+    to memoryless, and the contexts only dilute their statistics. The header
+    declares the dictionary size, so decoding caps memory at ``MEMLIMIT``.
+    """
+
     spec: str = "lzma"
     kind: int = pb.LOSSLESS_LZMA
+    FILTERS = (
+        {"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20, "lc": 0, "lp": 0, "pb": 0},
+    )
+    MEMLIMIT = 1 << 26
 
     def compress(self, data: bytes) -> bytes:
-        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=9)
+        return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=list(self.FILTERS))
 
     def decompress(self, data: bytes, limit: int) -> bytes:
-        inflater = lzma.LZMADecompressor()
+        inflater = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=self.MEMLIMIT)
         try:
             out = inflater.decompress(data, max_length=limit + 1)
         except lzma.LZMAError as exc:

@@ -24,11 +24,11 @@ from fedslim.messages import (
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     REPLICA_MISMATCH,
-    blob_record,
     client_key,
     identity_requests,
-    record_blobs,
+    record_sync,
     record_update,
+    sync_record,
 )
 from fedslim.replica import ServerReplica
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
@@ -90,7 +90,7 @@ class WireAccounting:
 
     def record_down(self, message: Message) -> None:
         records = message.content.array_records
-        payload = sum(len(b) for b in record_blobs(records[FAST_KEY])) if FAST_KEY in records else 0
+        payload = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
         self._record(message, "down", payload)
 
     def record_identity(self, reply: Message, key: str | None) -> None:
@@ -264,7 +264,7 @@ def run_federation(
 
 def with_sync(message: Message, blobs: list[bytes]) -> Message:
     """A copy of a strategy's train instruction whose fast record is this node's replica sync."""
-    content = RecordDict({**message.content, FAST_KEY: blob_record(blobs)})
+    content = RecordDict({**message.content, FAST_KEY: sync_record(blobs)})
     return Message(
         content=content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type
     )

@@ -39,6 +39,12 @@ class Envelope(_message.Message):
     crc32: int
     def __init__(self, lossless: _Optional[_Union[Lossless, str]] = ..., raw_size: _Optional[int] = ..., payload: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
 
+class Sync(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, steps: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class FastUpdate(_message.Message):
     __slots__ = ("kind", "base_fingerprint", "state_version", "tensors")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
