@@ -11,6 +11,7 @@ A row is FAST@LR followed by comma-separated options:
     up=SPEC      uplink codec (default none)
     down=SPEC    downstream codec (default none)
     ef=off|D     error feedback off, or on with decay D per missed round (default 0.9)
+    rank=R       LoRA rank (default --rank), alpha=A LoRA alpha (default 2 * rank), biases  fast biases
 
     python benchmarks/wire.py --preset fast          # full dense, fast dense, fast + best pipeline
     python benchmarks/wire.py --preset codec-only    # full-model FedAvg under top-k, with and without EF
@@ -56,10 +57,18 @@ PRESETS = {
 def parse_row(spec: str, base: RunConfig, rank: int, out: str) -> RunConfig:
     head, *options = spec.split(",")
     kind, _, lr = head.partition("@")
-    config = replace(base, fast=FastSpec(kind=kind, rank=rank, seed=base.seed), lr=float(lr or base.lr))
+    config = replace(
+        base, fast=FastSpec(kind=kind, rank=rank, lora_alpha=2.0 * rank, seed=base.seed), lr=float(lr or base.lr)
+    )
     for option in options:
         key, _, value = option.partition("=")
-        if key == "up":
+        if key == "rank":
+            config = replace(config, fast=replace(config.fast, rank=int(value), lora_alpha=2.0 * int(value)))
+        elif key == "alpha":
+            config = replace(config, fast=replace(config.fast, lora_alpha=float(value)))
+        elif key == "biases":
+            config = replace(config, fast=replace(config.fast, biases=True))
+        elif key == "up":
             config = replace(config, codec=value)
         elif key == "down":
             config = replace(config, downstream_codec=value)

@@ -219,4 +219,6 @@ def attach_fast_layer(base: nn.Module, spec: FastSpec, base_fingerprint: str | N
             sparse = SparseDelta(layer.weight.shape, spec.density, _seeded_generator(spec.seed, name))
             _replace_submodule(base, name, DeltaAdapted(layer, sparse))
         fast_names = [n for n, _ in base.named_parameters() if n.endswith(".delta.values")]
+    if spec.biases and spec.kind not in ("full", "head"):
+        fast_names += [n for n, _ in base.named_parameters() if n.endswith(".bias") and n not in fast_names]
     return FastSlowModel(base, fast_names, base_fingerprint)

@@ -41,6 +41,10 @@ class FastSpec:
     seed : int
         Shared seed for everything that must agree between server and clients
         without being sent (FFA-LoRA's A, the sparse mask, initial factors).
+    biases : bool
+        Also make every bias vector fast (BitFit alongside the ``lora``,
+        ``ffa-lora`` or ``sparse`` layer): a few hundred numbers that let each
+        layer shift its activations.
     """
 
     kind: str = "lora"
@@ -48,6 +52,7 @@ class FastSpec:
     lora_alpha: float = 8.0
     density: float = 0.01
     seed: int = 0
+    biases: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in FAST_KINDS:
@@ -184,6 +189,7 @@ class RunConfig:
             "rank": self.fast.rank,
             "lora-alpha": self.fast.lora_alpha,
             "density": self.fast.density,
+            "biases": self.fast.biases,
             "codec": self.codec,
             "error-feedback": self.error_feedback,
             "error-feedback-decay": self.error_feedback_decay,

@@ -40,6 +40,14 @@ def test_fast_names_per_kind(kind: str, expected_suffixes: set[str]) -> None:
     assert suffixes == expected_suffixes
 
 
+def test_fast_biases_add_every_bias_vector() -> None:
+    plain = attach_fast_layer(_cnn(), FastSpec("lora", rank=2))
+    with_biases = attach_fast_layer(_cnn(), FastSpec("lora", rank=2, biases=True))
+    added = set(with_biases.fast_names) - set(plain.fast_names)
+    assert added == {"conv1.base.bias", "conv2.base.bias", "fc1.base.bias"}
+    assert with_biases.num_fast_parameters() == plain.num_fast_parameters() + 16 + 32 + 256
+
+
 @pytest.mark.parametrize("kind", ["lora", "ffa-lora", "head", "sparse"])
 def test_training_changes_fast_tensors_only(kind: str) -> None:
     model = attach_fast_layer(_cnn(), FastSpec(kind, rank=2, density=0.05))

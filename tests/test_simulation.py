@@ -50,11 +50,20 @@ def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> N
     assert all(0.0 <= r.accuracy <= 1.0 for r in result.rounds)
 
 
-def test_cli_rejects_bad_flags(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--fraction", "1.5"], "fraction must be in (0, 1]"),
+        (["--codec", "topk:0.1+gzip"], "codec: bad codec spec 'topk:0.1+gzip': unknown codec stage 'gzip'"),
+        (["--downstream-codec", "q12"], "downstream_codec: bad codec spec 'q12'"),
+        (["--ef-decay", "1.5"], "error_feedback_decay must be in [0, 1]"),
+    ],
+)
+def test_cli_rejects_bad_flags(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["simulate", "--fraction", "1.5"])
+        main(["simulate", *flags])
     assert exit_info.value.code == 2
-    assert "fraction must be in (0, 1]" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_cli_reports_missing_fashion_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,8 +17,11 @@ from fedslim.protos.fedslim.v1 import update_pb2 as pb
 
 
 class Layout(Protocol):
-    spec: str
-    biased: bool
+    @property
+    def spec(self) -> str: ...
+
+    @property
+    def biased(self) -> bool: ...
 
     def encode(self, name: str, tensor: np.ndarray, values: ValueCoding, seed: int) -> pb.Tensor: ...
 
@@ -204,6 +207,7 @@ def _decode_sparse(sparse: pb.Sparse, size: int) -> np.ndarray:
     if sparse.nnz > size:
         raise WireFormatError(f"sparse tensor declares {sparse.nnz} entries, more than its {size}")
     nnz = int(sparse.nnz)
+    positions: np.ndarray
     kind = sparse.WhichOneof("indices")
     if kind == "gaps_varint":
         gaps = decode_varints(sparse.gaps_varint, nnz)

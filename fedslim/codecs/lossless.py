@@ -14,8 +14,11 @@ from fedslim.protos.fedslim.v1 import update_pb2 as pb
 
 
 class LosslessStage(Protocol):
-    spec: str
-    kind: int
+    @property
+    def spec(self) -> str: ...
+
+    @property
+    def kind(self) -> pb.Lossless: ...
 
     def compress(self, data: bytes) -> bytes: ...
 
@@ -27,7 +30,7 @@ class LosslessStage(Protocol):
 @dataclass(frozen=True)
 class NoLossless:
     spec: str = ""
-    kind: int = pb.LOSSLESS_NONE
+    kind: pb.Lossless = pb.LOSSLESS_NONE
 
     def compress(self, data: bytes) -> bytes:
         return data
@@ -40,7 +43,7 @@ class NoLossless:
 class Zlib:
     level: int = 9
     spec: str = "zlib"
-    kind: int = pb.LOSSLESS_ZLIB
+    kind: pb.Lossless = pb.LOSSLESS_ZLIB
 
     def compress(self, data: bytes) -> bytes:
         return zlib.compress(data, self.level)
@@ -69,7 +72,7 @@ class Lzma:
     """
 
     spec: str = "lzma"
-    kind: int = pb.LOSSLESS_LZMA
+    kind: pb.Lossless = pb.LOSSLESS_LZMA
     FILTERS = (
         {"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 20, "lc": 0, "lp": 0, "pb": 0},
     )
@@ -95,7 +98,7 @@ class Lzma:
 class Zstd:
     level: int = 19
     spec: str = "zstd"
-    kind: int = pb.LOSSLESS_ZSTD
+    kind: pb.Lossless = pb.LOSSLESS_ZSTD
 
     def compress(self, data: bytes) -> bytes:
         return zstandard.ZstdCompressor(level=self.level).compress(data)

@@ -128,7 +128,8 @@ def _values(name: str, arg: str) -> ValueCoding:
         raise CodecSpecError(f"{name} takes no argument")
     if name.startswith("q"):
         return Quantize(int(name[1:]))
-    return {"fp32": Float32(), "fp16": Float16(), "bf16": BFloat16(), "sign": Sign()}[name]
+    codings: dict[str, ValueCoding] = {"fp32": Float32(), "fp16": Float16(), "bf16": BFloat16(), "sign": Sign()}
+    return codings[name]
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class EncodedUpdate:
 
 @dataclass(frozen=True)
 class DecodedUpdate:
-    kind: int
+    kind: pb.FastUpdate.Kind
     base_fingerprint: str
     state_version: int
     tensors: dict[str, np.ndarray]
@@ -164,7 +165,7 @@ def encode_update(
     tensors: Mapping[str, np.ndarray],
     pipeline: Pipeline,
     *,
-    kind: int,
+    kind: pb.FastUpdate.Kind,
     base_fingerprint: str,
     state_version: int,
     seed: int = 0,

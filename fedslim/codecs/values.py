@@ -19,8 +19,11 @@ class WireFormatError(ValueError):
 
 
 class ValueCoding(Protocol):
-    spec: str
-    biased: bool
+    @property
+    def spec(self) -> str: ...
+
+    @property
+    def biased(self) -> bool: ...
 
     def encode(self, values: np.ndarray) -> pb.Values: ...
 
