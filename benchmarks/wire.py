@@ -11,7 +11,8 @@ A row is FAST@LR followed by comma-separated options:
     up=SPEC      uplink codec (default none)
     down=SPEC    downstream codec (default none)
     ef=off|D     error feedback off, or on with decay D per missed round (default 0.9)
-    rank=R       LoRA rank (default --rank), alpha=A LoRA alpha (default 2 * rank), biases  fast biases
+    rank=R       LoRA rank (default --rank); alpha=A LoRA alpha (default 2 * rank)
+    biases       fast biases; lora-min=N  layers under N weight entries fast as a whole
 
     python benchmarks/wire.py --preset fast          # full dense, fast dense, fast + best pipeline
     python benchmarks/wire.py --preset codec-only    # full-model FedAvg under top-k, with and without EF
@@ -68,6 +69,8 @@ def parse_row(spec: str, base: RunConfig, rank: int, out: str) -> RunConfig:
             config = replace(config, fast=replace(config.fast, lora_alpha=float(value)))
         elif key == "biases":
             config = replace(config, fast=replace(config.fast, biases=True))
+        elif key == "lora-min":
+            config = replace(config, fast=replace(config.fast, lora_min_params=int(value)))
         elif key == "up":
             config = replace(config, codec=value)
         elif key == "down":

@@ -208,12 +208,16 @@ def attach_fast_layer(base: nn.Module, spec: FastSpec, base_fingerprint: str | N
     elif spec.kind == "head":
         fast_names = head_names
     elif spec.kind in ("lora", "ffa-lora"):
+        small = []
         for name, layer in _adaptable_layers(base, exclude=head):
+            if layer.weight.numel() < spec.lora_min_params:
+                small.append(f"{name}.weight")
+                continue
             lora = LoRADelta(layer.weight.shape, spec.rank, spec.lora_alpha, _seeded_generator(spec.seed, name))
             _replace_submodule(base, name, DeltaAdapted(layer, lora))
         trained_factors = ("lora_B",) if spec.kind == "ffa-lora" else ("lora_A", "lora_B")
         factors = [n for n, _ in base.named_parameters() if n.rsplit(".", 1)[-1] in trained_factors]
-        fast_names = factors + head_names
+        fast_names = small + factors + head_names
     else:  # sparse
         for name, layer in _adaptable_layers(base, exclude=""):
             sparse = SparseDelta(layer.weight.shape, spec.density, _seeded_generator(spec.seed, name))

@@ -30,6 +30,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p.add_argument("--lora-alpha", type=float, default=defaults.fast.lora_alpha, help="LoRA scaling numerator")
     p.add_argument("--density", type=float, default=defaults.fast.density, help="fast fraction of entries (sparse)")
     p.add_argument("--fast-biases", action="store_true", help="also train and send every bias vector (BitFit)")
+    p.add_argument(
+        "--lora-min-params",
+        type=int,
+        default=defaults.fast.lora_min_params,
+        help="layers with fewer weight entries than this are fast as a whole instead of getting LoRA",
+    )
     p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
     p.add_argument("--lr", type=float, default=defaults.lr, help="client SGD learning rate")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -68,7 +74,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         num_clients=args.clients,
         rounds=args.rounds,
         fraction=args.fraction,
-        fast=FastSpec(args.fast, args.rank, args.lora_alpha, args.density, args.seed, args.fast_biases),
+        fast=FastSpec(
+            args.fast, args.rank, args.lora_alpha, args.density, args.seed, args.fast_biases, args.lora_min_params
+        ),
         seed=args.seed,
         local_epochs=args.local_epochs,
         lr=args.lr,

@@ -45,6 +45,10 @@ class FastSpec:
         Also make every bias vector fast (BitFit alongside the ``lora``,
         ``ffa-lora`` or ``sparse`` layer): a few hundred numbers that let each
         layer shift its activations.
+    lora_min_params : int
+        In ``lora``/``ffa-lora`` mode, a layer whose weight has fewer entries
+        than this is fast as a whole instead of getting LoRA factors (LoRA
+        saves little on small layers and costs them expressiveness).
     """
 
     kind: str = "lora"
@@ -53,6 +57,7 @@ class FastSpec:
     density: float = 0.01
     seed: int = 0
     biases: bool = False
+    lora_min_params: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FAST_KINDS:
@@ -190,6 +195,7 @@ class RunConfig:
             "lora-alpha": self.fast.lora_alpha,
             "density": self.fast.density,
             "biases": self.fast.biases,
+            "lora-min-params": self.fast.lora_min_params,
             "codec": self.codec,
             "error-feedback": self.error_feedback,
             "error-feedback-decay": self.error_feedback_decay,

@@ -48,6 +48,19 @@ def test_fast_biases_add_every_bias_vector() -> None:
     assert with_biases.num_fast_parameters() == plain.num_fast_parameters() + 16 + 32 + 256
 
 
+def test_small_layers_can_be_fast_as_a_whole_instead_of_lora() -> None:
+    model = attach_fast_layer(_cnn(), FastSpec("lora", rank=2, lora_min_params=20_000))
+    # conv1 (400 entries) and conv2 (12,800) are fast whole; fc1 (401,408) gets LoRA factors.
+    assert [n for n in model.fast_names if not n.startswith("head")] == [
+        "conv1.weight",
+        "conv2.weight",
+        "fc1.delta.lora_A",
+        "fc1.delta.lora_B",
+    ]
+    _train_a_bit(model)
+    assert model.module.conv1.weight.grad is not None
+
+
 @pytest.mark.parametrize("kind", ["lora", "ffa-lora", "head", "sparse"])
 def test_training_changes_fast_tensors_only(kind: str) -> None:
     model = attach_fast_layer(_cnn(), FastSpec(kind, rank=2, density=0.05))
