@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from fedslim.messages import (
     BAD_REQUEST,
     BASE_MISMATCH,
     BASE_MISSING,
+    NON_FINITE_UPDATE,
     REPLICA_MISMATCH,
     record_sync,
     record_update,
@@ -178,3 +180,39 @@ def test_server_rejects_a_plain_array_instead_of_a_blob() -> None:
     delta, found = check_update(Message(content, dst_node_id=0, message_type="train"), UpdateCheck({"w": (2,)}, "b", 0))
     assert delta is None and found is not None and "fedslim.v1.Envelope" in found
     assert record_update(update_record(b"abc")) == b"abc"
+
+
+def test_error_feedback_residual_lives_in_the_node_context(small_config: RunConfig, resident) -> None:
+    base, model = resident
+    request = _train_request(replace(small_config, codec="topk:0.1+q4"), model.fast_state(), base.fingerprint)
+    context = _context(**{"partition-id": 0})
+    reply = train(request, context)
+    assert not reply.has_error()
+    residual = {n: a.numpy() for n, a in context.state.array_records["fedslim-ef-residual"].items()}
+    delta, _ = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
+    assert delta is not None and set(residual) == set(delta)
+    # What was sent plus what was kept back is the whole local update (this was the first round).
+    sent_share = sum(np.count_nonzero(d) for d in delta.values()) / sum(d.size for d in delta.values())
+    assert 0.05 < sent_share <= 0.11
+    assert context.state.config_records["fedslim-ef-residual-meta"]["version"] == 0
+
+    plain = _context(**{"partition-id": 0})
+    unbiased = replace(small_config, codec="topk:0.1+q4", error_feedback=False)
+    assert not train(_train_request(unbiased, model.fast_state(), base.fingerprint), plain).has_error()
+    assert "fedslim-ef-residual" not in plain.state
+
+
+def test_a_diverged_local_update_is_refused_not_sent(
+    small_config: RunConfig, resident, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, model = resident
+
+    def diverge(module: torch.nn.Module, parameters, *args, **kwargs) -> float:
+        for parameter in parameters:
+            parameter.data.fill_(float("nan"))
+        return float("nan")
+
+    monkeypatch.setattr("fedslim.client.app.train_epochs", diverge)
+    reply = train(_train_request(small_config, model.fast_state(), base.fingerprint), _context(**{"partition-id": 0}))
+    assert reply.has_error() and reply.error.code == NON_FINITE_UPDATE
+    assert "non-finite" in reply.error.reason
