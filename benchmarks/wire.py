@@ -13,8 +13,9 @@ A row is FAST@LR followed by comma-separated options:
     ef=off|D     error feedback off, or on with decay D per missed round (default 0.9)
     rank=R       LoRA rank (default --rank); alpha=A LoRA alpha (default 2 * rank)
     biases       fast biases; lora-min=N  layers under N weight entries fast as a whole
+    epochs=E     local epochs of this row (default --local-epochs)
 
-    python benchmarks/wire.py --preset fast          # full dense, fast dense, fast + best pipeline
+    python benchmarks/wire.py --preset fast          # full dense, fast dense, fast + the two best pipelines
     python benchmarks/wire.py --preset codec-only    # full-model FedAvg under top-k, with and without EF
     python benchmarks/wire.py --rows "full@0.1" "lora@0.1,up=topk:0.1+q8+zstd,down=topk:0.05+q8+zstd"
 
@@ -41,8 +42,9 @@ RESULTS = Path(__file__).parent / "results"
 PRESETS = {
     "fast": [
         "full@0.1",
-        "lora@0.1",
-        "lora@0.1,up=topk:0.1+q4+zstd,down=topk:0.05+q4+zstd",
+        "lora@0.2,biases,lora-min=20000",
+        "lora@0.2,biases,lora-min=20000,up=topk:0.1+q8+lzma,down=topk:0.05+q8+lzma",
+        "lora@0.2,biases,lora-min=20000,up=topk:0.1+q4+lzma,down=topk:0.05+q4+lzma",
     ],
     "codec-only": [
         "full@0.1",
@@ -69,6 +71,8 @@ def parse_row(spec: str, base: RunConfig, rank: int, out: str) -> RunConfig:
             config = replace(config, fast=replace(config.fast, lora_alpha=float(value)))
         elif key == "biases":
             config = replace(config, fast=replace(config.fast, biases=True))
+        elif key == "epochs":
+            config = replace(config, local_epochs=int(value))
         elif key == "lora-min":
             config = replace(config, fast=replace(config.fast, lora_min_params=int(value)))
         elif key == "up":

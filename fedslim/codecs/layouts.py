@@ -43,7 +43,7 @@ def _keep_count(density: float, size: int) -> int:
 
 @dataclass(frozen=True)
 class TopK:
-    """The ``density`` fraction of entries largest in magnitude (at least one per tensor)."""
+    """The ``density`` fraction of entries largest in magnitude (at least one per tensor; never a zero)."""
 
     density: float
     biased: bool = True
@@ -59,11 +59,14 @@ class TopK:
     def encode(self, name: str, tensor: np.ndarray, values: ValueCoding, seed: int) -> pb.Tensor:
         flat = tensor.reshape(-1)
         k = _keep_count(self.density, flat.size)
-        if k == flat.size:
-            positions = np.arange(flat.size)
-        else:
-            positions = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
-        sparse = pb.Sparse(nnz=k, values=values.encode(flat[positions]))
+        # Select among the nonzero entries only: deltas of fine-tuned layers are often mostly exact
+        # zeros (dead inputs), which slow introselect down badly and are not worth a position.
+        candidates = np.flatnonzero(flat)
+        if candidates.size > k:
+            magnitudes = np.abs(flat[candidates])
+            candidates = np.sort(candidates[np.argpartition(magnitudes, candidates.size - k)[candidates.size - k :]])
+        positions = candidates
+        sparse = pb.Sparse(nnz=positions.size, values=values.encode(flat[positions]))
         _set_positions(sparse, positions, flat.size)
         return pb.Tensor(name=name, shape=tensor.shape, sparse=sparse)
 
