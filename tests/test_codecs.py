@@ -259,3 +259,16 @@ def test_checked_in_protobuf_code_is_not_stale() -> None:
     script = Path(__file__).resolve().parent.parent / "scripts" / "generate_protos.py"
     done = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(("zeros", "density"), [(0.9, 0.05), (0.9, 0.5), (0.2, 0.1)])
+def test_topk_never_spends_a_position_on_a_zero(zeros: float, density: float) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(10_000).astype(np.float32)
+    x[rng.random(10_000) < zeros] = 0.0
+    y = roundtrip(x, Pipeline(layout=TopK(density)))
+    kept = np.flatnonzero(y)
+    k = round(density * x.size)
+    assert kept.size == min(k, np.count_nonzero(x))
+    threshold = np.sort(np.abs(x))[-kept.size]
+    np.testing.assert_array_equal(kept, np.flatnonzero(np.abs(x) >= threshold))

@@ -59,13 +59,17 @@ class TopK:
     def encode(self, name: str, tensor: np.ndarray, values: ValueCoding, seed: int) -> pb.Tensor:
         flat = tensor.reshape(-1)
         k = _keep_count(self.density, flat.size)
-        # Select among the nonzero entries only: deltas of fine-tuned layers are often mostly exact
-        # zeros (dead inputs), which slow introselect down badly and are not worth a position.
-        candidates = np.flatnonzero(flat)
-        if candidates.size > k:
-            magnitudes = np.abs(flat[candidates])
-            candidates = np.sort(candidates[np.argpartition(magnitudes, candidates.size - k)[candidates.size - k :]])
-        positions = candidates
+        nonzero = int(np.count_nonzero(flat))
+        if nonzero <= k:
+            positions = np.flatnonzero(flat)  # a zero is not worth a position
+        elif 2 * nonzero < flat.size:
+            # Deltas of fine-tuned layers are often mostly exact zeros (dead inputs); ties that many
+            # slow introselect down badly, so select among the nonzero entries.
+            candidates = np.flatnonzero(flat)
+            top = np.argpartition(np.abs(flat[candidates]), nonzero - k)[nonzero - k :]
+            positions = np.sort(candidates[top])
+        else:
+            positions = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k :])
         sparse = pb.Sparse(nnz=positions.size, values=values.encode(flat[positions]))
         _set_positions(sparse, positions, flat.size)
         return pb.Tensor(name=name, shape=tensor.shape, sparse=sparse)
