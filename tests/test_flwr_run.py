@@ -93,7 +93,7 @@ def test_flwr_run_from_the_repo_root(local_superlink: dict[str, str], tmp_path: 
             ".",
             "--stream",
             "--run-config",
-            f'rounds=1 num-clients=4 fraction=0.5 out="{out}"',
+            f'rounds=1 num-clients=4 fraction=0.5 codec="topk:0.2+q8+lzma" out="{out}"',
             "--federation-config",
             "num-supernodes=4",
         ],
@@ -108,3 +108,9 @@ def test_flwr_run_from_the_repo_root(local_superlink: dict[str, str], tmp_path: 
     assert db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 2
     counts = db.execute("SELECT message_type, direction, COUNT(*) FROM messages GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
     assert counts == [("query", "down", 4), ("query", "up", 4), ("train", "down", 2), ("train", "up", 2)]
+    # The codec from the run config reached the clients: the accepted updates are compressed blobs.
+    (fast_payload,) = db.execute("SELECT fast_payload_bytes FROM runs").fetchone()
+    uploads = db.execute("SELECT payload_bytes, status FROM messages WHERE message_type = 'train' AND direction = 'up'")
+    assert [status for _, status in uploads.fetchall()] == ["ok", "ok"]
+    (largest,) = db.execute("SELECT MAX(payload_bytes) FROM messages WHERE direction = 'up'").fetchone()
+    assert 0 < largest < 0.4 * fast_payload

@@ -43,7 +43,7 @@ def _keep_count(density: float, size: int) -> int:
 
 @dataclass(frozen=True)
 class TopK:
-    """The ``density`` fraction of entries largest in magnitude (at least one per tensor; never a zero)."""
+    """The ``density`` fraction of entries largest in magnitude (at least one; never a zero entry)."""
 
     density: float
     biased: bool = True
