@@ -22,16 +22,14 @@ import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
+from fmnist_setup import add_setup_arguments, base_config
 from rich.console import Console
 from rich.table import Table
 
-from fedslim.config import FastSpec, RunConfig
+from fedslim.config import FastSpec
 from fedslim.simulation.simulate import simulate
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def results_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> Table:
@@ -80,34 +78,18 @@ def main() -> None:
     parser.add_argument(
         "--rows", nargs="+", default=["full@0.05", "full@0.1", "lora@0.1", "lora@0.2"], help="FAST_KIND@LR"
     )
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--fraction", type=float, default=0.2)
-    parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/bench-fast-vs-full", help="run directories")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and JSON go")
+    add_setup_arguments(parser, out="runs/bench-fast-vs-full")
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 160))
-    base_config = RunConfig(
-        dataset="fmnist",
-        num_clients=args.clients,
-        rounds=args.rounds,
-        fraction=args.fraction,
-        dirichlet_alpha=args.alpha,
-        local_epochs=args.local_epochs,
-        seed=args.seed,
-    )
+    base = base_config(args)
     rows = []
     for row_spec in args.rows:
         kind, _, lr = row_spec.partition("@")
         config = replace(
-            base_config,
+            base,
             fast=FastSpec(kind=kind, rank=args.rank, seed=args.seed),
-            lr=float(lr or base_config.lr),
+            lr=float(lr or base.lr),
             out=f"{args.out}/{kind}-lr{lr}",
         )
         started = time.monotonic()

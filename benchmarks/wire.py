@@ -31,13 +31,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fmnist_setup import add_setup_arguments, base_config
 from rich.console import Console
 from rich.table import Table
 
 from fedslim.config import FastSpec, RunConfig
 from fedslim.simulation.simulate import simulate
-
-RESULTS = Path(__file__).parent / "results"
 
 PRESETS = {
     "fast": [
@@ -144,27 +143,11 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="fast")
     parser.add_argument("--rows", nargs="+", help="rows instead of the preset's; the first is the reference")
     parser.add_argument("--name", help="results file name (default: the preset)")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--clients", type=int, default=50)
-    parser.add_argument("--fraction", type=float, default=0.2)
-    parser.add_argument("--alpha", type=float, default=0.3)
-    parser.add_argument("--local-epochs", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/bench-wire", help="run directories")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and JSON go")
+    add_setup_arguments(parser, out="runs/bench-wire")
     args = parser.parse_args()
 
     console = Console(width=max(Console().width, 160))
-    base = RunConfig(
-        dataset="fmnist",
-        num_clients=args.clients,
-        rounds=args.rounds,
-        fraction=args.fraction,
-        dirichlet_alpha=args.alpha,
-        local_epochs=args.local_epochs,
-        seed=args.seed,
-    )
+    base = base_config(args)
     specs = args.rows or PRESETS[args.preset]
     rows = [run_row(spec, parse_row(spec, base, args.rank, args.out), console) for spec in specs]
     title = (
