@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from fedslim.config import DATASETS, FAST_KINDS, ConfigError, FastSpec, RunConfig
+from fedslim.strategies.base import StrategyConfigError
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -24,7 +25,13 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     )
     p.add_argument("--clients", type=int, default=defaults.num_clients, help="number of clients (virtual SuperNodes)")
     p.add_argument("--rounds", type=int, default=defaults.rounds)
-    p.add_argument("--fraction", type=float, default=defaults.fraction, help="fraction of clients sampled per round")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help=f"fraction of the available clients sampled per round "
+        f"(default: {defaults.fraction} with --participation all, else 1.0)",
+    )
     p.add_argument("--fast", choices=FAST_KINDS, default=defaults.fast.kind, help="which tensors train and travel")
     p.add_argument("--rank", type=int, default=defaults.fast.rank, help="LoRA rank")
     p.add_argument("--lora-alpha", type=float, default=defaults.fast.lora_alpha, help="LoRA scaling numerator")
@@ -37,6 +44,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="layers with fewer weight entries than this are fast as a whole instead of getting LoRA",
     )
     p.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    p.add_argument(
+        "--local-steps",
+        type=int,
+        default=defaults.local_steps,
+        help="minibatch steps per round instead of epochs (0: use --local-epochs)",
+    )
     p.add_argument("--lr", type=float, default=defaults.lr, help="client SGD learning rate")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--server-lr", type=float, default=defaults.server_lr)
@@ -64,6 +77,35 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         default=defaults.error_feedback_decay,
         help="error-feedback residual kept per round a client missed (1: all of it)",
     )
+    p.add_argument(
+        "--strategy",
+        default=defaults.strategy,
+        help="aggregation rule: fedavg, fedau, fedvarp, mifa, fedstale, fedamd, or module:Class",
+    )
+    p.add_argument(
+        "--strategy-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy argument (repeatable), e.g. beta=0.5, p-estimate=fedau, cutoff=50, memory=fp16",
+    )
+    p.add_argument(
+        "--participation",
+        default=defaults.participation,
+        help="who is available each round: all, bernoulli, label, markov, cyclic, or trace:FILE",
+    )
+    p.add_argument(
+        "--participation-mean",
+        type=float,
+        default=defaults.participation_mean,
+        help="mean participation probability of the participation model",
+    )
+    p.add_argument(
+        "--p-known",
+        action="store_true",
+        help="let the strategy read the true participation probabilities (p-estimate=known)",
+    )
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="evaluate every N rounds")
     p.add_argument("--out", default=defaults.out, help="run directory (communication log goes here)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
@@ -73,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dataset=args.dataset,
         num_clients=args.clients,
         rounds=args.rounds,
-        fraction=args.fraction,
+        fraction=args.fraction or (RunConfig.fraction if args.participation == "all" else 1.0),
         fast=FastSpec(
             args.fast, args.rank, args.lora_alpha, args.density, args.seed, args.fast_biases, args.lora_min_params
         ),
@@ -89,6 +131,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         downstream_codec=args.downstream_codec,
         error_feedback=args.error_feedback,
         error_feedback_decay=args.ef_decay,
+        local_steps=args.local_steps,
+        strategy=args.strategy,
+        strategy_args=",".join(args.strategy_arg),
+        participation=args.participation,
+        participation_mean=args.participation_mean,
+        p_known=args.p_known,
+        eval_every=args.eval_every,
     )
 
 
@@ -101,8 +150,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.report import round_table
     from fedslim.simulation.datasets import DatasetMissingError, load_federation
     from fedslim.simulation.simulate import simulate
+    from fedslim.strategies.registry import strategy_for
 
     config = config_from_args(args)
+    strategy_for(config)  # a bad strategy or argument fails here, before any node starts
     console = Console()
     progress = Progress(
         TextColumn("[bold]rounds"),
@@ -115,11 +166,15 @@ def run_simulate(args: argparse.Namespace) -> int:
     task = progress.add_task("rounds", total=config.rounds, status="starting nodes")
 
     def on_round(totals: RoundTotals) -> None:
-        progress.update(task, completed=totals.round, status=f"round {totals.round}: accuracy {totals.accuracy:.4f}")
+        status = f"round {totals.round}: {totals.accepted}/{totals.sampled} updates"
+        if totals.accuracy is not None:
+            status += f", accuracy {totals.accuracy:.4f}"
+        progress.update(task, completed=totals.round, status=status)
 
     console.print(
         f"fedslim: {config.dataset}, {config.num_clients} clients, {config.rounds} rounds, "
-        f"fast layer {config.fast.kind}, codec up {config.uplink.spec} / down {config.downlink.spec}, "
+        f"fast layer {config.fast.kind}, strategy {config.strategy}, participation {config.participation}, "
+        f"codec up {config.uplink.spec} / down {config.downlink.spec}, "
         f"run dir {config.run_dir}"
     )
     try:
@@ -144,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return run_simulate(args)
-    except ConfigError as exc:
+    except (ConfigError, StrategyConfigError) as exc:
         parser.error(str(exc))
     return 1
 

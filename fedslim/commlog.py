@@ -8,6 +8,12 @@ round readable. Byte columns:
   (the sum of its deflated objects: metadata, records, arrays).
 - ``full_model_bytes``: what the same message would have been if it carried
   the full model, as full-model FedAvg does.
+
+Aggregation: ``messages.weight`` is the coefficient the strategy gave an
+accepted update in its round's step, and ``memory_weights`` the coefficient
+it gave each client's stored update (FedVARP, MIFA, FedStale):
+``x_{t+1} = x_t + server_lr * (sum_i weight_i * update_i + sum_j memory_weight_j * stored_j)``,
+where stored_j is client j's last accepted update before round t.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOG_FILENAME = "commlog.sqlite"
 
 _SCHEMA = """
@@ -42,6 +48,7 @@ CREATE TABLE IF NOT EXISTS messages (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     round INTEGER NOT NULL,
     node_id TEXT NOT NULL,  -- Flower node ids are unsigned 64-bit: kept as decimal text
+    client TEXT,            -- the node's stable client key
     direction TEXT NOT NULL CHECK (direction IN ('down', 'up')),
     message_type TEXT NOT NULL,
     payload_bytes INTEGER NOT NULL,
@@ -49,6 +56,7 @@ CREATE TABLE IF NOT EXISTS messages (
     full_model_bytes INTEGER NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
     reason TEXT,
+    weight REAL,            -- coefficient of this update in the round's step (accepted train replies)
     timestamp REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_round ON messages (run_id, round, direction);
@@ -60,7 +68,16 @@ CREATE TABLE IF NOT EXISTS rounds (
     accuracy REAL,
     loss REAL,
     wall_time_s REAL NOT NULL,
+    available INTEGER,              -- clients available this round (participation model)
+    strategy_memory_bytes INTEGER,  -- per-client state the strategy holds on the server
     PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS memory_weights (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    weight REAL NOT NULL,
+    PRIMARY KEY (run_id, round, client)
 );
 """
 
@@ -142,15 +159,18 @@ class CommLog:
         serialized_bytes: int,
         full_model_bytes: int,
         reason: str | None = None,
+        client: str | None = None,
     ) -> None:
         """Record one message; a ``reason`` marks it rejected."""
         self._db.execute(
-            "INSERT INTO messages (run_id, round, node_id, direction, message_type, payload_bytes,"
-            " message_bytes, full_model_bytes, status, reason, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (run_id, round, node_id, client, direction, message_type, payload_bytes,"
+            " message_bytes, full_model_bytes, status, reason, timestamp)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 server_round,
                 str(node_id),
+                client,
                 direction,
                 message_type,
                 payload_bytes,
@@ -171,10 +191,26 @@ class CommLog:
         accuracy: float | None,
         loss: float | None,
         wall_time_s: float,
+        available: int | None = None,
+        strategy_memory_bytes: int | None = None,
     ) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, server_round, sampled, accepted, accuracy, loss, wall_time_s),
+            "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, server_round, sampled, accepted, accuracy, loss, wall_time_s, available, strategy_memory_bytes),
+        )
+
+    def record_weights(
+        self, run_id: str, server_round: int, weights: dict[str, float], memory_weights: dict[str, float]
+    ) -> None:
+        """The strategy's coefficients of the round: fresh updates by client, and stored ones."""
+        self._db.executemany(
+            "UPDATE messages SET weight = ? WHERE run_id = ? AND round = ? AND client = ?"
+            " AND direction = 'up' AND status = 'ok' AND message_type = 'train'",
+            [(w, run_id, server_round, client) for client, w in weights.items()],
+        )
+        self._db.executemany(
+            "INSERT OR REPLACE INTO memory_weights VALUES (?, ?, ?, ?)",
+            [(run_id, server_round, client, w) for client, w in memory_weights.items()],
         )
 
     def round_totals(self, run_id: str, only_round: int | None = None) -> list[RoundTotals]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslim.codecs.pipeline import CodecSpecError, Pipeline, parse_codec
+from fedslim.simulation.participation import ParticipationError, check_participation_spec
 
 DATASETS = ("synthetic", "fmnist")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
@@ -115,6 +116,25 @@ class RunConfig:
     error_feedback_decay : float
         Per missed round, the residual of an absent client is scaled by this
         factor before it is used (1 keeps it whole).
+    local_steps : int
+        If > 0, each client takes exactly this many minibatch steps per round
+        instead of ``local_epochs`` epochs (FedAU's and FedAMD's setting).
+    strategy : str
+        Aggregation rule: a registered name (``fedavg``, ``fedau``,
+        ``fedvarp``, ``mifa``, ``fedstale``, ``fedamd``) or ``module:Class``.
+    strategy_args : str
+        The strategy's arguments, ``key=value`` separated by commas or spaces.
+    participation : str
+        Simulated availability: ``all``, ``bernoulli``, ``label``, ``markov``,
+        ``cyclic`` or ``trace:FILE`` (see :mod:`fedslim.simulation.participation`).
+        The server contacts only available clients; ``fraction`` of them are sampled.
+    participation_mean : float
+        Mean participation probability of the participation model.
+    p_known : bool
+        Give strategies the participation model's true p_i (otherwise they
+        never see them and must estimate).
+    eval_every : int
+        Evaluate the global model every this many rounds (and after the last).
     """
 
     dataset: str = "synthetic"
@@ -137,6 +157,13 @@ class RunConfig:
     downstream_codec: str = "none"
     error_feedback: bool = True
     error_feedback_decay: float = 0.9
+    local_steps: int = 0
+    strategy: str = "fedavg"
+    strategy_args: str = ""
+    participation: str = "all"
+    participation_mean: float = 0.1
+    p_known: bool = False
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -153,6 +180,14 @@ class RunConfig:
             raise ConfigError("lr and dirichlet_alpha must be > 0")
         if not 0.0 <= self.error_feedback_decay <= 1.0:
             raise ConfigError(f"error_feedback_decay must be in [0, 1], got {self.error_feedback_decay}")
+        if self.local_steps < 0 or self.eval_every < 1:
+            raise ConfigError("local_steps must be >= 0 and eval_every >= 1")
+        if not 0.0 < self.participation_mean <= 1.0:
+            raise ConfigError(f"participation_mean must be in (0, 1], got {self.participation_mean}")
+        try:
+            check_participation_spec(self.participation)
+        except ParticipationError as exc:
+            raise ConfigError(str(exc)) from exc
         for name in ("codec", "downstream_codec"):
             try:
                 parse_codec(getattr(self, name))
@@ -185,6 +220,7 @@ class RunConfig:
             "num-clients": self.num_clients,
             "seed": self.seed,
             "local-epochs": self.local_epochs,
+            "local-steps": self.local_steps,
             "lr": self.lr,
             "batch-size": self.batch_size,
             "dirichlet-alpha": self.dirichlet_alpha,

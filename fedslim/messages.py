@@ -27,6 +27,12 @@ IDENTITY_KEY = "identity"
 CLIENT_KEY = "client-key"
 UPDATE_KEY = "update"
 SYNC_KEY = "sync"
+# Server-side annotations of an accepted reply, for strategies (never sent).
+CLIENT_RECORD = "client"
+WIRE_KEY = "wire"
+# FedAMD: the role of a sampled client, and the global direction sent to miners.
+ROLE_KEY = "role"
+DIRECTION_KEY = "direction"
 BLOB_STYPE = "fedslim.v1.Envelope"
 SYNC_STYPE = "fedslim.v1.Sync"
 
@@ -67,6 +73,11 @@ def _single(record: ArrayRecord, key: str, stype: str) -> bytes:
     if record[key].stype != stype:
         raise ValueError(f"expected a {stype} blob, got an array of type {record[key].stype!r}")
     return record[key].data
+
+
+def partition_key(partition_id: int) -> str:
+    """The client key of a simulated node."""
+    return f"partition-{partition_id}"
 
 
 def identity_requests(node_ids: Iterable[int]) -> list[Message]:

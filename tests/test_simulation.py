@@ -49,6 +49,17 @@ def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> N
     assert all(r.accepted == sampled for r in result.rounds[1:])
     assert all(0.0 <= r.accuracy <= 1.0 for r in result.rounds)
 
+    # The inline backend runs the same loop and client code: the same run, number for number.
+    inline = simulate(replace(config, out=config.out + "-inline"), backend="inline")
+    assert [(r.accuracy, r.loss, r.accepted) for r in inline.rounds] == [
+        (r.accuracy, r.loss, r.accepted) for r in result.rounds
+    ]
+    inline_payloads = sqlite3.connect(inline.log_path).execute(
+        "SELECT round, direction, SUM(payload_bytes) FROM messages GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    payloads = db.execute("SELECT round, direction, SUM(payload_bytes) FROM messages GROUP BY 1, 2 ORDER BY 1, 2")
+    assert inline_payloads.fetchall() == payloads.fetchall()
+
 
 @pytest.mark.parametrize(
     ("flags", "message"),

@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from fedslim.adapters import FastSlowModel
 from fedslim.base import ResidentBase, default_base_path, load_base
 from fedslim.codecs.feedback import Residual, compensate, new_residual
-from fedslim.codecs.pipeline import DELTA, encode_update
+from fedslim.codecs.pipeline import DELTA, decode_update, encode_update
 from fedslim.config import ConfigError, FastSpec, RunConfig
 from fedslim.messages import (
     BAD_REQUEST,
@@ -20,24 +20,31 @@ from fedslim.messages import (
     BASE_MISSING,
     CONFIG_KEY,
     DELTA_KEY,
+    DIRECTION_KEY,
     FAST_KEY,
     METRICS_KEY,
     NON_FINITE_UPDATE,
     NUM_EXAMPLES_KEY,
     REPLICA_MISMATCH,
+    ROLE_KEY,
     identity_reply,
+    partition_key,
     record_sync,
+    record_update,
     update_record,
 )
 from fedslim.replica import ClientReplica, ReplicaMismatch
 from fedslim.simulation.datasets import ArrayDataset, DatasetMissingError, load_federation
-from fedslim.training import train_epochs
+from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
 # Keys in the node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).
 REPLICA_KEY = "fedslim-replica"
 REPLICA_META_KEY = "fedslim-replica-meta"
 RESIDUAL_KEY = "fedslim-ef-residual"
 RESIDUAL_META_KEY = "fedslim-ef-residual-meta"
+
+# What a train instruction asks for: plain local training, or FedAMD's anchor / miner work.
+TRAIN_ROLE, ANCHOR_ROLE, MINER_ROLE = "train", "anchor", "miner"
 
 app = ClientApp()
 
@@ -62,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 def identify(msg: Message, context: Context) -> Message:
     """Report this node's stable client key (the server orders and samples nodes by it)."""
     if "partition-id" in context.node_config:
-        key = f"partition-{context.node_config['partition-id']}"
+        key = partition_key(int(context.node_config["partition-id"]))
     else:
         key = str(context.node_config.get("node-name") or f"node-{context.node_id}")
     return identity_reply(msg, key)
@@ -80,6 +87,9 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     server_round = task.pop("server-round", 0)
     target_version = task.pop("replica-version", None)
     target_digest = str(task.pop("replica-digest", ""))
+    role = task.pop(ROLE_KEY, TRAIN_ROLE)
+    if role not in (TRAIN_ROLE, ANCHOR_ROLE, MINER_ROLE):
+        raise Refusal(BAD_REQUEST, f"bad task config: unknown role {role!r}")
     if not isinstance(server_round, int) or not isinstance(target_version, int):
         raise Refusal(BAD_REQUEST, "bad task config: server-round and replica-version must be integers")
     try:
@@ -101,24 +111,50 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
 
     data = local_data(context, config)
     partition_id = int(context.node_config.get("partition-id", 0))
-    loss = train_epochs(
-        model.module,
-        model.fast_parameters(),
-        data,
-        epochs=config.local_epochs,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        seed=[config.seed, server_round, partition_id],
-    )
-    trained = model.fast_state()
-    delta = {name: trained[name] - replica.state[name] for name in trained}
-    blob = encode_delta(
-        context, config, delta, base.fingerprint, replica.version, [config.seed, server_round, partition_id]
-    )
+    seed = [config.seed, server_round, partition_id]
+    metrics = MetricRecord({NUM_EXAMPLES_KEY: len(data)})
+    if role == ANCHOR_ROLE:
+        # FedAMD anchor: the full local gradient at the synced state, sent as it is (no error feedback).
+        gradient, loss = full_gradient(model.module, model.fast_parameters(), data)
+        upload = dict(zip(model.fast_state(), gradient))
+        blob = encode_plain(config, upload, base.fingerprint, replica.version, seed)
+        metrics["train-loss"] = loss
+        metrics["anchor"] = 1
+    else:
+        if role == MINER_ROLE:
+            direction = decode_direction(msg, model.fast_shapes())
+            loss = train_variance_reduced(
+                model.module,
+                model.fast_parameters(),
+                data,
+                local_step_count(config, len(data)),
+                config.lr,
+                config.batch_size,
+                [direction[name] for name in model.fast_state()],
+                seed,
+            )
+        elif config.local_steps:
+            loss = train_steps(
+                model.module, model.fast_parameters(), data, config.local_steps, config.lr, config.batch_size, seed
+            )
+        else:
+            loss = train_epochs(
+                model.module,
+                model.fast_parameters(),
+                data,
+                epochs=config.local_epochs,
+                lr=config.lr,
+                batch_size=config.batch_size,
+                seed=seed,
+            )
+        trained = model.fast_state()
+        delta = {name: trained[name] - replica.state[name] for name in trained}
+        blob = encode_delta(context, config, delta, base.fingerprint, replica.version, seed)
+        metrics["train-loss"] = float(loss)
     return RecordDict(
         {
             DELTA_KEY: update_record(blob),
-            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: len(data), "train-loss": float(loss)}),
+            METRICS_KEY: metrics,
         }
     )
 
@@ -176,6 +212,37 @@ def encode_delta(
     if use_feedback:
         store_residual(context, new_residual(sent, encoded.decoded, version))
     return encoded.blob
+
+
+def encode_plain(
+    config: RunConfig, tensors: dict[str, np.ndarray], base_fingerprint: str, version: int, seed: list[int]
+) -> bytes:
+    """Compress with the uplink codec, without error feedback (a FedAMD anchor gradient is not a delta)."""
+    try:
+        encoded = encode_update(
+            tensors,
+            config.uplink,
+            kind=DELTA,
+            base_fingerprint=base_fingerprint,
+            state_version=version,
+            seed=int(np.random.SeedSequence(seed).generate_state(1)[0]),
+        )
+    except ValueError as exc:
+        raise Refusal(NON_FINITE_UPDATE, f"cannot encode the local gradient: {exc}") from exc
+    return encoded.blob
+
+
+def decode_direction(msg: Message, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """FedAMD's global direction v sent to a miner."""
+    try:
+        return decode_update(record_update(msg.content.array_records[DIRECTION_KEY]), shapes).tensors
+    except (KeyError, ValueError) as exc:
+        raise Refusal(BAD_REQUEST, f"miner instruction without a valid direction: {exc}") from exc
+
+
+def local_step_count(config: RunConfig, num_examples: int) -> int:
+    """K: ``local_steps`` if set, else the minibatches of ``local_epochs`` epochs."""
+    return config.local_steps or config.local_epochs * -(-num_examples // config.batch_size)
 
 
 def load_residual(context: Context) -> Residual | None:

@@ -19,21 +19,28 @@ from fedslim.codecs.pipeline import DELTA, decode_update
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals, message_bytes
 from fedslim.config import RunConfig
 from fedslim.messages import (
+    CLIENT_RECORD,
     DELTA_KEY,
+    DIRECTION_KEY,
     FAST_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     REPLICA_MISMATCH,
+    WIRE_KEY,
     client_key,
     identity_requests,
+    partition_key,
     record_sync,
     record_update,
     sync_record,
+    update_record,
 )
 from fedslim.replica import ServerReplica
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
-from fedslim.simulation.datasets import load_federation
-from fedslim.strategies.fedavg import FastFedAvg
+from fedslim.simulation.datasets import FederatedData, load_federation
+from fedslim.simulation.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
+from fedslim.strategies.base import FastStrategy, Federation
+from fedslim.strategies.registry import strategy_for
 from fedslim.training import evaluate
 
 
@@ -87,10 +94,12 @@ class WireAccounting:
     run_id: str
     server_round: int
     full_payload_bytes: int
+    client_keys: dict[int, str]
 
     def record_down(self, message: Message) -> None:
         records = message.content.array_records
         payload = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
+        payload += len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
         self._record(message, "down", payload)
 
     def record_identity(self, reply: Message, key: str | None) -> None:
@@ -117,7 +126,16 @@ class WireAccounting:
         node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
         full = size - payload + (self.full_payload_bytes if payload else 0)
         self.commlog.record_message(
-            self.run_id, self.server_round, node, direction, message.metadata.message_type, payload, size, full, reason
+            self.run_id,
+            self.server_round,
+            node,
+            direction,
+            message.metadata.message_type,
+            payload,
+            size,
+            full,
+            reason,
+            self.client_keys.get(node),
         )
 
 
@@ -125,14 +143,15 @@ def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> Order
     """Wait for the federation, ask each node for its client key, and order the grid by it."""
     requests = identity_requests(wait_for_nodes(grid, config.num_clients))
     replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
-    for request in requests:
-        wire.record_down(request)
-    keys: dict[int, str] = {}
+    keys = wire.client_keys
     for reply in replies:
         key = client_key(reply)
-        wire.record_identity(reply, key)
         if key:
             keys[reply.metadata.src_node_id] = key
+    for request in requests:
+        wire.record_down(request)
+    for reply in replies:
+        wire.record_identity(reply, keys.get(reply.metadata.src_node_id))
     if len(keys) < config.num_clients:
         raise NodesMissingError(f"only {len(keys)} of {config.num_clients} nodes identified themselves")
     return OrderedGrid(grid, keys)
@@ -157,21 +176,24 @@ def run_federation(
     config : RunConfig
         The run.
     strategy : Strategy, optional
-        Aggregation over fast deltas; FedAvg over participants by default. It
-        sees the exact fast state and float32 deltas; the loop does the wire
-        work (replica sync down, decoding and screening up).
+        Aggregation over fast deltas; by default the one ``config.strategy``
+        names. It sees the exact fast state and float32 deltas; the loop does
+        the wire work (replica sync down, decoding and screening up). A
+        :class:`~fedslim.strategies.base.FastStrategy` is bound to the
+        federation first, and the weights of its steps are logged.
     on_round : callable, optional
         Called with each round's totals as soon as the round is logged
         (progress displays).
     """
-    strategy = strategy or FastFedAvg(fraction_train=config.fraction, server_lr=config.server_lr, seed=config.seed)
+    strategy = strategy or strategy_for(config)
     base = load_base(ensure_pretrained_base(config), config.dataset)
     model = base.build(config.fast)
-    test_set = load_federation(config).test
+    data = load_federation(config)
     shapes = model.fast_shapes()
     fast_state = model.fast_state()
     replica = ServerReplica(fast_state, config.downlink, base.fingerprint, seed=config.seed)
     full_payload_bytes = ArrayRecord(base.state).count_bytes()
+    schedule = simulated_participation(config, data)
 
     commlog = CommLog(config.run_dir / LOG_FILENAME)
     run_id = uuid.uuid4().hex[:12]
@@ -186,41 +208,60 @@ def run_federation(
     )
     log(
         INFO,
-        "fedslim run %s: %d fast of %d base parameters (%s), codec up %s / down %s, log %s",
+        "fedslim run %s: %d fast of %d base parameters (%s), strategy %s, participation %s, "
+        "codec up %s / down %s, log %s",
         run_id,
         model.num_fast_parameters(),
         base.num_parameters(),
         config.fast.kind,
+        type(strategy).__name__,
+        config.participation,
         config.uplink.spec,
         config.downlink.spec,
         commlog.path,
     )
+    client_keys: dict[int, str] = {}
 
-    def finish_round(server_round: int, sampled: int, accepted: int, started: float) -> None:
-        result = evaluate(model.module, test_set)
+    def finish_round(server_round: int, sampled: int, accepted: int, available: int, started: float) -> None:
+        result = None
+        if server_round % config.eval_every == 0 or server_round in (0, config.rounds):
+            result = evaluate(model.module, data.test)
+        memory = strategy.memory_bytes() if isinstance(strategy, FastStrategy) else None
         commlog.record_round(
-            run_id, server_round, sampled, accepted, result.accuracy, result.loss, time.monotonic() - started
+            run_id,
+            server_round,
+            sampled,
+            accepted,
+            result.accuracy if result else None,
+            result.loss if result else None,
+            time.monotonic() - started,
+            available,
+            memory,
         )
         (totals,) = commlog.round_totals(run_id, only_round=server_round)
-        log(
-            INFO,
-            "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted",
-            server_round,
-            result.accuracy,
-            result.loss,
-            accepted,
-            sampled,
-        )
+        if result:
+            log(
+                INFO,
+                "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted",
+                server_round,
+                result.accuracy,
+                result.loss,
+                accepted,
+                sampled,
+            )
         if on_round:
             on_round(totals)
 
     try:
-        grid = identify_nodes(grid, config, WireAccounting(commlog, run_id, 0, full_payload_bytes))
+        grid = identify_nodes(grid, config, WireAccounting(commlog, run_id, 0, full_payload_bytes, client_keys))
+        if isinstance(strategy, FastStrategy):
+            strategy.bind(federation_of(grid, shapes, schedule, config))
         # The replica version each client holds, by client key (0: the initial state every client can build).
         client_versions: dict[str, int | None] = {key: 0 for key in grid.keys.values()}
-        finish_round(0, 0, 0, time.monotonic())
+        finish_round(0, 0, 0, len(client_versions), time.monotonic())
         for server_round in range(1, config.rounds + 1):
             started = time.monotonic()
+            available = {partition_key(i) for i in schedule.clients_in(server_round)} if schedule is not None else None
             replica.publish(fast_state)
             task = ConfigRecord(
                 {
@@ -233,33 +274,66 @@ def run_federation(
             exact = ArrayRecord({n: Array(v) for n, v in fast_state.items()})
             instructions = [
                 with_sync(
-                    message, replica.sync_for(client_versions.get(grid.keys.get(message.metadata.dst_node_id, "")))
+                    message, replica.sync_for(client_versions.get(client_keys.get(message.metadata.dst_node_id, "")))
                 )
-                for message in strategy.configure_train(server_round, exact, task, grid)
+                for message in strategy.configure_train(server_round, exact, task, grid.only(available))
             ]
-            replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout))
-            wire = WireAccounting(commlog, run_id, server_round, full_payload_bytes)
+            replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout)) if instructions else []
+            wire = WireAccounting(commlog, run_id, server_round, full_payload_bytes, client_keys)
             for message in instructions:
                 wire.record_down(message)
             expected = UpdateCheck(shapes, base.fingerprint, replica.version)
             accepted = []
             for reply in replies:
-                key = grid.keys.get(reply.metadata.src_node_id, "")
+                key = client_keys.get(reply.metadata.src_node_id, "")
                 delta = wire.screen_up(reply, expected)
                 if delta is not None:
                     client_versions[key] = replica.version
+                    blob = record_update(reply.content.array_records[DELTA_KEY])
                     reply.content[DELTA_KEY] = ArrayRecord({n: Array(v) for n, v in delta.items()})
+                    reply.content[WIRE_KEY] = update_record(blob)
+                    reply.content[CLIENT_RECORD] = ConfigRecord({"key": key})
                     accepted.append(reply)
                 elif reply.has_error() and reply.error.code == REPLICA_MISMATCH:
                     client_versions[key] = None
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
+            if isinstance(strategy, FastStrategy) and strategy.last_step is not None:
+                step = strategy.last_step
+                commlog.record_weights(run_id, server_round, step.weights, step.memory_weights)
             if new_arrays is not None:
                 fast_state = {name: new_arrays[name].numpy() for name in shapes}
                 model.load_fast_state(fast_state)
-            finish_round(server_round, len(instructions), len(accepted), started)
+            count = len(available) if available is not None else len(client_versions)
+            finish_round(server_round, len(instructions), len(accepted), count, started)
         return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id))
     finally:
         commlog.close()
+
+
+def simulated_participation(config: RunConfig, data: FederatedData) -> Schedule | None:
+    """The availability schedule of a simulated participation model (None for ``all``), saved as a trace."""
+    if config.participation == "all":
+        return None
+    num_classes = int(max(int(c.y.max()) for c in data.clients if len(c)) + 1)
+    label_counts = np.stack([np.bincount(c.y, minlength=num_classes) for c in data.clients])
+    schedule = participation_schedule(
+        config.participation, label_counts, config.rounds, config.participation_mean, config.seed
+    )
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    write_trace(config.run_dir / TRACE_FILENAME, schedule.available)
+    return schedule
+
+
+def federation_of(
+    grid: OrderedGrid, shapes: dict[str, tuple[int, ...]], schedule: Schedule | None, config: RunConfig
+) -> Federation:
+    """What a strategy is told about the federation; the true p_i only when the user declares them known."""
+    probabilities = None
+    if config.p_known:
+        p = schedule.probabilities if schedule is not None else np.ones(config.num_clients)
+        # Sampling a fraction of the available clients scales everyone's chance by it.
+        probabilities = {partition_key(i): float(min(1.0, p[i] * config.fraction)) for i in range(len(p))}
+    return Federation(dict(grid.keys), shapes, probabilities)
 
 
 def with_sync(message: Message, blobs: list[bytes]) -> Message:

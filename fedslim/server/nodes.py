@@ -47,15 +47,25 @@ class OrderedGrid(Grid):
     keys : dict[int, str]
         Client key of each identified node id. Nodes without a key (connected
         later, or that did not answer) are listed after the others, by id.
+    available : set[str], optional
+        If given, only nodes with these client keys are listed (the clients a
+        simulated participation model makes available this round).
     """
 
-    def __init__(self, grid: Grid, keys: dict[int, str]) -> None:
+    def __init__(self, grid: Grid, keys: dict[int, str], available: set[str] | None = None) -> None:
         self.grid = grid
         self.keys = keys
+        self.available = available
+
+    def only(self, available: set[str] | None) -> OrderedGrid:
+        """The same grid listing only the nodes of the ``available`` clients (all of them for None)."""
+        return OrderedGrid(self.grid, self.keys, available)
 
     def get_node_ids(self) -> list[int]:
         nodes = list(self.grid.get_node_ids())
         known = sorted((n for n in nodes if n in self.keys), key=lambda n: _natural(self.keys[n]))
+        if self.available is not None:
+            return [n for n in known if self.keys[n] in self.available]
         return known + sorted(n for n in nodes if n not in self.keys)
 
     def set_run(self, run: Run) -> None:

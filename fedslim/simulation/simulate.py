@@ -21,23 +21,44 @@ def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:
     return "run_simulation` function is deprecated" not in record.getMessage()
 
 
+BACKENDS = ("flower", "inline")
+
+
 def simulate(
     config: RunConfig,
     on_round: Callable[[RoundTotals], None] | None = None,
     verbose: bool = False,
+    backend: str = "flower",
 ) -> RunResult:
     """Run ``config`` with one virtual SuperNode per client.
 
     The data is loaded and the base pretrained (once, cached) before any node
     starts, so a missing dataset fails fast with its own message.
+
+    ``backend="flower"`` runs Flower's simulation engine (Ray workers);
+    ``"inline"`` delivers every message to the ClientApp in this process
+    (:class:`~fedslim.simulation.inline.InlineGrid`): the same loop and client
+    code, sequential, no start-up cost, for sweeps of many runs.
     """
-    from flwr.simulation import run_simulation
-
     from fedslim.client.app import app as client_app
-    from fedslim.server.app import make_server_app
+    from fedslim.server.loop import run_federation
+    from fedslim.strategies.registry import strategy_for
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    strategy_for(config)  # a bad strategy or argument fails here, before any node starts
     load_federation(config)
     ensure_pretrained_base(config)
+    if backend == "inline":
+        from fedslim.simulation.inline import InlineGrid
+
+        grid = InlineGrid(client_app, config.num_clients)
+        return run_federation(grid, config, on_round=on_round)  # type: ignore[arg-type]
+
+    from flwr.simulation import run_simulation
+
+    from fedslim.server.app import make_server_app
+
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     if not verbose:

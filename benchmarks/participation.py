@@ -1,0 +1,197 @@
+"""Strategies under uneven participation on Fashion-MNIST: final and best accuracy over seeds.
+
+Setup (FedAU's, on fedslim's fast layer): Dirichlet(0.1) over 100 clients,
+participation with mean p = 0.1 from FedAU's label-correlated model
+(Bernoulli), and the same probabilities under Markov and cyclic dynamics;
+every available client trains 5 minibatch steps of 16 examples at lr 0.1;
+the fast layer is the foundation's (LoRA r=4 on the pretrained CNN, plus the
+head). Runs use the inline backend (same loop and client code as Flower's
+engine, in one process) two at a time; each finished run is saved at once
+and skipped when the script is run again.
+
+    python benchmarks/participation.py                 # everything, 3 seeds
+    python benchmarks/participation.py --models label --seeds 0 --rounds 50
+
+Writes benchmarks/results/participation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fmnist_setup import RESULTS  # noqa: E402
+
+from fedslim.config import FastSpec, RunConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Row:
+    """One strategy configuration of the table."""
+
+    label: str
+    strategy: str
+    args: str = ""
+    p_known: bool = False
+    codec: str = "none"
+    models: tuple[str, ...] = ("label", "markov", "cyclic")
+
+
+ROWS = [
+    Row("FedAvg over participants", "fedavg"),
+    Row("FedAvg 1/p, p known", "fedavg", "p-estimate=known", p_known=True),
+    Row("FedAU (K=inf)", "fedau"),
+    Row("FedVARP", "fedvarp"),
+    Row("MIFA", "mifa"),
+    Row("FedStale beta=0.5, FedAU weights", "fedstale", "beta=0.5,p-estimate=fedau"),
+    Row("FedAMD p_anchor=0.2", "fedamd", "anchor-probability=0.2"),
+    Row(
+        "FedStale beta=0.5, FedAU weights, topk:0.1+q8+lzma both ways",
+        "fedstale",
+        "beta=0.5,p-estimate=fedau",
+        codec="topk:0.1+q8+lzma",
+        models=("label",),
+    ),
+]
+
+
+def run_one(config: RunConfig) -> dict[str, object]:
+    import torch
+
+    from fedslim.simulation.simulate import simulate
+
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    result = simulate(config, backend="inline")
+    evaluated = [r for r in result.rounds if r.accuracy is not None]
+    return {
+        "final": evaluated[-1].accuracy,
+        "best": max(r.accuracy for r in evaluated if r.round > 0),
+        "initial": evaluated[0].accuracy,
+        "curve": [(r.round, r.accuracy) for r in evaluated],
+        "bytes_up": sum(r.bytes_up for r in result.rounds),
+        "bytes_down": sum(r.bytes_down for r in result.rounds),
+        "updates": sum(r.accepted for r in result.rounds),
+        "wall_s": time.monotonic() - started,
+        "log": result.log_path,
+    }
+
+
+def config_for(row: Row, model: str, seed: int, args: argparse.Namespace) -> RunConfig:
+    return replace(
+        RunConfig(
+            dataset="fmnist",
+            num_clients=args.clients,
+            rounds=args.rounds,
+            fraction=1.0,
+            dirichlet_alpha=args.alpha,
+            fast=FastSpec("lora", rank=4, seed=seed),
+            seed=seed,
+            local_steps=5,
+            batch_size=16,
+            lr=0.1,
+            participation=model,
+            participation_mean=0.1,
+            eval_every=args.eval_every,
+        ),
+        strategy=row.strategy,
+        strategy_args=row.args,
+        p_known=row.p_known,
+        codec=row.codec,
+        downstream_codec=row.codec,
+        out=str(Path(args.out) / model / f"{row.label.replace(' ', '_').replace('/', '-')}" / f"seed{seed}"),
+    )
+
+
+def summarize(results: dict[str, dict[str, object]], models: list[str], seeds: list[int]) -> str:
+    def mean_std(values: list[float]) -> str:
+        if not values:
+            return "-"
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.4f} ± {spread:.4f}"
+
+    lines = []
+    for model in models:
+        lines += [
+            f"\n### participation: {model} (mean p = 0.1), {len(seeds)} seeds, mean ± std\n",
+            "| strategy | final | best | vs FedAvg (final) | KiB moved / run | updates / run |",
+            "|---|---|---|---|---|---|",
+        ]
+        baseline = [
+            results[f"{model}|{ROWS[0].label}|{s}"]["final"] for s in seeds if f"{model}|{ROWS[0].label}|{s}" in results
+        ]
+        for row in ROWS:
+            if model not in row.models:
+                continue
+            done = [results[k] for k in (f"{model}|{row.label}|{s}" for s in seeds) if k in results]
+            if not done:
+                continue
+            finals = [float(d["final"]) for d in done]  # type: ignore[arg-type]
+            bests = [float(d["best"]) for d in done]  # type: ignore[arg-type]
+            gap = statistics.mean(finals) - statistics.mean(baseline) if baseline else 0.0
+            moved = statistics.mean(float(d["bytes_up"]) + float(d["bytes_down"]) for d in done) / 1024  # type: ignore[arg-type]
+            updates = statistics.mean(float(d["updates"]) for d in done)  # type: ignore[arg-type]
+            lines.append(
+                f"| {row.label} | {mean_std(finals)} | {mean_std(bests)} | {gap * 100:+.2f} pt | "
+                f"{moved:,.0f} | {updates:,.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--models", nargs="+", default=["label", "markov", "cyclic"])
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--out", default="runs/bench-participation")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    store = args.results / "participation.json"
+    saved = json.loads(store.read_text()) if store.exists() else {}
+    results: dict[str, dict[str, object]] = saved.get("runs", {})
+    todo = {
+        f"{model}|{row.label}|{seed}": config_for(row, model, seed, args)
+        for model in args.models
+        for seed in args.seeds
+        for row in ROWS
+        if model in row.models and f"{model}|{row.label}|{seed}" not in results
+    }
+    print(f"{len(todo)} runs to do, {len(results)} already saved in {store}", flush=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("results",)}
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {pool.submit(run_one, config): key for key, config in todo.items()}
+        for done, future in enumerate(as_completed(futures), 1):
+            key = futures[future]
+            results[key] = future.result()
+            store.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))
+            print(
+                f"[{done}/{len(todo)}] {key}: final {results[key]['final']:.4f} best {results[key]['best']:.4f} "
+                f"({results[key]['wall_s']:.0f} s)",
+                flush=True,
+            )
+    table = summarize(results, args.models, args.seeds)
+    header = (
+        f"FMNIST Dir({args.alpha}), {args.clients} clients, {args.rounds} rounds, 5 local steps x 16, lr 0.1, "
+        f"LoRA r=4 fast layer; accuracy evaluated every {args.eval_every} rounds\n"
+    )
+    (args.results / "participation.md").write_text(header + table + "\n")
+    print(header + table)
+
+
+if __name__ == "__main__":
+    main()

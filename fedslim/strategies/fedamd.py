@@ -1,0 +1,136 @@
+"""FedAMD anchor sampling (Wu et al., ICML 2023, arXiv 2206.05891): anchors refresh gradients, miners reduce variance.
+
+The server stores g_i, a large-batch gradient of client i's loss (its
+"anchor"), and at the start of round t forms the global direction
+
+    v = (1/N) sum_{i=1..N} g_i
+
+Each sampled client is independently an ANCHOR with probability p, else a
+MINER, so one round sends different instructions to different clients:
+
+- anchor: g_i <- grad f_i(x_t) on its whole local data; used from round t+1.
+- miner: y_0 = x_t, v_0 = v; K steps of
+  y_{k+1} = y_k - eta v_k,  v_{k+1} = v_k + grad f_i(y_{k+1}; B_k) - grad f_i(y_k; B_k);
+  uploads Delta_i = y_K - x_t.
+
+    x_{t+1} = x_t + eta_g * mean over miners of Delta_i    (no step without miners)
+
+Before a client's first anchor its g_i is 0 (``initial_direction="zeros"``,
+the update rule as written), or it is made an anchor the first time it is
+sampled (``"anchor-first"``, the online counterpart of the paper's g_i(x_0)
+for every client: with uneven participation not every client can be asked at
+round 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedslim.codecs.pipeline import STATE, encode_update, parse_codec
+from fedslim.messages import CONFIG_KEY, DIRECTION_KEY, FAST_KEY, ROLE_KEY, update_record
+from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, StrategyConfigError, weighted_sum
+from fedslim.strategies.memory import ClientMemory
+
+ANCHOR, MINER = "anchor", "miner"
+INITIAL_DIRECTIONS = ("zeros", "anchor-first")
+
+
+class FedAMD(FastStrategy):
+    """FedAMD over the fast layer.
+
+    Parameters
+    ----------
+    anchor_probability : float (default: 0.2)
+        p: probability that a sampled client is an anchor this round.
+    initial_direction : str (default: "anchor-first")
+        ``zeros`` or ``anchor-first`` (see the module docstring).
+    memory : str (default: "wire")
+        How the anchor gradients are stored (``wire``, ``fp16``, ``bf16``, ``fp32``).
+    direction_codec : str (default: "none")
+        Codec of v on its way to the miners (a codec spec; ``none`` is float32).
+    **kwargs
+        ``fraction_train``, ``min_train_nodes``, ``server_lr``, ``seed``.
+    """
+
+    def __init__(
+        self,
+        anchor_probability: float = 0.2,
+        initial_direction: str = "anchor-first",
+        memory: str = "wire",
+        direction_codec: str = "none",
+        **kwargs: float,
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        if not 0.0 <= anchor_probability <= 1.0:
+            raise StrategyConfigError(f"anchor_probability must be in [0, 1], got {anchor_probability}")
+        if initial_direction not in INITIAL_DIRECTIONS:
+            raise StrategyConfigError(
+                f"unknown initial_direction {initial_direction!r}; choose one of {', '.join(INITIAL_DIRECTIONS)}"
+            )
+        self.anchor_probability = anchor_probability
+        self.initial_direction = initial_direction
+        self.memory_form = memory
+        self.direction_pipeline = parse_codec(direction_codec)
+        self.anchors: ClientMemory | None = None
+        self.roles: dict[str, str] = {}
+        self._direction_blob = b""
+
+    def memory_bytes(self) -> int:
+        return self.anchors.nbytes() if self.anchors else 0
+
+    def _memory(self) -> ClientMemory:
+        if self.anchors is None:
+            self.anchors = ClientMemory(self.federation.shapes, self.memory_form)
+        return self.anchors
+
+    def direction(self) -> dict[str, np.ndarray]:
+        """v = (1/N) sum_i g_i."""
+        return {name: (total / self.num_clients).astype(np.float32) for name, total in self._memory().total().items()}
+
+    def role(self, server_round: int, client: str) -> str:
+        if self.initial_direction == "anchor-first" and client not in self._memory():
+            return ANCHOR
+        index = self.federation.clients.index(client)
+        draw = np.random.default_rng([self.seed, server_round, index, 1]).random()
+        return ANCHOR if draw < self.anchor_probability else MINER
+
+    def instruction(self, server_round: int, node_id: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
+        client = self.federation.node_keys[node_id]
+        role = self.roles[client] = self.role(server_round, client)
+        task = ConfigRecord({**config, ROLE_KEY: role})
+        content = RecordDict({FAST_KEY: arrays, CONFIG_KEY: task})
+        if role == MINER:
+            if not self._direction_blob:
+                encoded = encode_update(
+                    self.direction(),
+                    self.direction_pipeline,
+                    kind=STATE,
+                    base_fingerprint="",
+                    state_version=server_round,
+                )
+                self._direction_blob = encoded.blob
+            content[DIRECTION_KEY] = update_record(self._direction_blob)
+        return content
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """As the base class, with v encoded once for the round's miners."""
+        self.roles = {}
+        self._direction_blob = b""
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
+        memory = self._memory()
+        miners = [u for u in updates if self.roles.get(u.client) == MINER]
+        for u in updates:
+            if self.roles.get(u.client) == ANCHOR:
+                memory.put(u.client, u.delta, u.blob)  # an anchor's upload is its gradient g_i
+        weights = {u.client: 0.0 for u in updates}
+        weights.update({u.client: 1.0 / len(miners) for u in miners})
+        direction = weighted_sum(((weights[u.client], u.delta) for u in miners), self.federation.shapes)
+        return Step(direction, weights)

@@ -1,0 +1,119 @@
+"""Strategies by name or import path, configured from ``key=value`` arguments.
+
+``--strategy fedstale --strategy-arg beta=0.5 --strategy-arg p-estimate=fedau``
+and ``--strategy mypkg.mod:MyStrategy --strategy-arg alpha=2`` both end in
+:func:`build_strategy`. Argument names may use dashes; values are read as
+int, float (``inf`` included), bool (``true``/``false``) or else string.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedslim.config import RunConfig
+from fedslim.strategies.base import StrategyConfigError
+from fedslim.strategies.fedamd import FedAMD
+from fedslim.strategies.fedau import FedAU
+from fedslim.strategies.fedavg import FastFedAvg
+from fedslim.strategies.fedstale import FedStale
+from fedslim.strategies.fedvarp import FedVARP
+from fedslim.strategies.mifa import MIFA
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FastFedAvg,
+    "fedau": FedAU,
+    "fedvarp": FedVARP,
+    "mifa": MIFA,
+    "fedstale": FedStale,
+    "fedamd": FedAMD,
+}
+
+
+def register(name: str, strategy: type[Strategy]) -> None:
+    """Make ``strategy`` available as ``--strategy NAME``."""
+    if not (isinstance(strategy, type) and issubclass(strategy, Strategy)):
+        raise StrategyConfigError(f"{strategy!r} is not a subclass of Flower's Strategy")
+    STRATEGIES[name] = strategy
+
+
+def strategy_class(spec: str) -> type[Strategy]:
+    """The class a registered name or a ``module:Class`` import path names."""
+    if ":" not in spec:
+        if spec not in STRATEGIES:
+            raise StrategyConfigError(
+                f"unknown strategy {spec!r}; choose one of {', '.join(sorted(STRATEGIES))} or give module:Class"
+            )
+        return STRATEGIES[spec]
+    module_name, _, attribute = spec.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise StrategyConfigError(f"cannot import strategy {spec!r}: {exc}") from exc
+    if not (isinstance(found, type) and issubclass(found, Strategy)):
+        raise StrategyConfigError(f"{spec} is not a subclass of Flower's Strategy")
+    return found
+
+
+def parse_strategy_args(items: str | Iterable[str]) -> dict[str, Any]:
+    """``["beta=0.5", "p-estimate=fedau"]`` or ``"beta=0.5,p-estimate=fedau"`` -> keyword arguments."""
+    if isinstance(items, str):
+        items = [part for part in items.replace(",", " ").split() if part]
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise StrategyConfigError(f"strategy argument {item!r} is not key=value")
+        args[key.strip().replace("-", "_")] = _value(text.strip())
+    return args
+
+
+def _value(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_strategy(spec: str, args: Mapping[str, Any], defaults: Mapping[str, Any]) -> Strategy:
+    """Instantiate ``spec`` with ``args``, plus each of ``defaults`` that it accepts and ``args`` does not set.
+
+    ``defaults`` carries what the run config decides (``fraction_train``,
+    ``server_lr``, ``seed``).
+    """
+    cls = strategy_class(spec)
+    parameters = _accepted_parameters(cls)
+    kwargs = {k: v for k, v in defaults.items() if k in parameters}
+    kwargs.update(args)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise StrategyConfigError(f"{spec}: {exc} (it takes {inspect.signature(cls)})") from exc
+
+
+def _accepted_parameters(cls: type) -> set[str]:
+    """Keyword names ``cls(...)`` accepts, following **kwargs up the class chain."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        parameters = inspect.signature(init).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names - {"self"}
+    return names - {"self"}
+
+
+def strategy_for(config: RunConfig) -> Strategy:
+    """The strategy a run config names, with its fraction, server step size and seed."""
+    defaults = {"fraction_train": config.fraction, "server_lr": config.server_lr, "seed": config.seed}
+    return build_strategy(config.strategy, parse_strategy_args(config.strategy_args), defaults)

@@ -1,0 +1,256 @@
+"""Participation models, traces, the plug-in API, and the loop contacting only available clients."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedslim.cli import main as cli_main
+from fedslim.client.app import app as client_app
+from fedslim.commlog import LOG_FILENAME
+from fedslim.config import ConfigError, RunConfig
+from fedslim.server.loop import run_federation
+from fedslim.simulation.inline import InlineGrid
+from fedslim.simulation.participation import (
+    TRACE_FILENAME,
+    ParticipationError,
+    bernoulli_schedule,
+    cyclic_schedule,
+    label_probabilities,
+    markov_schedule,
+    participation_schedule,
+    read_trace,
+    spread_probabilities,
+    write_trace,
+)
+from fedslim.strategies import STRATEGIES, FastFedAvg, FedStale, StrategyConfigError, build_strategy
+from fedslim.strategies.registry import parse_strategy_args, strategy_for
+
+# ----------------------------------------------------------------- models
+
+
+def test_spread_probabilities_have_the_mean_and_a_ninefold_range() -> None:
+    p = spread_probabilities(100, 0.1, np.random.default_rng(0))
+    assert p.mean() == pytest.approx(0.1) and p.min() == pytest.approx(0.02) and p.max() == pytest.approx(0.18)
+
+
+def test_label_probabilities_follow_fedau_formula() -> None:
+    counts = np.array([[10, 0, 0], [0, 5, 5], [1, 1, 2]])
+    rng = np.random.default_rng(4)
+    p = label_probabilities(counts, 0.1, np.random.default_rng(4))
+    m = rng.dirichlet(0.1 * np.ones(3))
+    expected = np.maximum(0.02, 0.1 * 3 * (counts / counts.sum(1, keepdims=True)) @ m)
+    np.testing.assert_allclose(p, np.minimum(expected, 1.0))
+
+
+@pytest.mark.parametrize("dynamics", [bernoulli_schedule, markov_schedule, cyclic_schedule])
+def test_each_dynamics_is_available_a_fraction_p_of_the_time(dynamics) -> None:  # type: ignore[no-untyped-def]
+    p = np.array([0.05, 0.1, 0.3, 0.6])
+    available = dynamics(p, 20_000, np.random.default_rng(0))
+    np.testing.assert_allclose(available.mean(axis=0), p, rtol=0.15)
+
+
+def test_markov_availability_comes_in_runs_and_cyclic_in_blocks() -> None:
+    p = np.full(50, 0.1)
+    markov = markov_schedule(p, 2000, np.random.default_rng(1))
+    bernoulli = bernoulli_schedule(p, 2000, np.random.default_rng(1))
+
+    def mean_run(a: np.ndarray) -> float:
+        starts = (a[1:] & ~a[:-1]).sum()
+        return float(a[1:].sum() / max(starts, 1))
+
+    # An on-spell lasts 1/P(on->off) rounds on average: 1/(0.05 * (1/0.1 - 1)) for Markov, 1/(1 - 0.1) for Bernoulli.
+    assert mean_run(markov) == pytest.approx(1 / 0.45, rel=0.1)
+    assert mean_run(bernoulli) == pytest.approx(1 / 0.9, rel=0.1)
+    cyclic = cyclic_schedule(np.array([0.1]), 300, np.random.default_rng(2))[:, 0]
+    assert cyclic.sum() == 30 and all(cyclic[t : t + 100].sum() == 10 for t in range(0, 201, 100))
+
+
+def test_trace_round_trip_and_bad_traces(tmp_path: Path) -> None:
+    available = np.random.default_rng(0).random((5, 7)) < 0.4
+    available[2] = False  # a round where nobody is available
+    write_trace(tmp_path / "t", available)
+    np.testing.assert_array_equal(read_trace(tmp_path / "t", 7, 5), available)
+    np.testing.assert_array_equal(read_trace(tmp_path / "t", 7, 3), available[:3])
+    with pytest.raises(ParticipationError, match="has 5 rounds, the run needs 6"):
+        read_trace(tmp_path / "t", 7, 6)
+    (tmp_path / "bad").write_text("0 1\n2 x\n")
+    with pytest.raises(ParticipationError, match="round 2: 'x'"):
+        read_trace(tmp_path / "bad", 7, 2)
+    (tmp_path / "big").write_text("0 9\n")
+    with pytest.raises(ParticipationError, match="round 1: '9'"):
+        read_trace(tmp_path / "big", 7, 1)
+    with pytest.raises(ParticipationError, match="cannot read"):
+        read_trace(tmp_path / "missing", 7, 1)
+
+
+def test_unknown_participation_model_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="unknown participation model 'poisson'"):
+        RunConfig(participation="poisson")
+    schedule = participation_schedule("all", np.ones((3, 2)), 4, 0.1, 0)
+    assert schedule.available.all()
+
+
+# ----------------------------------------------------------------- plug-in API
+
+USER_STRATEGY = '''
+"""A user strategy: the coordinate-wise median of the updates."""
+import numpy as np
+
+from fedslim.strategies import FastStrategy, Step
+
+
+class MedianStrategy(FastStrategy):
+    def __init__(self, shrink: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.shrink = shrink
+
+    def aggregate(self, server_round, updates):
+        if not updates:
+            return Step({n: np.zeros(s) for n, s in self.federation.shapes.items()}, {})
+        direction = {
+            name: self.shrink * np.median([u.delta[name] for u in updates], axis=0)
+            for name in self.federation.shapes
+        }
+        return Step(direction, {u.client: float("nan") for u in updates})
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "my_strategies.py").write_text(textwrap.dedent(USER_STRATEGY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_strategies"
+    sys.modules.pop("my_strategies", None)
+
+
+def test_strategies_by_name_and_by_import_path(user_module: str) -> None:
+    defaults = {"fraction_train": 0.5, "server_lr": 2.0, "seed": 3}
+    stale = build_strategy("fedstale", parse_strategy_args("beta=0.25, p-estimate=known cutoff=inf"), defaults)
+    assert isinstance(stale, FedStale)
+    assert (stale.beta, stale.p_estimate, stale.cutoff, stale.fraction_train, stale.seed) == (
+        0.25,
+        "known",
+        float("inf"),
+        0.5,
+        3,
+    )
+    user = build_strategy(f"{user_module}:MedianStrategy", {"shrink": 0.5}, defaults)
+    assert type(user).__name__ == "MedianStrategy" and user.shrink == 0.5 and user.server_lr == 2.0
+    assert set(STRATEGIES) >= {"fedavg", "fedau", "fedvarp", "mifa", "fedstale", "fedamd"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "args", "message"),
+    [
+        ("fedprox", {}, "unknown strategy 'fedprox'"),
+        ("nowhere.module:X", {}, "cannot import strategy"),
+        ("fedslim.config:RunConfig", {}, "not a subclass of Flower's Strategy"),
+        ("fedstale", {"gamma": 1}, "unexpected keyword argument 'gamma'"),
+    ],
+)
+def test_bad_strategy_specs_name_the_problem(spec: str, args: dict[str, object], message: str) -> None:
+    with pytest.raises(StrategyConfigError, match=message):
+        build_strategy(spec, args, {})
+
+
+def test_strategy_args_must_be_key_value() -> None:
+    assert parse_strategy_args(["k=50", "flag=true", "name=x"]) == {"k": 50, "flag": True, "name": "x"}
+    with pytest.raises(StrategyConfigError, match="not key=value"):
+        parse_strategy_args("beta")
+
+
+def test_cli_refuses_a_bad_strategy_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["simulate", "--strategy", "fedstale", "--strategy-arg", "beta=3"])
+    assert "beta must be in [0, 1]" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- in the loop
+
+
+def test_only_available_clients_are_contacted_and_weights_are_logged(small_config: RunConfig) -> None:
+    config = replace(
+        small_config,
+        num_clients=8,
+        rounds=6,
+        fraction=1.0,
+        participation="bernoulli",
+        participation_mean=0.4,
+        strategy="fedstale",
+        strategy_args="beta=0.5,p-estimate=fedau",
+        codec="topk:0.5+q8",
+    )
+    result = run_federation(InlineGrid(client_app, config.num_clients), config)  # type: ignore[arg-type]
+    trace = read_trace(Path(config.out) / TRACE_FILENAME, 8, 6)
+    db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
+    for t in range(1, 7):
+        contacted = {
+            c for (c,) in db.execute("SELECT client FROM messages WHERE round = ? AND direction = 'down'", (t,))
+        }
+        assert contacted == {f"partition-{i}" for i in np.flatnonzero(trace[t - 1])}
+    assert [r.sampled for r in result.rounds[1:]] == list(trace.sum(axis=1))
+
+    # Recompute round 6's direction coefficients: every accepted update has a weight, stale terms are logged.
+    weights = db.execute("SELECT client, weight FROM messages WHERE round = 6 AND direction = 'up'").fetchall()
+    assert weights and all(w is not None and w > 0 for _, w in weights)
+    memory = dict(db.execute("SELECT client, weight FROM memory_weights WHERE round = 6"))
+    earlier = {
+        c
+        for (c,) in db.execute(
+            "SELECT DISTINCT client FROM messages WHERE round BETWEEN 1 AND 5 AND direction = 'up' AND status = 'ok'"
+        )
+    }
+    assert set(memory) == earlier
+    held = [m for (m,) in db.execute("SELECT strategy_memory_bytes FROM rounds WHERE round > 0 ORDER BY round")]
+    assert held[-1] > 0 and held == sorted(held)  # wire-form memory grows as clients first report
+
+
+def test_strategy_never_sees_p_unless_told(small_config: RunConfig) -> None:
+    config = replace(
+        small_config, participation="label", fraction=1.0, strategy="fedavg", strategy_args="p-estimate=known"
+    )
+    with pytest.raises(StrategyConfigError, match="--p-known"):
+        run_federation(InlineGrid(client_app, config.num_clients), config)  # type: ignore[arg-type]
+    known = replace(config, p_known=True, out=config.out + "-known")
+    strategy = strategy_for(known)
+    run_federation(InlineGrid(client_app, known.num_clients), known, strategy)  # type: ignore[arg-type]
+    assert isinstance(strategy, FastFedAvg) and strategy.federation.probabilities
+    assert set(strategy.federation.probabilities) == {f"partition-{i}" for i in range(known.num_clients)}
+
+
+def test_a_run_replays_from_its_own_trace(small_config: RunConfig) -> None:
+    config = replace(
+        small_config, num_clients=6, rounds=4, fraction=1.0, participation="markov", participation_mean=0.5
+    )
+    first = run_federation(InlineGrid(client_app, 6), config)  # type: ignore[arg-type]
+    replay = replace(config, participation=f"trace:{Path(config.out) / TRACE_FILENAME}", out=config.out + "-replay")
+    second = run_federation(InlineGrid(client_app, 6), replay)  # type: ignore[arg-type]
+    assert [(r.sampled, r.accuracy) for r in first.rounds] == [(r.sampled, r.accuracy) for r in second.rounds]
+
+
+def test_fedamd_sends_anchors_and_miners_different_work(small_config: RunConfig) -> None:
+    config = replace(
+        small_config,
+        num_clients=6,
+        rounds=3,
+        fraction=1.0,
+        strategy="fedamd",
+        strategy_args="anchor-probability=0.5,initial-direction=anchor-first",
+        local_steps=3,
+    )
+    result = run_federation(InlineGrid(client_app, 6), config)  # type: ignore[arg-type]
+    db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
+    assert all(r.accepted == r.sampled == 6 for r in result.rounds[1:])
+    round_one = [w for (w,) in db.execute("SELECT weight FROM messages WHERE round = 1 AND direction = 'up'")]
+    assert round_one == [0.0] * 6  # everyone is an anchor first: no miner, no step
+    assert result.rounds[1].accuracy == result.rounds[0].accuracy
+    later = [w for (w,) in db.execute("SELECT weight FROM messages WHERE round > 1 AND direction = 'up'")]
+    assert any(w > 0 for w in later) and any(w == 0 for w in later)
+    assert result.rounds[-1].accuracy != result.rounds[0].accuracy
