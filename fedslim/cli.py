@@ -107,6 +107,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     )
     p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="evaluate every N rounds")
     p.add_argument("--out", default=defaults.out, help="run directory (communication log goes here)")
+    p.add_argument(
+        "--backend",
+        choices=("flower", "inline"),
+        default="flower",
+        help="flower: Flower's simulation engine (Ray); inline: the same apps called in this process, sequentially",
+    )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -182,7 +188,7 @@ def run_simulate(args: argparse.Namespace) -> int:
             load_federation(config)
             ensure_pretrained_base(config)
         with progress:
-            result = simulate(config, on_round=on_round, verbose=args.verbose)
+            result = simulate(config, on_round=on_round, verbose=args.verbose, backend=args.backend)
     except DatasetMissingError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2

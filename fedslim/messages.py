@@ -7,6 +7,12 @@ the replica version and digest to reach). A train reply carries ``delta``
 (ArrayRecord: one blob under "update", the client's compressed delta) and
 ``metrics`` (MetricRecord: ``num-examples``, ``train-loss``). An identity
 query is empty; its reply carries ``identity`` with ``client-key``.
+
+FedAMD adds ``role`` to the task config (``anchor``: reply with the full
+local gradient; ``miner``: run variance-reduced steps from ``direction``, an
+ArrayRecord holding the global direction as one fedslim.v1 blob). On the
+server, the loop annotates each accepted reply for the strategy with
+``client`` (its client key) and ``wire`` (the blob as received); neither is sent.
 """
 
 from __future__ import annotations

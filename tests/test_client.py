@@ -31,7 +31,9 @@ from fedslim.messages import (
 from fedslim.models import SyntheticMLP
 from fedslim.replica import ServerReplica
 from fedslim.server.loop import UpdateCheck, check_update, with_sync
+from fedslim.simulation.datasets import load_federation
 from fedslim.strategies.fedavg import FastFedAvg
+from fedslim.training import full_gradient
 
 
 def _train_request(
@@ -216,3 +218,37 @@ def test_a_diverged_local_update_is_refused_not_sent(
     reply = train(_train_request(small_config, model.fast_state(), base.fingerprint), _context(**{"partition-id": 0}))
     assert reply.has_error() and reply.error.code == NON_FINITE_UPDATE
     assert "non-finite" in reply.error.reason
+
+
+@pytest.mark.parametrize(
+    ("role", "direction", "reason"),
+    [
+        ("boss", None, "unknown role 'boss'"),
+        ("miner", None, "miner instruction without a valid direction"),
+        ("miner", b"\x00garbage", "miner instruction without a valid direction"),
+    ],
+)
+def test_bad_fedamd_instructions_are_refused(
+    small_config: RunConfig, resident, role: str, direction: bytes | None, reason: str
+) -> None:
+    base, model = resident
+    request = _train_request(small_config, model.fast_state(), base.fingerprint)
+    request.content.config_records["config"]["role"] = role
+    if direction is not None:
+        request.content["direction"] = update_record(direction)
+    reply = train(request, _context(**{"partition-id": 0}))
+    assert reply.has_error() and reply.error.code == BAD_REQUEST and reason in reply.error.reason
+
+
+def test_anchor_sends_its_full_local_gradient(small_config: RunConfig, resident) -> None:
+    base, model = resident
+    request = _train_request(small_config, model.fast_state(), base.fingerprint)
+    request.content.config_records["config"]["role"] = "anchor"
+    reply = train(request, _context(**{"partition-id": 1}))
+    assert reply.content.metric_records["metrics"]["anchor"] == 1
+    sent = decode_update(record_update(reply.content.array_records["delta"]), model.fast_shapes()).tensors
+
+    model.load_fast_state(model.fast_state())
+    expected, _ = full_gradient(model.module, model.fast_parameters(), load_federation(small_config).clients[1])
+    for name, gradient in zip(model.fast_state(), expected):
+        np.testing.assert_allclose(sent[name], gradient, rtol=1e-5, atol=1e-7)

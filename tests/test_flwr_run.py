@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -93,7 +94,8 @@ def test_flwr_run_from_the_repo_root(local_superlink: dict[str, str], tmp_path: 
             ".",
             "--stream",
             "--run-config",
-            f'rounds=1 num-clients=4 fraction=0.5 codec="topk:0.2+q8+lzma" out="{out}"',
+            f'rounds=1 num-clients=4 fraction=0.5 codec="topk:0.2+q8+lzma" out="{out}" '
+            'strategy="fedstale" strategy-args="beta=0.5,p-estimate=fedau"',
             "--federation-config",
             "num-supernodes=4",
         ],
@@ -114,3 +116,7 @@ def test_flwr_run_from_the_repo_root(local_superlink: dict[str, str], tmp_path: 
     assert [status for _, status in uploads.fetchall()] == ["ok", "ok"]
     (largest,) = db.execute("SELECT MAX(payload_bytes) FROM messages WHERE direction = 'up'").fetchone()
     assert 0 < largest < 0.4 * fast_payload
+    # So did the strategy: FedStale weighted both updates with FedAU's 1/N (no intervals yet) and logged it.
+    assert json.loads(db.execute("SELECT config FROM runs").fetchone()[0])["strategy"] == "fedstale"
+    weights = db.execute("SELECT weight FROM messages WHERE message_type = 'train' AND direction = 'up'").fetchall()
+    assert weights == [(0.25,), (0.25,)]

@@ -29,7 +29,15 @@ from fedslim.simulation.participation import (
     spread_probabilities,
     write_trace,
 )
-from fedslim.strategies import STRATEGIES, FastFedAvg, FedStale, StrategyConfigError, build_strategy
+from fedslim.strategies import (
+    STRATEGIES,
+    ClientUpdate,
+    FastFedAvg,
+    Federation,
+    FedStale,
+    StrategyConfigError,
+    build_strategy,
+)
 from fedslim.strategies.registry import parse_strategy_args, strategy_for
 
 # ----------------------------------------------------------------- models
@@ -254,3 +262,23 @@ def test_fedamd_sends_anchors_and_miners_different_work(small_config: RunConfig)
     later = [w for (w,) in db.execute("SELECT weight FROM messages WHERE round > 1 AND direction = 'up'")]
     assert any(w > 0 for w in later) and any(w == 0 for w in later)
     assert result.rounds[-1].accuracy != result.rounds[0].accuracy
+
+
+def test_the_guide_strategy_runs_as_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    guide = (Path(__file__).parents[1] / "docs" / "custom_strategy.md").read_text()
+    code = guide.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 40
+    (tmp_path / "guide_clipped.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    strategy = build_strategy("guide_clipped:ClippedFedAvg", parse_strategy_args(["max-norm=1"]), {"seed": 0})
+    strategy.bind(Federation({1: "a", 2: "b"}, {"w": (2,)}))
+    step = strategy.aggregate(
+        1,
+        [
+            ClientUpdate("a", {"w": np.array([3.0, 4.0], np.float32)}, 10, {}),  # norm 5: scaled by 1/5
+            ClientUpdate("b", {"w": np.array([0.5, 0.0], np.float32)}, 30, {}),  # norm 0.5: kept
+        ],
+    )
+    np.testing.assert_allclose(step.direction["w"], [0.25 * 0.6 + 0.75 * 0.5, 0.25 * 0.8])
+    assert step.weights == pytest.approx({"a": 0.05, "b": 0.75})
+    sys.modules.pop("guide_clipped", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -96,3 +97,24 @@ def test_cli_simulate_prints_the_round_table(tmp_path: Path, capsys: pytest.Capt
         "SELECT message_type, direction, COUNT(*) FROM messages GROUP BY 1, 2"
     )
     assert sorted(rows) == [("query", "down", 3), ("query", "up", 3), ("train", "down", 2), ("train", "up", 2)]
+
+
+def test_cli_strategy_and_participation_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli-mifa"
+    flags = ["--clients", "4", "--rounds", "3", "--fast", "head", "--out", str(out), "--backend", "inline"]
+    flags += ["--strategy", "mifa", "--strategy-arg", "memory=fp16", "--participation", "cyclic"]
+    flags += ["--participation-mean", "0.5", "--eval-every", "2", "--local-steps", "2"]
+    assert main(["simulate", *flags]) == 0
+    assert "strategy mifa, participation cyclic" in capsys.readouterr().out.replace("\n", "")
+    db = sqlite3.connect(out / LOG_FILENAME)
+    config = json.loads(db.execute("SELECT config FROM runs").fetchone()[0])
+    assert (config["strategy"], config["strategy_args"], config["fraction"], config["local_steps"]) == (
+        "mifa",
+        "memory=fp16",
+        1.0,
+        2,
+    )
+    rounds = db.execute("SELECT round, accuracy IS NOT NULL, available FROM rounds ORDER BY round").fetchall()
+    assert [(r, evaluated) for r, evaluated, _ in rounds] == [(0, 1), (1, 0), (2, 1), (3, 1)]
+    trace = (out / "participation.trace").read_text().splitlines()[1:]
+    assert [available for _, _, available in rounds[1:]] == [len(line.split()) for line in trace]
