@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -64,7 +66,7 @@ ROWS = [
 ]
 
 
-def run_one(config: RunConfig) -> dict[str, object]:
+def run_one(config: RunConfig) -> dict[str, Any]:
     import torch
 
     from fedslim.simulation.simulate import simulate
@@ -75,7 +77,7 @@ def run_one(config: RunConfig) -> dict[str, object]:
     evaluated = [r for r in result.rounds if r.accuracy is not None]
     return {
         "final": evaluated[-1].accuracy,
-        "best": max(r.accuracy for r in evaluated if r.round > 0),
+        "best": max(r.accuracy for r in evaluated if r.round > 0 and r.accuracy is not None),
         "initial": evaluated[0].accuracy,
         "curve": [(r.round, r.accuracy) for r in evaluated],
         "bytes_up": sum(r.bytes_up for r in result.rounds),
@@ -112,10 +114,15 @@ def config_for(row: Row, model: str, seed: int, args: argparse.Namespace) -> Run
     )
 
 
-def summarize(results: dict[str, dict[str, object]], models: list[str], seeds: list[int]) -> str:
+def strategy_memory_kib(log_path: str) -> float:
+    """Per-client state the strategy held on the server at the end of the run, from its log."""
+    with sqlite3.connect(log_path) as db:
+        (held,) = db.execute("SELECT MAX(strategy_memory_bytes) FROM rounds").fetchone()
+    return (held or 0) / 1024
+
+
+def summarize(results: dict[str, dict[str, Any]], models: list[str], seeds: list[int]) -> str:
     def mean_std(values: list[float]) -> str:
-        if not values:
-            return "-"
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} ± {spread:.4f}"
 
@@ -123,26 +130,24 @@ def summarize(results: dict[str, dict[str, object]], models: list[str], seeds: l
     for model in models:
         lines += [
             f"\n### participation: {model} (mean p = 0.1), {len(seeds)} seeds, mean ± std\n",
-            "| strategy | final | best | vs FedAvg (final) | KiB moved / run | updates / run |",
-            "|---|---|---|---|---|---|",
+            "| strategy | final | best | vs FedAvg (final) | KiB moved / run | server memory KiB | updates / run |",
+            "|---|---|---|---|---|---|---|",
         ]
         baseline = [
             results[f"{model}|{ROWS[0].label}|{s}"]["final"] for s in seeds if f"{model}|{ROWS[0].label}|{s}" in results
         ]
         for row in ROWS:
-            if model not in row.models:
-                continue
             done = [results[k] for k in (f"{model}|{row.label}|{s}" for s in seeds) if k in results]
-            if not done:
+            if model not in row.models or not done:
                 continue
-            finals = [float(d["final"]) for d in done]  # type: ignore[arg-type]
-            bests = [float(d["best"]) for d in done]  # type: ignore[arg-type]
+            finals = [float(d["final"]) for d in done]
             gap = statistics.mean(finals) - statistics.mean(baseline) if baseline else 0.0
-            moved = statistics.mean(float(d["bytes_up"]) + float(d["bytes_down"]) for d in done) / 1024  # type: ignore[arg-type]
-            updates = statistics.mean(float(d["updates"]) for d in done)  # type: ignore[arg-type]
+            moved = statistics.mean(d["bytes_up"] + d["bytes_down"] for d in done) / 1024
+            memory = statistics.mean(strategy_memory_kib(d["log"]) if Path(d["log"]).exists() else 0.0 for d in done)
+            updates = statistics.mean(d["updates"] for d in done)
             lines.append(
-                f"| {row.label} | {mean_std(finals)} | {mean_std(bests)} | {gap * 100:+.2f} pt | "
-                f"{moved:,.0f} | {updates:,.0f} |"
+                f"| {row.label} | {mean_std(finals)} | {mean_std([float(d['best']) for d in done])} | "
+                f"{gap * 100:+.2f} pt | {moved:,.0f} | {memory:,.0f} | {updates:,.0f} |"
             )
     return "\n".join(lines)
 
@@ -163,7 +168,7 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     store = args.results / "participation.json"
     saved = json.loads(store.read_text()) if store.exists() else {}
-    results: dict[str, dict[str, object]] = saved.get("runs", {})
+    results: dict[str, dict[str, Any]] = saved.get("runs", {})
     todo = {
         f"{model}|{row.label}|{seed}": config_for(row, model, seed, args)
         for model in args.models

@@ -358,3 +358,13 @@ def test_bad_strategy_arguments_are_refused() -> None:
         bound(FedStale(p_estimate="guess"), CLIENTS).aggregate(1, [])
     with pytest.raises(StrategyConfigError, match="bind"):
         FastFedAvg().aggregate(1, [update("a", [1, 1])])
+
+
+def test_memory_is_reported_per_strategy() -> None:
+    fedau = bound(FedAU(), CLIENTS)
+    fedau.aggregate(1, [update("a", [1, 1])])
+    assert fedau.memory_bytes() == 24 * 3  # S, M, w for every client
+    varp = bound(FedVARP(memory="fp16"), CLIENTS)
+    varp.aggregate(1, [update("a", [1, 1]), update("b", [1, 1])])
+    assert varp.memory_bytes() == 2 * 2 * 2 + 2 * 8  # two clients' fp16 pairs + the float64 running sum
+    assert bound(FastFedAvg(), CLIENTS).memory_bytes() == 0

@@ -49,6 +49,10 @@ class FedAUWeights:
     def weight(self, client: str) -> float:
         return self.mean_interval.get(client, 1.0)
 
+    def nbytes(self) -> int:
+        """Three 8-byte numbers per client (S_n, M_n, w_n)."""
+        return 24 * len(set(self.missed) | set(self.intervals))
+
     def weights(self, participants: Sequence[str]) -> dict[str, float]:
         return {client: self.weight(client) for client in participants}
 
@@ -86,6 +90,9 @@ class FedAU(FastStrategy):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.cutoff = cutoff
         self.estimates: FedAUWeights | None = None
+
+    def memory_bytes(self) -> int:
+        return self.estimates.nbytes() if self.estimates else 0
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
         if self.estimates is None:

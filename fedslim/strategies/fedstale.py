@@ -18,6 +18,7 @@ import math
 
 from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, StrategyConfigError, weighted_sum
 from fedslim.strategies.estimators import InverseProbability, make_estimator
+from fedslim.strategies.fedau import FedAUWeights
 from fedslim.strategies.memory import ClientMemory
 
 
@@ -57,7 +58,8 @@ class FedStale(FastStrategy):
         self.history: ClientMemory | None = None
 
     def memory_bytes(self) -> int:
-        return self.history.nbytes() if self.history else 0
+        estimator = self.estimator.nbytes() if isinstance(self.estimator, FedAUWeights) else 0
+        return estimator + (self.history.nbytes() if self.history else 0)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
         if self.estimator is None or self.history is None:
