@@ -282,3 +282,14 @@ def test_the_guide_strategy_runs_as_documented(tmp_path: Path, monkeypatch: pyte
     np.testing.assert_allclose(step.direction["w"], [0.25 * 0.6 + 0.75 * 0.5, 0.25 * 0.8])
     assert step.weights == pytest.approx({"a": 0.05, "b": 0.75})
     sys.modules.pop("guide_clipped", None)
+
+
+def test_fedamd_without_anchors_is_plain_local_sgd(small_config: RunConfig) -> None:
+    """Anchor probability 0 and zero initial directions: FedAMD's rounds are FedAvg's (equal weights), exactly."""
+    config = replace(small_config, num_clients=5, rounds=3, fraction=0.6, local_steps=4)
+    fedamd = replace(config, strategy="fedamd", strategy_args="anchor-probability=0,initial-direction=zeros")
+    fedavg = replace(config, strategy="fedavg", strategy_args="weighting=uniform", out=config.out + "-fedavg")
+    amd = run_federation(InlineGrid(client_app, 5), fedamd)  # type: ignore[arg-type]
+    avg = run_federation(InlineGrid(client_app, 5), fedavg)  # type: ignore[arg-type]
+    assert [(r.accuracy, r.loss) for r in amd.rounds] == [(r.accuracy, r.loss) for r in avg.rounds]
+    assert amd.rounds[-1].accuracy != amd.rounds[0].accuracy

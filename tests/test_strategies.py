@@ -9,8 +9,8 @@ import pytest
 from fakes import ListGrid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedslim.codecs.pipeline import DELTA, encode_update, parse_codec
-from fedslim.messages import CLIENT_RECORD, DIRECTION_KEY, ROLE_KEY
+from fedslim.codecs.pipeline import DELTA, decode_update, encode_update, parse_codec
+from fedslim.messages import CLIENT_RECORD, DIRECTION_KEY, ROLE_KEY, record_update
 from fedslim.strategies import (
     MIFA,
     ClientMemory,
@@ -272,25 +272,38 @@ def test_fedamd_roles_direction_and_step() -> None:
     strategy = FedAMD(anchor_probability=0.5, initial_direction="zeros", memory="fp32", seed=3)
     clients = [f"c{i}" for i in range(8)]
     strategy.bind(federation(clients))
+    strategy.roles = {"c0": "anchor"}
+    strategy.aggregate(0, [update("c0", [8.0, 0.0])])  # one anchor gradient stored: v = [1, 0]
     state = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
     messages = list(strategy.configure_train(1, state, ConfigRecord(), ListGrid(list(range(100, 108)))))
-    roles = {
-        strategy.federation.node_keys[m.metadata.dst_node_id]: m.content.config_records["config"][ROLE_KEY]
-        for m in messages
-    }
+    keys = strategy.federation.node_keys
+    roles = {keys[m.metadata.dst_node_id]: m.content.config_records["config"][ROLE_KEY] for m in messages}
     assert set(roles.values()) == {"anchor", "miner"}  # one round, different instructions
     for m in messages:
-        assert (DIRECTION_KEY in m.content.array_records) == (
-            roles[strategy.federation.node_keys[m.metadata.dst_node_id]] == "miner"
-        )
+        sent = m.content.array_records.get(DIRECTION_KEY)
+        assert (sent is not None) == (roles[keys[m.metadata.dst_node_id]] == "miner")
+        if sent is not None:
+            np.testing.assert_array_equal(decode_update(record_update(sent), SHAPES).tensors["w"], [1.0, 0.0])
     anchors = [c for c, r in roles.items() if r == "anchor"]
     miners = [c for c, r in roles.items() if r == "miner"]
-    updates = [update(c, [8.0, 0.0]) for c in anchors] + [update(c, [float(i), 1.0]) for i, c in enumerate(miners)]
+    updates = [update(c, [8.0, 8.0]) for c in anchors] + [update(c, [float(i), 1.0]) for i, c in enumerate(miners)]
     step = strategy.aggregate(1, updates)
     np.testing.assert_allclose(direction(step), [np.mean(range(len(miners))), 1.0])  # mean over miners only
     assert all(step.weights[c] == 0 for c in anchors)
-    # v = (1/N) sum of the anchors' gradients
-    np.testing.assert_allclose(strategy.direction()["w"], [8.0 * len(anchors) / 8, 0.0])
+    # v = (1/N) sum of the stored anchor gradients (c0's unless it was an anchor again)
+    stored = {"c0": [8.0, 0.0]} | {c: [8.0, 8.0] for c in anchors}
+    np.testing.assert_allclose(strategy.direction()["w"], np.sum(list(stored.values()), axis=0) / 8)
+
+
+def test_fedamd_miners_train_plainly_until_an_anchor_exists() -> None:
+    strategy = FedAMD(anchor_probability=0.0, initial_direction="zeros", memory="fp32")
+    strategy.bind(federation(["a", "b"]))
+    state = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+    messages = list(strategy.configure_train(1, state, ConfigRecord(), ListGrid([100, 101])))
+    assert [m.content.config_records["config"][ROLE_KEY] for m in messages] == ["train", "train"]
+    assert all(DIRECTION_KEY not in m.content.array_records for m in messages)
+    step = strategy.aggregate(1, [update("a", [2, 0]), update("b", [0, 2])])
+    np.testing.assert_allclose(direction(step), [1, 1])
 
 
 def test_fedamd_anchor_first_and_probability_extremes() -> None:

@@ -15,11 +15,14 @@ MINER, so one round sends different instructions to different clients:
 
     x_{t+1} = x_t + eta_g * mean over miners of Delta_i    (no step without miners)
 
-Before a client's first anchor its g_i is 0 (``initial_direction="zeros"``,
-the update rule as written), or it is made an anchor the first time it is
-sampled (``"anchor-first"``, the online counterpart of the paper's g_i(x_0)
-for every client: with uneven participation not every client can be asked at
-round 0).
+Before a client's first anchor its g_i is 0 (``initial_direction="zeros"``),
+or it is made an anchor the first time it is sampled (``"anchor-first"``, the
+online counterpart of the paper's g_i(x_0) for every client: with uneven
+participation not every client can be asked at round 0). While no anchor
+gradient exists at all, v = 0 and the recursion above would never move
+(it only adds gradient differences to v_0), so miners then run plain local
+SGD instead: with p = 0 and zero initial directions FedAMD is FedAvg with
+equal weights.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from fedslim.messages import CONFIG_KEY, DIRECTION_KEY, FAST_KEY, ROLE_KEY, upda
 from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, StrategyConfigError, weighted_sum
 from fedslim.strategies.memory import ClientMemory
 
-ANCHOR, MINER = "anchor", "miner"
+ANCHOR, MINER, PLAIN = "anchor", "miner", "train"
 INITIAL_DIRECTIONS = ("zeros", "anchor-first")
 
 
@@ -100,7 +103,10 @@ class FedAMD(FastStrategy):
 
     def instruction(self, server_round: int, node_id: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
         client = self.federation.node_keys[node_id]
-        role = self.roles[client] = self.role(server_round, client)
+        role = self.role(server_round, client)
+        if role == MINER and not len(self._memory()):
+            role = PLAIN  # no anchor yet: v = 0, and a variance-reduced miner would not move
+        self.roles[client] = role
         task = ConfigRecord({**config, ROLE_KEY: role})
         content = RecordDict({FAST_KEY: arrays, CONFIG_KEY: task})
         if role == MINER:
@@ -126,7 +132,7 @@ class FedAMD(FastStrategy):
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
         memory = self._memory()
-        miners = [u for u in updates if self.roles.get(u.client) == MINER]
+        miners = [u for u in updates if self.roles.get(u.client) in (MINER, PLAIN)]
         for u in updates:
             if self.roles.get(u.client) == ANCHOR:
                 memory.put(u.client, u.delta, u.blob)  # an anchor's upload is its gradient g_i
