@@ -16,7 +16,7 @@ from fedslim.client.app import app as client_app
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import ConfigError, RunConfig
 from fedslim.server.loop import run_federation
-from fedslim.simulation.inline import InlineGrid
+from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.simulation.participation import (
     TRACE_FILENAME,
     ParticipationError,
@@ -33,6 +33,7 @@ from fedslim.strategies import (
     STRATEGIES,
     ClientUpdate,
     FastFedAvg,
+    FedAU,
     Federation,
     FedStale,
     StrategyConfigError,
@@ -293,3 +294,28 @@ def test_fedamd_without_anchors_is_plain_local_sgd(small_config: RunConfig) -> N
     avg = run_federation(InlineGrid(client_app, 5), fedavg)  # type: ignore[arg-type]
     assert [(r.accuracy, r.loss) for r in amd.rounds] == [(r.accuracy, r.loss) for r in avg.rounds]
     assert amd.rounds[-1].accuracy != amd.rounds[0].accuracy
+
+
+class SilentNodesGrid(InlineGrid):
+    """Nodes that never answer a train instruction, as if they missed every round's timeout."""
+
+    def __init__(self, num_nodes: int, silent: set[int]) -> None:
+        super().__init__(client_app, num_nodes)
+        self.silent = silent
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return [
+            reply
+            for reply in super().send_and_receive(messages, timeout=timeout)
+            if not (reply.metadata.message_type == "train" and reply.metadata.src_node_id in self.silent)
+        ]
+
+
+def test_in_deployment_a_node_that_does_not_reply_is_absent(small_config: RunConfig) -> None:
+    config = replace(small_config, num_clients=4, rounds=3, fraction=1.0)
+    grid = SilentNodesGrid(4, silent={FIRST_NODE_ID})  # partition 0
+    strategy = FedAU()
+    result = run_federation(grid, config, strategy)  # type: ignore[arg-type]
+    assert [(r.sampled, r.accepted) for r in result.rounds[1:]] == [(4, 3)] * 3
+    assert strategy.estimates is not None
+    assert strategy.estimates.missed["partition-0"] == 3 and strategy.estimates.weight("partition-1") == 1.0
