@@ -3,7 +3,8 @@
 Setup (FedAU's, on fedslim's fast layer): Dirichlet(0.1) over 100 clients,
 participation with mean p = 0.1 from FedAU's label-correlated model
 (Bernoulli), and the same probabilities under Markov and cyclic dynamics;
-every available client trains 5 minibatch steps of 16 examples at lr 0.1;
+every available client trains 5 minibatch steps of 16 examples at lr 0.1
+(FedAMD also at its reference code's 0.01);
 the fast layer is the foundation's (LoRA r=4 on the pretrained CNN, plus the
 head). Runs use the inline backend (same loop and client code as Flower's
 engine, in one process) two at a time; each finished run is saved at once
@@ -45,6 +46,7 @@ class Row:
     args: str = ""
     p_known: bool = False
     codec: str = "none"
+    lr: float = 0.1
     models: tuple[str, ...] = ("label", "markov", "cyclic")
 
 
@@ -56,6 +58,7 @@ ROWS = [
     Row("MIFA", "mifa"),
     Row("FedStale beta=0.5, FedAU weights", "fedstale", "beta=0.5,p-estimate=fedau"),
     Row("FedAMD p_anchor=0.2", "fedamd", "anchor-probability=0.2"),
+    Row("FedAMD p_anchor=0.2, lr 0.01 (its paper's)", "fedamd", "anchor-probability=0.2", lr=0.01),
     Row(
         "FedStale beta=0.5, FedAU weights, topk:0.1+q8+lzma both ways",
         "fedstale",
@@ -100,7 +103,7 @@ def config_for(row: Row, model: str, seed: int, args: argparse.Namespace) -> Run
             seed=seed,
             local_steps=5,
             batch_size=16,
-            lr=0.1,
+            lr=row.lr,
             participation=model,
             participation_mean=0.1,
             eval_every=args.eval_every,
