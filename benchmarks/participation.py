@@ -183,9 +183,15 @@ def main() -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("results",)}
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(run_one, config): key for key, config in todo.items()}
+        failed = []
         for done, future in enumerate(as_completed(futures), 1):
             key = futures[future]
-            results[key] = future.result()
+            try:
+                results[key] = future.result()
+            except Exception as exc:  # one failed run must not lose the others
+                failed.append(key)
+                print(f"[{done}/{len(todo)}] {key}: FAILED: {exc!r}", flush=True)
+                continue
             store.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))
             print(
                 f"[{done}/{len(todo)}] {key}: final {results[key]['final']:.4f} best {results[key]['best']:.4f} "
@@ -199,6 +205,8 @@ def main() -> None:
     )
     (args.results / "participation.md").write_text(header + table + "\n")
     print(header + table)
+    if failed:
+        sys.exit(f"{len(failed)} runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -92,16 +92,37 @@ def load_fashion_mnist(data_dir: Path) -> tuple[ArrayDataset, ArrayDataset]:
     )
 
 
+DIRICHLET_SEED_TRIES = 10
+
+
 def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """Indices of each partition under a Dirichlet(alpha) label split (flwr-datasets)."""
+    """Indices of each partition under a Dirichlet(alpha) label split (flwr-datasets).
+
+    flwr-datasets redraws until every partition has 10 examples and gives up
+    after 10 draws, which a small alpha over many clients can exhaust (Dir(0.1)
+    over 100 clients does for seed 2); the split is then drawn again from
+    seed + 1000, seed + 2000, ..., deterministically.
+    """
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    partitioner = DirichletPartitioner(
-        num_partitions=num_partitions, partition_by="label", alpha=alpha, min_partition_size=10, seed=seed
+    for attempt in range(DIRICHLET_SEED_TRIES):
+        partitioner = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=10,
+            seed=seed + 1000 * attempt,
+        )
+        partitioner.dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))})
+        try:
+            return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
+        except ValueError:
+            continue
+    raise ValueError(
+        f"no Dirichlet({alpha}) split of {len(labels)} examples over {num_partitions} clients gives each "
+        f"at least 10 examples ({DIRICHLET_SEED_TRIES} seeds tried); raise alpha or use fewer clients"
     )
-    partitioner.dataset = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))})
-    return [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(num_partitions)]
 
 
 def fashion_mnist_federation(config: DataSpec) -> FederatedData:
