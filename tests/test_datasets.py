@@ -91,3 +91,29 @@ def test_real_fashion_mnist_federation(tmp_path: Path) -> None:
     assert len(data.public) == 3000 and len(data.test) == 10000
     assert sum(len(c) for c in data.clients) == 57000
     assert min(len(c) for c in data.clients) >= 10
+
+
+def test_dirichlet_partition_redraws_from_derived_seeds_when_flwr_datasets_gives_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    labels = np.repeat(np.arange(4), 100)
+    expected = dirichlet_partition(labels, 4, alpha=1.0, seed=1007)  # what the first redraw (seed + 1000) gives
+    original = DirichletPartitioner.load_partition
+    seeds_tried: list[int] = []
+
+    def fails_for_seed_7(self: DirichletPartitioner, partition_id: int):  # type: ignore[no-untyped-def]
+        seeds_tried.append(self._seed)
+        if self._seed == 7:
+            raise ValueError("The max number of attempts (10) was reached.")
+        return original(self, partition_id)
+
+    monkeypatch.setattr(DirichletPartitioner, "load_partition", fails_for_seed_7)
+    parts = dirichlet_partition(labels, 4, alpha=1.0, seed=7)
+    assert seeds_tried[0] == 7 and set(seeds_tried[1:]) == {1007}
+    assert all(np.array_equal(a, b) for a, b in zip(parts, expected))
+
+    monkeypatch.setattr(DirichletPartitioner, "load_partition", lambda self, i: (_ for _ in ()).throw(ValueError()))
+    with pytest.raises(ValueError, match="no Dirichlet"):
+        dirichlet_partition(labels, 4, alpha=1.0, seed=7)
