@@ -66,6 +66,7 @@ ROWS = [
         codec="topk:0.1+q8+lzma",
         models=("label",),
     ),
+    Row("FedVARP, topk:0.1+q8+lzma both ways", "fedvarp", codec="topk:0.1+q8+lzma", models=("label",)),
 ]
 
 
