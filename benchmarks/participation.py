@@ -54,6 +54,7 @@ ROWS = [
     Row("FedAvg over participants", "fedavg"),
     Row("FedAvg 1/p, p known", "fedavg", "p-estimate=known", p_known=True),
     Row("FedAU (K=inf)", "fedau"),
+    Row("FedAU (K=50)", "fedau", "cutoff=50", models=("label",)),
     Row("FedVARP", "fedvarp"),
     Row("MIFA", "mifa"),
     Row("FedStale beta=0.5, FedAU weights", "fedstale", "beta=0.5,p-estimate=fedau"),
@@ -118,11 +119,29 @@ def config_for(row: Row, model: str, seed: int, args: argparse.Namespace) -> Run
     )
 
 
-def strategy_memory_kib(log_path: str) -> float:
-    """Per-client state the strategy held on the server at the end of the run, from its log."""
-    with sqlite3.connect(log_path) as db:
-        (held,) = db.execute("SELECT MAX(strategy_memory_bytes) FROM rounds").fetchone()
-    return (held or 0) / 1024
+def from_log(log_path: str) -> dict[str, float]:
+    """What the log of a run's last complete run says about its aggregation.
+
+    ``memory_kib``: per-client state the strategy held at the end.
+    ``effective``: mean over rounds of (sum_i w_i)^2 / sum_i w_i^2 over the
+    fresh updates' weights, how many equally weighted updates a round is worth.
+    ``max_weight``: the largest weight any single fresh update got.
+    """
+    with sqlite3.connect(f"file:{log_path}?mode=ro", uri=True) as db:
+        (run_id,) = db.execute(
+            "SELECT run_id FROM rounds GROUP BY run_id ORDER BY MAX(round) DESC, MIN(rowid) DESC LIMIT 1"
+        ).fetchone()
+        (held,) = db.execute("SELECT MAX(strategy_memory_bytes) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()
+        rows = db.execute(
+            "SELECT SUM(weight) * SUM(weight) / SUM(weight * weight), MAX(weight) FROM messages "
+            "WHERE run_id = ? AND direction = 'up' AND weight > 0 GROUP BY round",
+            (run_id,),
+        ).fetchall()
+    return {
+        "memory_kib": (held or 0) / 1024,
+        "effective": statistics.mean(r[0] for r in rows) if rows else 0.0,
+        "max_weight": max(r[1] for r in rows) if rows else 0.0,
+    }
 
 
 def summarize(results: dict[str, dict[str, Any]], models: list[str], seeds: list[int]) -> str:
@@ -134,8 +153,9 @@ def summarize(results: dict[str, dict[str, Any]], models: list[str], seeds: list
     for model in models:
         lines += [
             f"\n### participation: {model} (mean p = 0.1), {len(seeds)} seeds, mean ± std\n",
-            "| strategy | final | best | vs FedAvg (final) | KiB moved / run | server memory KiB | updates / run |",
-            "|---|---|---|---|---|---|---|",
+            "| strategy | final | best | vs FedAvg (final) | last-5 mean | KiB moved / run | server memory KiB "
+            "| eff. updates / round | max weight |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         baseline = [
             results[f"{model}|{ROWS[0].label}|{s}"]["final"] for s in seeds if f"{model}|{ROWS[0].label}|{s}" in results
@@ -147,11 +167,16 @@ def summarize(results: dict[str, dict[str, Any]], models: list[str], seeds: list
             finals = [float(d["final"]) for d in done]
             gap = statistics.mean(finals) - statistics.mean(baseline) if baseline else 0.0
             moved = statistics.mean(d["bytes_up"] + d["bytes_down"] for d in done) / 1024
-            memory = statistics.mean(strategy_memory_kib(d["log"]) if Path(d["log"]).exists() else 0.0 for d in done)
-            updates = statistics.mean(d["updates"] for d in done)
+            logs = [from_log(d["log"]) for d in done if Path(d["log"]).exists()]
+            memory, effective, max_weight = (
+                statistics.mean(log[k] for log in logs) if logs else 0.0
+                for k in ("memory_kib", "effective", "max_weight")
+            )
+            last5 = statistics.mean(statistics.mean(a for _, a in d["curve"][-5:]) for d in done)
             lines.append(
                 f"| {row.label} | {mean_std(finals)} | {mean_std([float(d['best']) for d in done])} | "
-                f"{gap * 100:+.2f} pt | {moved:,.0f} | {memory:,.0f} | {updates:,.0f} |"
+                f"{gap * 100:+.2f} pt | {last5:.4f} | {moved:,.0f} | {memory:,.0f} | "
+                f"{effective:.1f} | {max_weight:.3f} |"
             )
     return "\n".join(lines)
 
