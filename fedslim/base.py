@@ -67,18 +67,24 @@ def ensure_pretrained_base(config: RunConfig) -> Path:
     if path.is_file():
         return path
     data = load_federation(config)
-    torch.manual_seed(config.seed)
-    module = build_architecture(config.dataset)
-    train_epochs(
-        module,
-        list(module.parameters()),
-        data.public,
-        epochs=PRETRAIN_EPOCHS[config.dataset],
-        lr=PRETRAIN_LR,
-        batch_size=32,
-        seed=config.seed,
-        momentum=0.9,
-    )
+    # One thread: parallel reductions would make the checkpoint depend on the caller's thread count.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(config.seed)
+        module = build_architecture(config.dataset)
+        train_epochs(
+            module,
+            list(module.parameters()),
+            data.public,
+            epochs=PRETRAIN_EPOCHS[config.dataset],
+            lr=PRETRAIN_LR,
+            batch_size=32,
+            seed=config.seed,
+            momentum=0.9,
+        )
+    finally:
+        torch.set_num_threads(threads)
     result = evaluate(module, data.test)
     save_base(
         module, path, {"dataset": config.dataset, "public_examples": len(data.public), "test_accuracy": result.accuracy}

@@ -1,0 +1,33 @@
+"""The pretrained base of a built-in benchmark: the same checkpoint whoever pretrains it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedslim import base as base_module
+from fedslim.base import ensure_pretrained_base, load_base
+from fedslim.config import RunConfig
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
+def test_pretrained_base_does_not_depend_on_the_callers_thread_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(base_module.PRETRAIN_EPOCHS, "fmnist", 1)
+    config = RunConfig(dataset="fmnist", num_clients=10, out=str(tmp_path / "run"))
+    fingerprints = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 4):
+            monkeypatch.setenv("FEDSLIM_CACHE", str(tmp_path / f"cache-{count}"))
+            torch.set_num_threads(count)
+            fingerprints.append(load_base(ensure_pretrained_base(config), "fmnist").fingerprint)
+            assert torch.get_num_threads() == count  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
+    assert fingerprints[0] == fingerprints[1]
