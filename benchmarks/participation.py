@@ -50,24 +50,27 @@ class Row:
     models: tuple[str, ...] = ("label", "markov", "cyclic")
 
 
+LABEL_ONLY = ("label",)
+
 ROWS = [
     Row("FedAvg over participants", "fedavg"),
+    Row("FedAvg over participants, equal weights (FedAU's baseline)", "fedavg", "weighting=uniform", models=LABEL_ONLY),
     Row("FedAvg 1/p, p known", "fedavg", "p-estimate=known", p_known=True),
     Row("FedAU (K=inf)", "fedau"),
-    Row("FedAU (K=50)", "fedau", "cutoff=50", models=("label",)),
+    Row("FedAU (K=50)", "fedau", "cutoff=50", models=LABEL_ONLY),
     Row("FedVARP", "fedvarp"),
     Row("MIFA", "mifa"),
     Row("FedStale beta=0.5, FedAU weights", "fedstale", "beta=0.5,p-estimate=fedau"),
-    Row("FedAMD p_anchor=0.2", "fedamd", "anchor-probability=0.2"),
+    Row("FedAMD p_anchor=0.2", "fedamd", "anchor-probability=0.2", models=LABEL_ONLY),
     Row("FedAMD p_anchor=0.2, lr 0.01 (its paper's)", "fedamd", "anchor-probability=0.2", lr=0.01),
+    Row("FedVARP, topk:0.1+q8+lzma both ways", "fedvarp", codec="topk:0.1+q8+lzma"),
     Row(
         "FedStale beta=0.5, FedAU weights, topk:0.1+q8+lzma both ways",
         "fedstale",
         "beta=0.5,p-estimate=fedau",
         codec="topk:0.1+q8+lzma",
-        models=("label",),
+        models=LABEL_ONLY,
     ),
-    Row("FedVARP, topk:0.1+q8+lzma both ways", "fedvarp", codec="topk:0.1+q8+lzma", models=("label",)),
 ]
 
 
@@ -89,7 +92,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
         "bytes_down": sum(r.bytes_down for r in result.rounds),
         "updates": sum(r.accepted for r in result.rounds),
         "wall_s": time.monotonic() - started,
-        "log": result.log_path,
+        **aggregation_diagnostics(result.log_path, result.run_id),
     }
 
 
@@ -119,18 +122,15 @@ def config_for(row: Row, model: str, seed: int, args: argparse.Namespace) -> Run
     )
 
 
-def from_log(log_path: str) -> dict[str, float]:
-    """What the log of a run's last complete run says about its aggregation.
+def aggregation_diagnostics(log_path: str, run_id: str) -> dict[str, float]:
+    """What the communication log says about a run's aggregation.
 
-    ``memory_kib``: per-client state the strategy held at the end.
+    ``memory_kib``: the most per-client state the strategy held.
     ``effective``: mean over rounds of (sum_i w_i)^2 / sum_i w_i^2 over the
     fresh updates' weights, how many equally weighted updates a round is worth.
     ``max_weight``: the largest weight any single fresh update got.
     """
     with sqlite3.connect(f"file:{log_path}?mode=ro", uri=True) as db:
-        (run_id,) = db.execute(
-            "SELECT run_id FROM rounds GROUP BY run_id ORDER BY MAX(round) DESC, MIN(rowid) DESC LIMIT 1"
-        ).fetchone()
         (held,) = db.execute("SELECT MAX(strategy_memory_bytes) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()
         rows = db.execute(
             "SELECT SUM(weight) * SUM(weight) / SUM(weight * weight), MAX(weight) FROM messages "
@@ -144,7 +144,7 @@ def from_log(log_path: str) -> dict[str, float]:
     }
 
 
-def summarize(results: dict[str, dict[str, Any]], models: list[str], seeds: list[int]) -> str:
+def summarize(results: dict[str, dict[str, Any]], rows: list[Row], models: list[str], seeds: list[int]) -> str:
     def mean_std(values: list[float]) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} ± {spread:.4f}"
@@ -160,21 +160,20 @@ def summarize(results: dict[str, dict[str, Any]], models: list[str], seeds: list
         baseline = [
             results[f"{model}|{ROWS[0].label}|{s}"]["final"] for s in seeds if f"{model}|{ROWS[0].label}|{s}" in results
         ]
-        for row in ROWS:
+        for row in rows:
             done = [results[k] for k in (f"{model}|{row.label}|{s}" for s in seeds) if k in results]
             if model not in row.models or not done:
                 continue
             finals = [float(d["final"]) for d in done]
             gap = statistics.mean(finals) - statistics.mean(baseline) if baseline else 0.0
             moved = statistics.mean(d["bytes_up"] + d["bytes_down"] for d in done) / 1024
-            logs = [from_log(d["log"]) for d in done if Path(d["log"]).exists()]
             memory, effective, max_weight = (
-                statistics.mean(log[k] for log in logs) if logs else 0.0
-                for k in ("memory_kib", "effective", "max_weight")
+                statistics.mean(d[k] for d in done) for k in ("memory_kib", "effective", "max_weight")
             )
             last5 = statistics.mean(statistics.mean(a for _, a in d["curve"][-5:]) for d in done)
+            label = row.label if len(done) == len(seeds) else f"{row.label} ({len(done)} seeds)"
             lines.append(
-                f"| {row.label} | {mean_std(finals)} | {mean_std([float(d['best']) for d in done])} | "
+                f"| {label} | {mean_std(finals)} | {mean_std([float(d['best']) for d in done])} | "
                 f"{gap * 100:+.2f} pt | {last5:.4f} | {moved:,.0f} | {memory:,.0f} | "
                 f"{effective:.1f} | {max_weight:.3f} |"
             )
@@ -189,24 +188,35 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", default=["label", "markov", "cyclic"])
+    parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows (their labels in the table)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default="runs/bench-participation")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--fresh", action="store_true", help="discard the saved runs and start over")
     args = parser.parse_args()
 
     args.results.mkdir(parents=True, exist_ok=True)
     store = args.results / "participation.json"
-    saved = json.loads(store.read_text()) if store.exists() else {}
+    setup = {"rounds": args.rounds, "clients": args.clients, "alpha": args.alpha, "eval_every": args.eval_every}
+    saved = json.loads(store.read_text()) if store.exists() and not args.fresh else {}
+    if saved and saved.get("setup") != setup:
+        sys.exit(
+            f"{store} holds runs of another setup ({saved.get('setup')}, this one is {setup}); "
+            "pass --fresh to discard them or --results DIR to keep both"
+        )
     results: dict[str, dict[str, Any]] = saved.get("runs", {})
+    unknown = set(args.rows or []) - {row.label for row in ROWS}
+    if unknown:
+        sys.exit(f"no such rows: {', '.join(sorted(unknown))}")
+    rows = [row for row in ROWS if not args.rows or row.label in args.rows]
     todo = {
         f"{model}|{row.label}|{seed}": config_for(row, model, seed, args)
         for model in args.models
         for seed in args.seeds
-        for row in ROWS
+        for row in rows
         if model in row.models and f"{model}|{row.label}|{seed}" not in results
     }
     print(f"{len(todo)} runs to do, {len(results)} already saved in {store}", flush=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("results",)}
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(run_one, config): key for key, config in todo.items()}
         failed = []
@@ -218,13 +228,13 @@ def main() -> None:
                 failed.append(key)
                 print(f"[{done}/{len(todo)}] {key}: FAILED: {exc!r}", flush=True)
                 continue
-            store.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))
+            store.write_text(json.dumps({"setup": setup, "runs": results}, indent=1))
             print(
                 f"[{done}/{len(todo)}] {key}: final {results[key]['final']:.4f} best {results[key]['best']:.4f} "
                 f"({results[key]['wall_s']:.0f} s)",
                 flush=True,
             )
-    table = summarize(results, args.models, args.seeds)
+    table = summarize(results, rows, args.models, args.seeds)
     header = (
         f"FMNIST Dir({args.alpha}), {args.clients} clients, {args.rounds} rounds, 5 local steps x 16, lr 0.1, "
         f"LoRA r=4 fast layer; accuracy evaluated every {args.eval_every} rounds\n"
