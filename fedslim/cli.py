@@ -192,7 +192,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     except DatasetMissingError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})"))
+    console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
     console.print(f"communication log: {result.log_path}")
     return 0
 

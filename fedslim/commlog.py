@@ -99,6 +99,7 @@ class RoundTotals:
     bytes_up: int
     bytes_down: int
     full_model_bytes: int
+    strategy_memory_bytes: int | None = None
 
 
 class CommLog:
@@ -220,7 +221,8 @@ class CommLog:
             SELECT r.round, r.accuracy, r.loss, r.sampled, r.accepted,
                    COALESCE(SUM(CASE WHEN m.direction = 'up' THEN m.message_bytes END), 0),
                    COALESCE(SUM(CASE WHEN m.direction = 'down' THEN m.message_bytes END), 0),
-                   COALESCE(SUM(m.full_model_bytes), 0)
+                   COALESCE(SUM(m.full_model_bytes), 0),
+                   r.strategy_memory_bytes
             FROM rounds r LEFT JOIN messages m ON m.run_id = r.run_id AND m.round = r.round
             WHERE r.run_id = ? AND (? IS NULL OR r.round = ?)
             GROUP BY r.round ORDER BY r.round

@@ -16,15 +16,21 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.1f}"
 
 
-def round_table(rounds: list[RoundTotals], title: str = "") -> Table:
-    """Accuracy, loss and bytes per round, with what full-model FedAvg would have moved."""
+def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | None = None) -> Table:
+    """Accuracy, loss and bytes per round, with what full-model FedAvg would have moved.
+
+    When the strategy keeps per-client state on the server, a column shows
+    what it holds (and, given ``num_clients``, how much that is per client).
+    """
     table = Table(title=title or None)
+    with_memory = any(r.strategy_memory_bytes for r in rounds)
     # "full FedAvg": what full-model FedAvg would have moved for the same messages.
-    for column in ("round", "acc", "loss", "updates", "KiB up", "KiB down", "full FedAvg KiB", "saving"):
+    columns = ["round", "acc", "loss", "updates", "KiB up", "KiB down", "full FedAvg KiB", "saving"]
+    for column in columns + (["server KiB"] if with_memory else []):
         table.add_column(column, justify="right")
     for r in rounds:
         moved = r.bytes_up + r.bytes_down
-        table.add_row(
+        cells = [
             str(r.round),
             f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
             f"{r.loss:.4f}" if r.loss is not None else "-",
@@ -33,20 +39,23 @@ def round_table(rounds: list[RoundTotals], title: str = "") -> Table:
             _kib(r.bytes_down),
             _kib(r.full_model_bytes),
             f"{r.full_model_bytes / moved:,.1f}x" if moved else "-",
-        )
+        ]
+        table.add_row(*cells, *([_kib(r.strategy_memory_bytes or 0)] if with_memory else []))
     up = sum(r.bytes_up for r in rounds)
     down = sum(r.bytes_down for r in rounds)
     full = sum(r.full_model_bytes for r in rounds)
+    total = ["total", "", "", "", _kib(up), _kib(down), _kib(full), f"{full / (up + down):,.1f}x" if up + down else "-"]
+    if with_memory:
+        held = max(r.strategy_memory_bytes or 0 for r in rounds)
+        total.append(f"{_kib(held)} ({held / num_clients:,.0f} B/client)" if num_clients else _kib(held))
     table.add_section()
-    table.add_row(
-        "total", "", "", "", _kib(up), _kib(down), _kib(full), f"{full / (up + down):,.1f}x" if up + down else "-"
-    )
+    table.add_row(*total)
     return table
 
 
-def log_round_table(run_id: str, rounds: list[RoundTotals]) -> None:
+def log_round_table(run_id: str, rounds: list[RoundTotals], num_clients: int | None = None) -> None:
     """Write the table through Flower's logger (for `flwr run`, where stdout is the log)."""
     buffer = io.StringIO()
-    Console(file=buffer, width=120, color_system=None).print(round_table(rounds, f"run {run_id}"))
+    Console(file=buffer, width=140, color_system=None).print(round_table(rounds, f"run {run_id}", num_clients))
     for line in buffer.getvalue().splitlines():
         log(INFO, "%s", line)

@@ -99,14 +99,20 @@ def test_cli_simulate_prints_the_round_table(tmp_path: Path, capsys: pytest.Capt
     assert sorted(rows) == [("query", "down", 3), ("query", "up", 3), ("train", "down", 2), ("train", "up", 2)]
 
 
-def test_cli_strategy_and_participation_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_strategy_and_participation_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps table cells to the console width
     out = tmp_path / "cli-mifa"
     flags = ["--clients", "4", "--rounds", "3", "--fast", "head", "--out", str(out), "--backend", "inline"]
     flags += ["--strategy", "mifa", "--strategy-arg", "memory=fp16", "--participation", "cyclic"]
     flags += ["--participation-mean", "0.5", "--eval-every", "2", "--local-steps", "2"]
     assert main(["simulate", *flags]) == 0
-    assert "strategy mifa, participation cyclic" in capsys.readouterr().out.replace("\n", "")
+    printed = capsys.readouterr().out
+    assert "strategy mifa, participation cyclic" in printed.replace("\n", "")
     db = sqlite3.connect(out / LOG_FILENAME)
+    (held,) = db.execute("SELECT MAX(strategy_memory_bytes) FROM rounds").fetchone()
+    assert held > 0 and f"({held / 4:,.0f} B/client)" in printed  # MIFA's memory of 4 clients, per client
     config = json.loads(db.execute("SELECT config FROM runs").fetchone()[0])
     assert (config["strategy"], config["strategy_args"], config["fraction"], config["local_steps"]) == (
         "mifa",

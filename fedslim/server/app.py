@@ -32,7 +32,7 @@ def make_server_app(
         if on_finish:
             on_finish(result)
         else:
-            log_round_table(result.run_id, result.rounds)
+            log_round_table(result.run_id, result.rounds, run_config.num_clients)
 
     return server_app
 
