@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from fedslim.config import DATASETS, FAST_KINDS, ConfigError, FastSpec, RunConfig
-from fedslim.strategies.base import StrategyConfigError
+if TYPE_CHECKING:
+    from fedslim.config import RunConfig
+
+SIMULATE_HELP = "run a federation in Flower's simulation engine"
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from fedslim.config import DATASETS, FAST_KINDS, RunConfig
+
     defaults = RunConfig()
     p = sub.add_parser(
         "simulate",
-        help="run a federation in Flower's simulation engine",
+        help=SIMULATE_HELP,
         description="Simulate a federation in which only the fast layer travels, and print a per-round table.",
     )
     p.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
@@ -117,6 +122,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from fedslim.config import FastSpec, RunConfig
+
     return RunConfig(
         dataset=args.dataset,
         num_clients=args.clients,
@@ -198,16 +205,31 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedslim.commlog import SchemaVersionError
+    from fedslim.logs.cli import add_logs_parser, run_logs
+    from fedslim.logs.reader import RunNotFoundError
+
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fedslim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _simulate_parser(sub)
+    if argv[:1] == ["logs"]:
+        sub.add_parser("simulate", help=SIMULATE_HELP)  # listed only: reading logs needs none of its defaults
+    else:
+        _simulate_parser(sub)
+    add_logs_parser(sub)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "simulate":
+    if args.command == "simulate":
+        from fedslim.config import ConfigError
+
+        try:
             return run_simulate(args)
-    except (ConfigError, StrategyConfigError) as exc:
-        parser.error(str(exc))
-    return 1
+        except ConfigError as exc:
+            parser.error(str(exc))
+    try:
+        return run_logs(args)
+    except (FileNotFoundError, RunNotFoundError, SchemaVersionError, ValueError, ImportError) as exc:
+        print(f"fedslim logs: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,19 +1,27 @@
 """The communication log: every message in both directions, in SQLite in the run directory.
 
 Rows are committed as they are written, so a crash leaves every finished
-round readable. Byte columns:
+round readable. The schema is documented column by column in
+docs/commlog.md; its version is in ``meta.schema_version``. Byte columns
+of ``messages``:
 
-- ``payload_bytes``: the fast-layer record as serialised (0 for errors).
-- ``message_bytes``: the whole Flower message as serialised for transport
-  (the sum of its deflated objects: metadata, records, arrays).
-- ``full_model_bytes``: what the same message would have been if it carried
-  the full model, as full-model FedAvg does.
+- ``raw_bytes``: the fast-layer tensors the message carries, as dense float32.
+- ``payload_bytes``: the fedslim blob that carries them (the compressed update
+  up, the replica sync down; 0 for messages without fast-layer data).
+- ``message_bytes``: what the message costs between SuperLink and SuperNode:
+  every object Flower transfers for it plus its transport envelope (the
+  message proto and object tree in the Fleet API's push/pull).
+- ``full_model_bytes``: what the same message would have cost carrying the
+  full model, as full-model FedAvg does.
 
 Aggregation: ``messages.weight`` is the coefficient the strategy gave an
 accepted update in its round's step, and ``memory_weights`` the coefficient
 it gave each client's stored update (FedVARP, MIFA, FedStale):
 ``x_{t+1} = x_t + server_lr * (sum_i weight_i * update_i + sum_j memory_weight_j * stored_j)``,
 where stored_j is client j's last accepted update before round t.
+
+Importing this module loads only the standard library (Flower's
+serialisation is loaded when a message is measured), so reading a log is quick.
 """
 
 from __future__ import annotations
@@ -21,22 +29,23 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import Message
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+if TYPE_CHECKING:
+    from flwr.app import Message
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOG_FILENAME = "commlog.sqlite"
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
     started_at REAL NOT NULL,
-    config TEXT NOT NULL,
+    finished_at REAL,               -- NULL while running, or if the run was interrupted
+    config TEXT NOT NULL,           -- the run configuration, JSON
     base_fingerprint TEXT NOT NULL,
     base_parameters INTEGER NOT NULL,
     fast_parameters INTEGER NOT NULL,
@@ -47,29 +56,35 @@ CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     round INTEGER NOT NULL,
-    node_id TEXT NOT NULL,  -- Flower node ids are unsigned 64-bit: kept as decimal text
-    client TEXT,            -- the node's stable client key
+    node_id TEXT NOT NULL,          -- Flower node ids are unsigned 64-bit: kept as decimal text
+    client TEXT,                    -- the node's stable client key
     direction TEXT NOT NULL CHECK (direction IN ('down', 'up')),
     message_type TEXT NOT NULL,
+    codec TEXT,                     -- codec spec of the payload (NULL without fast-layer data)
+    raw_bytes INTEGER NOT NULL,
     payload_bytes INTEGER NOT NULL,
     message_bytes INTEGER NOT NULL,
     full_model_bytes INTEGER NOT NULL,
+    version_lag INTEGER,            -- fast-state versions between the client's and the server's
     status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
     reason TEXT,
-    weight REAL,            -- coefficient of this update in the round's step (accepted train replies)
-    timestamp REAL NOT NULL
+    weight REAL,                    -- coefficient of this update in the round's step (accepted train replies)
+    created_at REAL NOT NULL,       -- when the sender created the message (Unix seconds)
+    logged_at REAL NOT NULL         -- when the server logged it
 );
 CREATE INDEX IF NOT EXISTS messages_by_round ON messages (run_id, round, direction);
+CREATE INDEX IF NOT EXISTS messages_by_client ON messages (run_id, client);
 CREATE TABLE IF NOT EXISTS rounds (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     round INTEGER NOT NULL,
     sampled INTEGER NOT NULL,
     accepted INTEGER NOT NULL,
+    available INTEGER,              -- clients available this round (participation model)
     accuracy REAL,
     loss REAL,
     wall_time_s REAL NOT NULL,
-    available INTEGER,              -- clients available this round (participation model)
     strategy_memory_bytes INTEGER,  -- per-client state the strategy holds on the server
+    finished_at REAL NOT NULL,
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS memory_weights (
@@ -82,14 +97,91 @@ CREATE TABLE IF NOT EXISTS memory_weights (
 """
 
 
-def message_bytes(message: Message) -> int:
-    """Serialised size of a Flower message: every object Flower transfers for it."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+# Flower 1.39's Fleet API fields whose values the server never sees, at their fixed lengths.
+_SESSION_ID = "00000000-0000-0000-0000-000000000000"  # a uuid4 per pushed message
+_RECONNECT_S = 5
+
+
+def message_bytes(message: Message, direction: str) -> int:
+    """What ``message`` costs on the Fleet API (SuperLink <-> SuperNode), in both directions of the exchange.
+
+    Its objects (each deflated object is pushed or pulled once) plus the
+    protobuf envelope of the exchange that carries it: a node pulls an
+    instruction with PullMessages (request, then the message's metadata and
+    object tree); it pushes a reply with PushMessages (the same, then the list
+    of objects to push and a session). This is what the SuperLink counts as a
+    run's network traffic; gRPC and TCP framing are not included.
+    """
+    from flwr.app.message.message import remove_content_from_message
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.fleet_pb2 import (
+        PullMessagesRequest,
+        PullMessagesResponse,
+        PushMessagesRequest,
+        PushMessagesResponse,
+        Reconnect,
+    )
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+    objects = get_all_nested_objects(message)
+    content = sum(len(obj.deflate()) for obj in objects.values())
+    proto = message_to_proto(remove_content_from_message(message))
+    tree = get_object_tree(message)
+    if direction == "down":
+        node = Node(node_id=message.metadata.dst_node_id)
+        envelope = PullMessagesRequest(node=node).ByteSize()
+        envelope += PullMessagesResponse(messages_list=[proto], message_object_trees=[tree]).ByteSize()
+    else:
+        node = Node(node_id=message.metadata.src_node_id)
+        envelope = PushMessagesRequest(
+            node=node, messages_list=[proto], message_object_trees=[tree], clientapp_runtime_list=[0.0]
+        ).ByteSize()
+        envelope += PushMessagesResponse(
+            reconnect=Reconnect(reconnect=_RECONNECT_S),
+            results={message.metadata.message_id: 0},
+            objects_to_push=list(objects),
+            session_id=_SESSION_ID,
+        ).ByteSize()
+    return content + envelope
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """One row of ``messages`` (see the module docstring and docs/commlog.md)."""
+
+    round: int
+    node_id: int
+    client: str | None
+    direction: str
+    message_type: str
+    codec: str | None
+    raw_bytes: int
+    payload_bytes: int
+    message_bytes: int
+    full_model_bytes: int
+    version_lag: int | None
+    reason: str | None
+    created_at: float
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One row of ``rounds``."""
+
+    round: int
+    sampled: int
+    accepted: int
+    available: int | None
+    accuracy: float | None
+    loss: float | None
+    wall_time_s: float
+    strategy_memory_bytes: int | None
 
 
 @dataclass(frozen=True)
 class RoundTotals:
-    """One row of the per-round table."""
+    """One round as logged: its evaluation, participants and traffic (round 0 is the start)."""
 
     round: int
     accuracy: float | None
@@ -100,10 +192,81 @@ class RoundTotals:
     bytes_down: int
     full_model_bytes: int
     strategy_memory_bytes: int | None = None
+    rejected: int = 0
+    available: int | None = None
+    wall_time_s: float = 0.0
+
+
+def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | None = None) -> list[RoundTotals]:
+    """Every round of ``run_id`` (or only ``only_round``) with its traffic, from the log's tables."""
+    where = "run_id = ?" + (" AND round = ?" if only_round is not None else "")
+    args = (run_id,) if only_round is None else (run_id, only_round)
+    traffic: dict[int, dict[str, int]] = {}
+    for server_round, direction, size, full, rejected in db.execute(
+        "SELECT round, direction, SUM(message_bytes), SUM(full_model_bytes),"
+        f" SUM(status = 'rejected' AND message_type = 'train') FROM messages WHERE {where} GROUP BY round, direction",
+        args,
+    ):
+        sums = traffic.setdefault(server_round, {"up": 0, "down": 0, "full": 0, "rejected": 0})
+        sums[direction] = size
+        sums["full"] += full
+        sums["rejected"] += rejected
+    empty = {"up": 0, "down": 0, "full": 0, "rejected": 0}
+    rows = db.execute(
+        "SELECT round, accuracy, loss, sampled, accepted, available, wall_time_s, strategy_memory_bytes"
+        f" FROM rounds WHERE {where} ORDER BY round",
+        args,
+    )
+    return [
+        RoundTotals(
+            round=server_round,
+            accuracy=accuracy,
+            loss=loss,
+            sampled=sampled,
+            accepted=accepted,
+            bytes_up=traffic.get(server_round, empty)["up"],
+            bytes_down=traffic.get(server_round, empty)["down"],
+            full_model_bytes=traffic.get(server_round, empty)["full"],
+            strategy_memory_bytes=memory,
+            rejected=traffic.get(server_round, empty)["rejected"],
+            available=available,
+            wall_time_s=wall_time_s,
+        )
+        for server_round, accuracy, loss, sampled, accepted, available, wall_time_s, memory in rows
+    ]
+
+
+class SchemaVersionError(RuntimeError):
+    """A log written with another schema version than this fedslim reads."""
+
+
+def open_log(path: Path, create: bool = False) -> sqlite3.Connection:
+    """A connection to the log at ``path``, checked for its schema version (created if ``create``)."""
+    path = Path(path)
+    if not create and not path.is_file():
+        raise FileNotFoundError(f"no communication log at {path}")
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    else:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        raise SchemaVersionError(f"{path} is not a fedslim communication log ({exc})") from exc
+    version = int(row[0]) if row else None
+    if version != SCHEMA_VERSION:
+        db.close()
+        raise SchemaVersionError(f"{path} has log schema {version}; this fedslim reads schema {SCHEMA_VERSION}")
+    return db
 
 
 class CommLog:
-    """Writer and reader of one run directory's communication log.
+    """Writer of one run directory's communication log (every row committed as written).
 
     Parameters
     ----------
@@ -113,14 +276,7 @@ class CommLog:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        version = int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-        if version != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} has log schema {version}; this fedslim reads {SCHEMA_VERSION}")
+        self._db = open_log(self.path, create=True)
 
     def close(self) -> None:
         self._db.close()
@@ -136,7 +292,7 @@ class CommLog:
         full_model_payload_bytes: int,
     ) -> None:
         self._db.execute(
-            "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 time.time(),
@@ -149,55 +305,40 @@ class CommLog:
             ),
         )
 
-    def record_message(
-        self,
-        run_id: str,
-        server_round: int,
-        node_id: int,
-        direction: str,
-        message_type: str,
-        payload_bytes: int,
-        serialized_bytes: int,
-        full_model_bytes: int,
-        reason: str | None = None,
-        client: str | None = None,
-    ) -> None:
+    def finish_run(self, run_id: str) -> None:
+        self._db.execute("UPDATE runs SET finished_at = ? WHERE run_id = ?", (time.time(), run_id))
+
+    def record_message(self, run_id: str, row: MessageRow) -> None:
         """Record one message; a ``reason`` marks it rejected."""
         self._db.execute(
-            "INSERT INTO messages (run_id, round, node_id, client, direction, message_type, payload_bytes,"
-            " message_bytes, full_model_bytes, status, reason, timestamp)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (run_id, round, node_id, client, direction, message_type, codec, raw_bytes,"
+            " payload_bytes, message_bytes, full_model_bytes, version_lag, reason, created_at, status, logged_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
-                server_round,
-                str(node_id),
-                client,
-                direction,
-                message_type,
-                payload_bytes,
-                serialized_bytes,
-                full_model_bytes,
-                "rejected" if reason else "ok",
-                reason,
+                row.round,
+                str(row.node_id),
+                row.client,
+                row.direction,
+                row.message_type,
+                row.codec,
+                row.raw_bytes,
+                row.payload_bytes,
+                row.message_bytes,
+                row.full_model_bytes,
+                row.version_lag,
+                row.reason,
+                row.created_at,
+                "rejected" if row.reason else "ok",
                 time.time(),
             ),
         )
 
-    def record_round(
-        self,
-        run_id: str,
-        server_round: int,
-        sampled: int,
-        accepted: int,
-        accuracy: float | None,
-        loss: float | None,
-        wall_time_s: float,
-        available: int | None = None,
-        strategy_memory_bytes: int | None = None,
-    ) -> None:
+    def record_round(self, run_id: str, row: RoundRow) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, server_round, sampled, accepted, accuracy, loss, wall_time_s, available, strategy_memory_bytes),
+            "INSERT OR REPLACE INTO rounds (run_id, round, sampled, accepted, available, accuracy, loss,"
+            " wall_time_s, strategy_memory_bytes, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (run_id, *astuple(row), time.time()),
         )
 
     def record_weights(
@@ -216,17 +357,4 @@ class CommLog:
 
     def round_totals(self, run_id: str, only_round: int | None = None) -> list[RoundTotals]:
         """Per-round accuracy and bytes, read back from the log (one round if ``only_round`` is given)."""
-        rows = self._db.execute(
-            """
-            SELECT r.round, r.accuracy, r.loss, r.sampled, r.accepted,
-                   COALESCE(SUM(CASE WHEN m.direction = 'up' THEN m.message_bytes END), 0),
-                   COALESCE(SUM(CASE WHEN m.direction = 'down' THEN m.message_bytes END), 0),
-                   COALESCE(SUM(m.full_model_bytes), 0),
-                   r.strategy_memory_bytes
-            FROM rounds r LEFT JOIN messages m ON m.run_id = r.run_id AND m.round = r.round
-            WHERE r.run_id = ? AND (? IS NULL OR r.round = ?)
-            GROUP BY r.round ORDER BY r.round
-            """,
-            (run_id, only_round, only_round),
-        )
-        return [RoundTotals(*row) for row in rows]
+        return read_round_totals(self._db, run_id, only_round)

@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A run configuration value is missing or out of range."""
 
 
+class StrategyConfigError(ConfigError):
+    """A strategy cannot run with the arguments or the federation it was given."""
+
+
 @dataclass(frozen=True)
 class FastSpec:
     """Which tensors of the model are fast (trained and exchanged).

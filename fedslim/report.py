@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 from logging import INFO
 
-from flwr.common.logger import log
 from rich.console import Console
 from rich.table import Table
 
@@ -55,6 +54,8 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
 
 def log_round_table(run_id: str, rounds: list[RoundTotals], num_clients: int | None = None) -> None:
     """Write the table through Flower's logger (for `flwr run`, where stdout is the log)."""
+    from flwr.common.logger import log
+
     buffer = io.StringIO()
     Console(file=buffer, width=140, color_system=None).print(round_table(rounds, f"run {run_id}", num_clients))
     for line in buffer.getvalue().splitlines():

@@ -77,18 +77,18 @@ def test_training_reply_carries_only_the_fast_delta(small_config: RunConfig, res
     fast_names = set(model.fast_names)
     (sync,) = [decode_update(blob, model.fast_shapes()) for blob in _blobs(request)]
     assert sync.kind == STATE and set(sync.tensors) == fast_names
-    delta, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
-    assert reason is None and delta is not None and set(delta) == fast_names
+    update, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
+    assert reason is None and update is not None and set(update.tensors) == fast_names
     assert reply.content["metrics"]["num-examples"] > 0
     # No slow tensor appears anywhere in the serialised messages, in either direction.
     # (In LoRA mode the head is fast: its pretrained values are its initial fast state.)
     slow = {name: tensor for name, tensor in base.state.items() if name not in fast_names}
     assert slow
-    for message in (request, reply):
+    for message, direction in ((request, "down"), (reply, "up")):
         blob = _wire_blob(message)
         for name, tensor in slow.items():
             assert tensor.numpy().tobytes()[:64] not in blob, f"slow tensor {name} was sent"
-        assert message_bytes(message) < 0.2 * ArrayRecord(base.state).count_bytes()
+        assert message_bytes(message, direction) < 0.2 * ArrayRecord(base.state).count_bytes()
 
 
 def test_mismatched_base_is_refused(small_config: RunConfig, resident, tmp_path: Path) -> None:
@@ -101,8 +101,8 @@ def test_mismatched_base_is_refused(small_config: RunConfig, resident, tmp_path:
     assert reply.has_error()
     assert reply.error.code == BASE_MISMATCH
     assert "fingerprint mismatch" in reply.error.reason
-    delta, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
-    assert delta is None and reason is not None and reason.startswith("client error 1001")
+    update, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
+    assert update is None and reason is not None and reason.startswith("client error 1001")
 
 
 def test_missing_base_is_refused(small_config: RunConfig, resident, tmp_path: Path) -> None:
@@ -171,16 +171,17 @@ def _blob(w: np.ndarray, *, kind: int = DELTA, fingerprint: str = "base", versio
     ],
 )
 def test_server_rejects_malformed_updates(blob: bytes, metrics, reason: str) -> None:
-    delta, found = check_update(_update(blob, metrics), UpdateCheck({"w": (2,)}, "base", 3))
-    assert delta is None and found is not None and reason in found
+    _, found = check_update(_update(blob, metrics), UpdateCheck({"w": (2,)}, "base", 3))
+    assert found is not None and reason in found
 
 
 def test_server_rejects_a_plain_array_instead_of_a_blob() -> None:
     content = RecordDict(
         {"delta": ArrayRecord({"update": Array(np.zeros(2, np.float32))}), "metrics": MetricRecord({"num-examples": 3})}
     )
-    delta, found = check_update(Message(content, dst_node_id=0, message_type="train"), UpdateCheck({"w": (2,)}, "b", 0))
-    assert delta is None and found is not None and "fedslim.v1.Envelope" in found
+    reply = Message(content, dst_node_id=0, message_type="train")
+    update, found = check_update(reply, UpdateCheck({"w": (2,)}, "b", 0))
+    assert update is None and found is not None and "fedslim.v1.Envelope" in found
     assert record_update(update_record(b"abc")) == b"abc"
 
 
@@ -191,8 +192,9 @@ def test_error_feedback_residual_lives_in_the_node_context(small_config: RunConf
     reply = train(request, context)
     assert not reply.has_error()
     residual = {n: a.numpy() for n, a in context.state.array_records["fedslim-ef-residual"].items()}
-    delta, _ = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
-    assert delta is not None and set(residual) == set(delta)
+    update, _ = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
+    assert update is not None and set(residual) == set(update.tensors)
+    delta = update.tensors
     # What was sent plus what was kept back is the whole local update (this was the first round).
     sent_share = sum(np.count_nonzero(d) for d in delta.values()) / sum(d.size for d in delta.values())
     assert 0.05 < sent_share <= 0.11

@@ -15,8 +15,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslim.base import ensure_pretrained_base, load_base
-from fedslim.codecs.pipeline import DELTA, decode_update
-from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals, message_bytes
+from fedslim.codecs.pipeline import DELTA, DecodedUpdate, decode_update
+from fedslim.commlog import LOG_FILENAME, CommLog, MessageRow, RoundRow, RoundTotals, message_bytes
 from fedslim.config import RunConfig
 from fedslim.messages import (
     CLIENT_RECORD,
@@ -62,8 +62,11 @@ class UpdateCheck:
     state_version: int
 
 
-def check_update(reply: Message, expected: UpdateCheck) -> tuple[dict[str, np.ndarray] | None, str | None]:
-    """The decoded delta of ``reply``, or None and the reason it cannot be aggregated."""
+def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate | None, str | None]:
+    """The decoded update of ``reply`` (None if it cannot be decoded) and the reason it cannot be aggregated.
+
+    The reason is None exactly when the update can be aggregated.
+    """
     if reply.has_error():
         return None, _error_text(reply)
     try:
@@ -73,43 +76,60 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[dict[str, np.nd
     except (KeyError, ValueError) as exc:
         return None, f"malformed update: {exc}"
     if not isinstance(examples, int) or examples <= 0:
-        return None, f"malformed update: num-examples must be a positive integer, got {examples!r}"
+        return update, f"malformed update: num-examples must be a positive integer, got {examples!r}"
     if update.kind != DELTA:
-        return None, "malformed update: a client sent a full state, not a delta"
+        return update, "malformed update: a client sent a full state, not a delta"
     if update.base_fingerprint != expected.base_fingerprint:
-        return None, f"wrong base fingerprint {update.base_fingerprint[:16]}... in the update"
+        return update, f"wrong base fingerprint {update.base_fingerprint[:16]}... in the update"
     if update.state_version != expected.state_version:
-        return None, (
+        return update, (
             f"stale update: computed against fast-state version {update.state_version}, "
             f"the round trains version {expected.state_version}"
         )
-    return update.tensors, None
+    return update, None
 
 
-@dataclass
-class WireAccounting:
-    """Logs one round's messages with their byte counts, and screens the replies."""
+@dataclass(frozen=True)
+class RunWire:
+    """What every log row of one run shares."""
 
     commlog: CommLog
     run_id: str
-    server_round: int
+    fast_raw_bytes: int
     full_payload_bytes: int
+    uplink: str
+    downlink: str
     client_keys: dict[int, str]
 
-    def record_down(self, message: Message) -> None:
+
+@dataclass(frozen=True)
+class WireAccounting:
+    """Logs one round's messages with their byte counts, and screens the replies."""
+
+    run: RunWire
+    server_round: int
+
+    def record_down(self, message: Message, held_version: int | None = None, current_version: int = 0) -> None:
+        """Log an instruction; ``held_version`` is the replica version the node held before it (None: unknown)."""
         records = message.content.array_records
         payload = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
         payload += len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
-        self._record(message, "down", payload)
+        lag = current_version - held_version if held_version is not None and FAST_KEY in records else None
+        self._record(message, "down", payload, self.run.downlink, lag)
 
     def record_identity(self, reply: Message, key: str | None) -> None:
-        self._record(reply, "up", 0, None if key else f"no client key in the identity reply: {_error_text(reply)}")
+        reason = None if key else f"no client key in the identity reply: {_error_text(reply)}"
+        self._record(reply, "up", 0, None, None, reason)
 
     def screen_up(self, reply: Message, expected: UpdateCheck) -> dict[str, np.ndarray] | None:
         """Log ``reply``; its decoded delta if it can be aggregated, None if rejected."""
-        delta, reason = check_update(reply, expected)
-        payload = len(record_update(reply.content.array_records[DELTA_KEY])) if delta is not None else 0
-        self._record(reply, "up", payload, reason)
+        update, reason = check_update(reply, expected)
+        try:
+            payload = len(record_update(reply.content.array_records[DELTA_KEY]))
+        except (KeyError, ValueError):
+            payload = 0
+        lag = expected.state_version - update.state_version if update is not None else None
+        self._record(reply, "up", payload, self.run.uplink, lag, reason)
         if reason:
             log(
                 WARNING,
@@ -118,24 +138,38 @@ class WireAccounting:
                 reply.metadata.src_node_id,
                 reason,
             )
-        return delta
+            return None
+        return update.tensors if update is not None else None
 
-    def _record(self, message: Message, direction: str, payload: int, reason: str | None = None) -> None:
+    def _record(
+        self,
+        message: Message,
+        direction: str,
+        payload: int,
+        codec: str | None,
+        version_lag: int | None,
+        reason: str | None = None,
+    ) -> None:
         """One log row; the full-model figure swaps the fast payload for the full model's."""
-        size = message_bytes(message)
+        size = message_bytes(message, direction)
         node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
-        full = size - payload + (self.full_payload_bytes if payload else 0)
-        self.commlog.record_message(
-            self.run_id,
-            self.server_round,
-            node,
-            direction,
-            message.metadata.message_type,
-            payload,
-            size,
-            full,
-            reason,
-            self.client_keys.get(node),
+        self.run.commlog.record_message(
+            self.run.run_id,
+            MessageRow(
+                round=self.server_round,
+                node_id=node,
+                client=self.run.client_keys.get(node),
+                direction=direction,
+                message_type=message.metadata.message_type,
+                codec=codec if payload else None,
+                raw_bytes=self.run.fast_raw_bytes if payload else 0,
+                payload_bytes=payload,
+                message_bytes=size,
+                full_model_bytes=size - payload + (self.run.full_payload_bytes if payload else 0),
+                version_lag=version_lag,
+                reason=reason,
+                created_at=message.metadata.created_at,
+            ),
         )
 
 
@@ -143,7 +177,7 @@ def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> Order
     """Wait for the federation, ask each node for its client key, and order the grid by it."""
     requests = identity_requests(wait_for_nodes(grid, config.num_clients))
     replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
-    keys = wire.client_keys
+    keys = wire.run.client_keys
     for reply in replies:
         key = client_key(reply)
         if key:
@@ -229,14 +263,16 @@ def run_federation(
         memory = strategy.memory_bytes() if isinstance(strategy, FastStrategy) else None
         commlog.record_round(
             run_id,
-            server_round,
-            sampled,
-            accepted,
-            result.accuracy if result else None,
-            result.loss if result else None,
-            time.monotonic() - started,
-            available,
-            memory,
+            RoundRow(
+                round=server_round,
+                sampled=sampled,
+                accepted=accepted,
+                available=available,
+                accuracy=result.accuracy if result else None,
+                loss=result.loss if result else None,
+                wall_time_s=time.monotonic() - started,
+                strategy_memory_bytes=memory,
+            ),
         )
         (totals,) = commlog.round_totals(run_id, only_round=server_round)
         if result:
@@ -252,8 +288,17 @@ def run_federation(
         if on_round:
             on_round(totals)
 
+    run_wire = RunWire(
+        commlog,
+        run_id,
+        fast_raw_bytes=4 * model.num_fast_parameters(),
+        full_payload_bytes=full_payload_bytes,
+        uplink=config.uplink.spec,
+        downlink=config.downlink.spec,
+        client_keys=client_keys,
+    )
     try:
-        grid = identify_nodes(grid, config, WireAccounting(commlog, run_id, 0, full_payload_bytes, client_keys))
+        grid = identify_nodes(grid, config, WireAccounting(run_wire, 0))
         if isinstance(strategy, FastStrategy):
             strategy.bind(federation_of(grid, shapes, schedule, config))
         # The replica version each client holds, by client key (0: the initial state every client can build).
@@ -272,16 +317,15 @@ def run_federation(
                 }
             )
             exact = ArrayRecord({n: Array(v) for n, v in fast_state.items()})
-            instructions = [
-                with_sync(
-                    message, replica.sync_for(client_versions.get(client_keys.get(message.metadata.dst_node_id, "")))
-                )
-                for message in strategy.configure_train(server_round, exact, task, grid.only(available))
-            ]
+            sampled = list(strategy.configure_train(server_round, exact, task, grid.only(available)))
+            # The replica version each sampled node holds before this round's sync (None: unknown).
+            nodes = [m.metadata.dst_node_id for m in sampled]
+            held = {node: client_versions.get(client_keys.get(node, "")) for node in nodes}
+            instructions = [with_sync(m, replica.sync_for(held[node])) for m, node in zip(sampled, nodes)]
             replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout)) if instructions else []
-            wire = WireAccounting(commlog, run_id, server_round, full_payload_bytes, client_keys)
+            wire = WireAccounting(run_wire, server_round)
             for message in instructions:
-                wire.record_down(message)
+                wire.record_down(message, held[message.metadata.dst_node_id], replica.version)
             expected = UpdateCheck(shapes, base.fingerprint, replica.version)
             accepted = []
             for reply in replies:
@@ -305,6 +349,7 @@ def run_federation(
                 model.load_fast_state(fast_state)
             count = len(available) if available is not None else len(client_versions)
             finish_round(server_round, len(instructions), len(accepted), count, started)
+        commlog.finish_run(run_id)
         return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id))
     finally:
         commlog.close()

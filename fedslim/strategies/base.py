@@ -26,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedslim.config import StrategyConfigError
 from fedslim.messages import (
     CLIENT_RECORD,
     CONFIG_KEY,
@@ -36,10 +37,6 @@ from fedslim.messages import (
     WIRE_KEY,
     record_update,
 )
-
-
-class StrategyConfigError(ValueError):
-    """A strategy cannot run with the arguments or the federation it was given."""
 
 
 @dataclass(frozen=True)

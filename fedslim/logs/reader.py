@@ -1,0 +1,245 @@
+"""Reading a run's communication log: summary, rounds, clients, and the raw tables for export.
+
+A log file may hold several runs (each ``fedslim simulate`` or ``flwr run``
+with the same run directory adds one). A run is named ``PATH`` (its
+directory or its ``commlog.sqlite``; the most recently started run in it)
+or ``PATH#RUN_ID``. Only the standard library is used, so reading is quick
+however large the run was.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedslim.commlog import LOG_FILENAME, RoundTotals, open_log, read_round_totals
+
+# The log's tables, each with the order its rows are exported in.
+TABLES = {"runs": "", "rounds": " ORDER BY round", "messages": " ORDER BY id", "memory_weights": " ORDER BY round"}
+
+
+class RunNotFoundError(LookupError):
+    """The named run is not in the log."""
+
+
+@dataclass(frozen=True)
+class ClientStats:
+    """One client's share of a run."""
+
+    client: str
+    sampled: int
+    accepted: int
+    rejected: int
+    bytes_up: int
+    bytes_down: int
+    mean_weight: float | None
+    last_round: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What one run moved and what it reached.
+
+    Byte totals are over every logged message (the round-0 identity exchange
+    included); ``dense_fast_bytes`` is what the same messages would have
+    cost with the fast layer sent as dense float32, ``full_model_bytes`` with
+    the full model.
+    """
+
+    run_id: str
+    label: str
+    strategy: str
+    codec_up: str
+    codec_down: str
+    fast_kind: str
+    clients: int
+    rounds_planned: int
+    rounds_done: int
+    finished: bool
+    messages: int
+    rejected: int
+    bytes_up: int
+    bytes_down: int
+    dense_fast_bytes: int
+    full_model_bytes: int
+    initial_accuracy: float | None
+    final_accuracy: float | None
+    best_accuracy: float | None
+    best_round: int | None
+    strategy_memory_bytes: int | None
+    wall_time_s: float
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes_up + self.bytes_down
+
+    @property
+    def training_rounds(self) -> int:
+        return max(self.rounds_done, 1)
+
+    @property
+    def vs_full_model(self) -> float:
+        return self.full_model_bytes / self.total_bytes if self.total_bytes else 0.0
+
+    @property
+    def vs_dense_fast(self) -> float:
+        return self.dense_fast_bytes / self.total_bytes if self.total_bytes else 0.0
+
+
+def parse_run_name(name: str) -> tuple[Path, str | None]:
+    """``PATH`` or ``PATH#RUN_ID`` -> (the log file, the run id or None)."""
+    path_text, _, run_id = name.partition("#")
+    path = Path(path_text)
+    if path.is_dir():
+        path = path / LOG_FILENAME
+    return path, run_id or None
+
+
+class RunLog:
+    """One run of a communication log, read only.
+
+    Parameters
+    ----------
+    name : str
+        ``PATH`` (a run directory or a ``commlog.sqlite``: its most recently
+        started run) or ``PATH#RUN_ID``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.path, wanted = parse_run_name(name)
+        self.db = open_log(self.path)
+        if wanted is None:
+            cursor = self.db.execute("SELECT * FROM runs ORDER BY started_at DESC LIMIT 1")
+        else:
+            cursor = self.db.execute("SELECT * FROM runs WHERE run_id = ?", (wanted,))
+        row = cursor.fetchone()
+        if row is None:
+            known = [r[0] for r in self.db.execute("SELECT run_id FROM runs ORDER BY started_at")]
+            self.db.close()
+            what = f"run {wanted!r}" if wanted else "any run"
+            raise RunNotFoundError(f"{self.path} holds no {what} (runs in it: {', '.join(known) or 'none'})")
+        self.run: dict[str, Any] = dict(zip([c[0] for c in cursor.description], row))
+        self.run_id: str = self.run["run_id"]
+        self.config: dict[str, Any] = json.loads(self.run["config"])
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and legends: the run directory's name."""
+        return self.path.parent.name or self.run_id
+
+    def rounds(self) -> list[RoundTotals]:
+        """Every logged round, in order (round 0 is the start: the base's accuracy and the identity exchange)."""
+        return read_round_totals(self.db, self.run_id)
+
+    def summary(self, rounds: list[RoundTotals] | None = None) -> Summary:
+        rounds = self.rounds() if rounds is None else rounds
+        totals = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(status = 'rejected'), 0),"
+            " COALESCE(SUM(CASE WHEN direction = 'up' THEN message_bytes END), 0),"
+            " COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),"
+            " COALESCE(SUM(message_bytes - payload_bytes + raw_bytes), 0), COALESCE(SUM(full_model_bytes), 0)"
+            " FROM messages WHERE run_id = ?",
+            (self.run_id,),
+        ).fetchone()
+        evaluated = [r for r in rounds if r.accuracy is not None]
+        trained = [r for r in evaluated if r.round > 0]
+        best = max(trained, key=lambda r: r.accuracy or 0.0) if trained else None
+        memory = [r.strategy_memory_bytes for r in rounds if r.strategy_memory_bytes is not None]
+        fast = self.config.get("fast", {})
+        return Summary(
+            run_id=self.run_id,
+            label=self.label,
+            strategy=str(self.config.get("strategy", "fedavg")),
+            codec_up=str(self.config.get("codec", "none")),
+            codec_down=str(self.config.get("downstream_codec", "none")),
+            fast_kind=str(fast.get("kind", "?")) if isinstance(fast, dict) else str(fast),
+            clients=int(self.config.get("num_clients", 0)),
+            rounds_planned=int(self.config.get("rounds", 0)),
+            rounds_done=max((r.round for r in rounds), default=0),
+            finished=self.run["finished_at"] is not None,
+            messages=totals[0],
+            rejected=totals[1],
+            bytes_up=totals[2],
+            bytes_down=totals[3],
+            dense_fast_bytes=totals[4],
+            full_model_bytes=totals[5],
+            initial_accuracy=evaluated[0].accuracy if evaluated and evaluated[0].round == 0 else None,
+            final_accuracy=evaluated[-1].accuracy if evaluated else None,
+            best_accuracy=best.accuracy if best else None,
+            best_round=best.round if best else None,
+            strategy_memory_bytes=max(memory) if memory else None,
+            wall_time_s=sum(r.wall_time_s for r in rounds),
+        )
+
+    def clients(self) -> list[ClientStats]:
+        """Per client: rounds sampled and accepted, rejections, bytes each way, the mean weight it was given."""
+        rows = self.db.execute(
+            """
+            SELECT COALESCE(client, 'node ' || node_id) AS who,
+                   SUM(direction = 'down' AND message_type = 'train'),
+                   SUM(direction = 'up' AND message_type = 'train' AND status = 'ok'),
+                   SUM(status = 'rejected'),
+                   COALESCE(SUM(CASE WHEN direction = 'up' THEN message_bytes END), 0),
+                   COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),
+                   AVG(weight),
+                   MAX(round)
+            FROM messages WHERE run_id = ? GROUP BY who
+            """,
+            (self.run_id,),
+        )
+        stats = [ClientStats(*row) for row in rows]
+        return sorted(stats, key=lambda s: natural_key(s.client))
+
+    def participation(self) -> tuple[list[str], dict[str, set[int]], dict[str, set[int]]]:
+        """Every client key, and per client the rounds it was sampled in and the rounds its update was accepted."""
+        sampled: dict[str, set[int]] = {}
+        accepted: dict[str, set[int]] = {}
+        for who, server_round, direction, status, message_type in self.db.execute(
+            "SELECT COALESCE(client, 'node ' || node_id), round, direction, status, message_type FROM messages"
+            " WHERE run_id = ?",
+            (self.run_id,),
+        ):
+            sampled.setdefault(who, set())
+            accepted.setdefault(who, set())
+            if message_type != "train":
+                continue  # the identity exchange: the client exists, whether or not it is ever sampled
+            if direction == "down":
+                sampled[who].add(server_round)
+            elif status == "ok":
+                accepted[who].add(server_round)
+        return sorted(sampled, key=natural_key), sampled, accepted
+
+    def table(self, name: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Column names and rows of one of the log's tables, for this run only."""
+        if name not in TABLES:
+            raise ValueError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
+        cursor = self.db.execute(f"SELECT * FROM {name} WHERE run_id = ?{TABLES[name]}", (self.run_id,))
+        return [c[0] for c in cursor.description], [tuple(row) for row in cursor]
+
+
+def bytes_to_reach(rounds: list[RoundTotals], target: float) -> tuple[int, int] | None:
+    """(round, cumulative bytes) of the first evaluation at or above ``target`` accuracy, or None."""
+    moved = 0
+    for r in rounds:
+        moved += r.bytes_up + r.bytes_down
+        if r.round > 0 and r.accuracy is not None and r.accuracy >= target:
+            return r.round, moved
+    return None
+
+
+def natural_key(text: str) -> list[Any]:
+    """partition-2 before partition-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -1,0 +1,124 @@
+"""Tables of `fedslim logs`: rich for the terminal, Markdown for papers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.table import Table
+
+from fedslim.logs.reader import ClientStats, Summary
+
+
+def kib(n: float) -> str:
+    return f"{n / 1024:,.1f}"
+
+
+def accuracy(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def reached_text(reached: tuple[int, int] | None) -> str:
+    return f"{kib(reached[1])} KiB (round {reached[0]})" if reached else "not reached"
+
+
+def summary_table(summary: Summary, target: float, reached: tuple[int, int] | None) -> Table:
+    """One run in one table: what it was, what it moved, what it reached."""
+    table = Table(title=f"run {summary.run_id} ({summary.label})", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    status = "finished" if summary.finished else "interrupted (or still running)"
+    rows = [
+        ("strategy / fast layer", f"{summary.strategy} / {summary.fast_kind}"),
+        ("codec up / down", f"{summary.codec_up} / {summary.codec_down}"),
+        ("clients", f"{summary.clients}"),
+        ("rounds", f"{summary.rounds_done} of {summary.rounds_planned}, {status}"),
+        ("messages (rejected)", f"{summary.messages:,} ({summary.rejected:,})"),
+        ("KiB up / down", f"{kib(summary.bytes_up)} / {kib(summary.bytes_down)}"),
+        ("KiB total", kib(summary.total_bytes)),
+        (
+            "KiB per round up / down",
+            f"{kib(summary.bytes_up / summary.training_rounds)} / {kib(summary.bytes_down / summary.training_rounds)}",
+        ),
+        ("vs full model (same messages)", f"{summary.vs_full_model:,.1f}x fewer bytes"),
+        ("vs dense fast layer", f"{summary.vs_dense_fast:,.1f}x fewer bytes"),
+        ("accuracy: start / final", f"{accuracy(summary.initial_accuracy)} / {accuracy(summary.final_accuracy)}"),
+        ("best accuracy", f"{accuracy(summary.best_accuracy)} (round {summary.best_round})"),
+        (f"bytes to reach {target:.4f}", reached_text(reached)),
+    ]
+    if summary.strategy_memory_bytes:
+        per_client = summary.strategy_memory_bytes / summary.clients if summary.clients else 0
+        held = f"{kib(summary.strategy_memory_bytes)} KiB ({per_client:,.0f} B/client)"
+        rows.append(("server memory (strategy)", held))
+    rows.append(("wall time", f"{summary.wall_time_s:,.1f} s"))
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def clients_table(clients: Sequence[ClientStats], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("client", "sampled", "accepted", "rejected", "KiB up", "KiB down", "mean weight", "last round"):
+        table.add_column(column, justify="left" if column == "client" else "right")
+    for c in clients:
+        table.add_row(
+            c.client,
+            str(c.sampled),
+            str(c.accepted),
+            str(c.rejected),
+            kib(c.bytes_up),
+            kib(c.bytes_down),
+            f"{c.mean_weight:.4f}" if c.mean_weight is not None else "-",
+            str(c.last_round),
+        )
+    return table
+
+
+COMPARE_COLUMNS = (
+    "run",
+    "strategy",
+    "codec up / down",
+    "rounds",
+    "final acc",
+    "best acc",
+    "KiB total",
+    "KiB / round",
+    "vs full model",
+    "vs dense fast",
+    "KiB to target",
+)
+
+
+def compare_rows(runs: Sequence[tuple[Summary, tuple[int, int] | None]]) -> list[list[str]]:
+    """One row per run: the cells of :data:`COMPARE_COLUMNS`."""
+    return [
+        [
+            s.label,
+            s.strategy,
+            f"{s.codec_up} / {s.codec_down}",
+            f"{s.rounds_done}" + ("" if s.finished else " (interrupted)"),
+            accuracy(s.final_accuracy),
+            accuracy(s.best_accuracy),
+            kib(s.total_bytes),
+            kib(s.total_bytes / s.training_rounds),
+            f"{s.vs_full_model:,.1f}x",
+            f"{s.vs_dense_fast:,.1f}x",
+            f"{kib(reached[1])} (r{reached[0]})" if reached else "-",
+        ]
+        for s, reached in runs
+    ]
+
+
+def compare_table(rows: list[list[str]], target: float) -> Table:
+    table = Table(title=f"runs side by side (target accuracy {target:.4f})")
+    for column in COMPARE_COLUMNS:
+        table.add_column(column, justify="left" if column in ("run", "strategy", "codec up / down") else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub/pandoc pipe table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

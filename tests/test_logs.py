@@ -1,0 +1,213 @@
+"""`fedslim logs`: summary, rounds, clients, compare, export, plot, tensorboard; a killed run's log stays readable."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedslim.cli import main
+from fedslim.client.app import app as client_app
+from fedslim.commlog import LOG_FILENAME, SCHEMA_VERSION
+from fedslim.config import RunConfig
+from fedslim.logs.reader import RunLog, bytes_to_reach
+from fedslim.server.loop import run_federation
+from fedslim.simulation.inline import InlineGrid
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> tuple[Path, Path]:
+    """Two short inline runs: FedAvg with a compressed uplink, FedVARP under Bernoulli participation."""
+    root = tmp_path_factory.mktemp("logs")
+    base = RunConfig(dataset="synthetic", num_clients=5, rounds=4, fraction=0.6, eval_every=2)
+    first = replace(base, codec="topk:0.2+q8+zlib", out=str(root / "fedavg-topk"))
+    second = replace(
+        base,
+        strategy="fedvarp",
+        participation="bernoulli",
+        participation_mean=0.6,
+        fraction=1.0,
+        out=str(root / "varp"),
+    )
+    for config in (first, second):
+        run_federation(InlineGrid(client_app, config.num_clients), config)  # type: ignore[arg-type]
+    return Path(first.out), Path(second.out)
+
+
+def test_summary_counts_what_the_log_holds(two_runs: tuple[Path, Path]) -> None:
+    run = two_runs[0]
+    db = sqlite3.connect(run / LOG_FILENAME)
+    with RunLog(str(run)) as log:
+        summary = log.summary()
+        rounds = log.rounds()
+    up, down = (
+        db.execute(f"SELECT SUM(message_bytes) FROM messages WHERE direction = '{d}'").fetchone()[0]
+        for d in ("up", "down")
+    )
+    assert (summary.bytes_up, summary.bytes_down) == (up, down)
+    assert summary.messages == db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    assert summary.rounds_done == summary.rounds_planned == 4 and summary.finished
+    accuracies = [
+        a for r, a in db.execute("SELECT round, accuracy FROM rounds WHERE accuracy IS NOT NULL AND round > 0")
+    ]
+    assert summary.best_accuracy == max(accuracies)
+    # The uplink is compressed: the same messages with a dense fast layer would have been larger.
+    assert summary.vs_dense_fast > 1.0 and summary.vs_full_model > summary.vs_dense_fast
+    # Bytes to reach the best accuracy: everything moved up to the round that first reached it.
+    reached = bytes_to_reach(rounds, summary.best_accuracy or 0.0)
+    assert reached is not None and reached[0] == summary.best_round
+    assert reached[1] == sum(r.bytes_up + r.bytes_down for r in rounds if r.round <= reached[0])
+    assert bytes_to_reach(rounds, 1.01) is None
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv"])
+def test_export_round_trips_to_the_summary_totals(two_runs: tuple[Path, Path], tmp_path: Path, fmt: str) -> None:
+    run = two_runs[1]
+    out = tmp_path / ("export.json" if fmt == "json" else "export-csv")
+    assert main(["logs", "export", str(run), "--format", fmt, "-o", str(out)]) == 0
+    if fmt == "json":
+        document = json.loads(out.read_text())
+        assert document["schema_version"] == SCHEMA_VERSION and document["run"]["config"]["strategy"] == "fedvarp"
+        messages, rounds = document["messages"], document["rounds"]
+    else:
+        with (out / "messages.csv").open() as handle:
+            messages = list(csv.DictReader(handle))
+        with (out / "rounds.csv").open() as handle:
+            rounds = list(csv.DictReader(handle))
+        assert {p.name for p in out.iterdir()} == {"runs.csv", "rounds.csv", "messages.csv", "memory_weights.csv"}
+    with RunLog(str(run)) as log:
+        summary = log.summary()
+    up = sum(int(m["message_bytes"]) for m in messages if m["direction"] == "up")
+    down = sum(int(m["message_bytes"]) for m in messages if m["direction"] == "down")
+    dense = sum(int(m["message_bytes"]) - int(m["payload_bytes"]) + int(m["raw_bytes"]) for m in messages)
+    best = max(float(r["accuracy"]) for r in rounds if r["accuracy"] not in (None, "") and int(r["round"]) > 0)
+    assert (up, down, dense, len(messages), best) == (
+        summary.bytes_up,
+        summary.bytes_down,
+        summary.dense_fast_bytes,
+        summary.messages,
+        summary.best_accuracy,
+    )
+
+
+def test_tables_print_from_the_command_line(
+    two_runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    topk, varp = (str(p) for p in two_runs)
+    assert main(["logs", "summary", topk, "--target", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "topk:0.2+q8+zlib / none" in printed and "4 of 4, finished" in printed and "KiB (round 2)" in printed
+    )  # the first evaluation after the start
+    assert main(["logs", "rounds", varp]) == 0
+    assert "server KiB" in capsys.readouterr().out  # FedVARP keeps one update per client on the server
+    assert main(["logs", "clients", varp]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"partition-{i}" in printed for i in range(5))
+    assert main(["logs", "compare", topk, varp, "--markdown", "--target", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| run | strategy |") and len(lines) == 4
+    assert lines[2].startswith("| fedavg-topk | fedavg |") and lines[3].startswith("| varp | fedvarp |")
+
+
+def test_clients_add_up_to_the_run(two_runs: tuple[Path, Path]) -> None:
+    with RunLog(str(two_runs[1])) as log:
+        clients, summary = log.clients(), log.summary()
+        weights = log.db.execute("SELECT client, weight FROM messages WHERE weight IS NOT NULL").fetchall()
+    assert sum(c.bytes_up + c.bytes_down for c in clients) == summary.total_bytes
+    assert sum(c.accepted for c in clients) == sum(r.accepted for r in RunLog(str(two_runs[1])).rounds())
+    by_client: dict[str, list[float]] = {}
+    for client, weight in weights:
+        by_client.setdefault(client, []).append(weight)
+    for c in clients:
+        if c.client in by_client:
+            assert c.mean_weight == pytest.approx(np.mean(by_client[c.client]))
+
+
+def test_plot_writes_a_png_of_the_requested_size(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    out = tmp_path / "runs.png"
+    assert main(["logs", "plot", *(str(p) for p in two_runs), "-o", str(out), "--size", "800x600"]) == 0
+    image = imread(out)
+    assert image.shape[:2] == (600, 800)
+    pixels = image[..., :3].reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50  # lines, rasters and text, not a blank canvas
+    assert main(["logs", "plot", str(two_runs[0]), "-o", str(tmp_path / "x.png"), "--size", "big"]) == 2
+
+
+def test_tensorboard_scalars_match_the_log(two_runs: tuple[Path, Path], tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["logs", "tensorboard", str(two_runs[0]), "--logdir", str(tmp_path)]) == 0
+    (folder,) = tmp_path.iterdir()
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    with RunLog(str(two_runs[0])) as log:
+        rounds = log.rounds()
+    logged = [(e.step, e.value) for e in events.Scalars("accuracy")]
+    assert logged == [(r.round, pytest.approx(r.accuracy)) for r in rounds if r.accuracy is not None]
+    assert [e.value for e in events.Scalars("bytes/up")] == [r.bytes_up for r in rounds]
+
+
+def test_bad_run_names_are_named(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["logs", "summary", str(tmp_path / "nothing-here")]) == 2
+    assert "no communication log at" in capsys.readouterr().err
+    assert main(["logs", "summary", f"{two_runs[0]}#0123abcd"]) == 2
+    assert "holds no run '0123abcd'" in capsys.readouterr().err
+    old = tmp_path / "old" / LOG_FILENAME
+    old.parent.mkdir()
+    db = sqlite3.connect(old)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.commit()
+    assert main(["logs", "summary", str(old.parent)]) == 2
+    assert f"has log schema 2; this fedslim reads schema {SCHEMA_VERSION}" in capsys.readouterr().err
+
+
+def test_a_killed_simulation_leaves_a_log_that_summary_reads(
+    tmp_path: Path, private_cache: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "fedslim.cli", "simulate", "--clients", "4", "--rounds", "200"]
+    command += ["--fast", "head", "--local-steps", "1", "--backend", "inline", "--out", str(out)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ}, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        done = 0
+        while done < 3:
+            assert process.poll() is None, "the simulation ended before it could be killed"
+            assert time.monotonic() < deadline, "no three finished rounds within two minutes"
+            time.sleep(0.2)
+            if (out / LOG_FILENAME).exists():
+                try:
+                    with sqlite3.connect(f"file:{out / LOG_FILENAME}?mode=ro", uri=True) as db:
+                        done = db.execute("SELECT COALESCE(MAX(round), 0) FROM rounds").fetchone()[0]
+                except sqlite3.OperationalError:  # the schema is being created
+                    done = 0
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    with RunLog(str(out)) as log:
+        summary = log.summary()
+        rounds = log.rounds()
+    assert not summary.finished and 3 <= summary.rounds_done < 200
+    assert [r.round for r in rounds] == list(range(summary.rounds_done + 1))
+    assert all(r.sampled == r.accepted > 0 for r in rounds[1:])
+    assert main(["logs", "summary", str(out)]) == 0
+    assert f"{summary.rounds_done} of 200, interrupted" in capsys.readouterr().out
