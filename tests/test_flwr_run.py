@@ -3,86 +3,34 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import sqlite3
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from flower_processes import BIN, REPO, flower_env, free_port, started, wait_until_healthy
 
 from fedslim.commlog import LOG_FILENAME
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def local_superlink(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A simulation SuperLink on loopback, started here and stopped by its process group."""
-    http_port, control_port = _free_port(), _free_port()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-    }
-    log_file = tmp_path / "superlink.log"
-    process = subprocess.Popen(
-        [
-            str(BIN / "flower-superlink"),
-            "--insecure",
-            "--simulation",
-            "--isolation",
-            "subprocess",
-            "--control-api-address",
-            f"127.0.0.1:{control_port}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(http_port),
-            "--database",
-            str(tmp_path / "state.db"),
-        ],
-        env=env,
-        stdout=log_file.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    http_port, control_port = free_port(), free_port()
+    env = flower_env(
+        tmp_path / "flwr-home",
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+        RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",
     )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"SuperLink did not start: {log_file.read_text()[-2000:]}")
-            time.sleep(0.3)
+    log_file = tmp_path / "superlink.log"
+    command = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess"]
+    command += ["--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port)]
+    command += ["--database", str(tmp_path / "state.db")]
+    with started(command, env, log_file) as process:
+        wait_until_healthy(process, http_port, log_file)
         yield env
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
 
 
 def test_flwr_run_from_the_repo_root(local_superlink: dict[str, str], tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Reading, comparing, exporting and plotting communication logs: the `fedslim logs` command."""

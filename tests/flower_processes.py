@@ -1,0 +1,69 @@
+"""Real Flower processes for integration tests: loopback ports, each process in its own group, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of every Flower process a test starts: private home, no telemetry, no installs."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
+
+
+@contextmanager
+def started(command: list[str], env: dict[str, str], log_file: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` in a new process group for the ``with`` block; the group is stopped on exit."""
+    process = subprocess.Popen(
+        command, env=env, stdout=log_file.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
+
+
+def wait_until_healthy(process: subprocess.Popen[bytes], http_port: int, log_file: Path, timeout_s: float = 30) -> None:
+    """Block until the SuperLink's HTTP API answers /health (or fail the test with its log)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"SuperLink did not start: {log_file.read_text()[-2000:]}")
+        time.sleep(0.3)
