@@ -200,7 +200,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
-    console.print(f"communication log: {result.log_path}")
+    console.print(f"communication log: {result.log_path} (fedslim logs summary {config.run_dir})")
     return 0
 
 
