@@ -211,3 +211,26 @@ def test_a_killed_simulation_leaves_a_log_that_summary_reads(
     assert all(r.sampled == r.accepted > 0 for r in rounds[1:])
     assert main(["logs", "summary", str(out)]) == 0
     assert f"{summary.rounds_done} of 200, interrupted" in capsys.readouterr().out
+
+
+def test_each_message_row_names_its_codec_raw_size_and_version_lag(two_runs: tuple[Path, Path]) -> None:
+    db = sqlite3.connect(two_runs[0] / LOG_FILENAME)
+    (fast_parameters,) = db.execute("SELECT fast_parameters FROM runs").fetchone()
+    rows = db.execute(
+        "SELECT round, client, direction, message_type, codec, raw_bytes, payload_bytes, version_lag, status"
+        " FROM messages ORDER BY id"
+    ).fetchall()
+    last_accepted: dict[str, int] = {}
+    for server_round, client, direction, kind, codec, raw, payload, lag, status in rows:
+        if kind == "query":
+            assert (codec, raw, payload, lag) == (None, 0, 0, None)
+        elif direction == "up":
+            assert (codec, raw, lag, status) == ("topk:0.2+q8+zlib", 4 * fast_parameters, 0, "ok")
+            assert 0 < payload < raw
+            last_accepted[client] = server_round
+        else:
+            # FedAvg moves the state every round from round 1 on, so round t serves version t - 1; a client
+            # last accepted in round r holds version r - 1 (never accepted: version 0, what round 1 serves).
+            assert lag == server_round - last_accepted.get(client, 1)
+            assert (codec, raw) == (("none", 4 * fast_parameters) if lag else (None, 0))
+            assert (payload > 0) == (lag > 0)

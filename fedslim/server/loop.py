@@ -112,14 +112,15 @@ class WireAccounting:
     def record_down(self, message: Message, held_version: int | None = None, current_version: int = 0) -> None:
         """Log an instruction; ``held_version`` is the replica version the node held before it (None: unknown)."""
         records = message.content.array_records
-        payload = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
-        payload += len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
+        sync = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
+        steer = len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
+        raw = self.run.fast_raw_bytes * ((sync > 0) + (steer > 0))  # FedAMD's direction v is a second fast state
         lag = current_version - held_version if held_version is not None and FAST_KEY in records else None
-        self._record(message, "down", payload, self.run.downlink, lag)
+        self._record(message, "down", sync + steer, raw, self.run.downlink, lag)
 
     def record_identity(self, reply: Message, key: str | None) -> None:
         reason = None if key else f"no client key in the identity reply: {_error_text(reply)}"
-        self._record(reply, "up", 0, None, None, reason)
+        self._record(reply, "up", 0, 0, None, None, reason)
 
     def screen_up(self, reply: Message, expected: UpdateCheck) -> dict[str, np.ndarray] | None:
         """Log ``reply``; its decoded delta if it can be aggregated, None if rejected."""
@@ -129,7 +130,8 @@ class WireAccounting:
         except (KeyError, ValueError):
             payload = 0
         lag = expected.state_version - update.state_version if update is not None else None
-        self._record(reply, "up", payload, self.run.uplink, lag, reason)
+        raw = self.run.fast_raw_bytes if payload else 0
+        self._record(reply, "up", payload, raw, self.run.uplink, lag, reason)
         if reason:
             log(
                 WARNING,
@@ -146,6 +148,7 @@ class WireAccounting:
         message: Message,
         direction: str,
         payload: int,
+        raw: int,
         codec: str | None,
         version_lag: int | None,
         reason: str | None = None,
@@ -162,7 +165,7 @@ class WireAccounting:
                 direction=direction,
                 message_type=message.metadata.message_type,
                 codec=codec if payload else None,
-                raw_bytes=self.run.fast_raw_bytes if payload else 0,
+                raw_bytes=raw,
                 payload_bytes=payload,
                 message_bytes=size,
                 full_model_bytes=size - payload + (self.run.full_payload_bytes if payload else 0),
