@@ -111,6 +111,11 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="let the strategy read the true participation probabilities (p-estimate=known)",
     )
     p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="evaluate every N rounds")
+    p.add_argument(
+        "--final-sync",
+        action="store_true",
+        help="after the last round, send every node the exact final fast state and have it confirm the digest",
+    )
     p.add_argument("--out", default=defaults.out, help="run directory (communication log goes here)")
     p.add_argument(
         "--backend",
@@ -151,6 +156,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         participation_mean=args.participation_mean,
         p_known=args.p_known,
         eval_every=args.eval_every,
+        final_sync=args.final_sync,
     )
 
 

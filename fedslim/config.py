@@ -139,6 +139,10 @@ class RunConfig:
         never see them and must estimate).
     eval_every : int
         Evaluate the global model every this many rounds (and after the last).
+    final_sync : bool
+        After the last round, send every node the exact final fast state (one
+        full-state sync each) and have it confirm the state's digest, so every
+        device ends the run holding the model the server evaluated.
     """
 
     dataset: str = "synthetic"
@@ -168,6 +172,7 @@ class RunConfig:
     participation_mean: float = 0.1
     p_known: bool = False
     eval_every: int = 1
+    final_sync: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:

@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from google.protobuf.message import DecodeError
 
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
+from fedslim.replica import ClientReplica, state_digest
 
 FAST_KEY = "fast"
 CONFIG_KEY = "config"
@@ -39,6 +40,9 @@ WIRE_KEY = "wire"
 # FedAMD: the role of a sampled client, and the global direction sent to miners.
 ROLE_KEY = "role"
 DIRECTION_KEY = "direction"
+# The end-of-run sync (a custom query action): the server's final state in, the node's digest out.
+FINAL_SYNC_TYPE = f"{MessageType.QUERY}.sync"
+REPLICA_RECORD = "replica"
 BLOB_STYPE = "fedslim.v1.Envelope"
 SYNC_STYPE = "fedslim.v1.Sync"
 
@@ -100,3 +104,17 @@ def client_key(reply: Message) -> str | None:
         return None
     key = reply.content.config_records[IDENTITY_KEY].get(CLIENT_KEY)
     return key if isinstance(key, str) and key else None
+
+
+def replica_report(replica: ClientReplica) -> RecordDict:
+    """A node's answer to the final sync: the version and digest of the fast state it now holds."""
+    report = ConfigRecord({"version": replica.version, "digest": state_digest(replica.state)})
+    return RecordDict({REPLICA_RECORD: report})
+
+
+def reported_digest(reply: Message) -> str | None:
+    """The digest a node reported in its final-sync reply, or None if the reply is an error or malformed."""
+    if reply.has_error() or REPLICA_RECORD not in reply.content.config_records:
+        return None
+    digest = reply.content.config_records[REPLICA_RECORD].get("digest")
+    return digest if isinstance(digest, str) else None

@@ -86,11 +86,27 @@ class ServerReplica:
         self.version += 1
         self._prune()
 
+    def settle(self, exact: Mapping[str, np.ndarray]) -> None:
+        """Make the replica ``exact`` itself, as a new version reached only by a full-state sync (end of a run)."""
+        if state_digest(exact) == self.digest:
+            return
+        self.state = {name: np.array(exact[name], dtype=np.float32) for name in self.state}
+        self.version += 1
+        self._steps.clear()  # no step leads to this version: everyone gets the full state
+
+    @property
+    def full_state_pipeline(self) -> Pipeline:
+        """How a full-state sync is encoded: exact float32, then the downstream codec's lossless stage."""
+        return Pipeline(lossless=self.pipeline.lossless)
+
     def full_state_blob(self) -> bytes:
         if self._full is None or self._full[0] != self.version:
-            exact = Pipeline(lossless=self.pipeline.lossless)
             blob = encode_update(
-                self.state, exact, kind=STATE, base_fingerprint=self.base_fingerprint, state_version=self.version
+                self.state,
+                self.full_state_pipeline,
+                kind=STATE,
+                base_fingerprint=self.base_fingerprint,
+                state_version=self.version,
             ).blob
             self._full = (self.version, blob)
         return self._full[1]

@@ -17,11 +17,12 @@ from fedslim.client.app import app as client_app
 from fedslim.codecs.layouts import encode_varints
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
-from fedslim.messages import record_update, update_record
+from fedslim.messages import FINAL_SYNC_TYPE, REPLICA_RECORD, record_update, update_record
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
 from fedslim.replica import state_digest
 from fedslim.server.loop import run_federation
 from fedslim.server.nodes import OrderedGrid
+from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.strategies.fedavg import FastFedAvg
 
 
@@ -203,3 +204,47 @@ def test_ordered_grid_sorts_keys_naturally_and_lists_unknown_nodes_last() -> Non
     keys = {5: "partition-10", 6: "partition-9", 7: "partition-0"}
     grid = OrderedGrid(ListGrid([9, 5, 6, 7, 3]), keys)  # type: ignore[arg-type]
     assert grid.get_node_ids() == [7, 6, 5, 3, 9]
+
+
+class TamperingGrid(InlineGrid):
+    """Node ``liar`` answers the final sync with a digest that is not the server's."""
+
+    def __init__(self, num_nodes: int, liar: int) -> None:
+        super().__init__(client_app, num_nodes)
+        self.liar = liar
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for reply in replies:
+            if reply.metadata.message_type == FINAL_SYNC_TYPE and reply.metadata.src_node_id == self.liar:
+                reply.content.config_records[REPLICA_RECORD]["digest"] = "0" * 32
+        return replies
+
+
+def test_final_sync_leaves_every_node_holding_the_exact_final_state(small_config: RunConfig) -> None:
+    config = replace(
+        small_config,
+        num_clients=5,
+        fraction=0.4,
+        rounds=3,
+        codec="topk:0.3+q8",
+        downstream_codec="topk:0.1+q4",  # lossy: the replica alone would trail the exact state
+        final_sync=True,
+    )
+    liar = FIRST_NODE_ID + 4
+    grid = TamperingGrid(config.num_clients, liar)
+    result = run_federation(grid, config)  # type: ignore[arg-type]
+    for context in grid.contexts.values():
+        held = {name: array.numpy() for name, array in context.state.array_records["fedslim-replica"].items()}
+        assert set(held) == set(result.fast_state)
+        assert all(np.array_equal(held[name], result.fast_state[name]) for name in held)
+    db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
+    rows = db.execute(
+        "SELECT direction, node_id, status, reason, codec FROM messages WHERE message_type = ? AND round = 3",
+        (FINAL_SYNC_TYPE,),
+    ).fetchall()
+    assert sorted(direction for direction, *_ in rows) == ["down"] * 5 + ["up"] * 5
+    assert {codec for direction, _, _, _, codec in rows if direction == "down"} == {"none"}  # exact float32
+    rejected = [(node, reason) for _, node, status, reason, _ in rows if status == "rejected"]
+    server = state_digest(result.fast_state)
+    assert rejected == [(str(liar), f"final fast state differs: node digest {'0' * 32}, server {server}")]

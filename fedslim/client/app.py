@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from fedslim.messages import (
     partition_key,
     record_sync,
     record_update,
+    replica_report,
     update_record,
 )
 from fedslim.replica import ClientReplica, ReplicaMismatch
@@ -75,14 +77,35 @@ def identify(msg: Message, context: Context) -> Message:
     return identity_reply(msg, key)
 
 
-def handle_train(msg: Message, context: Context) -> RecordDict:
-    """Sync the replica, train the fast layer from it, and return the reply content.
+@app.query("sync")
+def final_sync(msg: Message, context: Context) -> Message:
+    """The end-of-run sync: take the server's final fast state and confirm its digest."""
+    try:
+        synced = synced_task(msg, context)
+    except Refusal as refusal:
+        return Message(Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
+    return Message(replica_report(synced.replica), reply_to=msg)
+
+
+@dataclass(frozen=True)
+class SyncedTask:
+    """A server instruction, checked, with this node's replica brought to the server's version."""
+
+    config: RunConfig
+    base: ResidentBase
+    server_round: int
+    role: str
+    replica: ClientReplica
+
+
+def synced_task(msg: Message, context: Context) -> SyncedTask:
+    """Parse the task config, check the resident base against the server's, and sync the replica.
 
     Raises :class:`Refusal` when the request cannot be honoured: the resident
     base is missing or differs from the server's, the replica cannot reach the
     server's version, or the request is malformed.
     """
-    task = dict(msg.content.config_records[CONFIG_KEY])
+    task = dict(msg.content.config_records[CONFIG_KEY]) if CONFIG_KEY in msg.content.config_records else {}
     expected_fingerprint = str(task.pop("base-fingerprint", ""))
     server_round = task.pop("server-round", 0)
     target_version = task.pop("replica-version", None)
@@ -104,9 +127,15 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
             f"base fingerprint mismatch: the server expects {expected_fingerprint[:16]}..., "
             f"this node's base {base.path} is {base.fingerprint[:16]}...; refusing to train on a different base",
         )
-
-    model = fast_model(base, config.fast)
     replica = sync_replica(msg, context, base, config.fast, target_version, target_digest)
+    return SyncedTask(config, base, server_round, str(role), replica)
+
+
+def handle_train(msg: Message, context: Context) -> RecordDict:
+    """Sync the replica, train the fast layer from it, and return the reply content (see :func:`synced_task`)."""
+    task = synced_task(msg, context)
+    config, base, server_round, role, replica = task.config, task.base, task.server_round, task.role, task.replica
+    model = fast_model(base, config.fast)
     model.load_fast_state(replica.state)
 
     data = local_data(context, config)

@@ -20,9 +20,11 @@ from fedslim.commlog import LOG_FILENAME, CommLog, MessageRow, RoundRow, RoundTo
 from fedslim.config import RunConfig
 from fedslim.messages import (
     CLIENT_RECORD,
+    CONFIG_KEY,
     DELTA_KEY,
     DIRECTION_KEY,
     FAST_KEY,
+    FINAL_SYNC_TYPE,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     REPLICA_MISMATCH,
@@ -32,6 +34,7 @@ from fedslim.messages import (
     partition_key,
     record_sync,
     record_update,
+    reported_digest,
     sync_record,
     update_record,
 )
@@ -46,11 +49,12 @@ from fedslim.training import evaluate
 
 @dataclass(frozen=True)
 class RunResult:
-    """What a finished run leaves behind."""
+    """What a finished run leaves behind: its log, the per-round totals and the final fast state."""
 
     run_id: str
     log_path: str
     rounds: list[RoundTotals]
+    fast_state: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -109,17 +113,22 @@ class WireAccounting:
     run: RunWire
     server_round: int
 
-    def record_down(self, message: Message, held_version: int | None = None, current_version: int = 0) -> None:
-        """Log an instruction; ``held_version`` is the replica version the node held before it (None: unknown)."""
+    def record_down(
+        self, message: Message, held_version: int | None = None, current_version: int = 0, codec: str | None = None
+    ) -> None:
+        """Log an instruction; ``held_version`` is the replica version the node held before it (None: unknown).
+
+        ``codec`` names the payload's encoding when it is not the run's downstream codec.
+        """
         records = message.content.array_records
         sync = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
         steer = len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
         raw = self.run.fast_raw_bytes * ((sync > 0) + (steer > 0))  # FedAMD's direction v is a second fast state
         lag = current_version - held_version if held_version is not None and FAST_KEY in records else None
-        self._record(message, "down", sync + steer, raw, self.run.downlink, lag)
+        self._record(message, "down", sync + steer, raw, codec or self.run.downlink, lag)
 
-    def record_identity(self, reply: Message, key: str | None) -> None:
-        reason = None if key else f"no client key in the identity reply: {_error_text(reply)}"
+    def record_reply(self, reply: Message, reason: str | None) -> None:
+        """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it."""
         self._record(reply, "up", 0, 0, None, None, reason)
 
     def screen_up(self, reply: Message, expected: UpdateCheck) -> dict[str, np.ndarray] | None:
@@ -188,10 +197,64 @@ def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> Order
     for request in requests:
         wire.record_down(request)
     for reply in replies:
-        wire.record_identity(reply, keys.get(reply.metadata.src_node_id))
+        key = keys.get(reply.metadata.src_node_id)
+        wire.record_reply(reply, None if key else f"no client key in the identity reply: {_error_text(reply)}")
     if len(keys) < config.num_clients:
         raise NodesMissingError(f"only {len(keys)} of {config.num_clients} nodes identified themselves")
     return OrderedGrid(grid, keys)
+
+
+def final_sync(
+    grid: OrderedGrid,
+    config: RunConfig,
+    replica: ServerReplica,
+    exact: dict[str, np.ndarray],
+    client_versions: dict[str, int | None],
+    base_fingerprint: str,
+    wire: WireAccounting,
+) -> int:
+    """After the last round, give every identified node the exact final fast state; returns how many confirmed it.
+
+    The replica becomes ``exact`` (a full-state version), each node syncs to it
+    and replies with the digest of what it now holds; a reply with another
+    digest, an error, or none at all is logged as unconfirmed.
+    """
+    replica.settle(exact)
+    task = ConfigRecord(
+        {
+            **config.client_task(),
+            "base-fingerprint": base_fingerprint,
+            "server-round": config.rounds,
+            "replica-version": replica.version,
+            "replica-digest": replica.digest,
+        }
+    )
+    held = {node: client_versions.get(key) for node, key in grid.keys.items()}
+    messages = [
+        Message(
+            RecordDict({FAST_KEY: sync_record(replica.sync_for(version)), CONFIG_KEY: task}),
+            dst_node_id=node,
+            message_type=FINAL_SYNC_TYPE,
+        )
+        for node, version in held.items()
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    for message in messages:
+        node = message.metadata.dst_node_id
+        wire.record_down(message, held[node], replica.version, codec=replica.full_state_pipeline.spec)
+    confirmed = 0
+    for reply in replies:
+        digest = reported_digest(reply)
+        if digest == replica.digest:
+            confirmed += 1
+            wire.record_reply(reply, None)
+        elif digest is None:
+            wire.record_reply(reply, f"no final-sync confirmation: {_error_text(reply)}")
+        else:
+            wire.record_reply(reply, f"final fast state differs: node digest {digest}, server {replica.digest}")
+    if confirmed < len(messages):
+        log(WARNING, "final sync: %d of %d nodes confirmed the final fast state", confirmed, len(messages))
+    return confirmed
 
 
 def _error_text(reply: Message) -> str:
@@ -352,8 +415,11 @@ def run_federation(
                 model.load_fast_state(fast_state)
             count = len(available) if available is not None else len(client_versions)
             finish_round(server_round, len(instructions), len(accepted), count, started)
+        if config.final_sync:
+            wire = WireAccounting(run_wire, config.rounds)
+            final_sync(grid, config, replica, fast_state, client_versions, base.fingerprint, wire)
         commlog.finish_run(run_id)
-        return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id))
+        return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id), fast_state)
     finally:
         commlog.close()
 

@@ -1,0 +1,1 @@
+"""Deploying fedslim on real devices: credentials, Flower connections and the commands that start a federation."""
