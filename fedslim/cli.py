@@ -212,17 +212,19 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from fedslim.commlog import SchemaVersionError
+    from fedslim.deploy.cli import add_deploy_parser, run_deploy
     from fedslim.logs.cli import add_logs_parser, run_logs
     from fedslim.logs.reader import RunNotFoundError
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fedslim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    if argv[:1] == ["logs"]:
-        sub.add_parser("simulate", help=SIMULATE_HELP)  # listed only: reading logs needs none of its defaults
+    if argv[:1] in (["logs"], ["deploy"]):
+        sub.add_parser("simulate", help=SIMULATE_HELP)  # listed only: these commands need none of its defaults
     else:
         _simulate_parser(sub)
     add_logs_parser(sub)
+    add_deploy_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "simulate":
         from fedslim.config import ConfigError
@@ -232,9 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             parser.error(str(exc))
     try:
-        return run_logs(args)
+        return run_logs(args) if args.command == "logs" else run_deploy(args)
     except (FileNotFoundError, RunNotFoundError, SchemaVersionError, ValueError, ImportError) as exc:
-        print(f"fedslim logs: error: {exc}", file=sys.stderr)
+        print(f"fedslim {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

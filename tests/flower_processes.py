@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -55,12 +56,15 @@ def started(command: list[str], env: dict[str, str], log_file: Path) -> Iterator
             process.wait(timeout=5)
 
 
-def wait_until_healthy(process: subprocess.Popen[bytes], http_port: int, log_file: Path, timeout_s: float = 30) -> None:
-    """Block until the SuperLink's HTTP API answers /health (or fail the test with its log)."""
+def wait_until_healthy(
+    process: subprocess.Popen[bytes], http_port: int, log_file: Path, ca: Path | None = None, timeout_s: float = 30
+) -> None:
+    """Block until the SuperLink's HTTP API answers /health, over TLS if ``ca`` is given (or fail with its log)."""
     deadline = time.monotonic() + timeout_s
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{http_port}/health"
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
+            if httpx.get(url, timeout=0.5, verify=ssl.create_default_context(cafile=ca) if ca else True).is_success:
                 return
         except httpx.HTTPError:
             pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,7 +37,7 @@ from fedslim.messages import (
     update_record,
 )
 from fedslim.replica import ClientReplica, ReplicaMismatch
-from fedslim.simulation.datasets import ArrayDataset, DatasetMissingError, load_federation
+from fedslim.simulation.datasets import ArrayDataset, DatasetMissingError, load_array_file, load_federation
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
 # Keys in the node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).
@@ -70,11 +71,21 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Report this node's stable client key (the server orders and samples nodes by it)."""
+    return identity_reply(msg, node_key(context))
+
+
+def node_key(context: Context) -> str:
+    """``partition-<id>`` for a simulated node, else the deployed node's ``node-name``."""
     if "partition-id" in context.node_config:
-        key = partition_key(int(context.node_config["partition-id"]))
-    else:
-        key = str(context.node_config.get("node-name") or f"node-{context.node_id}")
-    return identity_reply(msg, key)
+        return partition_key(int(context.node_config["partition-id"]))
+    return str(context.node_config.get("node-name") or f"node-{context.node_id}")
+
+
+def node_seed(context: Context) -> int:
+    """This node's share of the training seed: its partition id, or a hash of its client key."""
+    if "partition-id" in context.node_config:
+        return int(context.node_config["partition-id"])
+    return zlib.crc32(node_key(context).encode())
 
 
 @app.query("sync")
@@ -139,8 +150,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     model.load_fast_state(replica.state)
 
     data = local_data(context, config)
-    partition_id = int(context.node_config.get("partition-id", 0))
-    seed = [config.seed, server_round, partition_id]
+    seed = [config.seed, server_round, node_seed(context)]
     metrics = MetricRecord({NUM_EXAMPLES_KEY: len(data)})
     if role == ANCHOR_ROLE:
         # FedAMD anchor: the full local gradient at the synced state, sent as it is (no error feedback).
@@ -308,9 +318,14 @@ def fast_model(base: ResidentBase, spec: FastSpec) -> FastSlowModel:
 
 
 def local_data(context: Context, config: RunConfig) -> ArrayDataset:
-    """This node's training partition (simulation: by ``partition-id``)."""
+    """This node's training data: its own file (``data-path``), else the simulated partition (``partition-id``)."""
+    if "data-path" in context.node_config:
+        try:
+            return load_array_file(Path(str(context.node_config["data-path"])))
+        except (DatasetMissingError, ValueError) as exc:
+            raise Refusal(BAD_REQUEST, str(exc)) from exc
     if "partition-id" not in context.node_config:
-        raise Refusal(BAD_REQUEST, "node_config has no partition-id: this node has no training data assigned")
+        raise Refusal(BAD_REQUEST, "node_config has neither data-path nor partition-id: this node has no training data")
     partition_id = int(context.node_config["partition-id"])
     try:
         clients = load_federation(config).clients

@@ -54,6 +54,36 @@ class FederatedData:
     test: ArrayDataset
 
 
+def load_array_file(path: Path) -> ArrayDataset:
+    """A deployed node's own data: an ``.npz`` holding ``x`` (features) and ``y`` (integer labels).
+
+    Raises DatasetMissingError if the file is absent and ValueError naming
+    what is wrong with it otherwise.
+    """
+    if not Path(path).is_file():
+        raise DatasetMissingError(f"node data {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            x, y = arrays["x"], arrays["y"]
+    except KeyError as exc:
+        raise ValueError(f"node data {path} must hold arrays 'x' and 'y' ({exc} is missing)") from exc
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"node data {path} is not a readable .npz file: {exc}") from exc
+    if len(x) != len(y) or len(y) == 0:
+        raise ValueError(f"node data {path}: {len(x)} examples in 'x' but {len(y)} labels in 'y'")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise ValueError(f"node data {path}: labels 'y' must be non-negative integers, got {y.dtype}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"node data {path}: features 'x' hold NaN or Inf")
+    return ArrayDataset(x.astype(np.float32), y.astype(np.int64))
+
+
+def save_array_file(path: Path, data: ArrayDataset) -> None:
+    """Write ``data`` in the format :func:`load_array_file` reads (e.g. to put a partition on a device)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x=data.x, y=data.y)
+
+
 # ----------------------------------------------------------------- Fashion-MNIST
 
 

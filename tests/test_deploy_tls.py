@@ -1,0 +1,160 @@
+"""`fedslim deploy` from zero: TLS SuperLink with node authentication, three registered SuperNodes, one intruder."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from flower_processes import BIN, REPO, flower_env, free_port, started, wait_until_healthy
+
+from fedslim.base import ensure_pretrained_base
+from fedslim.commlog import LOG_FILENAME
+from fedslim.config import RunConfig
+from fedslim.messages import FINAL_SYNC_TYPE
+from fedslim.simulation.datasets import load_federation, save_array_file
+
+NODES = 3
+CONNECTION = "fedslim-tls"
+
+
+def fedslim(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedslim.cli", *args]
+
+
+def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: Path) -> None:
+    env = flower_env(tmp_path / "flwr-home")
+    config = RunConfig(dataset="synthetic", num_clients=NODES)
+    base_path = ensure_pretrained_base(config)  # each device already holds the base
+    for node, data in enumerate(load_federation(config).clients):
+        save_array_file(tmp_path / "data" / f"node-{node}.npz", data)
+
+    certs, keys = tmp_path / "certs", tmp_path / "keys"
+    fleet_port, http_port = free_port(), free_port()
+    setup = [fedslim("deploy", "certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost")]
+    setup += [
+        fedslim("deploy", "node-key", name, "--out", str(keys)) for name in ("node-0", "node-1", "node-2", "rogue")
+    ]
+    setup.append(
+        fedslim(
+            "deploy", "connection", CONNECTION, "--address", f"127.0.0.1:{http_port}", "--ca", str(certs / "ca.crt")
+        )
+    )
+    for command in setup:
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=60)
+
+    with ExitStack() as stack:
+        superlink_log = tmp_path / "superlink.log"
+        superlink = stack.enter_context(
+            started(
+                fedslim(
+                    "deploy",
+                    "superlink",
+                    "--certs",
+                    str(certs),
+                    "--fleet-address",
+                    f"127.0.0.1:{fleet_port}",
+                    "--control-address",
+                    f"127.0.0.1:{http_port}",
+                    "--database",
+                    str(tmp_path / "state.db"),
+                ),
+                env,
+                superlink_log,
+            )
+        )
+        wait_until_healthy(superlink, http_port, superlink_log, ca=certs / "ca.crt")
+        for node in range(NODES):
+            registered = subprocess.run(
+                fedslim("deploy", "register", str(keys / f"node-{node}.pub"), "--connection", CONNECTION),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        for name in (f"node-{node}" for node in range(NODES)):
+            stack.enter_context(
+                started(
+                    fedslim(
+                        "deploy",
+                        "supernode",
+                        "--superlink",
+                        f"127.0.0.1:{fleet_port}",
+                        "--name",
+                        name,
+                        "--data",
+                        str(tmp_path / "data" / f"{name}.npz"),
+                        "--base",
+                        str(base_path),
+                        "--port",
+                        str(free_port()),
+                        "--ca",
+                        str(certs / "ca.crt"),
+                        "--key",
+                        str(keys / name),
+                    ),
+                    env,
+                    tmp_path / f"{name}.log",
+                )
+            )
+        rogue_log = tmp_path / "rogue.log"
+        rogue = stack.enter_context(
+            started(
+                fedslim(
+                    "deploy",
+                    "supernode",
+                    "--superlink",
+                    f"127.0.0.1:{fleet_port}",
+                    "--name",
+                    "rogue",
+                    "--data",
+                    str(tmp_path / "data" / "node-0.npz"),
+                    "--base",
+                    str(base_path),
+                    "--port",
+                    str(free_port()),
+                    "--ca",
+                    str(certs / "ca.crt"),
+                    "--key",
+                    str(keys / "rogue"),
+                ),
+                env,
+                rogue_log,
+            )
+        )
+        out = tmp_path / "run"
+        run_config = f'rounds=3 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" final-sync=true out="{out}"'
+        completed = subprocess.run(
+            [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", run_config],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        assert rogue.wait(timeout=30) != 0  # the intruder gave up: its key is not registered
+    assert "Failed to activate SuperNode" in rogue_log.read_text()
+    assert "No SuperNode found with the given public key" in superlink_log.read_text()
+
+    db = sqlite3.connect(out / LOG_FILENAME)
+    assert db.execute("SELECT COUNT(*), MAX(finished_at IS NOT NULL) FROM runs").fetchone() == (1, 1)
+    clients = {c for (c,) in db.execute("SELECT DISTINCT client FROM messages")}
+    assert clients == {"node-0", "node-1", "node-2"}  # the deployed nodes' names are their client keys
+    trained = db.execute(
+        "SELECT round, COUNT(*) FROM messages WHERE message_type = 'train' AND direction = 'up' AND status = 'ok' "
+        "GROUP BY round"
+    ).fetchall()
+    assert trained == [(1, 3), (2, 3), (3, 3)]
+    (compressed,) = db.execute(
+        "SELECT MAX(payload_bytes * 1.0 / raw_bytes) FROM messages WHERE message_type = 'train' AND direction = 'up'"
+    ).fetchone()
+    assert compressed < 0.5
+    # Final fast state equal on server and clients: every node confirmed the server's digest of it.
+    confirmations = db.execute(
+        "SELECT client, status FROM messages WHERE message_type = ? AND direction = 'up'", (FINAL_SYNC_TYPE,)
+    ).fetchall()
+    assert sorted(confirmations) == [("node-0", "ok"), ("node-1", "ok"), ("node-2", "ok")]
