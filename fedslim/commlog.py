@@ -69,6 +69,8 @@ CREATE TABLE IF NOT EXISTS messages (
     status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
     reason TEXT,
     weight REAL,                    -- coefficient of this update in the round's step (accepted train replies)
+    client_cpu_s REAL,              -- train replies: CPU seconds the client spent on the round
+    client_peak_rss_bytes INTEGER,  -- train replies: peak resident memory of the client's process
     created_at REAL NOT NULL,       -- when the sender created the message (Unix seconds)
     logged_at REAL NOT NULL         -- when the server logged it
 );
@@ -163,6 +165,8 @@ class MessageRow:
     version_lag: int | None
     reason: str | None
     created_at: float
+    client_cpu_s: float | None = None
+    client_peak_rss_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -315,8 +319,8 @@ class CommLog:
         """Record one message; a ``reason`` marks it rejected."""
         self._db.execute(
             "INSERT INTO messages (run_id, round, node_id, client, direction, message_type, codec, raw_bytes,"
-            " payload_bytes, message_bytes, full_model_bytes, version_lag, reason, created_at, status, logged_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " payload_bytes, message_bytes, full_model_bytes, version_lag, reason, created_at, client_cpu_s,"
+            " client_peak_rss_bytes, status, logged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 row.round,
@@ -332,6 +336,8 @@ class CommLog:
                 row.version_lag,
                 row.reason,
                 row.created_at,
+                row.client_cpu_s,
+                row.client_peak_rss_bytes,
                 "rejected" if row.reason else "ok",
                 time.time(),
             ),

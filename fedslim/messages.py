@@ -5,7 +5,8 @@ fedslim.v1.Sync under "sync": zero or more blobs applied in order) and
 ``config`` (ConfigRecord: the client task, the base fingerprint, the round,
 the replica version and digest to reach). A train reply carries ``delta``
 (ArrayRecord: one blob under "update", the client's compressed delta) and
-``metrics`` (MetricRecord: ``num-examples``, ``train-loss``). An identity
+``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, and the device's
+footprint: ``cpu-s`` and ``peak-rss-bytes``). An identity
 query is empty; its reply carries ``identity`` with ``client-key``.
 
 FedAMD adds ``role`` to the task config (``anchor``: reply with the full
@@ -30,6 +31,9 @@ CONFIG_KEY = "config"
 DELTA_KEY = "delta"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
+# A train reply's footprint on the device: CPU seconds of the handler and the process's peak resident memory.
+CPU_KEY = "cpu-s"
+PEAK_RSS_KEY = "peak-rss-bytes"
 IDENTITY_KEY = "identity"
 CLIENT_KEY = "client-key"
 UPDATE_KEY = "update"

@@ -153,6 +153,11 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
         "SELECT MAX(payload_bytes * 1.0 / raw_bytes) FROM messages WHERE message_type = 'train' AND direction = 'up'"
     ).fetchone()
     assert compressed < 0.5
+    # Each node reported its footprint: CPU seconds of the round and the peak memory of its ClientApp process.
+    footprints = db.execute(
+        "SELECT client_cpu_s, client_peak_rss_bytes FROM messages WHERE message_type = 'train' AND direction = 'up'"
+    ).fetchall()
+    assert len(footprints) == 9 and all(cpu > 0 and rss > 50 * 2**20 for cpu, rss in footprints)
     # Final fast state equal on server and clients: every node confirmed the server's digest of it.
     confirmations = db.execute(
         "SELECT client, status FROM messages WHERE message_type = ? AND direction = 'up'", (FINAL_SYNC_TYPE,)

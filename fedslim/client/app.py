@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import resource
+import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,12 +23,14 @@ from fedslim.messages import (
     BASE_MISMATCH,
     BASE_MISSING,
     CONFIG_KEY,
+    CPU_KEY,
     DELTA_KEY,
     DIRECTION_KEY,
     FAST_KEY,
     METRICS_KEY,
     NON_FINITE_UPDATE,
     NUM_EXAMPLES_KEY,
+    PEAK_RSS_KEY,
     REPLICA_MISMATCH,
     ROLE_KEY,
     identity_reply,
@@ -62,10 +66,20 @@ class Refusal(Exception):
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.process_time()
     try:
-        return Message(handle_train(msg, context), reply_to=msg)
+        content = handle_train(msg, context)
     except Refusal as refusal:
         return Message(Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
+    metrics = content.metric_records[METRICS_KEY]
+    metrics[CPU_KEY] = time.process_time() - started
+    metrics[PEAK_RSS_KEY] = peak_rss_bytes()
+    return Message(content, reply_to=msg)
+
+
+def peak_rss_bytes() -> int:
+    """The largest resident memory this process has had (in simulation every virtual node shares the process)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 @app.query()

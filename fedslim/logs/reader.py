@@ -37,6 +37,8 @@ class ClientStats:
     bytes_down: int
     mean_weight: float | None
     last_round: int
+    mean_cpu_s: float | None
+    peak_rss_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class Summary:
     best_round: int | None
     strategy_memory_bytes: int | None
     wall_time_s: float
+    client_cpu_s: float | None
+    client_peak_rss_bytes: int | None
 
     @property
     def total_bytes(self) -> int:
@@ -150,7 +154,8 @@ class RunLog:
             "SELECT COUNT(*), COALESCE(SUM(status = 'rejected'), 0),"
             " COALESCE(SUM(CASE WHEN direction = 'up' THEN message_bytes END), 0),"
             " COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),"
-            " COALESCE(SUM(message_bytes - payload_bytes + raw_bytes), 0), COALESCE(SUM(full_model_bytes), 0)"
+            " COALESCE(SUM(message_bytes - payload_bytes + raw_bytes), 0), COALESCE(SUM(full_model_bytes), 0),"
+            " AVG(client_cpu_s), MAX(client_peak_rss_bytes)"
             " FROM messages WHERE run_id = ?",
             (self.run_id,),
         ).fetchone()
@@ -182,6 +187,8 @@ class RunLog:
             best_round=best.round if best else None,
             strategy_memory_bytes=max(memory) if memory else None,
             wall_time_s=sum(r.wall_time_s for r in rounds),
+            client_cpu_s=totals[6],
+            client_peak_rss_bytes=totals[7],
         )
 
     def clients(self) -> list[ClientStats]:
@@ -195,7 +202,9 @@ class RunLog:
                    COALESCE(SUM(CASE WHEN direction = 'up' THEN message_bytes END), 0),
                    COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),
                    AVG(weight),
-                   MAX(round)
+                   MAX(round),
+                   AVG(client_cpu_s),
+                   MAX(client_peak_rss_bytes)
             FROM messages WHERE run_id = ? GROUP BY who
             """,
             (self.run_id,),

@@ -49,6 +49,10 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
         per_client = summary.strategy_memory_bytes / summary.clients if summary.clients else 0
         held = f"{kib(summary.strategy_memory_bytes)} KiB ({per_client:,.0f} B/client)"
         rows.append(("server memory (strategy)", held))
+    if summary.client_cpu_s is not None:
+        rows.append(("client CPU per update (mean)", f"{summary.client_cpu_s:,.2f} s"))
+    if summary.client_peak_rss_bytes is not None:
+        rows.append(("client peak memory (largest)", f"{summary.client_peak_rss_bytes / 2**20:,.0f} MiB"))
     rows.append(("wall time", f"{summary.wall_time_s:,.1f} s"))
     for name, value in rows:
         table.add_row(name, value)
@@ -57,7 +61,8 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
 
 def clients_table(clients: Sequence[ClientStats], title: str) -> Table:
     table = Table(title=title)
-    for column in ("client", "sampled", "accepted", "rejected", "KiB up", "KiB down", "mean weight", "last round"):
+    columns = ("client", "sampled", "accepted", "rejected", "KiB up", "KiB down", "mean weight", "last round")
+    for column in (*columns, "CPU s/update", "peak MiB"):
         table.add_column(column, justify="left" if column == "client" else "right")
     for c in clients:
         table.add_row(
@@ -69,6 +74,8 @@ def clients_table(clients: Sequence[ClientStats], title: str) -> Table:
             kib(c.bytes_down),
             f"{c.mean_weight:.4f}" if c.mean_weight is not None else "-",
             str(c.last_round),
+            f"{c.mean_cpu_s:.2f}" if c.mean_cpu_s is not None else "-",
+            f"{c.peak_rss_bytes / 2**20:,.0f}" if c.peak_rss_bytes is not None else "-",
         )
     return table
 

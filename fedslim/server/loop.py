@@ -21,12 +21,14 @@ from fedslim.config import RunConfig
 from fedslim.messages import (
     CLIENT_RECORD,
     CONFIG_KEY,
+    CPU_KEY,
     DELTA_KEY,
     DIRECTION_KEY,
     FAST_KEY,
     FINAL_SYNC_TYPE,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    PEAK_RSS_KEY,
     REPLICA_MISMATCH,
     WIRE_KEY,
     client_key,
@@ -140,7 +142,7 @@ class WireAccounting:
             payload = 0
         lag = expected.state_version - update.state_version if update is not None else None
         raw = self.run.fast_raw_bytes if payload else 0
-        self._record(reply, "up", payload, raw, self.run.uplink, lag, reason)
+        self._record(reply, "up", payload, raw, self.run.uplink, lag, reason, footprint(reply))
         if reason:
             log(
                 WARNING,
@@ -161,6 +163,7 @@ class WireAccounting:
         codec: str | None,
         version_lag: int | None,
         reason: str | None = None,
+        device: tuple[float | None, int | None] = (None, None),
     ) -> None:
         """One log row; the full-model figure swaps the fast payload for the full model's."""
         size = message_bytes(message, direction)
@@ -181,8 +184,22 @@ class WireAccounting:
                 version_lag=version_lag,
                 reason=reason,
                 created_at=message.metadata.created_at,
+                client_cpu_s=device[0],
+                client_peak_rss_bytes=device[1],
             ),
         )
+
+
+def footprint(reply: Message) -> tuple[float | None, int | None]:
+    """The CPU seconds and peak memory a client reported with its reply (None where it did not)."""
+    if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+        return None, None
+    metrics = reply.content.metric_records[METRICS_KEY]
+    cpu, rss = metrics.get(CPU_KEY), metrics.get(PEAK_RSS_KEY)
+    return (
+        float(cpu) if isinstance(cpu, int | float) else None,
+        int(rss) if isinstance(rss, int | float) else None,
+    )
 
 
 def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> OrderedGrid:
