@@ -122,3 +122,8 @@ def reported_digest(reply: Message) -> str | None:
         return None
     digest = reply.content.config_records[REPLICA_RECORD].get("digest")
     return digest if isinstance(digest, str) else None
+
+
+def error_text(reply: Message) -> str:
+    """A refusal's code and reason, for logs."""
+    return f"client error {reply.error.code}: {reply.error.reason}" if reply.has_error() else "malformed reply"

@@ -30,7 +30,8 @@ from fedslim.messages import (
 )
 from fedslim.models import SyntheticMLP
 from fedslim.replica import ServerReplica
-from fedslim.server.loop import UpdateCheck, check_update, with_sync
+from fedslim.server.loop import with_sync
+from fedslim.server.wire import UpdateCheck, check_update
 from fedslim.simulation.datasets import load_federation
 from fedslim.strategies.fedavg import FastFedAvg
 from fedslim.training import full_gradient

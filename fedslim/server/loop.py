@@ -15,26 +15,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedslim.base import ensure_pretrained_base, load_base
-from fedslim.codecs.pipeline import DELTA, DecodedUpdate, decode_update
-from fedslim.commlog import LOG_FILENAME, CommLog, MessageRow, RoundRow, RoundTotals, message_bytes
+from fedslim.commlog import LOG_FILENAME, CommLog, RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.messages import (
     CLIENT_RECORD,
     CONFIG_KEY,
-    CPU_KEY,
     DELTA_KEY,
-    DIRECTION_KEY,
     FAST_KEY,
     FINAL_SYNC_TYPE,
-    METRICS_KEY,
-    NUM_EXAMPLES_KEY,
-    PEAK_RSS_KEY,
     REPLICA_MISMATCH,
     WIRE_KEY,
     client_key,
+    error_text,
     identity_requests,
     partition_key,
-    record_sync,
     record_update,
     reported_digest,
     sync_record,
@@ -42,6 +36,7 @@ from fedslim.messages import (
 )
 from fedslim.replica import ServerReplica
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
+from fedslim.server.wire import RunWire, UpdateCheck, WireAccounting
 from fedslim.simulation.datasets import FederatedData, load_federation
 from fedslim.simulation.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
 from fedslim.strategies.base import FastStrategy, Federation
@@ -59,149 +54,6 @@ class RunResult:
     fast_state: dict[str, np.ndarray]
 
 
-@dataclass(frozen=True)
-class UpdateCheck:
-    """The server's expectations of a train reply in one round."""
-
-    shapes: dict[str, tuple[int, ...]]
-    base_fingerprint: str
-    state_version: int
-
-
-def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate | None, str | None]:
-    """The decoded update of ``reply`` (None if it cannot be decoded) and the reason it cannot be aggregated.
-
-    The reason is None exactly when the update can be aggregated.
-    """
-    if reply.has_error():
-        return None, _error_text(reply)
-    try:
-        blob = record_update(reply.content.array_records[DELTA_KEY])
-        examples = reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]
-        update = decode_update(blob, expected.shapes)
-    except (KeyError, ValueError) as exc:
-        return None, f"malformed update: {exc}"
-    if not isinstance(examples, int) or examples <= 0:
-        return update, f"malformed update: num-examples must be a positive integer, got {examples!r}"
-    if update.kind != DELTA:
-        return update, "malformed update: a client sent a full state, not a delta"
-    if update.base_fingerprint != expected.base_fingerprint:
-        return update, f"wrong base fingerprint {update.base_fingerprint[:16]}... in the update"
-    if update.state_version != expected.state_version:
-        return update, (
-            f"stale update: computed against fast-state version {update.state_version}, "
-            f"the round trains version {expected.state_version}"
-        )
-    return update, None
-
-
-@dataclass(frozen=True)
-class RunWire:
-    """What every log row of one run shares."""
-
-    commlog: CommLog
-    run_id: str
-    fast_raw_bytes: int
-    full_payload_bytes: int
-    uplink: str
-    downlink: str
-    client_keys: dict[int, str]
-
-
-@dataclass(frozen=True)
-class WireAccounting:
-    """Logs one round's messages with their byte counts, and screens the replies."""
-
-    run: RunWire
-    server_round: int
-
-    def record_down(
-        self, message: Message, held_version: int | None = None, current_version: int = 0, codec: str | None = None
-    ) -> None:
-        """Log an instruction; ``held_version`` is the replica version the node held before it (None: unknown).
-
-        ``codec`` names the payload's encoding when it is not the run's downstream codec.
-        """
-        records = message.content.array_records
-        sync = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
-        steer = len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
-        raw = self.run.fast_raw_bytes * ((sync > 0) + (steer > 0))  # FedAMD's direction v is a second fast state
-        lag = current_version - held_version if held_version is not None and FAST_KEY in records else None
-        self._record(message, "down", sync + steer, raw, codec or self.run.downlink, lag)
-
-    def record_reply(self, reply: Message, reason: str | None) -> None:
-        """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it."""
-        self._record(reply, "up", 0, 0, None, None, reason)
-
-    def screen_up(self, reply: Message, expected: UpdateCheck) -> dict[str, np.ndarray] | None:
-        """Log ``reply``; its decoded delta if it can be aggregated, None if rejected."""
-        update, reason = check_update(reply, expected)
-        try:
-            payload = len(record_update(reply.content.array_records[DELTA_KEY]))
-        except (KeyError, ValueError):
-            payload = 0
-        lag = expected.state_version - update.state_version if update is not None else None
-        raw = self.run.fast_raw_bytes if payload else 0
-        self._record(reply, "up", payload, raw, self.run.uplink, lag, reason, footprint(reply))
-        if reason:
-            log(
-                WARNING,
-                "round %d: rejected update from node %d: %s",
-                self.server_round,
-                reply.metadata.src_node_id,
-                reason,
-            )
-            return None
-        return update.tensors if update is not None else None
-
-    def _record(
-        self,
-        message: Message,
-        direction: str,
-        payload: int,
-        raw: int,
-        codec: str | None,
-        version_lag: int | None,
-        reason: str | None = None,
-        device: tuple[float | None, int | None] = (None, None),
-    ) -> None:
-        """One log row; the full-model figure swaps the fast payload for the full model's."""
-        size = message_bytes(message, direction)
-        node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
-        self.run.commlog.record_message(
-            self.run.run_id,
-            MessageRow(
-                round=self.server_round,
-                node_id=node,
-                client=self.run.client_keys.get(node),
-                direction=direction,
-                message_type=message.metadata.message_type,
-                codec=codec if payload else None,
-                raw_bytes=raw,
-                payload_bytes=payload,
-                message_bytes=size,
-                full_model_bytes=size - payload + (self.run.full_payload_bytes if payload else 0),
-                version_lag=version_lag,
-                reason=reason,
-                created_at=message.metadata.created_at,
-                client_cpu_s=device[0],
-                client_peak_rss_bytes=device[1],
-            ),
-        )
-
-
-def footprint(reply: Message) -> tuple[float | None, int | None]:
-    """The CPU seconds and peak memory a client reported with its reply (None where it did not)."""
-    if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
-        return None, None
-    metrics = reply.content.metric_records[METRICS_KEY]
-    cpu, rss = metrics.get(CPU_KEY), metrics.get(PEAK_RSS_KEY)
-    return (
-        float(cpu) if isinstance(cpu, int | float) else None,
-        int(rss) if isinstance(rss, int | float) else None,
-    )
-
-
 def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> OrderedGrid:
     """Wait for the federation, ask each node for its client key, and order the grid by it."""
     requests = identity_requests(wait_for_nodes(grid, config.num_clients))
@@ -215,7 +67,7 @@ def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> Order
         wire.record_down(request)
     for reply in replies:
         key = keys.get(reply.metadata.src_node_id)
-        wire.record_reply(reply, None if key else f"no client key in the identity reply: {_error_text(reply)}")
+        wire.record_reply(reply, None if key else f"no client key in the identity reply: {error_text(reply)}")
     if len(keys) < config.num_clients:
         raise NodesMissingError(f"only {len(keys)} of {config.num_clients} nodes identified themselves")
     return OrderedGrid(grid, keys)
@@ -266,16 +118,12 @@ def final_sync(
             confirmed += 1
             wire.record_reply(reply, None)
         elif digest is None:
-            wire.record_reply(reply, f"no final-sync confirmation: {_error_text(reply)}")
+            wire.record_reply(reply, f"no final-sync confirmation: {error_text(reply)}")
         else:
             wire.record_reply(reply, f"final fast state differs: node digest {digest}, server {replica.digest}")
     if confirmed < len(messages):
         log(WARNING, "final sync: %d of %d nodes confirmed the final fast state", confirmed, len(messages))
     return confirmed
-
-
-def _error_text(reply: Message) -> str:
-    return f"client error {reply.error.code}: {reply.error.reason}" if reply.has_error() else "malformed reply"
 
 
 def run_federation(
