@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -107,6 +108,15 @@ def load_base(path: Path, dataset: str) -> ResidentBase:
         raise FileNotFoundError(f"base checkpoint {path} does not exist")
     stat = path.stat()
     return _load_base(path.resolve(), dataset, stat.st_mtime_ns, stat.st_size)
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """The fingerprint of the base checkpoint at ``path`` (ValueError if it is not one)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return fingerprint(checkpoint["state_dict"])
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} is not a base checkpoint: {exc}") from exc
 
 
 @lru_cache(maxsize=4)

@@ -143,6 +143,9 @@ class RunConfig:
         After the last round, send every node the exact final fast state (one
         full-state sync each) and have it confirm the state's digest, so every
         device ends the run holding the model the server evaluated.
+    provision_chunk_bytes : int
+        Chunk size when the server sends its base to a node that has none
+        (one message per chunk; 4 MiB stays under Flower's 5 MiB array chunks).
     """
 
     dataset: str = "synthetic"
@@ -173,6 +176,7 @@ class RunConfig:
     p_known: bool = False
     eval_every: int = 1
     final_sync: bool = False
+    provision_chunk_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -191,6 +195,8 @@ class RunConfig:
             raise ConfigError(f"error_feedback_decay must be in [0, 1], got {self.error_feedback_decay}")
         if self.local_steps < 0 or self.eval_every < 1:
             raise ConfigError("local_steps must be >= 0 and eval_every >= 1")
+        if self.provision_chunk_bytes < 1024:
+            raise ConfigError(f"provision_chunk_bytes must be >= 1024, got {self.provision_chunk_bytes}")
         if not 0.0 < self.participation_mean <= 1.0:
             raise ConfigError(f"participation_mean must be in (0, 1], got {self.participation_mean}")
         try:

@@ -6,8 +6,16 @@ fedslim.v1.Sync under "sync": zero or more blobs applied in order) and
 the replica version and digest to reach). A train reply carries ``delta``
 (ArrayRecord: one blob under "update", the client's compressed delta) and
 ``metrics`` (MetricRecord: ``num-examples``, ``train-loss``, and the device's
-footprint: ``cpu-s`` and ``peak-rss-bytes``). An identity
-query is empty; its reply carries ``identity`` with ``client-key``.
+footprint: ``cpu-s`` and ``peak-rss-bytes``).
+
+The identity query (round 0) carries the client task and the server's base
+fingerprint; its reply carries ``identity``: ``client-key`` and what the node
+holds of the base (``base``: ok, missing or mismatch; ``base-fingerprint``;
+``partial-bytes`` of an interrupted download). A node without the base is sent
+it in chunks (``query.provision``: ``config`` with ``offset`` and
+``total-bytes``, ``chunk``; the reply says ``received-bytes`` and ``verified``).
+After the last round, ``query.sync`` may bring every node to the exact final
+fast state; the reply reports the digest of what the node holds.
 
 FedAMD adds ``role`` to the task config (``anchor``: reply with the full
 local gradient; ``miner``: run variance-reduced steps from ``direction``, an
@@ -19,6 +27,7 @@ server, the loop annotates each accepted reply for the strategy with
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from google.protobuf.message import DecodeError
@@ -44,6 +53,13 @@ WIRE_KEY = "wire"
 # FedAMD: the role of a sampled client, and the global direction sent to miners.
 ROLE_KEY = "role"
 DIRECTION_KEY = "direction"
+# Base provisioning (a custom query action): the server's base checkpoint in chunks, resumable.
+PROVISION_TYPE = f"{MessageType.QUERY}.provision"
+PROVISION_RECORD = "provision"
+CHUNK_KEY = "chunk"
+CHUNK_STYPE = "fedslim.base-chunk"
+# What a node says of its resident base in its identity reply.
+BASE_OK, BASE_MISSING_STATUS, BASE_DIFFERENT = "ok", "missing", "mismatch"
 # The end-of-run sync (a custom query action): the server's final state in, the node's digest out.
 FINAL_SYNC_TYPE = f"{MessageType.QUERY}.sync"
 REPLICA_RECORD = "replica"
@@ -94,12 +110,65 @@ def partition_key(partition_id: int) -> str:
     return f"partition-{partition_id}"
 
 
-def identity_requests(node_ids: Iterable[int]) -> list[Message]:
-    return [Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.QUERY) for node_id in node_ids]
+def identity_requests(node_ids: Iterable[int], task: ConfigRecord | None = None) -> list[Message]:
+    """The round-0 query; ``task`` (the client task and the server's base fingerprint) lets nodes check their base."""
+    content = RecordDict({CONFIG_KEY: task}) if task is not None else RecordDict()
+    return [Message(content, dst_node_id=node_id, message_type=MessageType.QUERY) for node_id in node_ids]
 
 
-def identity_reply(request: Message, key: str) -> Message:
-    return Message(RecordDict({IDENTITY_KEY: ConfigRecord({CLIENT_KEY: key})}), reply_to=request)
+@dataclass(frozen=True)
+class BaseReport:
+    """What a node holds of the server's base: ``ok``, ``missing`` (with the bytes of a partial download) or
+    ``mismatch`` (with the fingerprint of the base it holds instead)."""
+
+    status: str
+    fingerprint: str = ""
+    partial_bytes: int = 0
+
+
+def identity_reply(request: Message, key: str, base: BaseReport | None = None) -> Message:
+    identity = ConfigRecord({CLIENT_KEY: key})
+    if base is not None:
+        identity["base"] = base.status
+        identity["base-fingerprint"] = base.fingerprint
+        identity["partial-bytes"] = base.partial_bytes
+    return Message(RecordDict({IDENTITY_KEY: identity}), reply_to=request)
+
+
+def base_report(reply: Message) -> BaseReport | None:
+    """The base status a node reported with its identity, or None if it reported none."""
+    if reply.has_error() or IDENTITY_KEY not in reply.content.config_records:
+        return None
+    identity = reply.content.config_records[IDENTITY_KEY]
+    status, fingerprint, partial = identity.get("base"), identity.get("base-fingerprint"), identity.get("partial-bytes")
+    if status not in (BASE_OK, BASE_MISSING_STATUS, BASE_DIFFERENT):
+        return None
+    return BaseReport(str(status), str(fingerprint or ""), partial if isinstance(partial, int) and partial > 0 else 0)
+
+
+def chunk_record(data: bytes) -> ArrayRecord:
+    return ArrayRecord({CHUNK_KEY: Array(dtype="uint8", shape=(len(data),), stype=CHUNK_STYPE, data=data)})
+
+
+def record_chunk(record: ArrayRecord) -> bytes:
+    return _single(record, CHUNK_KEY, CHUNK_STYPE)
+
+
+def provision_reply(request: Message, received: int, verified: bool) -> Message:
+    """A node's answer to a chunk: the bytes of the base it now holds, and whether it has verified the whole."""
+    report = ConfigRecord({"received-bytes": received, "verified": int(verified)})
+    return Message(RecordDict({PROVISION_RECORD: report}), reply_to=request)
+
+
+def provision_progress(reply: Message) -> tuple[int, bool] | None:
+    """(bytes received, verified) from a node's chunk reply, or None if it is an error or malformed."""
+    if reply.has_error() or PROVISION_RECORD not in reply.content.config_records:
+        return None
+    report = reply.content.config_records[PROVISION_RECORD]
+    received, verified = report.get("received-bytes"), report.get("verified")
+    if not isinstance(received, int) or verified not in (0, 1):
+        return None
+    return received, bool(verified)
 
 
 def client_key(reply: Message) -> str | None:

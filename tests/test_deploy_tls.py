@@ -1,4 +1,8 @@
-"""`fedslim deploy` from zero: TLS SuperLink with node authentication, three registered SuperNodes, one intruder."""
+"""`fedslim deploy` from zero: TLS SuperLink with node authentication, four registered SuperNodes, one intruder.
+
+node-2 starts without the base and is given it over the run's connection;
+node-3 holds another base and is refused. Three nodes train.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,16 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from fakes import other_base
 from flower_processes import BIN, REPO, flower_env, free_port, started, wait_until_healthy
 
-from fedslim.base import ensure_pretrained_base
+from fedslim.base import checkpoint_fingerprint, ensure_pretrained_base, load_base
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
-from fedslim.messages import FINAL_SYNC_TYPE
+from fedslim.messages import FINAL_SYNC_TYPE, PROVISION_TYPE
 from fedslim.simulation.datasets import load_federation, save_array_file
 
-NODES = 3
+NODES = 4
 CONNECTION = "fedslim-tls"
 
 
@@ -27,16 +32,21 @@ def fedslim(*args: str) -> list[str]:
 def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: Path) -> None:
     env = flower_env(tmp_path / "flwr-home")
     config = RunConfig(dataset="synthetic", num_clients=NODES)
-    base_path = ensure_pretrained_base(config)  # each device already holds the base
+    base_path = ensure_pretrained_base(config)
+    # node-0 and node-1 hold the base, node-2 holds nothing yet, node-3 holds another base.
+    bases = {
+        "node-0": base_path,
+        "node-1": base_path,
+        "node-2": tmp_path / "node-2" / "base.pt",
+        "node-3": other_base(config, tmp_path / "node-3" / "base.pt"),
+    }
     for node, data in enumerate(load_federation(config).clients):
         save_array_file(tmp_path / "data" / f"node-{node}.npz", data)
 
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     fleet_port, http_port = free_port(), free_port()
     setup = [fedslim("deploy", "certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost")]
-    setup += [
-        fedslim("deploy", "node-key", name, "--out", str(keys)) for name in ("node-0", "node-1", "node-2", "rogue")
-    ]
+    setup += [fedslim("deploy", "node-key", name, "--out", str(keys)) for name in (*bases, "rogue")]
     setup.append(
         fedslim(
             "deploy", "connection", CONNECTION, "--address", f"127.0.0.1:{http_port}", "--ca", str(certs / "ca.crt")
@@ -88,7 +98,7 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
                         "--data",
                         str(tmp_path / "data" / f"{name}.npz"),
                         "--base",
-                        str(base_path),
+                        str(bases[name]),
                         "--port",
                         str(free_port()),
                         "--ca",
@@ -143,7 +153,23 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
     db = sqlite3.connect(out / LOG_FILENAME)
     assert db.execute("SELECT COUNT(*), MAX(finished_at IS NOT NULL) FROM runs").fetchone() == (1, 1)
     clients = {c for (c,) in db.execute("SELECT DISTINCT client FROM messages")}
-    assert clients == {"node-0", "node-1", "node-2"}  # the deployed nodes' names are their client keys
+    assert clients == set(bases)  # the deployed nodes' names are their client keys
+    # node-3 was refused at the start, with the reason, and never contacted again.
+    refused = db.execute(
+        "SELECT round, reason FROM messages WHERE client = 'node-3' AND status = 'rejected'"
+    ).fetchall()
+    assert len(refused) == 1 and refused[0][0] == 0 and refused[0][1].startswith("base fingerprint mismatch")
+    assert db.execute("SELECT COUNT(*) FROM messages WHERE client = 'node-3' AND round > 0").fetchone() == (0,)
+    # node-2 was given the base in round 0, verified it, and keeps it.
+    provisioned = db.execute(
+        "SELECT DISTINCT client, round FROM messages WHERE message_type = ? AND status = 'ok'", (PROVISION_TYPE,)
+    ).fetchall()
+    assert provisioned == [("node-2", 0)]
+    (sent,) = db.execute(
+        "SELECT SUM(payload_bytes) FROM messages WHERE message_type = ? AND direction = 'down'", (PROVISION_TYPE,)
+    ).fetchone()
+    assert sent == base_path.stat().st_size
+    assert checkpoint_fingerprint(bases["node-2"]) == load_base(base_path, "synthetic").fingerprint
     trained = db.execute(
         "SELECT round, COUNT(*) FROM messages WHERE message_type = 'train' AND direction = 'up' AND status = 'ok' "
         "GROUP BY round"
@@ -163,3 +189,6 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
         "SELECT client, status FROM messages WHERE message_type = ? AND direction = 'up'", (FINAL_SYNC_TYPE,)
     ).fetchall()
     assert sorted(confirmations) == [("node-0", "ok"), ("node-1", "ok"), ("node-2", "ok")]
+    # After round 0 only the fast layer moves: no message of the rounds comes near the size of the base.
+    (largest,) = db.execute("SELECT MAX(message_bytes) FROM messages WHERE round > 0").fetchone()
+    assert largest < base_path.stat().st_size / 4

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import pickle
 import resource
 import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedslim.adapters import FastSlowModel
-from fedslim.base import ResidentBase, default_base_path, load_base
+from fedslim.base import ResidentBase, checkpoint_fingerprint, default_base_path, load_base
+from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.codecs.feedback import Residual, compensate, new_residual
 from fedslim.codecs.pipeline import DELTA, decode_update, encode_update
 from fedslim.config import ConfigError, FastSpec, RunConfig
 from fedslim.messages import (
     BAD_REQUEST,
+    BASE_DIFFERENT,
     BASE_MISMATCH,
     BASE_MISSING,
+    BASE_MISSING_STATUS,
+    BASE_OK,
+    CHUNK_KEY,
     CONFIG_KEY,
     CPU_KEY,
     DELTA_KEY,
@@ -33,8 +40,11 @@ from fedslim.messages import (
     PEAK_RSS_KEY,
     REPLICA_MISMATCH,
     ROLE_KEY,
+    BaseReport,
     identity_reply,
     partition_key,
+    provision_reply,
+    record_chunk,
     record_sync,
     record_update,
     replica_report,
@@ -84,8 +94,66 @@ def peak_rss_bytes() -> int:
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Report this node's stable client key (the server orders and samples nodes by it)."""
-    return identity_reply(msg, node_key(context))
+    """Report this node's stable client key (the server orders and samples by it) and what it holds of the base."""
+    try:
+        report = base_report(msg, context) if CONFIG_KEY in msg.content.config_records else None
+    except Refusal as refusal:
+        return Message(Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
+    return identity_reply(msg, node_key(context), report)
+
+
+def base_report(msg: Message, context: Context) -> BaseReport:
+    """ok, mismatch (with the fingerprint held instead), or missing (with the bytes of a partial download)."""
+    config, extras = task_config(msg, "base-fingerprint", "base-bytes")
+    expected, total = str(extras["base-fingerprint"]), extras["base-bytes"]
+    path = node_base_path(context, config)
+    if not path.is_file() and isinstance(total, int):
+        partial = PartialBase(path)
+        held = partial.held(expected, total)
+        if held < total:
+            return BaseReport(BASE_MISSING_STATUS, partial_bytes=held)
+        try:  # the last chunk arrived but the node stopped before verifying it
+            partial.finish(expected, checkpoint_fingerprint(partial.part))
+        except ValueError:
+            partial.discard()
+            return BaseReport(BASE_MISSING_STATUS)
+    if not path.is_file():
+        return BaseReport(BASE_MISSING_STATUS)
+    try:
+        held_fingerprint = load_base(path, config.dataset).fingerprint
+    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        # Another file sits where the base belongs: refused, never overwritten.
+        return BaseReport(BASE_DIFFERENT, f"unreadable ({exc})")
+    return BaseReport(BASE_OK if held_fingerprint == expected else BASE_DIFFERENT, held_fingerprint)
+
+
+@app.query("provision")
+def provision(msg: Message, context: Context) -> Message:
+    """Take one chunk of the server's base; once all of it is here and its fingerprint checks, keep it."""
+    try:
+        config, extras = task_config(msg, "base-fingerprint", "offset", "total-bytes")
+        expected, offset, total = str(extras["base-fingerprint"]), extras["offset"], extras["total-bytes"]
+        if not (isinstance(offset, int) and isinstance(total, int) and 0 <= offset < total):
+            raise Refusal(BAD_REQUEST, f"bad provisioning chunk: offset {offset!r} of {total!r} bytes")
+        try:
+            chunk = record_chunk(msg.content.array_records[CHUNK_KEY])
+        except (KeyError, ValueError) as exc:
+            raise Refusal(BAD_REQUEST, f"bad provisioning chunk: {exc}") from exc
+        partial = PartialBase(node_base_path(context, config))
+        try:
+            held = partial.write(expected, total, offset, chunk)
+        except ProvisioningError as exc:
+            raise Refusal(BAD_REQUEST, f"bad provisioning chunk: {exc}") from exc
+        if held < total:
+            return provision_reply(msg, held, verified=False)
+        try:
+            partial.finish(expected, checkpoint_fingerprint(partial.part))
+        except ValueError as exc:  # not a checkpoint, or another base: the download is discarded
+            partial.discard()
+            raise Refusal(BASE_MISMATCH, f"provisioned base rejected: {exc}") from exc
+        return provision_reply(msg, total, verified=True)
+    except Refusal as refusal:
+        return Message(Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
 
 
 def node_key(context: Context) -> str:
@@ -130,20 +198,16 @@ def synced_task(msg: Message, context: Context) -> SyncedTask:
     base is missing or differs from the server's, the replica cannot reach the
     server's version, or the request is malformed.
     """
-    task = dict(msg.content.config_records[CONFIG_KEY]) if CONFIG_KEY in msg.content.config_records else {}
-    expected_fingerprint = str(task.pop("base-fingerprint", ""))
-    server_round = task.pop("server-round", 0)
-    target_version = task.pop("replica-version", None)
-    target_digest = str(task.pop("replica-digest", ""))
-    role = task.pop(ROLE_KEY, TRAIN_ROLE)
+    config, extras = task_config(msg, "base-fingerprint", "server-round", "replica-version", "replica-digest", ROLE_KEY)
+    expected_fingerprint = str(extras["base-fingerprint"] or "")
+    server_round = extras["server-round"] or 0
+    target_version = extras["replica-version"]
+    target_digest = str(extras["replica-digest"] or "")
+    role = extras[ROLE_KEY] or TRAIN_ROLE
     if role not in (TRAIN_ROLE, ANCHOR_ROLE, MINER_ROLE):
         raise Refusal(BAD_REQUEST, f"bad task config: unknown role {role!r}")
     if not isinstance(server_round, int) or not isinstance(target_version, int):
         raise Refusal(BAD_REQUEST, "bad task config: server-round and replica-version must be integers")
-    try:
-        config = RunConfig.from_flat(task)
-    except (ConfigError, TypeError) as exc:
-        raise Refusal(BAD_REQUEST, f"bad task config: {exc}") from exc
 
     base = resident_base(context, config)
     if base.fingerprint != expected_fingerprint:
@@ -310,11 +374,25 @@ def store_residual(context: Context, residual: Residual) -> None:
     context.state[RESIDUAL_META_KEY] = ConfigRecord({"version": residual.version})
 
 
-def resident_base(context: Context, config: RunConfig) -> ResidentBase:
-    """The base checkpoint this node holds: ``base-path`` from the node config, else the benchmark cache."""
-    path = Path(str(context.node_config.get("base-path") or default_base_path(config)))
+def task_config(msg: Message, *extra_keys: str) -> tuple[RunConfig, dict[str, Any]]:
+    """The run config in a server message's task record, and the values of ``extra_keys`` (None where absent)."""
+    task = dict(msg.content.config_records[CONFIG_KEY]) if CONFIG_KEY in msg.content.config_records else {}
+    extras = {key: task.pop(key, None) for key in extra_keys}
     try:
-        return load_base(path, config.dataset)
+        return RunConfig.from_flat(task), extras
+    except (ConfigError, TypeError) as exc:
+        raise Refusal(BAD_REQUEST, f"bad task config: {exc}") from exc
+
+
+def node_base_path(context: Context, config: RunConfig) -> Path:
+    """Where this node keeps the base: ``base-path`` from the node config, else the benchmark cache."""
+    return Path(str(context.node_config.get("base-path") or default_base_path(config)))
+
+
+def resident_base(context: Context, config: RunConfig) -> ResidentBase:
+    """The base checkpoint this node holds."""
+    try:
+        return load_base(node_base_path(context, config), config.dataset)
     except FileNotFoundError as exc:
         raise Refusal(BASE_MISSING, f"no resident base on this node: {exc}") from exc
 

@@ -17,6 +17,8 @@ from typing import Any
 
 from fedslim.commlog import LOG_FILENAME, RoundTotals, open_log, read_round_totals
 
+# fedslim.messages.PROVISION_TYPE, spelled out: reading a log must not import Flower.
+PROVISION_TYPE = "query.provision"
 # The log's tables, each with the order its rows are exported in.
 TABLES = {"runs": "", "rounds": " ORDER BY round", "messages": " ORDER BY id", "memory_weights": " ORDER BY round"}
 
@@ -46,9 +48,13 @@ class Summary:
     """What one run moved and what it reached.
 
     Byte totals are over every logged message (the round-0 identity exchange
-    included); ``dense_fast_bytes`` is what the same messages would have
-    cost with the fast layer sent as dense float32, ``full_model_bytes`` with
-    the full model.
+    and base provisioning included); ``dense_fast_bytes`` is what the same
+    messages would have cost with the fast layer sent as dense float32,
+    ``full_model_bytes`` with the full model. ``training_bytes_up`` and
+    ``training_bytes_down`` count rounds 1 and later only: the per-round
+    traffic, without the one-off start. ``provisioning_bytes`` is what giving
+    the base to nodes without one cost (chunks and their acknowledgements),
+    ``provisioned_nodes`` how many nodes it went to.
     """
 
     run_id: str
@@ -65,6 +71,10 @@ class Summary:
     rejected: int
     bytes_up: int
     bytes_down: int
+    training_bytes_up: int
+    training_bytes_down: int
+    provisioning_bytes: int
+    provisioned_nodes: int
     dense_fast_bytes: int
     full_model_bytes: int
     initial_accuracy: float | None
@@ -155,9 +165,11 @@ class RunLog:
             " COALESCE(SUM(CASE WHEN direction = 'up' THEN message_bytes END), 0),"
             " COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),"
             " COALESCE(SUM(message_bytes - payload_bytes + raw_bytes), 0), COALESCE(SUM(full_model_bytes), 0),"
-            " AVG(client_cpu_s), MAX(client_peak_rss_bytes)"
+            " AVG(client_cpu_s), MAX(client_peak_rss_bytes),"
+            " COALESCE(SUM(CASE WHEN message_type = ? THEN message_bytes END), 0),"
+            " COUNT(DISTINCT CASE WHEN message_type = ? THEN node_id END)"
             " FROM messages WHERE run_id = ?",
-            (self.run_id,),
+            (PROVISION_TYPE, PROVISION_TYPE, self.run_id),
         ).fetchone()
         evaluated = [r for r in rounds if r.accuracy is not None]
         trained = [r for r in evaluated if r.round > 0]
@@ -179,6 +191,10 @@ class RunLog:
             rejected=totals[1],
             bytes_up=totals[2],
             bytes_down=totals[3],
+            training_bytes_up=sum(r.bytes_up for r in rounds if r.round > 0),
+            training_bytes_down=sum(r.bytes_down for r in rounds if r.round > 0),
+            provisioning_bytes=totals[8],
+            provisioned_nodes=totals[9],
             dense_fast_bytes=totals[4],
             full_model_bytes=totals[5],
             initial_accuracy=evaluated[0].accuracy if evaluated and evaluated[0].round == 0 else None,

@@ -36,8 +36,9 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
         ("KiB up / down", f"{kib(summary.bytes_up)} / {kib(summary.bytes_down)}"),
         ("KiB total", kib(summary.total_bytes)),
         (
-            "KiB per round up / down",
-            f"{kib(summary.bytes_up / summary.training_rounds)} / {kib(summary.bytes_down / summary.training_rounds)}",
+            "KiB per round up / down (rounds 1+)",
+            f"{kib(summary.training_bytes_up / summary.training_rounds)} / "
+            f"{kib(summary.training_bytes_down / summary.training_rounds)}",
         ),
         ("vs full model (same messages)", f"{summary.vs_full_model:,.1f}x fewer bytes"),
         ("vs dense fast layer", f"{summary.vs_dense_fast:,.1f}x fewer bytes"),
@@ -45,6 +46,9 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
         ("best accuracy", f"{accuracy(summary.best_accuracy)} (round {summary.best_round})"),
         (f"bytes to reach {target:.4f}", reached_text(reached)),
     ]
+    if summary.provisioning_bytes:
+        provisioned = f"{kib(summary.provisioning_bytes)} KiB to {summary.provisioned_nodes} node(s)"
+        rows.insert(8, ("base provisioning (one-off)", provisioned))
     if summary.strategy_memory_bytes:
         per_client = summary.strategy_memory_bytes / summary.clients if summary.clients else 0
         held = f"{kib(summary.strategy_memory_bytes)} KiB ({per_client:,.0f} B/client)"
@@ -88,7 +92,7 @@ COMPARE_COLUMNS = (
     "final acc",
     "best acc",
     "KiB total",
-    "KiB / round",
+    "KiB / round (1+)",
     "vs full model",
     "vs dense fast",
     "KiB to target",
@@ -106,7 +110,7 @@ def compare_rows(runs: Sequence[tuple[Summary, tuple[int, int] | None]]) -> list
             accuracy(s.final_accuracy),
             accuracy(s.best_accuracy),
             kib(s.total_bytes),
-            kib(s.total_bytes / s.training_rounds),
+            kib((s.training_bytes_up + s.training_bytes_down) / s.training_rounds),
             f"{s.vs_full_model:,.1f}x",
             f"{s.vs_dense_fast:,.1f}x",
             f"{kib(reached[1])} (r{reached[0]})" if reached else "-",

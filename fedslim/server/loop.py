@@ -14,10 +14,12 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedslim.base import ensure_pretrained_base, load_base
+from fedslim.base import ResidentBase, ensure_pretrained_base, load_base
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.messages import (
+    BASE_DIFFERENT,
+    BASE_MISSING_STATUS,
     CLIENT_RECORD,
     CONFIG_KEY,
     DELTA_KEY,
@@ -25,6 +27,7 @@ from fedslim.messages import (
     FINAL_SYNC_TYPE,
     REPLICA_MISMATCH,
     WIRE_KEY,
+    base_report,
     client_key,
     error_text,
     identity_requests,
@@ -36,6 +39,7 @@ from fedslim.messages import (
 )
 from fedslim.replica import ServerReplica
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
+from fedslim.server.provisioning import provision_bases
 from fedslim.server.wire import RunWire, UpdateCheck, WireAccounting
 from fedslim.simulation.datasets import FederatedData, load_federation
 from fedslim.simulation.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
@@ -54,9 +58,16 @@ class RunResult:
     fast_state: dict[str, np.ndarray]
 
 
-def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> OrderedGrid:
-    """Wait for the federation, ask each node for its client key, and order the grid by it."""
-    requests = identity_requests(wait_for_nodes(grid, config.num_clients))
+def identify_nodes(grid: Grid, config: RunConfig, base: ResidentBase, wire: WireAccounting) -> OrderedGrid:
+    """Round 0: wait for the federation, learn each node's client key and base, and order the grid by key.
+
+    A node holding another base is refused (logged as a rejection) and never
+    sampled; a node without the base is given it (:func:`provision_bases`), or
+    left out if that fails.
+    """
+    task = {**config.client_task(), "base-fingerprint": base.fingerprint}
+    query = ConfigRecord({**task, "base-bytes": base.path.stat().st_size})
+    requests = identity_requests(wait_for_nodes(grid, config.num_clients), query)
     replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
     keys = wire.run.client_keys
     for reply in replies:
@@ -65,12 +76,37 @@ def identify_nodes(grid: Grid, config: RunConfig, wire: WireAccounting) -> Order
             keys[reply.metadata.src_node_id] = key
     for request in requests:
         wire.record_down(request)
+    refused: set[int] = set()
+    missing: dict[int, int] = {}
     for reply in replies:
-        key = keys.get(reply.metadata.src_node_id)
-        wire.record_reply(reply, None if key else f"no client key in the identity reply: {error_text(reply)}")
+        node = reply.metadata.src_node_id
+        report = base_report(reply)
+        reason = None if node in keys else f"no client key in the identity reply: {error_text(reply)}"
+        if report is not None and report.status == BASE_DIFFERENT:
+            reason = (
+                f"base fingerprint mismatch: node {keys[node]} holds {_short(report.fingerprint)}, "
+                f"the server's base is {_short(base.fingerprint)}; it takes no part in the run"
+            )
+            refused.add(node)
+        elif report is not None and report.status == BASE_MISSING_STATUS:
+            missing[node] = report.partial_bytes
+        wire.record_reply(reply, reason)
     if len(keys) < config.num_clients:
         raise NodesMissingError(f"only {len(keys)} of {config.num_clients} nodes identified themselves")
-    return OrderedGrid(grid, keys)
+    if missing:
+        chunk = config.provision_chunk_bytes
+        provisioned = provision_bases(grid, missing, base.path, task, chunk, config.round_timeout, wire)
+        refused |= set(missing) - provisioned
+    for node in sorted(refused):
+        log(WARNING, "node %d (%s) is left out of the run: it lacks the server's base", node, keys[node])
+    if len(refused) == len(keys):
+        raise NodesMissingError("no node holds the server's base, or could be given it")
+    return OrderedGrid(grid, keys, excluded=frozenset(refused))
+
+
+def _short(fingerprint: str) -> str:
+    """A hex fingerprint cut for a log line; anything else (a reason it could not be read) in full."""
+    return f"{fingerprint[:16]}..." if len(fingerprint) == 64 else fingerprint
 
 
 def final_sync(
@@ -82,7 +118,7 @@ def final_sync(
     base_fingerprint: str,
     wire: WireAccounting,
 ) -> int:
-    """After the last round, give every identified node the exact final fast state; returns how many confirmed it.
+    """After the last round, give every admitted node the exact final fast state; returns how many confirmed it.
 
     The replica becomes ``exact`` (a full-state version), each node syncs to it
     and replies with the digest of what it now holds; a reply with another
@@ -98,7 +134,7 @@ def final_sync(
             "replica-digest": replica.digest,
         }
     )
-    held = {node: client_versions.get(key) for node, key in grid.keys.items()}
+    held = {node: client_versions.get(key) for node, key in grid.admitted.items()}
     messages = [
         Message(
             RecordDict({FAST_KEY: sync_record(replica.sync_for(version)), CONFIG_KEY: task}),
@@ -229,7 +265,7 @@ def run_federation(
         client_keys=client_keys,
     )
     try:
-        grid = identify_nodes(grid, config, WireAccounting(run_wire, 0))
+        grid = identify_nodes(grid, config, base, WireAccounting(run_wire, 0))
         if isinstance(strategy, FastStrategy):
             strategy.bind(federation_of(grid, shapes, schedule, config))
         # The replica version each client holds, by client key (0: the initial state every client can build).
@@ -312,7 +348,7 @@ def federation_of(
         p = schedule.probabilities if schedule is not None else np.ones(config.num_clients)
         # Sampling a fraction of the available clients scales everyone's chance by it.
         probabilities = {partition_key(i): float(min(1.0, p[i] * config.fraction)) for i in range(len(p))}
-    return Federation(dict(grid.keys), shapes, probabilities)
+    return Federation(grid.admitted, shapes, probabilities)
 
 
 def with_sync(message: Message, blobs: list[bytes]) -> Message:

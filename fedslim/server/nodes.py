@@ -50,19 +50,34 @@ class OrderedGrid(Grid):
     available : set[str], optional
         If given, only nodes with these client keys are listed (the clients a
         simulated participation model makes available this round).
+    excluded : frozenset[int]
+        Nodes never listed: refused at the start of the run (another base, a
+        base that could not be provisioned).
     """
 
-    def __init__(self, grid: Grid, keys: dict[int, str], available: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        keys: dict[int, str],
+        available: set[str] | None = None,
+        excluded: frozenset[int] = frozenset(),
+    ) -> None:
         self.grid = grid
         self.keys = keys
         self.available = available
+        self.excluded = excluded
 
     def only(self, available: set[str] | None) -> OrderedGrid:
         """The same grid listing only the nodes of the ``available`` clients (all of them for None)."""
-        return OrderedGrid(self.grid, self.keys, available)
+        return OrderedGrid(self.grid, self.keys, available, self.excluded)
+
+    @property
+    def admitted(self) -> dict[int, str]:
+        """The client key of every identified node that is not excluded."""
+        return {node: key for node, key in self.keys.items() if node not in self.excluded}
 
     def get_node_ids(self) -> list[int]:
-        nodes = list(self.grid.get_node_ids())
+        nodes = [n for n in self.grid.get_node_ids() if n not in self.excluded]
         known = sorted((n for n in nodes if n in self.keys), key=lambda n: _natural(self.keys[n]))
         if self.available is not None:
             return [n for n in known if self.keys[n] in self.available]

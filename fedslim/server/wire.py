@@ -19,6 +19,7 @@ from fedslim.messages import (
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PEAK_RSS_KEY,
+    PROVISION_TYPE,
     error_text,
     record_sync,
     record_update,
@@ -95,6 +96,10 @@ class WireAccounting:
         lag = current_version - held_version if held_version is not None and FAST_KEY in records else None
         self._record(message, "down", sync + steer, raw, codec or self.run.downlink, lag)
 
+    def record_chunk(self, message: Message, chunk_bytes: int) -> None:
+        """Log one chunk of base provisioning (a one-off cost: full-model FedAvg would need the base too)."""
+        self._record(message, "down", chunk_bytes, 0, None, None)
+
     def record_reply(self, reply: Message, reason: str | None) -> None:
         """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it."""
         self._record(reply, "up", 0, 0, None, None, reason)
@@ -133,6 +138,7 @@ class WireAccounting:
     ) -> None:
         """One log row; the full-model figure swaps a fast-layer payload for the full model."""
         size = message_bytes(message, direction)
+        fast_payload = payload and message.metadata.message_type != PROVISION_TYPE
         node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
         self.run.commlog.record_message(
             self.run.run_id,
@@ -146,7 +152,7 @@ class WireAccounting:
                 raw_bytes=raw,
                 payload_bytes=payload,
                 message_bytes=size,
-                full_model_bytes=size - payload + (self.run.full_payload_bytes if payload else 0),
+                full_model_bytes=size - payload + self.run.full_payload_bytes if fast_payload else size,
                 version_lag=version_lag,
                 reason=reason,
                 created_at=message.metadata.created_at,
