@@ -29,14 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from flower_processes import BIN, REPO, flower_env, free_port, started, wait_until_healthy  # noqa: E402
+from flower_processes import flwr_run, insecure_federation  # noqa: E402
 
 from fedslim.config import FastSpec, RunConfig  # noqa: E402
 from fedslim.logs.reader import RunLog  # noqa: E402
@@ -84,39 +83,13 @@ def simulated(config: RunConfig, backend: str) -> dict[str, Any]:
 
 def deployed(config: RunConfig, work: Path) -> dict[str, Any]:
     """The same run over a loopback SuperLink and ``config.num_clients`` SuperNodes; every process stopped."""
-    fleet_port, http_port = free_port(), free_port()
-    home = work / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
-    )
-    env = flower_env(home)
     run_config = (
         f'rounds={config.rounds} num-clients={config.num_clients} fraction=1.0 codec="{CODEC}" '
         f'downstream-codec="{CODEC}" out="{config.out}"'
     )
-    with ExitStack() as stack:
-        log_file = work / "superlink.log"
-        command = [str(BIN / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{fleet_port}"]
-        command += ["--host", "127.0.0.1", "--port", str(http_port), "--database", str(work / "state.db")]
-        command += ["--disable-runtime-dependency-installation"]
-        superlink = stack.enter_context(started(command, env, log_file))
-        wait_until_healthy(superlink, http_port, log_file)
-        for node in range(config.num_clients):
-            command = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet_port}"]
-            command += ["--port", str(free_port())]
-            command += ["--node-config", f"partition-id={node} num-partitions={config.num_clients}"]
-            stack.enter_context(started(command, env, work / f"supernode-{node}.log"))
+    with insecure_federation(work, config.num_clients, CONNECTION) as env:
         started_at = time.monotonic()
-        completed = subprocess.run(
-            [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", run_config],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        completed = flwr_run(CONNECTION, run_config, env, timeout_s=600)
         total = time.monotonic() - started_at
     if completed.returncode != 0:
         sys.exit(f"the deployed run failed:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -71,3 +71,46 @@ def wait_until_healthy(
         if process.poll() is not None or time.monotonic() > deadline:
             pytest.fail(f"SuperLink did not start: {log_file.read_text()[-2000:]}")
         time.sleep(0.3)
+
+
+@contextmanager
+def insecure_federation(work: Path, nodes: int, connection: str) -> Iterator[dict[str, str]]:
+    """An insecure SuperLink and ``nodes`` SuperNodes (node k holds partition k) on loopback.
+
+    flwr knows the SuperLink as ``connection``; yields the environment for flwr
+    commands. Logs go to ``work``; every process is stopped by its group on exit.
+    """
+    fleet_port, http_port = free_port(), free_port()
+    home = work / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{connection}"\n\n'
+        f'[superlink.{connection}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+    )
+    env = flower_env(home)
+    with ExitStack() as stack:
+        log_file = work / "superlink.log"
+        command = [str(BIN / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{fleet_port}"]
+        command += ["--host", "127.0.0.1", "--port", str(http_port), "--database", str(work / "state.db")]
+        command += ["--disable-runtime-dependency-installation"]
+        superlink = stack.enter_context(started(command, env, log_file))
+        wait_until_healthy(superlink, http_port, log_file)
+        for node in range(nodes):
+            command = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet_port}"]
+            command += ["--port", str(free_port()), "--node-config", f"partition-id={node} num-partitions={nodes}"]
+            stack.enter_context(started(command, env, work / f"supernode-{node}.log"))
+        yield env
+
+
+def flwr_run(
+    connection: str, run_config: str, env: dict[str, str], timeout_s: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """``flwr run`` of this repository's app on ``connection``, streamed until the run ends."""
+    return subprocess.run(
+        [str(BIN / "flwr"), "run", ".", connection, "--stream", "--run-config", run_config],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )

@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from fakes import other_base
-from flower_processes import BIN, REPO, flower_env, free_port, started, wait_until_healthy
+from flower_processes import flower_env, flwr_run, free_port, started, wait_until_healthy
 
 from fedslim.base import checkpoint_fingerprint, ensure_pretrained_base, load_base
 from fedslim.commlog import LOG_FILENAME
@@ -85,66 +85,20 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
                 timeout=60,
             )
             assert registered.returncode == 0, registered.stdout + registered.stderr
+
+        def supernode(name: str, data: Path, base: Path, log_file: Path) -> subprocess.Popen[bytes]:
+            command = fedslim("deploy", "supernode", "--superlink", f"127.0.0.1:{fleet_port}", "--name", name)
+            command += ["--data", str(data), "--base", str(base), "--port", str(free_port())]
+            command += ["--ca", str(certs / "ca.crt"), "--key", str(keys / name)]
+            return stack.enter_context(started(command, env, log_file))
+
         for name in (f"node-{node}" for node in range(NODES)):
-            stack.enter_context(
-                started(
-                    fedslim(
-                        "deploy",
-                        "supernode",
-                        "--superlink",
-                        f"127.0.0.1:{fleet_port}",
-                        "--name",
-                        name,
-                        "--data",
-                        str(tmp_path / "data" / f"{name}.npz"),
-                        "--base",
-                        str(bases[name]),
-                        "--port",
-                        str(free_port()),
-                        "--ca",
-                        str(certs / "ca.crt"),
-                        "--key",
-                        str(keys / name),
-                    ),
-                    env,
-                    tmp_path / f"{name}.log",
-                )
-            )
+            supernode(name, tmp_path / "data" / f"{name}.npz", bases[name], tmp_path / f"{name}.log")
         rogue_log = tmp_path / "rogue.log"
-        rogue = stack.enter_context(
-            started(
-                fedslim(
-                    "deploy",
-                    "supernode",
-                    "--superlink",
-                    f"127.0.0.1:{fleet_port}",
-                    "--name",
-                    "rogue",
-                    "--data",
-                    str(tmp_path / "data" / "node-0.npz"),
-                    "--base",
-                    str(base_path),
-                    "--port",
-                    str(free_port()),
-                    "--ca",
-                    str(certs / "ca.crt"),
-                    "--key",
-                    str(keys / "rogue"),
-                ),
-                env,
-                rogue_log,
-            )
-        )
+        rogue = supernode("rogue", tmp_path / "data" / "node-0.npz", base_path, rogue_log)
         out = tmp_path / "run"
         run_config = f'rounds=3 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" final-sync=true out="{out}"'
-        completed = subprocess.run(
-            [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", run_config],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        completed = flwr_run(CONNECTION, run_config, env)
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
         assert rogue.wait(timeout=30) != 0  # the intruder gave up: its key is not registered
     assert "Failed to activate SuperNode" in rogue_log.read_text()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from flower_processes import BIN, REPO, flower_env, free_port, started, wait_until_healthy
+from flower_processes import BIN, flwr_run, insecure_federation
 
 from fedslim.logs.reader import RunLog
 
@@ -27,39 +26,14 @@ class Federation:
 @pytest.fixture
 def deployed(tmp_path: Path, private_cache: Path) -> Iterator[Federation]:
     """An insecure SuperLink and three SuperNodes (partitions 0-2), each stopped by its process group."""
-    fleet_port, http_port = free_port(), free_port()
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
-    )
-    env = flower_env(home)
-    with ExitStack() as stack:
-        log_file = tmp_path / "superlink.log"
-        command = [str(BIN / "flower-superlink"), "--insecure", "--fleet-api-address", f"127.0.0.1:{fleet_port}"]
-        command += ["--host", "127.0.0.1", "--port", str(http_port), "--database", str(tmp_path / "state.db")]
-        command += ["--disable-runtime-dependency-installation"]
-        superlink = stack.enter_context(started(command, env, log_file))
-        wait_until_healthy(superlink, http_port, log_file)
-        for node in range(NODES):
-            command = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet_port}"]
-            command += ["--port", str(free_port()), "--node-config", f"partition-id={node} num-partitions={NODES}"]
-            stack.enter_context(started(command, env, tmp_path / f"supernode-{node}.log"))
+    with insecure_federation(tmp_path, NODES, CONNECTION) as env:
         yield Federation(env, tmp_path)
 
 
 def test_logged_bytes_agree_with_the_superlinks_traffic_count(deployed: Federation) -> None:
     out = deployed.tmp / "run"
     config = f'rounds=2 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" out="{out}"'
-    completed = subprocess.run(
-        [str(BIN / "flwr"), "run", ".", CONNECTION, "--stream", "--run-config", config],
-        cwd=REPO,
-        env=deployed.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    completed = flwr_run(CONNECTION, config, deployed.env)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     listed = subprocess.run(
         [str(BIN / "flwr"), "ls", CONNECTION, "--format", "json"],
