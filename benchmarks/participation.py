@@ -4,7 +4,8 @@ Setup (FedAU's, on fedslim's fast layer): Dirichlet(0.1) over 100 clients,
 participation with mean p = 0.1 from FedAU's label-correlated model
 (Bernoulli), and the same probabilities under Markov and cyclic dynamics;
 every available client trains 5 minibatch steps of 16 examples at lr 0.1
-(FedAMD also at its reference code's 0.01);
+(FedAMD also at its reference code's 0.01; at lr 0.1, which diverges, it runs on the
+label-correlated model only);
 the fast layer is the foundation's (LoRA r=4 on the pretrained CNN, plus the
 head). Runs use the inline backend (same loop and client code as Flower's
 engine, in one process) two at a time; each finished run is saved at once
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -80,6 +82,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
     from fedslim.simulation.simulate import simulate
 
     torch.set_num_threads(1)
+    shutil.rmtree(config.out, ignore_errors=True)  # a run killed earlier left a log this run must not append to
     started = time.monotonic()
     result = simulate(config, backend="inline")
     evaluated = [r for r in result.rounds if r.accuracy is not None]
@@ -149,32 +152,42 @@ def summarize(results: dict[str, dict[str, Any]], rows: list[Row], models: list[
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):.4f} ± {spread:.4f}"
 
+    def points(gaps: list[float]) -> str:
+        """Accuracy differences to FedAvg on the same seed (same split, same participation), in points."""
+        if not gaps:
+            return "-"
+        spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+        return f"{statistics.mean(gaps):+.2f} ± {spread:.2f} pt"
+
+    def last5(run: dict[str, Any]) -> float:
+        return statistics.mean(a for _, a in run["curve"][-5:])
+
     lines = []
     for model in models:
         lines += [
             f"\n### participation: {model} (mean p = 0.1), {len(seeds)} seeds, mean ± std\n",
-            "| strategy | final | best | vs FedAvg (final) | last-5 mean | KiB moved / run | server memory KiB "
-            "| eff. updates / round | max weight |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| strategy | final | best | last-5 mean | vs FedAvg, paired: final | paired: last-5 "
+            "| KiB moved / run | server memory KiB | eff. updates / round | max weight |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        baseline = [
-            results[f"{model}|{ROWS[0].label}|{s}"]["final"] for s in seeds if f"{model}|{ROWS[0].label}|{s}" in results
-        ]
+        baseline = {s: results.get(f"{model}|{ROWS[0].label}|{s}") for s in seeds}
         for row in rows:
-            done = [results[k] for k in (f"{model}|{row.label}|{s}" for s in seeds) if k in results]
+            by_seed = {s: results[f"{model}|{row.label}|{s}"] for s in seeds if f"{model}|{row.label}|{s}" in results}
+            done = list(by_seed.values())
             if model not in row.models or not done:
                 continue
-            finals = [float(d["final"]) for d in done]
-            gap = statistics.mean(finals) - statistics.mean(baseline) if baseline else 0.0
+            paired = [(d, baseline[s]) for s, d in by_seed.items() if baseline[s] is not None]
+            gap_final = [100 * (float(d["final"]) - float(b["final"])) for d, b in paired]
+            gap_last5 = [100 * (last5(d) - last5(b)) for d, b in paired]
             moved = statistics.mean(d["bytes_up"] + d["bytes_down"] for d in done) / 1024
             memory, effective, max_weight = (
                 statistics.mean(d[k] for d in done) for k in ("memory_kib", "effective", "max_weight")
             )
-            last5 = statistics.mean(statistics.mean(a for _, a in d["curve"][-5:]) for d in done)
-            label = row.label if len(done) == len(seeds) else f"{row.label} ({len(done)} seeds)"
+            label = row.label if len(done) == len(seeds) else f"{row.label} ({len(done)} of {len(seeds)} seeds)"
             lines.append(
-                f"| {label} | {mean_std(finals)} | {mean_std([float(d['best']) for d in done])} | "
-                f"{gap * 100:+.2f} pt | {last5:.4f} | {moved:,.0f} | {memory:,.0f} | "
+                f"| {label} | {mean_std([float(d['final']) for d in done])} | "
+                f"{mean_std([float(d['best']) for d in done])} | {mean_std([last5(d) for d in done])} | "
+                f"{points(gap_final)} | {points(gap_last5)} | {moved:,.0f} | {memory:,.0f} | "
                 f"{effective:.1f} | {max_weight:.3f} |"
             )
     return "\n".join(lines)
@@ -193,6 +206,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-participation")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true", help="discard the saved runs and start over")
+    parser.add_argument("--table-only", action="store_true", help="write the table of the saved runs, run nothing")
     args = parser.parse_args()
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -214,7 +228,7 @@ def main() -> None:
         for model in args.models
         for seed in args.seeds
         for row in rows
-        if model in row.models and f"{model}|{row.label}|{seed}" not in results
+        if model in row.models and f"{model}|{row.label}|{seed}" not in results and not args.table_only
     }
     print(f"{len(todo)} runs to do, {len(results)} already saved in {store}", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
