@@ -113,9 +113,8 @@ def base_report(msg: Message, context: Context) -> BaseReport:
         if held < total:
             return BaseReport(BASE_MISSING_STATUS, partial_bytes=held)
         try:  # the last chunk arrived but the node stopped before verifying it
-            partial.finish(expected, checkpoint_fingerprint(partial.part))
+            finish_download(partial, expected)
         except ValueError:
-            partial.discard()
             return BaseReport(BASE_MISSING_STATUS)
     if not path.is_file():
         return BaseReport(BASE_MISSING_STATUS)
@@ -147,13 +146,21 @@ def provision(msg: Message, context: Context) -> Message:
         if held < total:
             return provision_reply(msg, held, verified=False)
         try:
-            partial.finish(expected, checkpoint_fingerprint(partial.part))
-        except ValueError as exc:  # not a checkpoint, or another base: the download is discarded
-            partial.discard()
+            finish_download(partial, expected)
+        except ValueError as exc:
             raise Refusal(BASE_MISMATCH, f"provisioned base rejected: {exc}") from exc
         return provision_reply(msg, total, verified=True)
     except Refusal as refusal:
         return Message(Error(code=refusal.code, reason=str(refusal)), reply_to=msg)
+
+
+def finish_download(partial: PartialBase, expected: str) -> None:
+    """Keep a complete download if it is a checkpoint with the ``expected`` fingerprint, else discard it."""
+    try:
+        partial.finish(expected, checkpoint_fingerprint(partial.part))
+    except ValueError:
+        partial.discard()
+        raise
 
 
 def node_key(context: Context) -> str:

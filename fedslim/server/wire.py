@@ -19,7 +19,6 @@ from fedslim.messages import (
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PEAK_RSS_KEY,
-    PROVISION_TYPE,
     error_text,
     record_sync,
     record_update,
@@ -136,9 +135,8 @@ class WireAccounting:
         reason: str | None = None,
         device: tuple[float | None, int | None] = (None, None),
     ) -> None:
-        """One log row; the full-model figure swaps a fast-layer payload for the full model."""
+        """One log row; the full-model figure swaps a fast-layer payload (``raw`` > 0) for the full model."""
         size = message_bytes(message, direction)
-        fast_payload = payload and message.metadata.message_type != PROVISION_TYPE
         node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
         self.run.commlog.record_message(
             self.run.run_id,
@@ -152,7 +150,7 @@ class WireAccounting:
                 raw_bytes=raw,
                 payload_bytes=payload,
                 message_bytes=size,
-                full_model_bytes=size - payload + self.run.full_payload_bytes if fast_payload else size,
+                full_model_bytes=size - payload + self.run.full_payload_bytes if raw else size,
                 version_lag=version_lag,
                 reason=reason,
                 created_at=message.metadata.created_at,
