@@ -38,6 +38,8 @@ from fmnist_setup import RESULTS  # noqa: E402
 
 from fedslim.config import FastSpec, RunConfig  # noqa: E402
 
+MODELS = ("label", "markov", "cyclic")
+
 
 @dataclass(frozen=True)
 class Row:
@@ -49,7 +51,7 @@ class Row:
     p_known: bool = False
     codec: str = "none"
     lr: float = 0.1
-    models: tuple[str, ...] = ("label", "markov", "cyclic")
+    models: tuple[str, ...] = MODELS
 
 
 LABEL_ONLY = ("label",)
@@ -132,9 +134,13 @@ def aggregation_diagnostics(log_path: str, run_id: str) -> dict[str, float]:
     ``effective``: mean over rounds of (sum_i w_i)^2 / sum_i w_i^2 over the
     fresh updates' weights, how many equally weighted updates a round is worth.
     ``max_weight``: the largest weight any single fresh update got.
+    ``screened``: updates the server's size screen rejected (diverged local runs).
     """
     with sqlite3.connect(f"file:{log_path}?mode=ro", uri=True) as db:
         (held,) = db.execute("SELECT MAX(strategy_memory_bytes) FROM rounds WHERE run_id = ?", (run_id,)).fetchone()
+        (screened,) = db.execute(
+            "SELECT COUNT(*) FROM messages WHERE run_id = ? AND reason LIKE 'update too large%'", (run_id,)
+        ).fetchone()
         rows = db.execute(
             "SELECT SUM(weight) * SUM(weight) / SUM(weight * weight), MAX(weight) FROM messages "
             "WHERE run_id = ? AND direction = 'up' AND weight > 0 GROUP BY round",
@@ -144,6 +150,7 @@ def aggregation_diagnostics(log_path: str, run_id: str) -> dict[str, float]:
         "memory_kib": (held or 0) / 1024,
         "effective": statistics.mean(r[0] for r in rows) if rows else 0.0,
         "max_weight": max(r[1] for r in rows) if rows else 0.0,
+        "screened": screened,
     }
 
 
@@ -200,12 +207,15 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--models", nargs="+", default=["label", "markov", "cyclic"])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--rows", nargs="+", metavar="LABEL", help="only these rows (their labels in the table)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", default="runs/bench-participation")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true", help="discard the saved runs and start over")
+    parser.add_argument(
+        "--redo", action="store_true", help="run the selected rows, models and seeds again, replacing saved results"
+    )
     parser.add_argument("--table-only", action="store_true", help="write the table of the saved runs, run nothing")
     args = parser.parse_args()
 
@@ -228,7 +238,7 @@ def main() -> None:
         for model in args.models
         for seed in args.seeds
         for row in rows
-        if model in row.models and f"{model}|{row.label}|{seed}" not in results and not args.table_only
+        if model in row.models and (args.redo or f"{model}|{row.label}|{seed}" not in results) and not args.table_only
     }
     print(f"{len(todo)} runs to do, {len(results)} already saved in {store}", flush=True)
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -245,10 +255,12 @@ def main() -> None:
             store.write_text(json.dumps({"setup": setup, "runs": results}, indent=1))
             print(
                 f"[{done}/{len(todo)}] {key}: final {results[key]['final']:.4f} best {results[key]['best']:.4f} "
-                f"({results[key]['wall_s']:.0f} s)",
+                f"screened {results[key]['screened']} ({results[key]['wall_s']:.0f} s)",
                 flush=True,
             )
-    table = summarize(results, rows, args.models, args.seeds)
+    # The table shows every saved run, whatever subset this invocation ran.
+    seeds = sorted({int(key.rsplit("|", 1)[1]) for key in results})
+    table = summarize(results, ROWS, list(MODELS), seeds)
     header = (
         f"FMNIST Dir({args.alpha}), {args.clients} clients, {args.rounds} rounds, 5 local steps x 16, lr 0.1, "
         f"LoRA r=4 fast layer; accuracy evaluated every {args.eval_every} rounds\n"

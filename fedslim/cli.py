@@ -83,6 +83,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="error-feedback residual kept per round a client missed (1: all of it)",
     )
     p.add_argument(
+        "--screen-factor",
+        type=float,
+        default=defaults.screen_factor,
+        help="reject an update more than this many times the median size of recent ones (a diverged local run); 0: off",
+    )
+    p.add_argument(
         "--strategy",
         default=defaults.strategy,
         help="aggregation rule: fedavg, fedau, fedvarp, mifa, fedstale, fedamd, or module:Class",
@@ -149,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         downstream_codec=args.downstream_codec,
         error_feedback=args.error_feedback,
         error_feedback_decay=args.ef_decay,
+        screen_factor=args.screen_factor,
         local_steps=args.local_steps,
         strategy=args.strategy,
         strategy_args=",".join(args.strategy_arg),

@@ -120,6 +120,12 @@ class RunConfig:
     error_feedback_decay : float
         Per missed round, the residual of an absent client is scaled by this
         factor before it is used (1 keeps it whole).
+    screen_factor : float
+        The server rejects an update whose size (L2 norm per local step) is
+        more than this many times the median size of recently accepted
+        updates: the mark of a diverged local run, which one round's average,
+        or a strategy's memory of it, would carry into the global model. 0
+        turns the screen off (see :class:`fedslim.server.wire.SizeScreen`).
     local_steps : int
         If > 0, each client takes exactly this many minibatch steps per round
         instead of ``local_epochs`` epochs (FedAU's and FedAMD's setting).
@@ -168,6 +174,7 @@ class RunConfig:
     downstream_codec: str = "none"
     error_feedback: bool = True
     error_feedback_decay: float = 0.9
+    screen_factor: float = 10.0
     local_steps: int = 0
     strategy: str = "fedavg"
     strategy_args: str = ""
@@ -193,6 +200,8 @@ class RunConfig:
             raise ConfigError("lr and dirichlet_alpha must be > 0")
         if not 0.0 <= self.error_feedback_decay <= 1.0:
             raise ConfigError(f"error_feedback_decay must be in [0, 1], got {self.error_feedback_decay}")
+        if self.screen_factor != 0 and self.screen_factor <= 1:
+            raise ConfigError(f"screen_factor must be > 1, or 0 to turn the screen off; got {self.screen_factor}")
         if self.local_steps < 0 or self.eval_every < 1:
             raise ConfigError("local_steps must be >= 0 and eval_every >= 1")
         if self.provision_chunk_bytes < 1024:
@@ -220,6 +229,10 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out)
+
+    def local_step_count(self, num_examples: int) -> int:
+        """K, the minibatch steps of a client with ``num_examples`` examples: ``local_steps`` or its epochs' batches."""
+        return self.local_steps or self.local_epochs * -(-num_examples // self.batch_size)
 
     def resolved_data_dir(self) -> Path:
         """The Fashion-MNIST folder: the explicit one, else $FEDSLIM_DATA_DIR, else Debian's."""

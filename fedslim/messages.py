@@ -40,6 +40,10 @@ CONFIG_KEY = "config"
 DELTA_KEY = "delta"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
+# Set (to 1) in the metrics of a FedAMD anchor reply: a full local gradient, not the delta of a local run.
+ANCHOR_METRIC = "anchor"
+# Set in a node's train config when the server rejected its last update: the node drops its error-feedback residual.
+DROP_RESIDUAL_KEY = "drop-residual"
 # A train reply's footprint on the device: CPU seconds of the handler and the process's peak resident memory.
 CPU_KEY = "cpu-s"
 PEAK_RSS_KEY = "peak-rss-bytes"

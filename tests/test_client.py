@@ -30,8 +30,8 @@ from fedslim.messages import (
 )
 from fedslim.models import SyntheticMLP
 from fedslim.replica import ServerReplica
-from fedslim.server.loop import with_sync
-from fedslim.server.wire import UpdateCheck, check_update
+from fedslim.server.loop import node_instruction
+from fedslim.server.wire import UpdateCheck, check_update, update_size
 from fedslim.simulation.datasets import load_federation
 from fedslim.strategies.fedavg import FastFedAvg
 from fedslim.training import full_gradient
@@ -52,7 +52,7 @@ def _train_request(
     )
     strategy = FastFedAvg(fraction_train=1.0)
     (message,) = strategy.configure_train(1, ArrayRecord({n: Array(v) for n, v in fast.items()}), task, ListGrid([11]))
-    return with_sync(message, replica.sync_for(None))
+    return node_instruction(message, replica.sync_for(None))
 
 
 def _context(**node_config: object) -> Context:
@@ -136,14 +136,14 @@ def test_client_that_cannot_reach_the_servers_version_refuses_and_forgets_its_re
         replica.publish({n: v + step for n, v in fast.items()})
     request = _train_request(small_config, fast, base.fingerprint, replica)
     # Only the last step: a client at version 0 cannot apply a step that starts at version 1.
-    request = with_sync(request, replica.sync_for(1))
+    request = node_instruction(request, replica.sync_for(1))
     context = _context(**{"partition-id": 0})
     reply = train(request, context)
     assert reply.has_error() and reply.error.code == REPLICA_MISMATCH
     assert "version 0" in reply.error.reason
     assert "fedslim-replica" not in context.state
     # The full state (what the server sends a client it marked unknown) brings it back.
-    reply = train(with_sync(request, replica.sync_for(None)), context)
+    reply = train(node_instruction(request, replica.sync_for(None)), context)
     assert not reply.has_error()
     assert context.state.config_records["fedslim-replica-meta"]["version"] == 2
 
@@ -174,6 +174,19 @@ def _blob(w: np.ndarray, *, kind: int = DELTA, fingerprint: str = "base", versio
 def test_server_rejects_malformed_updates(blob: bytes, metrics, reason: str) -> None:
     _, found = check_update(_update(blob, metrics), UpdateCheck({"w": (2,)}, "base", 3))
     assert found is not None and reason in found
+
+
+def test_update_size_is_the_norm_per_local_step_and_anchors_are_not_screened() -> None:
+    config = RunConfig(local_epochs=2, batch_size=10)
+    delta = np.array([3.0, 4.0], np.float32)  # L2 norm 5
+    reply = _update(_blob(delta), {"num-examples": 25})
+    update, _ = check_update(reply, UpdateCheck({"w": (2,)}, "base", 3))
+    assert update is not None
+    assert update_size(update, reply, config.local_step_count) == pytest.approx(5.0 / 6)  # 2 epochs x 3 batches
+    steps = RunConfig(local_steps=5).local_step_count
+    assert update_size(update, reply, steps) == pytest.approx(1.0)
+    anchor = _update(_blob(delta), {"num-examples": 25, "anchor": 1})
+    assert update_size(update, anchor, steps) is None
 
 
 def test_server_rejects_a_plain_array_instead_of_a_blob() -> None:

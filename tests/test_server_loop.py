@@ -1,4 +1,7 @@
-"""The round loop with an in-process grid: every kind of bad update is rejected and logged, the round goes on."""
+"""The round loop with an in-process grid: every kind of bad update is rejected and logged, the round goes on.
+
+Also the size screen: a finite update from a diverged local run is rejected before any strategy stores it.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fakes import ListGrid
 from flwr.app import Context, Error, Message, RecordDict
 
+import fedslim.client.app
 from fedslim.client.app import app as client_app
 from fedslim.codecs.layouts import encode_varints
 from fedslim.commlog import LOG_FILENAME
@@ -22,6 +27,7 @@ from fedslim.protos.fedslim.v1 import update_pb2 as pb
 from fedslim.replica import state_digest
 from fedslim.server.loop import run_federation
 from fedslim.server.nodes import OrderedGrid
+from fedslim.server.wire import SizeScreen
 from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.strategies.fedavg import FastFedAvg
 
@@ -248,3 +254,75 @@ def test_final_sync_leaves_every_node_holding_the_exact_final_state(small_config
     rejected = [(node, reason) for _, node, status, reason, _ in rows if status == "rejected"]
     server = state_digest(result.fast_state)
     assert rejected == [(str(liar), f"final fast state differs: node digest {'0' * 32}, server {server}")]
+
+
+def test_size_screen_rejects_only_updates_far_above_the_median_of_recent_ones() -> None:
+    screen = SizeScreen(factor=10.0, window=6, min_reference=5)
+    # Too few sizes for a reference: nothing is rejected, however large.
+    assert screen.reasons([1.0, 500.0]) == [None, None]
+    for size in (1.0, 1.2, 0.8, 1.1):
+        screen.remember(size)
+    # The reference is the median of the remembered sizes and this round's candidates: 1.1 here.
+    found = screen.reasons([1.0, 11.0, 12.5, None])
+    assert found[0] is None and found[1] is None and found[3] is None  # 11.0 <= 10 x 1.1; None is not screened
+    assert found[2] is not None and found[2].startswith("update too large: 12.5 per local step, 11x the median")
+    assert "above 10x" in found[2] and "diverged" in found[2]
+    # A lasting shift of every client's size moves the reference within a window, instead of locking all out.
+    assert screen.reasons([40.0])[0] is not None
+    for _ in range(6):
+        screen.remember(40.0)
+    assert screen.reasons([45.0, 40.0]) == [None, None]
+    assert SizeScreen(factor=0.0).reasons([1.0] * 5 + [1e9]) == [None] * 6  # off
+    assert SizeScreen(factor=10.0).reasons([0.0] * 5 + [1.0]) == [None] * 6  # zero median: no reference
+
+
+def _diverging(train: Callable[..., float], node: int, server_round: int) -> Callable[..., float]:
+    """Client training that blows up the fast parameters on one node in one round, as a diverged local run does."""
+
+    def diverged_train(module: object, params: list, *args: object, **kwargs: object) -> float:
+        loss = train(module, params, *args, **kwargs)
+        if list(kwargs["seed"])[1:] == [server_round, node]:  # seed = [run seed, round, partition id]
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(1e3).add_(1.0)
+        return loss
+
+    return diverged_train
+
+
+@pytest.mark.parametrize("factor", [10.0, 0.0])
+def test_a_diverged_local_run_is_screened_out_and_the_client_drops_its_residual(
+    small_config: RunConfig, monkeypatch: pytest.MonkeyPatch, factor: float
+) -> None:
+    config = replace(
+        small_config,
+        num_clients=6,
+        fraction=1.0,
+        rounds=4,
+        codec="topk:0.2+q8",
+        strategy="fedvarp",
+        screen_factor=factor,
+    )
+    monkeypatch.setattr(fedslim.client.app, "train_epochs", _diverging(fedslim.client.app.train_epochs, 2, 2))
+    result = run_federation(InProcessGrid(config.num_clients), config)  # type: ignore[arg-type]
+
+    db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
+    rejected = db.execute("SELECT round, client, reason FROM messages WHERE status = 'rejected'").fetchall()
+    state_norm = np.sqrt(sum(np.sum(np.square(v, dtype=np.float64)) for v in result.fast_state.values()))
+    if factor == 0.0:
+        # Without the screen, FedVARP takes the diverged update in, keeps replaying it from its memory,
+        # and the model is lost (a huge or NaN state; clients then fail to encode non-finite updates).
+        assert result.rounds[2].accepted == 6 and not any(r.startswith("update too large") for *_, r in rejected)
+        assert not state_norm < 100 and result.rounds[-1].loss is None  # a NaN loss is logged as NULL
+        return
+    assert len(rejected) == 1
+    server_round, client, reason = rejected[0]
+    assert (server_round, client) == (2, "partition-2") and reason.startswith("update too large")
+    # Next round the client was told to drop its residual (most of the diverged update, under top-k with
+    # error feedback): its update is of the usual size again and accepted.
+    accepted = db.execute(
+        "SELECT round FROM messages WHERE direction = 'up' AND client = 'partition-2' AND status = 'ok' AND round > 0"
+    ).fetchall()
+    assert [r for (r,) in accepted] == [1, 3, 4]
+    assert all(r.accepted == 6 for r in result.rounds[1:] if r.round != 2) and result.rounds[2].accepted == 5
+    assert state_norm < 100 and np.isfinite(result.rounds[-1].loss)

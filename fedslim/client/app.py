@@ -22,6 +22,7 @@ from fedslim.codecs.feedback import Residual, compensate, new_residual
 from fedslim.codecs.pipeline import DELTA, decode_update, encode_update
 from fedslim.config import ConfigError, FastSpec, RunConfig
 from fedslim.messages import (
+    ANCHOR_METRIC,
     BAD_REQUEST,
     BASE_DIFFERENT,
     BASE_MISMATCH,
@@ -33,6 +34,7 @@ from fedslim.messages import (
     CPU_KEY,
     DELTA_KEY,
     DIRECTION_KEY,
+    DROP_RESIDUAL_KEY,
     FAST_KEY,
     METRICS_KEY,
     NON_FINITE_UPDATE,
@@ -196,6 +198,7 @@ class SyncedTask:
     server_round: int
     role: str
     replica: ClientReplica
+    drop_residual: bool = False
 
 
 def synced_task(msg: Message, context: Context) -> SyncedTask:
@@ -205,7 +208,9 @@ def synced_task(msg: Message, context: Context) -> SyncedTask:
     base is missing or differs from the server's, the replica cannot reach the
     server's version, or the request is malformed.
     """
-    config, extras = task_config(msg, "base-fingerprint", "server-round", "replica-version", "replica-digest", ROLE_KEY)
+    config, extras = task_config(
+        msg, "base-fingerprint", "server-round", "replica-version", "replica-digest", ROLE_KEY, DROP_RESIDUAL_KEY
+    )
     expected_fingerprint = str(extras["base-fingerprint"] or "")
     server_round = extras["server-round"] or 0
     target_version = extras["replica-version"]
@@ -224,7 +229,7 @@ def synced_task(msg: Message, context: Context) -> SyncedTask:
             f"this node's base {base.path} is {base.fingerprint[:16]}...; refusing to train on a different base",
         )
     replica = sync_replica(msg, context, base, config.fast, target_version, target_digest)
-    return SyncedTask(config, base, server_round, str(role), replica)
+    return SyncedTask(config, base, server_round, str(role), replica, bool(extras[DROP_RESIDUAL_KEY]))
 
 
 def handle_train(msg: Message, context: Context) -> RecordDict:
@@ -243,7 +248,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
         upload = dict(zip(model.fast_state(), gradient))
         blob = encode_plain(config, upload, base.fingerprint, replica.version, seed)
         metrics["train-loss"] = loss
-        metrics["anchor"] = 1
+        metrics[ANCHOR_METRIC] = 1
     else:
         if role == MINER_ROLE:
             direction = decode_direction(msg, model.fast_shapes())
@@ -251,7 +256,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
                 model.module,
                 model.fast_parameters(),
                 data,
-                local_step_count(config, len(data)),
+                config.local_step_count(len(data)),
                 config.lr,
                 config.batch_size,
                 [direction[name] for name in model.fast_state()],
@@ -273,7 +278,7 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
             )
         trained = model.fast_state()
         delta = {name: trained[name] - replica.state[name] for name in trained}
-        blob = encode_delta(context, config, delta, base.fingerprint, replica.version, seed)
+        blob = encode_delta(context, config, delta, base.fingerprint, replica.version, seed, task.drop_residual)
         metrics["train-loss"] = float(loss)
     return RecordDict(
         {
@@ -316,11 +321,16 @@ def encode_delta(
     base_fingerprint: str,
     version: int,
     seed: list[int],
+    drop_residual: bool = False,
 ) -> bytes:
-    """Compress the delta with the uplink codec, with error feedback for biased codecs (residual in the context)."""
+    """Compress the delta with the uplink codec, with error feedback for biased codecs (residual in the context).
+
+    ``drop_residual``: the server rejected this node's last update, so the
+    residual left from it (part of a diverged run, say) is discarded, not sent.
+    """
     pipeline = config.uplink
     use_feedback = config.error_feedback and pipeline.biased
-    residual = load_residual(context) if use_feedback else None
+    residual = load_residual(context) if use_feedback and not drop_residual else None
     sent = compensate(delta, residual, version, config.error_feedback_decay)
     try:
         encoded = encode_update(
@@ -362,11 +372,6 @@ def decode_direction(msg: Message, shapes: dict[str, tuple[int, ...]]) -> dict[s
         return decode_update(record_update(msg.content.array_records[DIRECTION_KEY]), shapes).tensors
     except (KeyError, ValueError) as exc:
         raise Refusal(BAD_REQUEST, f"miner instruction without a valid direction: {exc}") from exc
-
-
-def local_step_count(config: RunConfig, num_examples: int) -> int:
-    """K: ``local_steps`` if set, else the minibatches of ``local_epochs`` epochs."""
-    return config.local_steps or config.local_epochs * -(-num_examples // config.batch_size)
 
 
 def load_residual(context: Context) -> Residual | None:

@@ -23,6 +23,7 @@ from fedslim.messages import (
     CLIENT_RECORD,
     CONFIG_KEY,
     DELTA_KEY,
+    DROP_RESIDUAL_KEY,
     FAST_KEY,
     FINAL_SYNC_TYPE,
     REPLICA_MISMATCH,
@@ -40,7 +41,7 @@ from fedslim.messages import (
 from fedslim.replica import ServerReplica
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
 from fedslim.server.provisioning import provision_bases
-from fedslim.server.wire import RunWire, UpdateCheck, WireAccounting
+from fedslim.server.wire import RunWire, SizeScreen, UpdateCheck, WireAccounting
 from fedslim.simulation.datasets import FederatedData, load_federation
 from fedslim.simulation.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
 from fedslim.strategies.base import FastStrategy, Federation
@@ -270,6 +271,8 @@ def run_federation(
             strategy.bind(federation_of(grid, shapes, schedule, config))
         # The replica version each client holds, by client key (0: the initial state every client can build).
         client_versions: dict[str, int | None] = {key: 0 for key in grid.keys.values()}
+        screen = SizeScreen(config.screen_factor)
+        rejected: set[str] = set()  # clients whose last update the server rejected: they drop their EF residual
         finish_round(0, 0, 0, len(client_versions), time.monotonic())
         for server_round in range(1, config.rounds + 1):
             started = time.monotonic()
@@ -288,17 +291,22 @@ def run_federation(
             # The replica version each sampled node holds before this round's sync (None: unknown).
             nodes = [m.metadata.dst_node_id for m in sampled]
             held = {node: client_versions.get(client_keys.get(node, "")) for node in nodes}
-            instructions = [with_sync(m, replica.sync_for(held[node])) for m, node in zip(sampled, nodes)]
+            instructions = [
+                node_instruction(m, replica.sync_for(held[node]), client_keys.get(node) in rejected)
+                for m, node in zip(sampled, nodes)
+            ]
             replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout)) if instructions else []
             wire = WireAccounting(run_wire, server_round)
             for message in instructions:
                 wire.record_down(message, held[message.metadata.dst_node_id], replica.version)
             expected = UpdateCheck(shapes, base.fingerprint, replica.version)
             accepted = []
-            for reply in replies:
+            for reply, delta in wire.screen_up(replies, expected, screen, config.local_step_count):
                 key = client_keys.get(reply.metadata.src_node_id, "")
-                delta = wire.screen_up(reply, expected)
+                if delta is None and not reply.has_error():
+                    rejected.add(key)
                 if delta is not None:
+                    rejected.discard(key)
                     client_versions[key] = replica.version
                     blob = record_update(reply.content.array_records[DELTA_KEY])
                     reply.content[DELTA_KEY] = ArrayRecord({n: Array(v) for n, v in delta.items()})
@@ -351,9 +359,15 @@ def federation_of(
     return Federation(grid.admitted, shapes, probabilities)
 
 
-def with_sync(message: Message, blobs: list[bytes]) -> Message:
-    """A copy of a strategy's train instruction whose fast record is this node's replica sync."""
+def node_instruction(message: Message, blobs: list[bytes], drop_residual: bool = False) -> Message:
+    """A copy of a strategy's train instruction whose fast record is this node's replica sync.
+
+    ``drop_residual`` tells a node whose last update was rejected to discard
+    its error-feedback residual (what is left of the rejected update).
+    """
     content = RecordDict({**message.content, FAST_KEY: sync_record(blobs)})
+    if drop_residual:
+        content[CONFIG_KEY] = ConfigRecord({**message.content.config_records[CONFIG_KEY], DROP_RESIDUAL_KEY: True})
     return Message(
         content=content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type
     )

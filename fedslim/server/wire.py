@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from logging import WARNING
 
@@ -12,6 +14,7 @@ from flwr.common.logger import log
 from fedslim.codecs.pipeline import DELTA, DecodedUpdate, decode_update
 from fedslim.commlog import CommLog, MessageRow, message_bytes
 from fedslim.messages import (
+    ANCHOR_METRIC,
     CPU_KEY,
     DELTA_KEY,
     DIRECTION_KEY,
@@ -61,6 +64,68 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate |
     return update, None
 
 
+class SizeScreen:
+    """Rejects updates whose size marks a diverged local run, before a strategy (or its memory) sees them.
+
+    A client whose local SGD diverged can still send a finite update,
+    thousands of times the usual size. Averaged in, it wrecks the global model
+    in one round; a strategy that stores updates (FedVARP, MIFA, FedStale)
+    would also replay it every round it keeps the entry. An update's size is
+    its L2 norm per local step (under local epochs, a client with more data
+    takes more steps). The reference is the median size of the last
+    ``window`` screened updates, rejected ones included, together with this
+    round's candidates: the first round is screened against itself, one
+    diverged client barely moves the median, and a lasting change in every
+    client's step size moves it within a window instead of locking everyone out.
+
+    Parameters
+    ----------
+    factor : float
+        An update larger than ``factor`` times the reference is rejected;
+        0 turns the screen off.
+    window : int (default: 200)
+        Number of recent sizes the reference remembers.
+    min_reference : int (default: 5)
+        With fewer sizes than this (or a zero median) there is no reference
+        and nothing is rejected.
+    """
+
+    def __init__(self, factor: float, window: int = 200, min_reference: int = 5) -> None:
+        self.factor = factor
+        self.min_reference = min_reference
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def reasons(self, sizes: Sequence[float | None]) -> list[str | None]:
+        """Why each candidate is rejected (None: it passes; a None size is not screened)."""
+        reference = [*self.recent, *(size for size in sizes if size is not None)]
+        median = float(np.median(reference)) if len(reference) >= self.min_reference else 0.0
+        if not self.factor or median == 0.0:
+            return [None] * len(sizes)
+        return [
+            None
+            if size is None or size <= self.factor * median
+            else (
+                f"update too large: {size:.4g} per local step, {size / median:,.0f}x the median of recent "
+                f"updates ({median:.4g}; the screen rejects above {self.factor:g}x): local training diverged?"
+            )
+            for size in sizes
+        ]
+
+    def remember(self, size: float) -> None:
+        """Add the size of a screened update to the reference."""
+        self.recent.append(size)
+
+
+def update_size(update: DecodedUpdate, reply: Message, local_steps: Callable[[int], int]) -> float | None:
+    """L2 norm per local step of a decoded delta; None for a FedAMD anchor (a gradient, not a local run)."""
+    metrics = reply.content.metric_records[METRICS_KEY]
+    if metrics.get(ANCHOR_METRIC):
+        return None
+    norm = float(np.sqrt(sum(np.sum(np.square(value, dtype=np.float64)) for value in update.tensors.values())))
+    steps = local_steps(int(metrics[NUM_EXAMPLES_KEY]))  # type: ignore[arg-type]
+    return norm / max(1, steps)
+
+
 @dataclass(frozen=True)
 class RunWire:
     """What every log row of one run shares."""
@@ -103,9 +168,33 @@ class WireAccounting:
         """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it."""
         self._record(reply, "up", 0, 0, None, None, reason)
 
-    def screen_up(self, reply: Message, expected: UpdateCheck) -> dict[str, np.ndarray] | None:
-        """Log ``reply``; its decoded delta if it can be aggregated, None if rejected."""
-        update, reason = check_update(reply, expected)
+    def screen_up(
+        self, replies: Sequence[Message], expected: UpdateCheck, screen: SizeScreen, local_steps: Callable[[int], int]
+    ) -> list[tuple[Message, dict[str, np.ndarray] | None]]:
+        """Log a round's train replies; each with its decoded delta if it can be aggregated, None if rejected.
+
+        A reply is rejected when :func:`check_update` finds it malformed or
+        out of place, or when ``screen`` finds it too large for the round
+        (``local_steps`` gives the steps a client with so many examples took).
+        """
+        checked = [check_update(reply, expected) for reply in replies]
+        sizes = [
+            update_size(update, reply, local_steps) if update is not None and reason is None else None
+            for reply, (update, reason) in zip(replies, checked)
+        ]
+        screened = screen.reasons(sizes)
+        results: list[tuple[Message, dict[str, np.ndarray] | None]] = []
+        for reply, (update, reason), size, too_large in zip(replies, checked, sizes, screened):
+            reason = reason or too_large
+            self._record_update(reply, update, expected, reason)
+            if size is not None:
+                screen.remember(size)
+            results.append((reply, update.tensors if update is not None and reason is None else None))
+        return results
+
+    def _record_update(
+        self, reply: Message, update: DecodedUpdate | None, expected: UpdateCheck, reason: str | None
+    ) -> None:
         try:
             payload = len(record_update(reply.content.array_records[DELTA_KEY]))
         except (KeyError, ValueError):
@@ -121,8 +210,6 @@ class WireAccounting:
                 reply.metadata.src_node_id,
                 reason,
             )
-            return None
-        return update.tensors if update is not None else None
 
     def _record(
         self,
