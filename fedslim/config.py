@@ -122,10 +122,10 @@ class RunConfig:
         factor before it is used (1 keeps it whole).
     screen_factor : float
         The server rejects an update whose size (L2 norm per local step) is
-        more than this many times the median size of recently accepted
-        updates: the mark of a diverged local run, which one round's average,
-        or a strategy's memory of it, would carry into the global model. 0
-        turns the screen off (see :class:`fedslim.server.wire.SizeScreen`).
+        more than this many times the median size of recent updates: the
+        mark of a diverged local run, which one round's average, or a
+        strategy's memory of it, would carry into the global model. 0 turns
+        the screen off (see :class:`fedslim.server.wire.SizeScreen`).
     local_steps : int
         If > 0, each client takes exactly this many minibatch steps per round
         instead of ``local_epochs`` epochs (FedAU's and FedAMD's setting).

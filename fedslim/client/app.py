@@ -198,7 +198,7 @@ class SyncedTask:
     server_round: int
     role: str
     replica: ClientReplica
-    drop_residual: bool = False
+    drop_residual: bool
 
 
 def synced_task(msg: Message, context: Context) -> SyncedTask:
@@ -321,7 +321,7 @@ def encode_delta(
     base_fingerprint: str,
     version: int,
     seed: list[int],
-    drop_residual: bool = False,
+    drop_residual: bool,
 ) -> bytes:
     """Compress the delta with the uplink codec, with error feedback for biased codecs (residual in the context).
 

@@ -303,8 +303,6 @@ def run_federation(
             accepted = []
             for reply, delta in wire.screen_up(replies, expected, screen, config.local_step_count):
                 key = client_keys.get(reply.metadata.src_node_id, "")
-                if delta is None and not reply.has_error():
-                    rejected.add(key)
                 if delta is not None:
                     rejected.discard(key)
                     client_versions[key] = replica.version
@@ -313,7 +311,9 @@ def run_federation(
                     reply.content[WIRE_KEY] = update_record(blob)
                     reply.content[CLIENT_RECORD] = ConfigRecord({"key": key})
                     accepted.append(reply)
-                elif reply.has_error() and reply.error.code == REPLICA_MISMATCH:
+                elif not reply.has_error():
+                    rejected.add(key)
+                elif reply.error.code == REPLICA_MISMATCH:
                     client_versions[key] = None
             new_arrays, _ = strategy.aggregate_train(server_round, accepted)
             if isinstance(strategy, FastStrategy) and strategy.last_step is not None:

@@ -122,8 +122,7 @@ def update_size(update: DecodedUpdate, reply: Message, local_steps: Callable[[in
     if metrics.get(ANCHOR_METRIC):
         return None
     norm = float(np.sqrt(sum(np.sum(np.square(value, dtype=np.float64)) for value in update.tensors.values())))
-    steps = local_steps(int(metrics[NUM_EXAMPLES_KEY]))  # type: ignore[arg-type]
-    return norm / max(1, steps)
+    return norm / local_steps(int(metrics[NUM_EXAMPLES_KEY]))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
