@@ -63,8 +63,8 @@ def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any
     import torch
 
     from fedslim.base import ensure_pretrained_base, load_base
-    from fedslim.simulation.datasets import load_federation
-    from fedslim.simulation.participation import participation_schedule
+    from fedslim.data.datasets import load_federation
+    from fedslim.data.participation import participation_schedule
     from fedslim.training import evaluate
 
     torch.set_num_threads(1)

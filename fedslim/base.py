@@ -21,7 +21,7 @@ from torch import nn
 from fedslim.adapters import FastSlowModel, attach_fast_layer, fingerprint
 from fedslim.config import FastSpec, RunConfig
 from fedslim.models import build_architecture
-from fedslim.simulation.datasets import DataSpec, load_federation
+from fedslim.data.datasets import DataSpec, load_federation
 from fedslim.training import evaluate, train_epochs
 
 PRETRAIN_EPOCHS = {"synthetic": 2, "fmnist": 10}

@@ -174,7 +174,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.base import ensure_pretrained_base
     from fedslim.commlog import RoundTotals
     from fedslim.report import round_table
-    from fedslim.simulation.datasets import DatasetMissingError, load_federation
+    from fedslim.data.datasets import DatasetMissingError, load_federation
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedslim.codecs.pipeline import CodecSpecError, Pipeline, parse_codec
-from fedslim.simulation.participation import ParticipationError, check_participation_spec
+from fedslim.data.participation import ParticipationError, check_participation_spec
 
 DATASETS = ("synthetic", "fmnist")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
@@ -136,7 +136,7 @@ class RunConfig:
         The strategy's arguments, ``key=value`` separated by commas or spaces.
     participation : str
         Simulated availability: ``all``, ``bernoulli``, ``label``, ``markov``,
-        ``cyclic`` or ``trace:FILE`` (see :mod:`fedslim.simulation.participation`).
+        ``cyclic`` or ``trace:FILE`` (see :mod:`fedslim.data.participation`).
         The server contacts only available clients; ``fraction`` of them are sampled.
     participation_mean : float
         Mean participation probability of the participation model.

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedslim.simulation.datasets import ArrayDataset
+from fedslim.data.datasets import ArrayDataset
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch import nn
 from fedslim.adapters import FastSlowModel, attach_fast_layer, fingerprint
 from fedslim.config import ConfigError, FastSpec
 from fedslim.models import FashionCNN, SyntheticMLP
-from fedslim.simulation.datasets import ArrayDataset
+from fedslim.data.datasets import ArrayDataset
 from fedslim.training import train_epochs
 
 

@@ -32,7 +32,7 @@ from fedslim.models import SyntheticMLP
 from fedslim.replica import ServerReplica
 from fedslim.server.loop import node_instruction
 from fedslim.server.wire import UpdateCheck, check_update, update_size
-from fedslim.simulation.datasets import load_federation
+from fedslim.data.datasets import load_federation
 from fedslim.strategies.fedavg import FastFedAvg
 from fedslim.training import full_gradient
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedslim.config import RunConfig
-from fedslim.simulation.datasets import (
+from fedslim.data.datasets import (
     DatasetMissingError,
     dirichlet_partition,
     load_fashion_mnist,

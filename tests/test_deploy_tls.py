@@ -19,7 +19,7 @@ from fedslim.base import checkpoint_fingerprint, ensure_pretrained_base, load_ba
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
 from fedslim.messages import FINAL_SYNC_TYPE, PROVISION_TYPE
-from fedslim.simulation.datasets import load_federation, save_array_file
+from fedslim.data.datasets import load_federation, save_array_file
 
 NODES = 4
 CONNECTION = "fedslim-tls"

@@ -17,7 +17,7 @@ from fedslim.commlog import LOG_FILENAME
 from fedslim.config import ConfigError, RunConfig
 from fedslim.server.loop import run_federation
 from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
-from fedslim.simulation.participation import (
+from fedslim.data.participation import (
     TRACE_FILENAME,
     ParticipationError,
     bernoulli_schedule,

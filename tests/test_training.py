@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedslim.simulation.datasets import ArrayDataset
+from fedslim.data.datasets import ArrayDataset
 from fedslim.training import full_gradient, train_steps, train_variance_reduced
 
 

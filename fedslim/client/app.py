@@ -53,7 +53,7 @@ from fedslim.messages import (
     update_record,
 )
 from fedslim.replica import ClientReplica, ReplicaMismatch
-from fedslim.simulation.datasets import ArrayDataset, DatasetMissingError, load_array_file, load_federation
+from fedslim.data.datasets import ArrayDataset, DatasetMissingError, load_array_file, load_federation
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
 # Keys in the node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).

@@ -42,8 +42,8 @@ from fedslim.replica import ServerReplica
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
 from fedslim.server.provisioning import provision_bases
 from fedslim.server.wire import RunWire, SizeScreen, UpdateCheck, WireAccounting
-from fedslim.simulation.datasets import FederatedData, load_federation
-from fedslim.simulation.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
+from fedslim.data.datasets import FederatedData, load_federation
+from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
 from fedslim.strategies.base import FastStrategy, Federation
 from fedslim.strategies.registry import strategy_for
 from fedslim.training import evaluate

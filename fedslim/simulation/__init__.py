@@ -1,1 +1,1 @@
-"""Datasets, partitions and the `simulate` entry point."""
+"""Simulation entry points: `simulate` in Flower's engine, and the in-process grid."""

@@ -13,7 +13,7 @@ from fedslim.base import ensure_pretrained_base
 from fedslim.commlog import RoundTotals
 from fedslim.config import RunConfig
 from fedslim.server.loop import RunResult
-from fedslim.simulation.datasets import load_federation
+from fedslim.data.datasets import load_federation
 
 
 def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:
