@@ -42,8 +42,8 @@ from fedslim.codecs.layouts import decode_varints  # noqa: E402
 from fedslim.codecs.pipeline import DELTA, Pipeline  # noqa: E402
 from fedslim.codecs.values import unpack_bits  # noqa: E402
 from fedslim.config import FastSpec, RunConfig  # noqa: E402
-from fedslim.protos.fedslim.v1 import update_pb2 as pb  # noqa: E402
 from fedslim.data.datasets import load_federation  # noqa: E402
+from fedslim.protos.fedslim.v1 import update_pb2 as pb  # noqa: E402
 from fedslim.training import train_epochs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

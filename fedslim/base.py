@@ -20,16 +20,12 @@ from torch import nn
 
 from fedslim.adapters import FastSlowModel, attach_fast_layer, fingerprint
 from fedslim.config import FastSpec, RunConfig
-from fedslim.models import build_architecture
 from fedslim.data.datasets import DataSpec, load_federation
+from fedslim.models import build_architecture
 from fedslim.training import evaluate, train_epochs
 
 PRETRAIN_EPOCHS = {"synthetic": 2, "fmnist": 10}
 PRETRAIN_LR = 0.05
-
-
-class BaseMismatchError(RuntimeError):
-    """The client's resident base is not the one the server expects."""
 
 
 @dataclass(frozen=True, eq=False)

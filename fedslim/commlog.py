@@ -20,8 +20,8 @@ it gave each client's stored update (FedVARP, MIFA, FedStale):
 ``x_{t+1} = x_t + server_lr * (sum_i weight_i * update_i + sum_j memory_weight_j * stored_j)``,
 where stored_j is client j's last accepted update before round t.
 
-Importing this module loads only the standard library (Flower's
-serialisation is loaded when a message is measured), so reading a log is quick.
+Importing this module loads only the standard library, so reading a log is
+quick; what a message costs is measured in :mod:`fedslim.channel.accounting`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,7 @@ import sqlite3
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from flwr.app import Message
+from typing import Any
 
 SCHEMA_VERSION = 3
 LOG_FILENAME = "commlog.sqlite"
@@ -97,55 +94,6 @@ CREATE TABLE IF NOT EXISTS memory_weights (
     PRIMARY KEY (run_id, round, client)
 );
 """
-
-
-# Flower 1.39's Fleet API fields whose values the server never sees, at their fixed lengths.
-_SESSION_ID = "00000000-0000-0000-0000-000000000000"  # a uuid4 per pushed message
-_RECONNECT_S = 5
-
-
-def message_bytes(message: Message, direction: str) -> int:
-    """What ``message`` costs on the Fleet API (SuperLink <-> SuperNode), in both directions of the exchange.
-
-    Its objects (each deflated object is pushed or pulled once) plus the
-    protobuf envelope of the exchange that carries it: a node pulls an
-    instruction with PullMessages (request, then the message's metadata and
-    object tree); it pushes a reply with PushMessages (the same, then the list
-    of objects to push and a session). This is what the SuperLink counts as a
-    run's network traffic; gRPC and TCP framing are not included.
-    """
-    from flwr.app.message.message import remove_content_from_message
-    from flwr.common.serde import message_to_proto
-    from flwr.proto.fleet_pb2 import (
-        PullMessagesRequest,
-        PullMessagesResponse,
-        PushMessagesRequest,
-        PushMessagesResponse,
-        Reconnect,
-    )
-    from flwr.proto.node_pb2 import Node
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
-
-    objects = get_all_nested_objects(message)
-    content = sum(len(obj.deflate()) for obj in objects.values())
-    proto = message_to_proto(remove_content_from_message(message))
-    tree = get_object_tree(message)
-    if direction == "down":
-        node = Node(node_id=message.metadata.dst_node_id)
-        envelope = PullMessagesRequest(node=node).ByteSize()
-        envelope += PullMessagesResponse(messages_list=[proto], message_object_trees=[tree]).ByteSize()
-    else:
-        node = Node(node_id=message.metadata.src_node_id)
-        envelope = PushMessagesRequest(
-            node=node, messages_list=[proto], message_object_trees=[tree], clientapp_runtime_list=[0.0]
-        ).ByteSize()
-        envelope += PushMessagesResponse(
-            reconnect=Reconnect(reconnect=_RECONNECT_S),
-            results={message.metadata.message_id: 0},
-            objects_to_push=list(objects),
-            session_id=_SESSION_ID,
-        ).ByteSize()
-    return content + envelope
 
 
 @dataclass(frozen=True)

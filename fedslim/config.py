@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,58 @@ class ConfigError(ValueError):
 
 class StrategyConfigError(ConfigError):
     """A strategy cannot run with the arguments or the federation it was given."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one config field is set from outside: its flat key, its CLI flag, and whether clients receive it.
+
+    Declared with each field through :func:`setting`; the ``fedslim simulate`` flags, :meth:`RunConfig.from_args`,
+    :meth:`RunConfig.from_flat`, :meth:`RunConfig.client_task` and :func:`flat_defaults` follow from it
+    (tests/test_config.py holds ``[tool.flwr.app.config]`` in pyproject.toml to :func:`flat_defaults`).
+    """
+
+    help: str
+    key: str | bool = True
+    """Flat kebab-case key (Flower's run_config): True for the field's name in kebab case, False for none."""
+    flag: str | bool = True
+    """CLI flag: True for ``--`` and the key, False for none. A bool field's flag flips its default."""
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    repeatable: bool = False
+    """The flag may be given several times; its values are joined with commas."""
+    flag_default: Callable[[argparse.Namespace], Any] | None = None
+    """The flag's default, computed from the other flags, where it is not given (or given as 0)."""
+    client: int | None = None
+    """Position of the key in the task sent to clients (the order is part of every message); None: not sent."""
+    omit_empty: bool = False
+    """Left out of the client task while empty."""
+
+
+SETTING = "fedslim.setting"
+
+
+def setting(default: Any, help: str, **declared: Any) -> Any:
+    """A dataclass field with its :class:`Setting` (``declared`` are the Setting's other attributes)."""
+    return dataclasses.field(default=default, metadata={SETTING: Setting(help, **declared)})
+
+
+@dataclass(frozen=True)
+class FlatKey:
+    """A declared setting with its flat key and flag resolved."""
+
+    key: str
+    name: str
+    in_fast: bool
+    """A field of :class:`FastSpec` (``RunConfig.fast``) rather than of :class:`RunConfig`."""
+    default: Any
+    flag: str | None
+    setting: Setting
+
+
+def _fraction_flag_default(args: argparse.Namespace) -> float:
+    """Where availability is simulated, few clients are available in a round: sample them all."""
+    return RunConfig.fraction if args.participation == "all" else 1.0
 
 
 @dataclass(frozen=True)
@@ -56,13 +109,15 @@ class FastSpec:
         saves little on small layers and costs them expressiveness).
     """
 
-    kind: str = "lora"
-    rank: int = 4
-    lora_alpha: float = 8.0
-    density: float = 0.01
-    seed: int = 0
-    biases: bool = False
-    lora_min_params: int = 0
+    kind: str = setting("lora", "which tensors train and travel", key="fast", choices=FAST_KINDS, client=10)
+    rank: int = setting(4, "LoRA rank", client=11)
+    lora_alpha: float = setting(8.0, "LoRA scaling numerator", client=12)
+    density: float = setting(0.01, "fast fraction of entries (sparse)", client=13)
+    seed: int = setting(0, "always the run's seed", key=False, flag=False)
+    biases: bool = setting(False, "also train and send every bias vector (BitFit)", flag="--fast-biases", client=14)
+    lora_min_params: int = setting(
+        0, "layers with fewer weight entries than this are fast as a whole instead of getting LoRA", client=15
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in FAST_KINDS:
@@ -125,7 +180,7 @@ class RunConfig:
         more than this many times the median size of recent updates: the
         mark of a diverged local run, which one round's average, or a
         strategy's memory of it, would carry into the global model. 0 turns
-        the screen off (see :class:`fedslim.server.wire.SizeScreen`).
+        the screen off (see :class:`fedslim.channel.uplink.SizeScreen`).
     local_steps : int
         If > 0, each client takes exactly this many minibatch steps per round
         instead of ``local_epochs`` epochs (FedAU's and FedAMD's setting).
@@ -154,36 +209,78 @@ class RunConfig:
         (one message per chunk; 4 MiB stays under Flower's 5 MiB array chunks).
     """
 
-    dataset: str = "synthetic"
-    num_clients: int = 30
-    rounds: int = 10
-    fraction: float = 0.2
+    dataset: str = setting(
+        "synthetic",
+        "synthetic (Synthetic(alpha, beta) from the FedProx paper, generated) or fmnist (Fashion-MNIST from IDX files)",
+        choices=DATASETS,
+        client=0,
+    )
+    num_clients: int = setting(30, "number of clients (virtual SuperNodes)", flag="--clients", client=1)
+    rounds: int = setting(10, "number of federated rounds")
+    fraction: float = setting(
+        0.2,
+        "fraction of the available clients sampled per round (default: 0.2 with --participation all, else 1.0)",
+        flag_default=_fraction_flag_default,
+    )
     fast: FastSpec = FastSpec()
-    seed: int = 0
-    local_epochs: int = 1
-    lr: float = 0.05
-    batch_size: int = 32
-    server_lr: float = 1.0
-    dirichlet_alpha: float = 0.3
-    synthetic_alpha: float = 1.0
-    synthetic_beta: float = 1.0
-    data_dir: str = ""
-    out: str = "runs/latest"
-    round_timeout: float = 600.0
-    codec: str = "none"
-    downstream_codec: str = "none"
-    error_feedback: bool = True
-    error_feedback_decay: float = 0.9
-    screen_factor: float = 10.0
-    local_steps: int = 0
-    strategy: str = "fedavg"
-    strategy_args: str = ""
-    participation: str = "all"
-    participation_mean: float = 0.1
-    p_known: bool = False
-    eval_every: int = 1
-    final_sync: bool = False
-    provision_chunk_bytes: int = 4 << 20
+    seed: int = setting(0, "seed for data generation, partitioning, sampling and initialisation", client=2)
+    local_epochs: int = setting(1, "local epochs per round on each sampled client", client=3)
+    lr: float = setting(0.05, "client SGD learning rate", client=5)
+    batch_size: int = setting(32, "client minibatch size", client=6)
+    server_lr: float = setting(1.0, "server step size applied to the aggregated fast delta")
+    dirichlet_alpha: float = setting(0.3, "Dirichlet concentration (fmnist)", flag="--alpha", client=7)
+    synthetic_alpha: float = setting(1.0, "model heterogeneity of Synthetic(alpha, beta)", flag=False, client=8)
+    synthetic_beta: float = setting(1.0, "data heterogeneity of Synthetic(alpha, beta)", flag=False, client=9)
+    data_dir: str = setting(
+        "",
+        "folder with the four Fashion-MNIST IDX .gz files "
+        "(default: $FEDSLIM_DATA_DIR or /usr/share/datasets/fashion-mnist)",
+        client=19,
+        omit_empty=True,
+    )
+    out: str = setting("runs/latest", "run directory (communication log goes here)")
+    round_timeout: float = setting(600.0, "seconds the server waits for replies in one round", flag=False)
+    codec: str = setting(
+        "none",
+        "uplink codec pipeline, e.g. topk:0.05+q8+lzma, randk:0.05+q4, ternary:0.1, powersgd:2, fp16, none",
+        client=16,
+    )
+    downstream_codec: str = setting("none", "codec of the server's broadcast steps (same syntax as --codec)")
+    error_feedback: bool = setting(
+        True,
+        "send biased codecs' output without carrying what they drop into the next update",
+        flag="--no-error-feedback",
+        client=17,
+    )
+    error_feedback_decay: float = setting(
+        0.9, "error-feedback residual kept per round a client missed (1: all of it)", flag="--ef-decay", client=18
+    )
+    screen_factor: float = setting(
+        10.0, "reject an update more than this many times the median size of recent ones (a diverged local run); 0: off"
+    )
+    local_steps: int = setting(0, "minibatch steps per round instead of epochs (0: use --local-epochs)", client=4)
+    strategy: str = setting(
+        "fedavg", "aggregation rule: fedavg, fedau, fedvarp, mifa, fedstale, fedamd, or module:Class"
+    )
+    strategy_args: str = setting(
+        "",
+        "strategy argument (repeatable), e.g. beta=0.5, p-estimate=fedau, cutoff=50, memory=fp16",
+        flag="--strategy-arg",
+        metavar="KEY=VALUE",
+        repeatable=True,
+    )
+    participation: str = setting(
+        "all", "who is available each round: all, bernoulli, label, markov, cyclic, or trace:FILE"
+    )
+    participation_mean: float = setting(0.1, "mean participation probability of the participation model")
+    p_known: bool = setting(False, "let the strategy read the true participation probabilities (p-estimate=known)")
+    eval_every: int = setting(1, "evaluate every N rounds")
+    final_sync: bool = setting(
+        False, "after the last round, send every node the exact final fast state and have it confirm the digest"
+    )
+    provision_chunk_bytes: int = setting(
+        4 << 20, "chunk size when the server sends its base to a node that has none", flag=False
+    )
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -243,47 +340,92 @@ class RunConfig:
 
     def client_task(self) -> dict[str, Any]:
         """The flat (kebab-case) subset of this config that a client needs to train."""
-        task: dict[str, Any] = {
-            "dataset": self.dataset,
-            "num-clients": self.num_clients,
-            "seed": self.seed,
-            "local-epochs": self.local_epochs,
-            "local-steps": self.local_steps,
-            "lr": self.lr,
-            "batch-size": self.batch_size,
-            "dirichlet-alpha": self.dirichlet_alpha,
-            "synthetic-alpha": self.synthetic_alpha,
-            "synthetic-beta": self.synthetic_beta,
-            "fast": self.fast.kind,
-            "rank": self.fast.rank,
-            "lora-alpha": self.fast.lora_alpha,
-            "density": self.fast.density,
-            "biases": self.fast.biases,
-            "lora-min-params": self.fast.lora_min_params,
-            "codec": self.codec,
-            "error-feedback": self.error_feedback,
-            "error-feedback-decay": self.error_feedback_decay,
-        }
-        if self.data_dir:
-            task["data-dir"] = self.data_dir
+        task: dict[str, Any] = {}
+        for entry in CLIENT_TASK_KEYS:
+            value = getattr(self.fast if entry.in_fast else self, entry.name)
+            if value or not entry.setting.omit_empty:
+                task[entry.key] = value
         return task
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> RunConfig:
-        """Build from a flat mapping with kebab-case keys (Flower's run_config)."""
-        field_names = {f.name for f in dataclasses.fields(cls)} - {"fast"}
-        fast_names = {f.name for f in dataclasses.fields(FastSpec)} - {"kind", "seed"}
+        """Build from a flat mapping with kebab-case keys (Flower's run_config); snake_case keys work too."""
         kwargs: dict[str, Any] = {}
         fast_kwargs: dict[str, Any] = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
-            if name == "fast":
-                fast_kwargs["kind"] = value
-            elif name in fast_names:
-                fast_kwargs[name] = value
-            elif name in field_names:
-                kwargs[name] = value
-            else:
+            entry = FLAT_KEYS.get(key.replace("_", "-"))
+            if entry is None:
                 raise ConfigError(f"unknown config key {key!r}")
-        fast_kwargs["seed"] = int(kwargs.get("seed", 0))
+            (fast_kwargs if entry.in_fast else kwargs)[entry.name] = value
+        fast_kwargs["seed"] = int(kwargs.get("seed", cls.seed))
         return cls(fast=FastSpec(**fast_kwargs), **kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        """Build from the flags that :func:`add_run_config_arguments` added."""
+        values: dict[str, Any] = {}
+        for entry in FLAT_KEYS.values():
+            if entry.flag is None:
+                continue
+            value = getattr(args, entry.name)
+            if entry.setting.repeatable:
+                value = ",".join(value)
+            elif entry.setting.flag_default is not None:
+                value = value or entry.setting.flag_default(args)
+            values[entry.key] = value
+        return cls.from_flat(values)
+
+
+def _flat_keys() -> dict[str, FlatKey]:
+    """Every declared setting by flat key, in field order (``RunConfig.fast``'s own in its place)."""
+    entries: dict[str, FlatKey] = {}
+    for run_field in dataclasses.fields(RunConfig):
+        in_fast = run_field.name == "fast"
+        for f in dataclasses.fields(FastSpec) if in_fast else (run_field,):
+            declared: Setting = f.metadata[SETTING]
+            if declared.key is False:
+                continue
+            key = f.name.replace("_", "-") if declared.key is True else declared.key
+            flag = f"--{key}" if declared.flag is True else declared.flag or None
+            entries[key] = FlatKey(key, f.name, in_fast, f.default, flag, declared)
+    return entries
+
+
+def _client_task_keys() -> tuple[FlatKey, ...]:
+    """The settings clients receive, in their declared positions (which must run 0, 1, 2, ...)."""
+    by_position = {e.setting.client: e for e in FLAT_KEYS.values() if e.setting.client is not None}
+    return tuple(by_position[i] for i in range(len(by_position)))
+
+
+FLAT_KEYS = _flat_keys()
+CLIENT_TASK_KEYS = _client_task_keys()
+
+
+def flat_defaults() -> dict[str, Any]:
+    """Every flat key with its default: what ``[tool.flwr.app.config]`` lists."""
+    return {key: entry.default for key, entry in FLAT_KEYS.items()}
+
+
+def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every setting that has one; read them back with :meth:`RunConfig.from_args`."""
+    for entry in FLAT_KEYS.values():
+        if entry.flag is None:
+            continue
+        declared = entry.setting
+        if isinstance(entry.default, bool):
+            action = "store_false" if entry.default else "store_true"
+            parser.add_argument(entry.flag, dest=entry.name, action=action, help=declared.help)
+        elif declared.repeatable:
+            parser.add_argument(
+                entry.flag, dest=entry.name, action="append", default=[], metavar=declared.metavar, help=declared.help
+            )
+        else:
+            parser.add_argument(
+                entry.flag,
+                dest=entry.name,
+                type=type(entry.default),
+                default=None if declared.flag_default else entry.default,
+                choices=declared.choices,
+                metavar=declared.metavar,
+                help=declared.help,
+            )

@@ -43,9 +43,7 @@ def main() -> int:
         ]
         if args.check:
             if stale:
-                print(
-                    f"stale generated code: {', '.join(map(str, stale))}; run python scripts/generate_protos.py"
-                )
+                print(f"stale generated code: {', '.join(map(str, stale))}; run python scripts/generate_protos.py")
                 return 1
             print(f"generated protobuf code is up to date ({len(generated)} files)")
             return 0

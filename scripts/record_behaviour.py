@@ -69,7 +69,7 @@ def scenarios() -> dict[str, RunConfig]:
 
 def observe(config: RunConfig) -> dict[str, Any]:
     """Run ``config`` inline and read back what the behaviour record keeps."""
-    from fedslim.replica import state_digest
+    from fedslim.channel.downlink import state_digest
     from fedslim.simulation.simulate import simulate
 
     result = simulate(config, backend="inline")

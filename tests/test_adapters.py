@@ -9,8 +9,8 @@ from torch import nn
 
 from fedslim.adapters import FastSlowModel, attach_fast_layer, fingerprint
 from fedslim.config import ConfigError, FastSpec
-from fedslim.models import FashionCNN, SyntheticMLP
 from fedslim.data.datasets import ArrayDataset
+from fedslim.models import FashionCNN, SyntheticMLP
 from fedslim.training import train_epochs
 
 

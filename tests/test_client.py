@@ -8,51 +8,57 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import ListGrid
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedslim.base import ensure_pretrained_base, load_base, save_base
+from fedslim.channel.accounting import message_bytes
+from fedslim.channel.downlink import Downlink, ServerReplica
+from fedslim.channel.protocol import (
+    BASE_FINGERPRINT_KEY,
+    CONFIG_KEY,
+    DELTA_KEY,
+    DIRECTION_KEY,
+    FAST_KEY,
+    METRICS_KEY,
+    REPLICA_META_KEY,
+    REPLICA_STATE_KEY,
+    RESIDUAL_META_KEY,
+    RESIDUAL_STATE_KEY,
+    ROLE_KEY,
+    RefusalCode,
+    record_sync,
+    record_update,
+    sync_record,
+    update_record,
+)
+from fedslim.channel.updates import Instruction
+from fedslim.channel.uplink import UpdateCheck, check_update, update_size
 from fedslim.client.app import train
 from fedslim.codecs import decode_update, encode_update, parse_codec
 from fedslim.codecs.pipeline import DELTA, STATE
-from fedslim.commlog import message_bytes
 from fedslim.config import RunConfig
-from fedslim.messages import (
-    BAD_REQUEST,
-    BASE_MISMATCH,
-    BASE_MISSING,
-    NON_FINITE_UPDATE,
-    REPLICA_MISMATCH,
-    record_sync,
-    record_update,
-    update_record,
-)
-from fedslim.models import SyntheticMLP
-from fedslim.replica import ServerReplica
-from fedslim.server.loop import node_instruction
-from fedslim.server.wire import UpdateCheck, check_update, update_size
 from fedslim.data.datasets import load_federation
-from fedslim.strategies.fedavg import FastFedAvg
+from fedslim.models import SyntheticMLP
 from fedslim.training import full_gradient
 
 
 def _train_request(
     config: RunConfig, fast: dict[str, np.ndarray], fingerprint: str, replica: ServerReplica | None = None
 ) -> Message:
-    """A train instruction as the server loop builds it: the strategy's message plus the node's replica sync."""
+    """A train instruction as the server's downlink builds it, for a client that holds no replica yet."""
     replica = replica or ServerReplica(fast, parse_codec("none"), fingerprint)
-    task = ConfigRecord(
-        {
-            **config.client_task(),
-            "base-fingerprint": fingerprint,
-            "replica-version": replica.version,
-            "replica-digest": replica.digest,
-        }
+    downlink = Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: fingerprint})
+    (message,) = downlink.train_messages(
+        1, [Instruction("partition-0")], {"partition-0": 11}, {"partition-0": None}, set()
     )
-    strategy = FastFedAvg(fraction_train=1.0)
-    (message,) = strategy.configure_train(1, ArrayRecord({n: Array(v) for n, v in fast.items()}), task, ListGrid([11]))
-    return node_instruction(message, replica.sync_for(None))
+    return message
+
+
+def _with_sync(request: Message, blobs: list[bytes]) -> Message:
+    """The same instruction carrying another replica sync."""
+    content = RecordDict({**request.content, FAST_KEY: sync_record(blobs)})
+    return Message(content, dst_node_id=request.metadata.dst_node_id, message_type=request.metadata.message_type)
 
 
 def _context(**node_config: object) -> Context:
@@ -100,7 +106,7 @@ def test_mismatched_base_is_refused(small_config: RunConfig, resident, tmp_path:
     request = _train_request(small_config, model.fast_state(), base.fingerprint)
     reply = train(request, _context(**{"partition-id": 0, "base-path": str(other)}))
     assert reply.has_error()
-    assert reply.error.code == BASE_MISMATCH
+    assert reply.error.code == RefusalCode.BASE_MISMATCH
     assert "fingerprint mismatch" in reply.error.reason
     update, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
     assert update is None and reason is not None and reason.startswith("client error 1001")
@@ -110,11 +116,11 @@ def test_missing_base_is_refused(small_config: RunConfig, resident, tmp_path: Pa
     base, model = resident
     request = _train_request(small_config, model.fast_state(), base.fingerprint)
     reply = train(request, _context(**{"partition-id": 0, "base-path": str(tmp_path / "absent.pt")}))
-    assert reply.has_error() and reply.error.code == BASE_MISSING
+    assert reply.has_error() and reply.error.code == RefusalCode.BASE_MISSING
 
 
 def _blobs(message: Message) -> list[bytes]:
-    return record_sync(message.content.array_records["fast"])
+    return record_sync(message.content.array_records[FAST_KEY])
 
 
 def test_bad_fast_state_from_server_is_refused(small_config: RunConfig, resident) -> None:
@@ -122,7 +128,7 @@ def test_bad_fast_state_from_server_is_refused(small_config: RunConfig, resident
     fast = model.fast_state()
     fast[model.fast_names[0]] = np.zeros(3, np.float32)
     reply = train(_train_request(small_config, fast, base.fingerprint), _context(**{"partition-id": 0}))
-    assert reply.has_error() and reply.error.code == BAD_REQUEST
+    assert reply.has_error() and reply.error.code == RefusalCode.BAD_REQUEST
     assert "shape" in reply.error.reason
 
 
@@ -136,16 +142,16 @@ def test_client_that_cannot_reach_the_servers_version_refuses_and_forgets_its_re
         replica.publish({n: v + step for n, v in fast.items()})
     request = _train_request(small_config, fast, base.fingerprint, replica)
     # Only the last step: a client at version 0 cannot apply a step that starts at version 1.
-    request = node_instruction(request, replica.sync_for(1))
+    request = _with_sync(request, replica.sync_for(1))
     context = _context(**{"partition-id": 0})
     reply = train(request, context)
-    assert reply.has_error() and reply.error.code == REPLICA_MISMATCH
+    assert reply.has_error() and reply.error.code == RefusalCode.REPLICA_MISMATCH
     assert "version 0" in reply.error.reason
-    assert "fedslim-replica" not in context.state
+    assert REPLICA_STATE_KEY not in context.state
     # The full state (what the server sends a client it marked unknown) brings it back.
-    reply = train(node_instruction(request, replica.sync_for(None)), context)
+    reply = train(_with_sync(request, replica.sync_for(None)), context)
     assert not reply.has_error()
-    assert context.state.config_records["fedslim-replica-meta"]["version"] == 2
+    assert context.state.config_records[REPLICA_META_KEY]["version"] == 2
 
 
 def _update(blob: bytes, metrics: dict[str, object]) -> Message:
@@ -176,17 +182,13 @@ def test_server_rejects_malformed_updates(blob: bytes, metrics, reason: str) -> 
     assert found is not None and reason in found
 
 
-def test_update_size_is_the_norm_per_local_step_and_anchors_are_not_screened() -> None:
+def test_update_size_is_the_norm_per_local_step() -> None:
     config = RunConfig(local_epochs=2, batch_size=10)
     delta = np.array([3.0, 4.0], np.float32)  # L2 norm 5
-    reply = _update(_blob(delta), {"num-examples": 25})
-    update, _ = check_update(reply, UpdateCheck({"w": (2,)}, "base", 3))
+    update, _ = check_update(_update(_blob(delta), {"num-examples": 25}), UpdateCheck({"w": (2,)}, "base", 3))
     assert update is not None
-    assert update_size(update, reply, config.local_step_count) == pytest.approx(5.0 / 6)  # 2 epochs x 3 batches
-    steps = RunConfig(local_steps=5).local_step_count
-    assert update_size(update, reply, steps) == pytest.approx(1.0)
-    anchor = _update(_blob(delta), {"num-examples": 25, "anchor": 1})
-    assert update_size(update, anchor, steps) is None
+    assert update_size(update, 25, config.local_step_count) == pytest.approx(5.0 / 6)  # 2 epochs x 3 batches
+    assert update_size(update, 25, RunConfig(local_steps=5).local_step_count) == pytest.approx(1.0)
 
 
 def test_server_rejects_a_plain_array_instead_of_a_blob() -> None:
@@ -205,19 +207,19 @@ def test_error_feedback_residual_lives_in_the_node_context(small_config: RunConf
     context = _context(**{"partition-id": 0})
     reply = train(request, context)
     assert not reply.has_error()
-    residual = {n: a.numpy() for n, a in context.state.array_records["fedslim-ef-residual"].items()}
+    residual = {n: a.numpy() for n, a in context.state.array_records[RESIDUAL_STATE_KEY].items()}
     update, _ = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
     assert update is not None and set(residual) == set(update.tensors)
     delta = update.tensors
     # What was sent plus what was kept back is the whole local update (this was the first round).
     sent_share = sum(np.count_nonzero(d) for d in delta.values()) / sum(d.size for d in delta.values())
     assert 0.05 < sent_share <= 0.11
-    assert context.state.config_records["fedslim-ef-residual-meta"]["version"] == 0
+    assert context.state.config_records[RESIDUAL_META_KEY]["version"] == 0
 
     plain = _context(**{"partition-id": 0})
     unbiased = replace(small_config, codec="topk:0.1+q4", error_feedback=False)
     assert not train(_train_request(unbiased, model.fast_state(), base.fingerprint), plain).has_error()
-    assert "fedslim-ef-residual" not in plain.state
+    assert RESIDUAL_STATE_KEY not in plain.state
 
 
 def test_a_diverged_local_update_is_refused_not_sent(
@@ -232,7 +234,7 @@ def test_a_diverged_local_update_is_refused_not_sent(
 
     monkeypatch.setattr("fedslim.client.app.train_epochs", diverge)
     reply = train(_train_request(small_config, model.fast_state(), base.fingerprint), _context(**{"partition-id": 0}))
-    assert reply.has_error() and reply.error.code == NON_FINITE_UPDATE
+    assert reply.has_error() and reply.error.code == RefusalCode.NON_FINITE_UPDATE
     assert "non-finite" in reply.error.reason
 
 
@@ -249,20 +251,20 @@ def test_bad_fedamd_instructions_are_refused(
 ) -> None:
     base, model = resident
     request = _train_request(small_config, model.fast_state(), base.fingerprint)
-    request.content.config_records["config"]["role"] = role
+    request.content.config_records[CONFIG_KEY][ROLE_KEY] = role
     if direction is not None:
-        request.content["direction"] = update_record(direction)
+        request.content[DIRECTION_KEY] = update_record(direction)
     reply = train(request, _context(**{"partition-id": 0}))
-    assert reply.has_error() and reply.error.code == BAD_REQUEST and reason in reply.error.reason
+    assert reply.has_error() and reply.error.code == RefusalCode.BAD_REQUEST and reason in reply.error.reason
 
 
 def test_anchor_sends_its_full_local_gradient(small_config: RunConfig, resident) -> None:
     base, model = resident
     request = _train_request(small_config, model.fast_state(), base.fingerprint)
-    request.content.config_records["config"]["role"] = "anchor"
+    request.content.config_records[CONFIG_KEY][ROLE_KEY] = "anchor"
     reply = train(request, _context(**{"partition-id": 1}))
-    assert reply.content.metric_records["metrics"]["anchor"] == 1
-    sent = decode_update(record_update(reply.content.array_records["delta"]), model.fast_shapes()).tensors
+    assert reply.content.metric_records[METRICS_KEY]["anchor"] == 1
+    sent = decode_update(record_update(reply.content.array_records[DELTA_KEY]), model.fast_shapes()).tensors
 
     model.load_fast_state(model.fast_state())
     expected, _ = full_gradient(model.module, model.fast_parameters(), load_federation(small_config).clients[1])

@@ -16,9 +16,9 @@ from fakes import other_base
 from flower_processes import flower_env, flwr_run, free_port, started, wait_until_healthy
 
 from fedslim.base import checkpoint_fingerprint, ensure_pretrained_base, load_base
+from fedslim.channel.protocol import FINAL_SYNC_TYPE, PROVISION_TYPE
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
-from fedslim.messages import FINAL_SYNC_TYPE, PROVISION_TYPE
 from fedslim.data.datasets import load_federation, save_array_file
 
 NODES = 4

@@ -15,8 +15,6 @@ from fedslim.cli import main as cli_main
 from fedslim.client.app import app as client_app
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import ConfigError, RunConfig
-from fedslim.server.loop import run_federation
-from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.data.participation import (
     TRACE_FILENAME,
     ParticipationError,
@@ -29,11 +27,14 @@ from fedslim.data.participation import (
     spread_probabilities,
     write_trace,
 )
+from fedslim.server.loop import run_federation
+from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.strategies import (
     STRATEGIES,
     ClientUpdate,
     FastFedAvg,
     FedAU,
+    FedAUWeights,
     Federation,
     FedStale,
     StrategyConfigError,
@@ -160,7 +161,7 @@ def test_strategies_by_name_and_by_import_path(user_module: str) -> None:
     [
         ("fedprox", {}, "unknown strategy 'fedprox'"),
         ("nowhere.module:X", {}, "cannot import strategy"),
-        ("fedslim.config:RunConfig", {}, "not a subclass of Flower's Strategy"),
+        ("fedslim.config:RunConfig", {}, "neither a fedslim FastStrategy nor a Flower Strategy"),
         ("fedstale", {"gamma": 1}, "unexpected keyword argument 'gamma'"),
     ],
 )
@@ -317,5 +318,6 @@ def test_in_deployment_a_node_that_does_not_reply_is_absent(small_config: RunCon
     strategy = FedAU()
     result = run_federation(grid, config, strategy)  # type: ignore[arg-type]
     assert [(r.sampled, r.accepted) for r in result.rounds[1:]] == [(4, 3)] * 3
-    assert strategy.estimates is not None
-    assert strategy.estimates.missed["partition-0"] == 3 and strategy.estimates.weight("partition-1") == 1.0
+    estimates = strategy.estimator
+    assert isinstance(estimates, FedAUWeights)
+    assert estimates.missed["partition-0"] == 3 and estimates.weight("partition-1") == 1.0

@@ -13,13 +13,13 @@ from fakes import other_base
 from flwr.app import Message
 
 from fedslim.base import checkpoint_fingerprint, ensure_pretrained_base, load_base
+from fedslim.channel.protocol import PROVISION_TYPE
 from fedslim.client.app import app as client_app
 from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
 from fedslim.logs.reader import PROVISION_TYPE as LOGGED_PROVISION_TYPE
 from fedslim.logs.reader import RunLog
-from fedslim.messages import PROVISION_TYPE
 from fedslim.server.loop import run_federation
 from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedslim.channel.downlink import ClientReplica, ReplicaMismatch, ServerReplica, state_digest
 from fedslim.codecs import UpdateError, parse_codec
-from fedslim.replica import ClientReplica, ReplicaMismatch, ServerReplica, state_digest
 
 SHAPES = {"a": (30, 20), "b": (20,)}
 

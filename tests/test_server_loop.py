@@ -18,16 +18,23 @@ from fakes import ListGrid
 from flwr.app import Context, Error, Message, RecordDict
 
 import fedslim.client.app
+from fedslim.channel.downlink import state_digest
+from fedslim.channel.protocol import (
+    FINAL_SYNC_TYPE,
+    REPLICA_META_KEY,
+    REPLICA_RECORD,
+    REPLICA_STATE_KEY,
+    record_update,
+    update_record,
+)
+from fedslim.channel.uplink import SizeScreen
 from fedslim.client.app import app as client_app
 from fedslim.codecs.layouts import encode_varints
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
-from fedslim.messages import FINAL_SYNC_TYPE, REPLICA_RECORD, record_update, update_record
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
-from fedslim.replica import state_digest
 from fedslim.server.loop import run_federation
 from fedslim.server.nodes import OrderedGrid
-from fedslim.server.wire import SizeScreen
 from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.strategies.fedavg import FastFedAvg
 
@@ -166,9 +173,9 @@ def test_replicas_stay_bit_identical_with_compressed_downstream(small_config: Ru
     last = grid.downlinks[-1].content.config_records["config"]
     current = []
     for context in grid.contexts.values():
-        meta = context.state.config_records["fedslim-replica-meta"]
+        meta = context.state.config_records[REPLICA_META_KEY]
         if meta["version"] == last["replica-version"]:
-            current.append({n: a.numpy() for n, a in context.state.array_records["fedslim-replica"].items()})
+            current.append({n: a.numpy() for n, a in context.state.array_records[REPLICA_STATE_KEY].items()})
     assert len(current) == 3 and last["replica-version"] >= 5
     assert all(state_digest(state) == last["replica-digest"] for state in current)
     for state in current[1:]:
@@ -196,9 +203,8 @@ def test_sampling_follows_client_keys_not_random_node_ids() -> None:
     def sampled_partitions(node_of_partition: dict[int, int]) -> list[list[int]]:
         keys = {node: f"partition-{p}" for p, node in node_of_partition.items()}
         grid = OrderedGrid(ListGrid(sorted(keys)), keys)  # type: ignore[arg-type]
-        partition_of = {node: p for p, node in node_of_partition.items()}
         strategy = FastFedAvg(fraction_train=0.25, seed=3)
-        return [sorted(partition_of[n] for n in strategy.sample_nodes(r, grid.get_node_ids())) for r in range(1, 6)]
+        return [[int(c.split("-")[1]) for c in strategy.sample(r, grid.clients())] for r in range(1, 6)]
 
     rng = np.random.default_rng(0)
     first = dict(enumerate(rng.integers(1, 2**63, 12).tolist()))
@@ -241,7 +247,7 @@ def test_final_sync_leaves_every_node_holding_the_exact_final_state(small_config
     grid = TamperingGrid(config.num_clients, liar)
     result = run_federation(grid, config)  # type: ignore[arg-type]
     for context in grid.contexts.values():
-        held = {name: array.numpy() for name, array in context.state.array_records["fedslim-replica"].items()}
+        held = {name: array.numpy() for name, array in context.state.array_records[REPLICA_STATE_KEY].items()}
         assert set(held) == set(result.fast_state)
         assert all(np.array_equal(held[name], result.fast_state[name]) for name in held)
     db = sqlite3.connect(Path(config.out) / LOG_FILENAME)

@@ -6,11 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from fakes import ListGrid
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedslim.codecs.pipeline import DELTA, decode_update, encode_update, parse_codec
-from fedslim.messages import CLIENT_RECORD, DIRECTION_KEY, ROLE_KEY, record_update
+from fedslim.channel.protocol import Role
+from fedslim.codecs.pipeline import DELTA, encode_update, parse_codec
 from fedslim.strategies import (
     MIFA,
     ClientMemory,
@@ -34,8 +32,8 @@ def federation(clients: list[str], probabilities: dict[str, float] | None = None
     return Federation({100 + i: c for i, c in enumerate(clients)}, SHAPES, probabilities)
 
 
-def update(client: str, values: list[float], examples: int = 10) -> ClientUpdate:
-    return ClientUpdate(client, {"w": np.array(values, np.float32)}, examples, {"train-loss": 1.0})
+def update(client: str, values: list[float], examples: int = 10, role: Role = Role.TRAIN) -> ClientUpdate:
+    return ClientUpdate(client, {"w": np.array(values, np.float32)}, examples, {"train-loss": 1.0}, role=role)
 
 
 def bound(strategy: FastStrategy, clients: list[str], probabilities: dict[str, float] | None = None) -> FastStrategy:
@@ -85,43 +83,37 @@ def test_fedavg_with_known_p_divides_each_update_by_p_and_by_n() -> None:
     assert step.weights == pytest.approx({"a": 2 / 3, "b": 4 / 3})
 
 
-def test_known_p_without_probabilities_is_a_clear_error() -> None:
-    strategy = bound(FastFedAvg(p_estimate="known"), CLIENTS)
+def test_known_p_without_probabilities_is_a_clear_error_when_the_run_starts() -> None:
     with pytest.raises(StrategyConfigError, match="--p-known"):
-        strategy.aggregate(1, [update("a", [1, 0])])
+        bound(FastFedAvg(p_estimate="known"), CLIENTS)
 
 
-def test_aggregate_train_applies_the_step_to_the_sent_state_with_the_server_lr() -> None:
+def test_apply_adds_the_step_to_the_configured_state_with_the_server_lr() -> None:
     strategy = FastFedAvg(server_lr=0.5)
     strategy.bind(Federation({7: "a", 8: "b"}, {"w": (2,), "b": (1,)}))
-    state = ArrayRecord({"w": Array(np.array([0.0, 0.0], np.float32)), "b": Array(np.array([10.0], np.float32))})
-    list(strategy.configure_train(1, state, ConfigRecord(), ListGrid([7, 8])))
+    state = {"w": np.array([0.0, 0.0], np.float32), "b": np.array([10.0], np.float32)}
+    assert [i.client for i in strategy.configure(1, state, ["a", "b"])] == ["a", "b"]
 
-    def reply(client: str, w: list[float], b: float, examples: int, loss: float) -> Message:
-        content = RecordDict(
-            {
-                "delta": ArrayRecord({"w": Array(np.array(w, np.float32)), "b": Array(np.array([b], np.float32))}),
-                "metrics": MetricRecord({"num-examples": examples, "train-loss": loss}),
-                CLIENT_RECORD: ConfigRecord({"key": client}),
-            }
-        )
-        return Message(content=content, dst_node_id=0, message_type="train")
+    def sent(client: str, w: list[float], b: float, examples: int) -> ClientUpdate:
+        return ClientUpdate(client, {"w": np.array(w, np.float32), "b": np.array([b], np.float32)}, examples, {})
 
-    arrays, metrics = strategy.aggregate_train(1, [reply("a", [2, -2], 1, 10, 1.0), reply("b", [8, 4], -1, 30, 3.0)])
+    outcome = strategy.apply(1, [sent("a", [2, -2], 1, 10), sent("b", [8, 4], -1, 30)])
     # w: 0.5 * (10*[2,-2] + 30*[8,4]) / 40 = [3.25, 1.25]; b: 10 + 0.5 * (10 - 30) / 40 = 9.75
-    np.testing.assert_allclose(arrays["w"].numpy(), [3.25, 1.25])
-    np.testing.assert_allclose(arrays["b"].numpy(), [9.75])
-    assert metrics["train-loss"] == pytest.approx(2.5) and metrics["num-examples"] == 40
-    assert strategy.aggregate_train(2, []) == (None, None)
+    assert outcome.state is not None
+    np.testing.assert_allclose(outcome.state["w"], [3.25, 1.25])
+    np.testing.assert_allclose(outcome.state["b"], [9.75])
+    assert outcome.state["w"].dtype == np.float32 and outcome.step.weights == {"a": 0.25, "b": 0.75}
+    assert strategy.apply(2, []).state is None
 
 
-def test_sampling_is_seeded_and_keeps_64_bit_node_ids() -> None:
-    node_ids = [2**64 - 1 - i for i in range(10)]
+def test_sampling_is_seeded_and_keeps_the_order_of_the_available_clients() -> None:
+    clients = [f"partition-{i}" for i in range(10)]
     strategy = FastFedAvg(fraction_train=0.3, seed=5)
-    first = strategy.sample_nodes(1, node_ids)
-    assert len(first) == 3 and set(first) <= set(node_ids)
-    assert strategy.sample_nodes(1, node_ids) == first
-    assert FastFedAvg(fraction_train=0.3, seed=6).sample_nodes(1, node_ids) != first
+    first = strategy.sample(1, clients)
+    assert len(first) == 3 and set(first) <= set(clients)
+    assert first == sorted(first, key=clients.index)
+    assert strategy.sample(1, clients) == first
+    assert FastFedAvg(fraction_train=0.3, seed=6).sample(1, clients) != first
 
 
 # ----------------------------------------------------------------- FedVARP, FedStale
@@ -272,21 +264,20 @@ def test_fedamd_roles_direction_and_step() -> None:
     strategy = FedAMD(anchor_probability=0.5, initial_direction="zeros", memory="fp32", seed=3)
     clients = [f"c{i}" for i in range(8)]
     strategy.bind(federation(clients))
-    strategy.roles = {"c0": "anchor"}
-    strategy.aggregate(0, [update("c0", [8.0, 0.0])])  # one anchor gradient stored: v = [1, 0]
-    state = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
-    messages = list(strategy.configure_train(1, state, ConfigRecord(), ListGrid(list(range(100, 108)))))
-    keys = strategy.federation.node_keys
-    roles = {keys[m.metadata.dst_node_id]: m.content.config_records["config"][ROLE_KEY] for m in messages}
-    assert set(roles.values()) == {"anchor", "miner"}  # one round, different instructions
-    for m in messages:
-        sent = m.content.array_records.get(DIRECTION_KEY)
-        assert (sent is not None) == (roles[keys[m.metadata.dst_node_id]] == "miner")
-        if sent is not None:
-            np.testing.assert_array_equal(decode_update(record_update(sent), SHAPES).tensors["w"], [1.0, 0.0])
-    anchors = [c for c, r in roles.items() if r == "anchor"]
-    miners = [c for c, r in roles.items() if r == "miner"]
-    updates = [update(c, [8.0, 8.0]) for c in anchors] + [update(c, [float(i), 1.0]) for i, c in enumerate(miners)]
+    strategy.aggregate(0, [update("c0", [8.0, 0.0], role=Role.ANCHOR)])  # one anchor gradient stored: v = [1, 0]
+    instructions = strategy.configure(1, {"w": np.zeros(2, np.float32)}, clients)
+    roles = {i.client: i.role for i in instructions}
+    assert set(roles.values()) == {Role.ANCHOR, Role.MINER}  # one round, different instructions
+    directions = {id(i.direction) for i in instructions if i.direction is not None}
+    assert len(directions) == 1  # v is computed once for the round's miners
+    for i in instructions:
+        assert (i.direction is not None) == (i.role == Role.MINER)
+        if i.direction is not None:
+            np.testing.assert_array_equal(i.direction["w"], [1.0, 0.0])
+    anchors = [c for c, r in roles.items() if r == Role.ANCHOR]
+    miners = [c for c, r in roles.items() if r == Role.MINER]
+    updates = [update(c, [8.0, 8.0], role=Role.ANCHOR) for c in anchors]
+    updates += [update(c, [float(i), 1.0], role=Role.MINER) for i, c in enumerate(miners)]
     step = strategy.aggregate(1, updates)
     np.testing.assert_allclose(direction(step), [np.mean(range(len(miners))), 1.0])  # mean over miners only
     assert all(step.weights[c] == 0 for c in anchors)
@@ -298,10 +289,9 @@ def test_fedamd_roles_direction_and_step() -> None:
 def test_fedamd_miners_train_plainly_until_an_anchor_exists() -> None:
     strategy = FedAMD(anchor_probability=0.0, initial_direction="zeros", memory="fp32")
     strategy.bind(federation(["a", "b"]))
-    state = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
-    messages = list(strategy.configure_train(1, state, ConfigRecord(), ListGrid([100, 101])))
-    assert [m.content.config_records["config"][ROLE_KEY] for m in messages] == ["train", "train"]
-    assert all(DIRECTION_KEY not in m.content.array_records for m in messages)
+    instructions = strategy.configure(1, {"w": np.zeros(2, np.float32)}, ["a", "b"])
+    assert [i.role for i in instructions] == [Role.TRAIN, Role.TRAIN]
+    assert all(i.direction is None for i in instructions)
     step = strategy.aggregate(1, [update("a", [2, 0]), update("b", [0, 2])])
     np.testing.assert_allclose(direction(step), [1, 1])
 
@@ -309,14 +299,13 @@ def test_fedamd_miners_train_plainly_until_an_anchor_exists() -> None:
 def test_fedamd_anchor_first_and_probability_extremes() -> None:
     strategy = FedAMD(anchor_probability=0.0, initial_direction="anchor-first", memory="fp32")
     strategy.bind(federation(["a", "b"]))
-    assert strategy.role(1, "a") == "anchor"  # no gradient stored yet
+    assert strategy.role(1, "a") == Role.ANCHOR  # no gradient stored yet
     strategy.aggregate(1, [])
-    strategy.roles = {"a": "anchor"}
-    strategy.aggregate(1, [update("a", [1, 1])])
-    assert strategy.role(2, "a") == "miner" and strategy.role(2, "b") == "anchor"
+    strategy.aggregate(1, [update("a", [1, 1], role=Role.ANCHOR)])
+    assert strategy.role(2, "a") == Role.MINER and strategy.role(2, "b") == Role.ANCHOR
     always = FedAMD(anchor_probability=1.0, initial_direction="zeros")
     always.bind(federation(["a", "b"]))
-    assert {always.role(t, "a") for t in range(1, 20)} == {"anchor"}
+    assert {always.role(t, "a") for t in range(1, 20)} == {Role.ANCHOR}
 
 
 # ----------------------------------------------------------------- memory

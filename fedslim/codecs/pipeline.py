@@ -70,10 +70,6 @@ class Pipeline:
         """True if decode(encode(x)) is not x (or an unbiased estimate of it): error feedback applies."""
         return self.layout.biased or self.values.biased
 
-    @property
-    def lossy(self) -> bool:
-        return not (isinstance(self.layout, Dense) and isinstance(self.values, Float32))
-
 
 def parse_codec(spec: str) -> Pipeline:
     """The pipeline a spec string names, e.g. ``topk:0.01+q8+zstd``; CodecSpecError if it is not one."""

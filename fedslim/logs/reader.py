@@ -17,7 +17,7 @@ from typing import Any
 
 from fedslim.commlog import LOG_FILENAME, RoundTotals, open_log, read_round_totals
 
-# fedslim.messages.PROVISION_TYPE, spelled out: reading a log must not import Flower.
+# fedslim.channel.protocol.PROVISION_TYPE, spelled out: reading a log must not import Flower.
 PROVISION_TYPE = "query.provision"
 # The log's tables, each with the order its rows are exported in.
 TABLES = {"runs": "", "rounds": " ORDER BY round", "messages": " ORDER BY id", "memory_weights": " ORDER BY round"}

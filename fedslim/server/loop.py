@@ -1,4 +1,4 @@
-"""The server's round loop: sync the clients' replica, decode, check and log replies, aggregate, evaluate."""
+"""The run around the rounds: set up, identify the nodes (round 0), iterate the rounds, sync the final state."""
 
 from __future__ import annotations
 
@@ -12,41 +12,35 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedslim.base import ResidentBase, ensure_pretrained_base, load_base
-from fedslim.commlog import LOG_FILENAME, CommLog, RoundRow, RoundTotals
-from fedslim.config import RunConfig
-from fedslim.messages import (
-    BASE_DIFFERENT,
-    BASE_MISSING_STATUS,
-    CLIENT_RECORD,
+from fedslim.channel.accounting import RunWire, WireAccounting
+from fedslim.channel.downlink import Downlink, ServerReplica
+from fedslim.channel.protocol import (
+    BASE_BYTES_KEY,
+    BASE_FINGERPRINT_KEY,
     CONFIG_KEY,
-    DELTA_KEY,
-    DROP_RESIDUAL_KEY,
     FAST_KEY,
     FINAL_SYNC_TYPE,
-    REPLICA_MISMATCH,
-    WIRE_KEY,
+    BaseStatus,
     base_report,
     client_key,
     error_text,
     identity_requests,
     partition_key,
-    record_update,
     reported_digest,
     sync_record,
-    update_record,
 )
-from fedslim.replica import ServerReplica
-from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
-from fedslim.server.provisioning import provision_bases
-from fedslim.server.wire import RunWire, SizeScreen, UpdateCheck, WireAccounting
+from fedslim.channel.uplink import SizeScreen, UplinkReceiver
+from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
+from fedslim.config import RunConfig
 from fedslim.data.datasets import FederatedData, load_federation
 from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
+from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
+from fedslim.server.provisioning import provision_bases
+from fedslim.server.round import ServerRun
 from fedslim.strategies.base import FastStrategy, Federation
 from fedslim.strategies.registry import strategy_for
-from fedslim.training import evaluate
 
 
 @dataclass(frozen=True)
@@ -66,8 +60,8 @@ def identify_nodes(grid: Grid, config: RunConfig, base: ResidentBase, wire: Wire
     sampled; a node without the base is given it (:func:`provision_bases`), or
     left out if that fails.
     """
-    task = {**config.client_task(), "base-fingerprint": base.fingerprint}
-    query = ConfigRecord({**task, "base-bytes": base.path.stat().st_size})
+    task = {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}
+    query = ConfigRecord({**task, BASE_BYTES_KEY: base.path.stat().st_size})
     requests = identity_requests(wait_for_nodes(grid, config.num_clients), query)
     replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
     keys = wire.run.client_keys
@@ -83,13 +77,13 @@ def identify_nodes(grid: Grid, config: RunConfig, base: ResidentBase, wire: Wire
         node = reply.metadata.src_node_id
         report = base_report(reply)
         reason = None if node in keys else f"no client key in the identity reply: {error_text(reply)}"
-        if report is not None and report.status == BASE_DIFFERENT:
+        if report is not None and report.status == BaseStatus.MISMATCH:
             reason = (
                 f"base fingerprint mismatch: node {keys[node]} holds {_short(report.fingerprint)}, "
                 f"the server's base is {_short(base.fingerprint)}; it takes no part in the run"
             )
             refused.add(node)
-        elif report is not None and report.status == BASE_MISSING_STATUS:
+        elif report is not None and report.status == BaseStatus.MISSING:
             missing[node] = report.partial_bytes
         wire.record_reply(reply, reason)
     if len(keys) < config.num_clients:
@@ -110,32 +104,17 @@ def _short(fingerprint: str) -> str:
     return f"{fingerprint[:16]}..." if len(fingerprint) == 64 else fingerprint
 
 
-def final_sync(
-    grid: OrderedGrid,
-    config: RunConfig,
-    replica: ServerReplica,
-    exact: dict[str, np.ndarray],
-    client_versions: dict[str, int | None],
-    base_fingerprint: str,
-    wire: WireAccounting,
-) -> int:
+def final_sync(run: ServerRun) -> int:
     """After the last round, give every admitted node the exact final fast state; returns how many confirmed it.
 
-    The replica becomes ``exact`` (a full-state version), each node syncs to it
-    and replies with the digest of what it now holds; a reply with another
-    digest, an error, or none at all is logged as unconfirmed.
+    The replica becomes the exact state (a full-state version), each node
+    syncs to it and replies with the digest of what it now holds; a reply
+    with another digest, an error, or none at all is logged as unconfirmed.
     """
-    replica.settle(exact)
-    task = ConfigRecord(
-        {
-            **config.client_task(),
-            "base-fingerprint": base_fingerprint,
-            "server-round": config.rounds,
-            "replica-version": replica.version,
-            "replica-digest": replica.digest,
-        }
-    )
-    held = {node: client_versions.get(key) for node, key in grid.admitted.items()}
+    replica = run.downlink.replica
+    replica.settle(run.fast_state)
+    task = ConfigRecord(run.downlink.round_config(run.config.rounds))
+    held = {node: run.client_versions.get(key) for node, key in run.grid.admitted.items()}
     messages = [
         Message(
             RecordDict({FAST_KEY: sync_record(replica.sync_for(version)), CONFIG_KEY: task}),
@@ -144,7 +123,8 @@ def final_sync(
         )
         for node, version in held.items()
     ]
-    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    replies = list(run.grid.send_and_receive(messages, timeout=run.config.round_timeout))
+    wire = WireAccounting(run.wire, run.config.rounds)
     for message in messages:
         node = message.metadata.dst_node_id
         wire.record_down(message, held[node], replica.version, codec=replica.full_state_pipeline.spec)
@@ -166,7 +146,7 @@ def final_sync(
 def run_federation(
     grid: Grid,
     config: RunConfig,
-    strategy: Strategy | None = None,
+    strategy: FastStrategy | None = None,
     on_round: Callable[[RoundTotals], None] | None = None,
 ) -> RunResult:
     """Run ``config.rounds`` rounds of fast-layer training and log every message.
@@ -177,12 +157,9 @@ def run_federation(
         Flower's grid (simulation or deployment).
     config : RunConfig
         The run.
-    strategy : Strategy, optional
+    strategy : FastStrategy, optional
         Aggregation over fast deltas; by default the one ``config.strategy``
-        names. It sees the exact fast state and float32 deltas; the loop does
-        the wire work (replica sync down, decoding and screening up). A
-        :class:`~fedslim.strategies.base.FastStrategy` is bound to the
-        federation first, and the weights of its steps are logged.
+        names. It is bound to the federation once the nodes are identified.
     on_round : callable, optional
         Called with each round's totals as soon as the round is logged
         (progress displays).
@@ -191,14 +168,11 @@ def run_federation(
     base = load_base(ensure_pretrained_base(config), config.dataset)
     model = base.build(config.fast)
     data = load_federation(config)
-    shapes = model.fast_shapes()
     fast_state = model.fast_state()
-    replica = ServerReplica(fast_state, config.downlink, base.fingerprint, seed=config.seed)
-    full_payload_bytes = ArrayRecord(base.state).count_bytes()
     schedule = simulated_participation(config, data)
-
     commlog = CommLog(config.run_dir / LOG_FILENAME)
     run_id = uuid.uuid4().hex[:12]
+    full_payload_bytes = ArrayRecord(base.state).count_bytes()
     commlog.start_run(
         run_id,
         config.to_dict(),
@@ -222,113 +196,41 @@ def run_federation(
         config.downlink.spec,
         commlog.path,
     )
-    client_keys: dict[int, str] = {}
-
-    def finish_round(server_round: int, sampled: int, accepted: int, available: int, started: float) -> None:
-        result = None
-        if server_round % config.eval_every == 0 or server_round in (0, config.rounds):
-            result = evaluate(model.module, data.test)
-        memory = strategy.memory_bytes() if isinstance(strategy, FastStrategy) else None
-        commlog.record_round(
-            run_id,
-            RoundRow(
-                round=server_round,
-                sampled=sampled,
-                accepted=accepted,
-                available=available,
-                accuracy=result.accuracy if result else None,
-                loss=result.loss if result else None,
-                wall_time_s=time.monotonic() - started,
-                strategy_memory_bytes=memory,
-            ),
-        )
-        (totals,) = commlog.round_totals(run_id, only_round=server_round)
-        if result:
-            log(
-                INFO,
-                "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted",
-                server_round,
-                result.accuracy,
-                result.loss,
-                accepted,
-                sampled,
-            )
-        if on_round:
-            on_round(totals)
-
-    run_wire = RunWire(
+    wire = RunWire(
         commlog,
         run_id,
         fast_raw_bytes=4 * model.num_fast_parameters(),
         full_payload_bytes=full_payload_bytes,
         uplink=config.uplink.spec,
         downlink=config.downlink.spec,
-        client_keys=client_keys,
+        client_keys={},
     )
     try:
-        grid = identify_nodes(grid, config, base, WireAccounting(run_wire, 0))
-        if isinstance(strategy, FastStrategy):
-            strategy.bind(federation_of(grid, shapes, schedule, config))
-        # The replica version each client holds, by client key (0: the initial state every client can build).
-        client_versions: dict[str, int | None] = {key: 0 for key in grid.keys.values()}
+        ordered = identify_nodes(grid, config, base, WireAccounting(wire, 0))
+        strategy.bind(federation_of(ordered, model.fast_shapes(), schedule, config))
+        task = {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}
+        replica = ServerReplica(fast_state, config.downlink, base.fingerprint, seed=config.seed)
         screen = SizeScreen(config.screen_factor)
-        rejected: set[str] = set()  # clients whose last update the server rejected: they drop their EF residual
-        finish_round(0, 0, 0, len(client_versions), time.monotonic())
+        run = ServerRun(
+            config=config,
+            grid=ordered,
+            strategy=strategy,
+            model=model,
+            test=data.test,
+            fast_state=fast_state,
+            downlink=Downlink(replica, task),
+            uplink=UplinkReceiver(model.fast_shapes(), base.fingerprint, screen, config.local_step_count),
+            wire=wire,
+            schedule=schedule,
+            on_round=on_round,
+        )
+        run.finish_round(0, 0, 0, len(ordered.admitted), time.monotonic())
         for server_round in range(1, config.rounds + 1):
-            started = time.monotonic()
-            available = {partition_key(i) for i in schedule.clients_in(server_round)} if schedule is not None else None
-            replica.publish(fast_state)
-            task = ConfigRecord(
-                {
-                    **config.client_task(),
-                    "base-fingerprint": base.fingerprint,
-                    "replica-version": replica.version,
-                    "replica-digest": replica.digest,
-                }
-            )
-            exact = ArrayRecord({n: Array(v) for n, v in fast_state.items()})
-            sampled = list(strategy.configure_train(server_round, exact, task, grid.only(available)))
-            # The replica version each sampled node holds before this round's sync (None: unknown).
-            nodes = [m.metadata.dst_node_id for m in sampled]
-            held = {node: client_versions.get(client_keys.get(node, "")) for node in nodes}
-            instructions = [
-                node_instruction(m, replica.sync_for(held[node]), client_keys.get(node) in rejected)
-                for m, node in zip(sampled, nodes)
-            ]
-            replies = list(grid.send_and_receive(instructions, timeout=config.round_timeout)) if instructions else []
-            wire = WireAccounting(run_wire, server_round)
-            for message in instructions:
-                wire.record_down(message, held[message.metadata.dst_node_id], replica.version)
-            expected = UpdateCheck(shapes, base.fingerprint, replica.version)
-            accepted = []
-            for reply, delta in wire.screen_up(replies, expected, screen, config.local_step_count):
-                key = client_keys.get(reply.metadata.src_node_id, "")
-                if delta is not None:
-                    rejected.discard(key)
-                    client_versions[key] = replica.version
-                    blob = record_update(reply.content.array_records[DELTA_KEY])
-                    reply.content[DELTA_KEY] = ArrayRecord({n: Array(v) for n, v in delta.items()})
-                    reply.content[WIRE_KEY] = update_record(blob)
-                    reply.content[CLIENT_RECORD] = ConfigRecord({"key": key})
-                    accepted.append(reply)
-                elif not reply.has_error():
-                    rejected.add(key)
-                elif reply.error.code == REPLICA_MISMATCH:
-                    client_versions[key] = None
-            new_arrays, _ = strategy.aggregate_train(server_round, accepted)
-            if isinstance(strategy, FastStrategy) and strategy.last_step is not None:
-                step = strategy.last_step
-                commlog.record_weights(run_id, server_round, step.weights, step.memory_weights)
-            if new_arrays is not None:
-                fast_state = {name: new_arrays[name].numpy() for name in shapes}
-                model.load_fast_state(fast_state)
-            count = len(available) if available is not None else len(client_versions)
-            finish_round(server_round, len(instructions), len(accepted), count, started)
+            run.run_round(server_round)
         if config.final_sync:
-            wire = WireAccounting(run_wire, config.rounds)
-            final_sync(grid, config, replica, fast_state, client_versions, base.fingerprint, wire)
+            final_sync(run)
         commlog.finish_run(run_id)
-        return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id), fast_state)
+        return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id), run.fast_state)
     finally:
         commlog.close()
 
@@ -357,17 +259,3 @@ def federation_of(
         # Sampling a fraction of the available clients scales everyone's chance by it.
         probabilities = {partition_key(i): float(min(1.0, p[i] * config.fraction)) for i in range(len(p))}
     return Federation(grid.admitted, shapes, probabilities)
-
-
-def node_instruction(message: Message, blobs: list[bytes], drop_residual: bool = False) -> Message:
-    """A copy of a strategy's train instruction whose fast record is this node's replica sync.
-
-    ``drop_residual`` tells a node whose last update was rejected to discard
-    its error-feedback residual (what is left of the rejected update).
-    """
-    content = RecordDict({**message.content, FAST_KEY: sync_record(blobs)})
-    if drop_residual:
-        content[CONFIG_KEY] = ConfigRecord({**message.content.config_records[CONFIG_KEY], DROP_RESIDUAL_KEY: True})
-    return Message(
-        content=content, dst_node_id=message.metadata.dst_node_id, message_type=message.metadata.message_type
-    )

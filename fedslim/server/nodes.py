@@ -47,9 +47,6 @@ class OrderedGrid(Grid):
     keys : dict[int, str]
         Client key of each identified node id. Nodes without a key (connected
         later, or that did not answer) are listed after the others, by id.
-    available : set[str], optional
-        If given, only nodes with these client keys are listed (the clients a
-        simulated participation model makes available this round).
     excluded : frozenset[int]
         Nodes never listed: refused at the start of the run (another base, a
         base that could not be provisioned).
@@ -59,28 +56,28 @@ class OrderedGrid(Grid):
         self,
         grid: Grid,
         keys: dict[int, str],
-        available: set[str] | None = None,
         excluded: frozenset[int] = frozenset(),
     ) -> None:
         self.grid = grid
         self.keys = keys
-        self.available = available
         self.excluded = excluded
-
-    def only(self, available: set[str] | None) -> OrderedGrid:
-        """The same grid listing only the nodes of the ``available`` clients (all of them for None)."""
-        return OrderedGrid(self.grid, self.keys, available, self.excluded)
 
     @property
     def admitted(self) -> dict[int, str]:
         """The client key of every identified node that is not excluded."""
         return {node: key for node, key in self.keys.items() if node not in self.excluded}
 
+    def clients(self) -> list[str]:
+        """The admitted clients' keys, in natural order (partition-10 after partition-9)."""
+        return sorted(self.admitted.values(), key=_natural)
+
+    def nodes_of(self) -> dict[str, int]:
+        """The node id of each admitted client."""
+        return {key: node for node, key in self.admitted.items()}
+
     def get_node_ids(self) -> list[int]:
         nodes = [n for n in self.grid.get_node_ids() if n not in self.excluded]
         known = sorted((n for n in nodes if n in self.keys), key=lambda n: _natural(self.keys[n]))
-        if self.available is not None:
-            return [n for n in known if self.keys[n] in self.available]
         return known + sorted(n for n in nodes if n not in self.keys)
 
     def set_run(self, run: Run) -> None:

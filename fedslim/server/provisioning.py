@@ -18,8 +18,17 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedslim.messages import CHUNK_KEY, CONFIG_KEY, PROVISION_TYPE, chunk_record, error_text, provision_progress
-from fedslim.server.wire import WireAccounting
+from fedslim.channel.accounting import WireAccounting
+from fedslim.channel.protocol import (
+    CHUNK_KEY,
+    CONFIG_KEY,
+    OFFSET_KEY,
+    PROVISION_TYPE,
+    TOTAL_BYTES_KEY,
+    chunk_record,
+    error_text,
+    provision_progress,
+)
 
 
 def provision_bases(
@@ -49,7 +58,7 @@ def provision_bases(
             Message(
                 RecordDict(
                     {
-                        CONFIG_KEY: ConfigRecord({**task, "offset": pending[node], "total-bytes": total}),
+                        CONFIG_KEY: ConfigRecord({**task, OFFSET_KEY: pending[node], TOTAL_BYTES_KEY: total}),
                         CHUNK_KEY: chunk_record(chunk),
                     }
                 ),

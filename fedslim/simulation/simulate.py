@@ -12,8 +12,8 @@ from flwr.app import ConfigRecordValues
 from fedslim.base import ensure_pretrained_base
 from fedslim.commlog import RoundTotals
 from fedslim.config import RunConfig
-from fedslim.server.loop import RunResult
 from fedslim.data.datasets import load_federation
+from fedslim.server.loop import RunResult
 
 
 def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:

@@ -1,67 +1,34 @@
-"""What every fedslim strategy shares: node sampling, client identity, the fast state, and the weights it reports.
+"""What every fedslim strategy shares: who is asked to train, the per-client memory, and the step it returns.
 
-A fedslim strategy is a Flower :class:`~flwr.serverapp.strategy.Strategy`
-whose ``aggregate_train`` is reduced to one method a paper's update rule fits
-in::
+A strategy is pure: it never touches a Flower message. The server round tells
+it the available clients and the fast state (:meth:`FastStrategy.configure`,
+which returns one :class:`~fedslim.channel.updates.Instruction` per sampled
+client), then hands it the round's accepted, decoded updates
+(:meth:`FastStrategy.apply`), and gets back the new fast state and the
+weights it gave each update. A paper's update rule fits in one method::
 
     def aggregate(self, server_round, updates) -> Step
 
-``updates`` are the round's accepted client updates (decoded float32 deltas,
-keyed by stable client keys); the returned :class:`Step` is the direction the
-server adds to the fast state, ``x <- x + server_lr * direction``, together
-with the coefficient it gave each fresh update and each stored one, which the
-communication log records so that a round can be recomputed from it.
+whose :class:`Step` is the direction the server adds to the fast state,
+``x <- x + server_lr * direction``, together with the coefficient it gave
+each fresh update and each stored one, which the communication log records
+so that a round can be recomputed from it.
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from logging import INFO
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.logger import log
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
+from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.config import StrategyConfigError
-from fedslim.messages import (
-    CLIENT_RECORD,
-    CONFIG_KEY,
-    DELTA_KEY,
-    FAST_KEY,
-    METRICS_KEY,
-    NUM_EXAMPLES_KEY,
-    WIRE_KEY,
-    record_update,
-)
+from fedslim.strategies.estimators import InverseProbability, make_estimator
+from fedslim.strategies.memory import ClientMemory
 
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """One accepted train reply, as a strategy sees it.
-
-    Parameters
-    ----------
-    client : str
-        The client's stable key (``partition-3``, a deployment node name).
-    delta : dict[str, np.ndarray]
-        The decoded float32 update, one array per fast tensor.
-    num_examples : int
-        Local training examples the client reported.
-    metrics : dict[str, float]
-        Every numeric metric of the reply (``train-loss``, a role flag, ...).
-    blob : bytes
-        The update as it came over the wire, for storing it in its encoded form.
-    """
-
-    client: str
-    delta: dict[str, np.ndarray]
-    num_examples: int
-    metrics: dict[str, float]
-    blob: bytes = b""
+State = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -87,13 +54,21 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """A round's result: the new fast state (None: unchanged) and the step that led there."""
+
+    state: State | None
+    step: Step
+
+
+@dataclass(frozen=True)
 class Federation:
     """What the server knows about the federation when the run starts.
 
     Parameters
     ----------
     node_keys : dict[int, str]
-        Client key of each identified Flower node id.
+        Client key of each admitted Flower node id.
     shapes : dict[str, tuple[int, ...]]
         Shape of each fast tensor.
     probabilities : dict[str, float] | None
@@ -110,13 +85,13 @@ class Federation:
         return sorted(set(self.node_keys.values()))
 
 
-def zeros_like_state(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def zeros_like_state(shapes: Mapping[str, tuple[int, ...]]) -> State:
     return {name: np.zeros(shape, np.float64) for name, shape in shapes.items()}
 
 
 def weighted_sum(
     terms: Iterable[tuple[float, Mapping[str, np.ndarray]]], shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, np.ndarray]:
+) -> State:
     """sum_k c_k * t_k in float64, tensor by tensor."""
     total = zeros_like_state(shapes)
     for coefficient, tensors in terms:
@@ -125,22 +100,32 @@ def weighted_sum(
     return total
 
 
-class FastStrategy(Strategy):
-    """Base of fedslim's strategies: sample nodes, send the task, turn replies into :class:`ClientUpdate`.
+class FastStrategy(ABC):
+    """Base of fedslim's strategies: seeded sampling, the per-client memory and 1/p estimate, the server step.
 
     Parameters
     ----------
     fraction_train : float (default: 1.0)
-        Fraction of the *available* nodes sampled each round (at least
+        Fraction of the *available* clients sampled each round (at least
         ``min_train_nodes``). With a participation model, availability already
-        decides who takes part; 1.0 contacts every available node.
+        decides who takes part; 1.0 asks every available client.
     min_train_nodes : int (default: 1)
-        Minimum number of nodes sampled each round (when that many are available).
+        Minimum number of clients sampled each round (when that many are available).
     server_lr : float (default: 1.0)
         Server step size eta_g applied to the step's direction.
     seed : int (default: 0)
-        Seed of the node sampling and of any other randomness of the strategy.
+        Seed of the sampling and of any other randomness of the strategy.
+
+    A subclass that keeps one stored update per client sets ``memory_form``
+    (``wire``, ``fp16``, ``bf16``, ``fp32``) and finds it in ``self.stored``;
+    one that weights by an estimate of 1/p_i sets ``p_estimate`` (and
+    ``cutoff``) and finds it in ``self.estimator``. Both exist once the
+    strategy is bound to its federation.
     """
+
+    memory_form: str | None = None
+    p_estimate: str | None = None
+    cutoff: float = float("inf")
 
     def __init__(
         self, fraction_train: float = 1.0, min_train_nodes: int = 1, server_lr: float = 1.0, seed: int = 0
@@ -151,15 +136,20 @@ class FastStrategy(Strategy):
         self.min_train_nodes = min_train_nodes
         self.server_lr = server_lr
         self.seed = seed
-        self.current: dict[str, np.ndarray] = {}
-        self.last_step: Step | None = None
+        self.current: State = {}
         self._federation: Federation | None = None
+        self._stored: ClientMemory | None = None
+        self._estimator: InverseProbability | None = None
 
     # ------------------------------------------------------------- set-up
 
     def bind(self, federation: Federation) -> None:
-        """Called by the server loop once the nodes are identified, before round 1."""
+        """Called by the server once the nodes are identified, before round 1."""
         self._federation = federation
+        if self.memory_form is not None:
+            self._stored = ClientMemory(federation.shapes, self.memory_form)
+        if self.p_estimate is not None:
+            self._estimator = make_estimator(self.p_estimate, federation, self.cutoff)
 
     @property
     def federation(self) -> Federation:
@@ -168,110 +158,64 @@ class FastStrategy(Strategy):
         return self._federation
 
     @property
+    def stored(self) -> ClientMemory:
+        """The per-client memory (``memory_form``)."""
+        if self._stored is None:
+            raise StrategyConfigError(f"{type(self).__name__} keeps no per-client memory, or was not bound")
+        return self._stored
+
+    @property
+    def estimator(self) -> InverseProbability:
+        """The 1/p_i estimate (``p_estimate``)."""
+        if self._estimator is None:
+            raise StrategyConfigError(f"{type(self).__name__} has no p estimate, or was not bound")
+        return self._estimator
+
+    @property
     def num_clients(self) -> int:
         """N: every client of the federation, participating this round or not."""
         return len(self.federation.clients)
 
     def memory_bytes(self) -> int:
-        """Bytes of per-client state the strategy holds on the server (0 for memoryless rules)."""
-        return 0
+        """Bytes of per-client state the strategy holds on the server."""
+        stored = self._stored.nbytes() if self._stored is not None else 0
+        return stored + (self._estimator.nbytes() if self._estimator is not None else 0)
 
-    def summary(self) -> None:
-        log(
-            INFO,
-            "%s: fraction_train=%.3f, server_lr=%g",
-            type(self).__name__,
-            self.fraction_train,
-            self.server_lr,
-        )
+    # ------------------------------------------------------------- a round
 
-    # ------------------------------------------------------------- train
-
-    def sample_nodes(self, server_round: int, node_ids: Iterable[int]) -> list[int]:
-        """A seeded uniform sample without replacement of the available nodes.
-
-        Positions are drawn over the order the grid lists the nodes, so a grid
-        with a stable order (fedslim's, by client key) gives reproducible runs.
-        """
-        nodes = list(node_ids)
-        size = min(len(nodes), max(self.min_train_nodes, round(self.fraction_train * len(nodes))))
+    def sample(self, server_round: int, available: Sequence[str]) -> list[str]:
+        """A seeded uniform sample without replacement of the ``available`` clients (in the order given)."""
+        clients = list(available)
+        size = min(len(clients), max(self.min_train_nodes, round(self.fraction_train * len(clients))))
         rng = np.random.default_rng([self.seed, server_round])
-        # Choose positions, not ids: node ids are unsigned 64-bit and overflow numpy's int64.
-        return sorted(nodes[i] for i in rng.choice(len(nodes), size=size, replace=False))
+        return [clients[i] for i in sorted(rng.choice(len(clients), size=size, replace=False))]
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Send the fast state and the task config to the sampled nodes (see :meth:`instruction`)."""
-        self.current = {name: array.numpy() for name, array in arrays.items()}
-        config["server-round"] = server_round
-        return [
-            Message(
-                content=self.instruction(server_round, node_id, arrays, config),
-                dst_node_id=node_id,
-                message_type=MessageType.TRAIN,
-            )
-            for node_id in self.sample_nodes(server_round, grid.get_node_ids())
-        ]
+    def configure(
+        self, server_round: int, state: Mapping[str, np.ndarray], available: Sequence[str]
+    ) -> list[Instruction]:
+        """The round's instructions: one per sampled client (see :meth:`instruct`)."""
+        self.current = {name: np.asarray(value, dtype=np.float32) for name, value in state.items()}
+        return [self.instruct(server_round, client) for client in self.sample(server_round, available)]
 
-    def instruction(self, server_round: int, node_id: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
-        """The content sent to one sampled node; override to instruct nodes differently."""
-        return RecordDict({FAST_KEY: arrays, CONFIG_KEY: config})
+    def instruct(self, server_round: int, client: str) -> Instruction:
+        """What one sampled client is asked to do; override to instruct clients differently."""
+        return Instruction(client)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Apply :meth:`aggregate` to the round's accepted updates.
+    def apply(self, server_round: int, updates: list[ClientUpdate]) -> Outcome:
+        """Apply :meth:`aggregate` to the round's accepted updates and the state sent this round.
 
         Called every round, also when no update was accepted (rules with
         per-client statistics count the absences).
         """
-        updates = [client_update(reply) for reply in replies]
         step = self.aggregate(server_round, updates)
-        self.last_step = step
         if not updates and not any(np.any(d) for d in step.direction.values()):
-            return None, None
+            return Outcome(None, step)
         new_state = {
             name: (value + self.server_lr * step.direction[name]).astype(np.float32)
             for name, value in self.current.items()
         }
-        return ArrayRecord({n: Array(v) for n, v in new_state.items()}), train_metrics(updates)
+        return Outcome(new_state, step)
 
     @abstractmethod
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
         """The round's step from its accepted updates (the paper's update rule)."""
-
-    # ------------------------------------------------------------- no federated evaluation
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """No federated evaluation: fedslim evaluates centrally on the server."""
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
-
-
-def client_update(reply: Message) -> ClientUpdate:
-    """The :class:`ClientUpdate` of an accepted reply, as the server loop hands it over."""
-    metrics = reply.content.metric_records[METRICS_KEY]
-    numbers = {key: float(value) for key, value in metrics.items() if isinstance(value, int | float)}
-    client = str(reply.content.config_records[CLIENT_RECORD]["key"]) if CLIENT_RECORD in reply.content else ""
-    blob = record_update(reply.content.array_records[WIRE_KEY]) if WIRE_KEY in reply.content else b""
-    return ClientUpdate(
-        client=client or str(reply.metadata.src_node_id),
-        delta={name: array.numpy() for name, array in reply.content.array_records[DELTA_KEY].items()},
-        num_examples=int(numbers.get(NUM_EXAMPLES_KEY, 0)),
-        metrics=numbers,
-        blob=blob,
-    )
-
-
-def train_metrics(updates: list[ClientUpdate]) -> MetricRecord:
-    """Example-weighted mean train loss and the examples of the round."""
-    examples = sum(u.num_examples for u in updates)
-    with_loss = [(u.num_examples, u.metrics["train-loss"]) for u in updates if "train-loss" in u.metrics]
-    weight = sum(n for n, _ in with_loss)
-    loss = sum(n * value for n, value in with_loss) / weight if weight else 0.0
-    return MetricRecord({"train-loss": loss, NUM_EXAMPLES_KEY: examples})

@@ -4,7 +4,8 @@ Each estimator gives the weight of the round's participants *before* it sees
 the round (:meth:`weights`), then records who took part (:meth:`observe`):
 
 - ``known``: 1/p_i from the participation model, when the user declares p known;
-- ``fedau``: FedAU's online estimate from participation intervals (no p needed);
+- ``fedau``: FedAU's online estimate from participation intervals (no p needed; see
+  :class:`FedAUWeights`);
 - ``sample-fraction``: N/|S_t|, what uniform sampling of |S_t| of N clients implies
   (FedVARP's 1/M scaling).
 """
@@ -13,10 +14,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-from fedslim.strategies.base import Federation, StrategyConfigError
-from fedslim.strategies.fedau import FedAUWeights
+from fedslim.config import StrategyConfigError
+
+if TYPE_CHECKING:
+    from fedslim.strategies.base import Federation
 
 ESTIMATORS = ("known", "fedau", "sample-fraction")
 
@@ -25,6 +29,58 @@ class InverseProbability(Protocol):
     def weights(self, participants: Sequence[str]) -> dict[str, float]: ...
 
     def observe(self, participants: Sequence[str]) -> None: ...
+
+    def nbytes(self) -> int: ...
+
+
+@dataclass
+class FedAUWeights:
+    """FedAU's per-client interval statistics (usable as the 1/p estimate of any rule).
+
+    Parameters
+    ----------
+    clients : Sequence[str]
+        Every client of the federation (absences are counted for all of them).
+    cutoff : float (default: inf)
+        K: a run of K missed rounds is recorded as an interval of length K.
+    """
+
+    clients: Sequence[str]
+    cutoff: float = math.inf
+    missed: dict[str, int] = field(default_factory=dict)
+    intervals: dict[str, int] = field(default_factory=dict)
+    mean_interval: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.cutoff >= 1:
+            raise ValueError(f"FedAU cutoff K must be >= 1, got {self.cutoff}")
+
+    def weight(self, client: str) -> float:
+        return self.mean_interval.get(client, 1.0)
+
+    def nbytes(self) -> int:
+        """Three 8-byte numbers per client (S_n, M_n, w_n)."""
+        return 24 * len(set(self.missed) | set(self.intervals))
+
+    def weights(self, participants: Sequence[str]) -> dict[str, float]:
+        return {client: self.weight(client) for client in participants}
+
+    def observe(self, participants: Sequence[str]) -> None:
+        """Record one round: who participated; every other client missed it."""
+        present = set(participants)
+        for client in set(self.clients) | present:
+            if client in present:
+                self._record(client, self.missed.get(client, 0) + 1)
+            else:
+                self.missed[client] = self.missed.get(client, 0) + 1
+                if self.missed[client] >= self.cutoff:
+                    self._record(client, self.missed[client])
+
+    def _record(self, client: str, interval: int) -> None:
+        count = self.intervals.get(client, 0)
+        self.mean_interval[client] = (count * self.weight(client) + interval) / (count + 1) if count else interval
+        self.intervals[client] = count + 1
+        self.missed[client] = 0
 
 
 class KnownProbabilities:
@@ -42,6 +98,9 @@ class KnownProbabilities:
     def observe(self, participants: Sequence[str]) -> None:
         pass
 
+    def nbytes(self) -> int:
+        return 0
+
 
 class SampledFraction:
     """w_i = N/|S_t|: every participant stands for N/|S_t| clients."""
@@ -54,6 +113,9 @@ class SampledFraction:
 
     def observe(self, participants: Sequence[str]) -> None:
         pass
+
+    def nbytes(self) -> int:
+        return 0
 
 
 def make_estimator(name: str, federation: Federation, cutoff: float = math.inf) -> InverseProbability:

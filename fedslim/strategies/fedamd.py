@@ -27,18 +27,16 @@ equal weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.serverapp import Grid
 
-from fedslim.codecs.pipeline import STATE, encode_update, parse_codec
-from fedslim.messages import CONFIG_KEY, DIRECTION_KEY, FAST_KEY, ROLE_KEY, update_record
-from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, StrategyConfigError, weighted_sum
-from fedslim.strategies.memory import ClientMemory
+from fedslim.channel.protocol import Role
+from fedslim.channel.updates import ClientUpdate, Instruction
+from fedslim.codecs.pipeline import parse_codec
+from fedslim.config import StrategyConfigError
+from fedslim.strategies.base import FastStrategy, Step, weighted_sum
 
-ANCHOR, MINER, PLAIN = "anchor", "miner", "train"
 INITIAL_DIRECTIONS = ("zeros", "anchor-first")
 
 
@@ -76,66 +74,44 @@ class FedAMD(FastStrategy):
             )
         self.anchor_probability = anchor_probability
         self.initial_direction = initial_direction
-        self.memory_form = memory
-        self.direction_pipeline = parse_codec(direction_codec)
-        self.anchors: ClientMemory | None = None
-        self.roles: dict[str, str] = {}
-        self._direction_blob = b""
-
-    def memory_bytes(self) -> int:
-        return self.anchors.nbytes() if self.anchors else 0
-
-    def _memory(self) -> ClientMemory:
-        if self.anchors is None:
-            self.anchors = ClientMemory(self.federation.shapes, self.memory_form)
-        return self.anchors
+        self.memory_form = memory  # the anchor gradients g_i
+        self.direction_codec = parse_codec(direction_codec).spec
+        self._round_direction: dict[str, np.ndarray] | None = None
 
     def direction(self) -> dict[str, np.ndarray]:
         """v = (1/N) sum_i g_i."""
-        return {name: (total / self.num_clients).astype(np.float32) for name, total in self._memory().total().items()}
+        return {name: (total / self.num_clients).astype(np.float32) for name, total in self.stored.total().items()}
 
-    def role(self, server_round: int, client: str) -> str:
-        if self.initial_direction == "anchor-first" and client not in self._memory():
-            return ANCHOR
+    def role(self, server_round: int, client: str) -> Role:
+        if self.initial_direction == "anchor-first" and client not in self.stored:
+            return Role.ANCHOR
         index = self.federation.clients.index(client)
         draw = np.random.default_rng([self.seed, server_round, index, 1]).random()
-        return ANCHOR if draw < self.anchor_probability else MINER
+        if draw < self.anchor_probability:
+            return Role.ANCHOR
+        # Without any anchor gradient v = 0, and a variance-reduced miner would not move: train plainly.
+        return Role.MINER if len(self.stored) else Role.TRAIN
 
-    def instruction(self, server_round: int, node_id: int, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
-        client = self.federation.node_keys[node_id]
+    def configure(
+        self, server_round: int, state: Mapping[str, np.ndarray], available: Sequence[str]
+    ) -> list[Instruction]:
+        """As the base class, with v computed once for the round's miners."""
+        self._round_direction = None
+        return super().configure(server_round, state, available)
+
+    def instruct(self, server_round: int, client: str) -> Instruction:
         role = self.role(server_round, client)
-        if role == MINER and not len(self._memory()):
-            role = PLAIN  # no anchor yet: v = 0, and a variance-reduced miner would not move
-        self.roles[client] = role
-        task = ConfigRecord({**config, ROLE_KEY: role})
-        content = RecordDict({FAST_KEY: arrays, CONFIG_KEY: task})
-        if role == MINER:
-            if not self._direction_blob:
-                encoded = encode_update(
-                    self.direction(),
-                    self.direction_pipeline,
-                    kind=STATE,
-                    base_fingerprint="",
-                    state_version=server_round,
-                )
-                self._direction_blob = encoded.blob
-            content[DIRECTION_KEY] = update_record(self._direction_blob)
-        return content
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """As the base class, with v encoded once for the round's miners."""
-        self.roles = {}
-        self._direction_blob = b""
-        return super().configure_train(server_round, arrays, config, grid)
+        if role != Role.MINER:
+            return Instruction(client, role)
+        if self._round_direction is None:
+            self._round_direction = self.direction()
+        return Instruction(client, role, self._round_direction, self.direction_codec)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
-        memory = self._memory()
-        miners = [u for u in updates if self.roles.get(u.client) in (MINER, PLAIN)]
+        miners = [u for u in updates if u.role != Role.ANCHOR]
         for u in updates:
-            if self.roles.get(u.client) == ANCHOR:
-                memory.put(u.client, u.delta, u.blob)  # an anchor's upload is its gradient g_i
+            if u.role == Role.ANCHOR:
+                self.stored.put(u.client, u.delta, u.blob)  # an anchor's upload is its gradient g_i
         weights = {u.client: 0.0 for u in updates}
         weights.update({u.client: 1.0 / len(miners) for u in miners})
         direction = weighted_sum(((weights[u.client], u.delta) for u in miners), self.federation.shapes)

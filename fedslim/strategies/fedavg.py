@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 
-from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, StrategyConfigError, weighted_sum
-from fedslim.strategies.estimators import InverseProbability, make_estimator
+from fedslim.channel.updates import ClientUpdate
+from fedslim.config import StrategyConfigError
+from fedslim.strategies.base import FastStrategy, Step, weighted_sum
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -50,7 +51,6 @@ class FastFedAvg(FastStrategy):
         self.weighting = weighting
         self.p_estimate = p_estimate
         self.cutoff = cutoff
-        self.estimator: InverseProbability | None = None
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
         if self.p_estimate is None:
@@ -58,8 +58,6 @@ class FastFedAvg(FastStrategy):
             total = sum(raw.values())
             weights = {client: w / total for client, w in raw.items()}
         else:
-            if self.estimator is None:
-                self.estimator = make_estimator(self.p_estimate, self.federation, self.cutoff)
             participants = [u.client for u in updates]
             weights = {c: w / self.num_clients for c, w in self.estimator.weights(participants).items()}
             self.estimator.observe(participants)

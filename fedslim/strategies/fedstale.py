@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import math
 
-from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, StrategyConfigError, weighted_sum
-from fedslim.strategies.estimators import InverseProbability, make_estimator
-from fedslim.strategies.fedau import FedAUWeights
-from fedslim.strategies.memory import ClientMemory
+from fedslim.channel.updates import ClientUpdate
+from fedslim.config import StrategyConfigError
+from fedslim.strategies.base import FastStrategy, Step, weighted_sum
 
 
 class FedStale(FastStrategy):
@@ -54,17 +53,9 @@ class FedStale(FastStrategy):
         self.p_estimate = p_estimate
         self.cutoff = cutoff
         self.memory_form = memory
-        self.estimator: InverseProbability | None = None
-        self.history: ClientMemory | None = None
-
-    def memory_bytes(self) -> int:
-        estimator = self.estimator.nbytes() if isinstance(self.estimator, FedAUWeights) else 0
-        return estimator + (self.history.nbytes() if self.history else 0)
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
-        if self.estimator is None or self.history is None:
-            self.estimator = make_estimator(self.p_estimate, self.federation, self.cutoff)
-            self.history = ClientMemory(self.federation.shapes, self.memory_form)
+        history = self.stored  # the h_i
         n = self.num_clients
         participants = [u.client for u in updates]
         weights = {c: w / n for c, w in self.estimator.weights(participants).items()}
@@ -72,19 +63,15 @@ class FedStale(FastStrategy):
 
         memory_weights = {}
         if self.beta:
-            memory_weights = {c: self.beta / n for c in self.federation.clients if c in self.history}
+            memory_weights = {c: self.beta / n for c in self.federation.clients if c in history}
             for u in updates:
-                if u.client in self.history:
+                if u.client in history:
                     memory_weights[u.client] -= self.beta * weights[u.client]
         terms = [(weights[u.client], u.delta) for u in updates]
         if self.beta:
-            terms.append((self.beta / n, self.history.total()))
-            terms += [
-                (-self.beta * weights[u.client], self.history.get(u.client))
-                for u in updates
-                if u.client in self.history
-            ]
+            terms.append((self.beta / n, history.total()))
+            terms += [(-self.beta * weights[u.client], history.get(u.client)) for u in updates if u.client in history]
         direction = weighted_sum(terms, self.federation.shapes)
         for u in updates:
-            self.history.put(u.client, u.delta, u.blob)
+            history.put(u.client, u.delta, u.blob)
         return Step(direction, weights, memory_weights)

@@ -12,8 +12,8 @@ The stored y_j are the sum's old values: participants are overwritten after the 
 
 from __future__ import annotations
 
-from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, weighted_sum
-from fedslim.strategies.memory import ClientMemory
+from fedslim.channel.updates import ClientUpdate
+from fedslim.strategies.base import FastStrategy, Step, weighted_sum
 
 
 class FedVARP(FastStrategy):
@@ -31,14 +31,8 @@ class FedVARP(FastStrategy):
     def __init__(self, memory: str = "wire", **kwargs: float) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.memory_form = memory
-        self.stored: ClientMemory | None = None
-
-    def memory_bytes(self) -> int:
-        return self.stored.nbytes() if self.stored else 0
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
-        if self.stored is None:
-            self.stored = ClientMemory(self.federation.shapes, self.memory_form)
         n, m = self.num_clients, len(updates)
         weights = {u.client: 1.0 / m for u in updates}
         memory_weights = {client: 1.0 / n for client in self.federation.clients if client in self.stored}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedslim.codecs.pipeline import decode_update
-from fedslim.strategies.base import StrategyConfigError, zeros_like_state
+from fedslim.config import StrategyConfigError
 
 MEMORY_FORMS = ("wire", "fp32", "fp16", "bf16")
 
@@ -43,7 +43,7 @@ class ClientMemory:
         self.shapes = dict(shapes)
         self.form = form
         self._entries: dict[str, bytes | dict[str, np.ndarray]] = {}
-        self._sum = zeros_like_state(self.shapes)
+        self._sum = {name: np.zeros(shape, np.float64) for name, shape in self.shapes.items()}
 
     def __contains__(self, client: str) -> bool:
         return client in self._entries

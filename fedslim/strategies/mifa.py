@@ -12,8 +12,9 @@ or the server waits, leaving x unchanged, until every client has reported once
 
 from __future__ import annotations
 
-from fedslim.strategies.base import ClientUpdate, FastStrategy, Step, StrategyConfigError, weighted_sum
-from fedslim.strategies.memory import ClientMemory
+from fedslim.channel.updates import ClientUpdate
+from fedslim.config import StrategyConfigError
+from fedslim.strategies.base import FastStrategy, Step, weighted_sum
 
 MIFA_INITS = ("zeros", "wait")
 
@@ -38,14 +39,8 @@ class MIFA(FastStrategy):
             raise StrategyConfigError(f"unknown MIFA init {init!r}; choose one of {', '.join(MIFA_INITS)}")
         self.init = init
         self.memory_form = memory
-        self.stored: ClientMemory | None = None
-
-    def memory_bytes(self) -> int:
-        return self.stored.nbytes() if self.stored else 0
 
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
-        if self.stored is None:
-            self.stored = ClientMemory(self.federation.shapes, self.memory_form)
         for u in updates:
             self.stored.put(u.client, u.delta, u.blob)
         clients = self.federation.clients

@@ -4,6 +4,10 @@
 and ``--strategy mypkg.mod:MyStrategy --strategy-arg alpha=2`` both end in
 :func:`build_strategy`. Argument names may use dashes; values are read as
 int, float (``inf`` included), bool (``true``/``false``) or else string.
+
+A ``module:Class`` may be a :class:`~fedslim.strategies.base.FastStrategy` or
+one of Flower's own strategies (``flwr.serverapp.strategy:FedAdam``), which
+runs through :class:`~fedslim.strategies.flower.FlowerStrategy`.
 """
 
 from __future__ import annotations
@@ -15,16 +19,17 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedslim.config import RunConfig
-from fedslim.strategies.base import StrategyConfigError
+from fedslim.config import RunConfig, StrategyConfigError
+from fedslim.strategies.base import FastStrategy
 from fedslim.strategies.fedamd import FedAMD
 from fedslim.strategies.fedau import FedAU
 from fedslim.strategies.fedavg import FastFedAvg
 from fedslim.strategies.fedstale import FedStale
 from fedslim.strategies.fedvarp import FedVARP
+from fedslim.strategies.flower import FlowerStrategy
 from fedslim.strategies.mifa import MIFA
 
-STRATEGIES: dict[str, type[Strategy]] = {
+STRATEGIES: dict[str, type[FastStrategy] | type[Strategy]] = {
     "fedavg": FastFedAvg,
     "fedau": FedAU,
     "fedvarp": FedVARP,
@@ -34,14 +39,18 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def register(name: str, strategy: type[Strategy]) -> None:
+def _is_strategy(candidate: object) -> bool:
+    return isinstance(candidate, type) and issubclass(candidate, FastStrategy | Strategy)
+
+
+def register(name: str, strategy: type[FastStrategy] | type[Strategy]) -> None:
     """Make ``strategy`` available as ``--strategy NAME``."""
-    if not (isinstance(strategy, type) and issubclass(strategy, Strategy)):
-        raise StrategyConfigError(f"{strategy!r} is not a subclass of Flower's Strategy")
+    if not _is_strategy(strategy):
+        raise StrategyConfigError(f"{strategy!r} is neither a fedslim FastStrategy nor a Flower Strategy")
     STRATEGIES[name] = strategy
 
 
-def strategy_class(spec: str) -> type[Strategy]:
+def strategy_class(spec: str) -> type[FastStrategy] | type[Strategy]:
     """The class a registered name or a ``module:Class`` import path names."""
     if ":" not in spec:
         if spec not in STRATEGIES:
@@ -54,8 +63,8 @@ def strategy_class(spec: str) -> type[Strategy]:
         found = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
         raise StrategyConfigError(f"cannot import strategy {spec!r}: {exc}") from exc
-    if not (isinstance(found, type) and issubclass(found, Strategy)):
-        raise StrategyConfigError(f"{spec} is not a subclass of Flower's Strategy")
+    if not _is_strategy(found):
+        raise StrategyConfigError(f"{spec} is neither a fedslim FastStrategy nor a Flower Strategy")
     return found
 
 
@@ -83,20 +92,23 @@ def _value(text: str) -> Any:
     return text
 
 
-def build_strategy(spec: str, args: Mapping[str, Any], defaults: Mapping[str, Any]) -> Strategy:
+def build_strategy(spec: str, args: Mapping[str, Any], defaults: Mapping[str, Any]) -> FastStrategy:
     """Instantiate ``spec`` with ``args``, plus each of ``defaults`` that it accepts and ``args`` does not set.
 
     ``defaults`` carries what the run config decides (``fraction_train``,
-    ``server_lr``, ``seed``).
+    ``server_lr``, ``seed``). A Flower strategy comes wrapped in the adapter.
     """
     cls = strategy_class(spec)
     parameters = _accepted_parameters(cls)
     kwargs = {k: v for k, v in defaults.items() if k in parameters}
     kwargs.update(args)
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except TypeError as exc:
         raise StrategyConfigError(f"{spec}: {exc} (it takes {inspect.signature(cls)})") from exc
+    if isinstance(strategy, FastStrategy):
+        return strategy
+    return FlowerStrategy(strategy, seed=int(defaults.get("seed", 0)))
 
 
 def _accepted_parameters(cls: type) -> set[str]:
@@ -113,7 +125,7 @@ def _accepted_parameters(cls: type) -> set[str]:
     return names - {"self"}
 
 
-def strategy_for(config: RunConfig) -> Strategy:
+def strategy_for(config: RunConfig) -> FastStrategy:
     """The strategy a run config names, with its fraction, server step size and seed."""
     defaults = {"fraction_train": config.fraction, "server_lr": config.server_lr, "seed": config.seed}
     return build_strategy(config.strategy, parse_strategy_args(config.strategy_args), defaults)

@@ -1,4 +1,4 @@
-"""Downstream: the fast state clients hold (the replica), kept bit-identical on server and clients.
+"""The downlink, both ends: the replica clients hold, kept bit-identical on server and clients, and its sync.
 
 The server keeps the exact fast state x and the replica x_hat that clients
 hold. Each round it publishes one compressed step x_hat <- x_hat + C(x - x_hat)
@@ -10,17 +10,54 @@ float32 addition, and the client checks the result against the server's digest.
 
 Version 0 is the initial fast state, which every client builds from the
 resident base and the shared seed, so it never needs to be sent.
+
+Server end: :class:`ServerReplica` and :class:`Downlink`, which turns a
+strategy's :class:`~fedslim.channel.updates.Instruction` into the train message
+for its node. Client end: :class:`ClientReplica` and :func:`sync_replica`,
+which keeps the replica in the node's Flower context.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedslim.codecs.pipeline import DELTA, STATE, Pipeline, UpdateError, decode_update, encode_update
+from fedslim.channel.protocol import (
+    BASE_META_KEY,
+    CONFIG_KEY,
+    DIRECTION_KEY,
+    DROP_RESIDUAL_KEY,
+    FAST_KEY,
+    REPLICA_DIGEST_KEY,
+    REPLICA_META_KEY,
+    REPLICA_STATE_KEY,
+    REPLICA_VERSION_KEY,
+    ROLE_KEY,
+    SERVER_ROUND_KEY,
+    TRAIN_TYPE,
+    VERSION_KEY,
+    Refusal,
+    RefusalCode,
+    record_sync,
+    record_update,
+    sync_record,
+    update_record,
+)
+from fedslim.channel.updates import Instruction
+from fedslim.codecs.pipeline import (
+    DELTA,
+    STATE,
+    Pipeline,
+    UpdateError,
+    decode_update,
+    encode_update,
+    parse_codec,
+)
 
 
 def state_digest(state: Mapping[str, np.ndarray]) -> str:
@@ -172,3 +209,124 @@ class ClientReplica:
         if state_digest(state) != target_digest:
             raise ReplicaMismatch(f"replica at version {version} differs from the server's (digest mismatch)")
         return ClientReplica(state, version)
+
+
+class Downlink:
+    """The server end: one round's train messages, each carrying its node's replica sync.
+
+    Parameters
+    ----------
+    replica : ServerReplica
+        The replica of the run.
+    task : Mapping[str, Any]
+        The client task and base fingerprint every instruction carries.
+    """
+
+    def __init__(self, replica: ServerReplica, task: Mapping[str, Any]) -> None:
+        self.replica = replica
+        self.task = dict(task)
+        self._directions: dict[int, bytes] = {}
+
+    def round_config(self, server_round: int) -> dict[str, Any]:
+        """The task config of this round's instructions: the task, the replica to reach, the round."""
+        return {
+            **self.task,
+            REPLICA_VERSION_KEY: self.replica.version,
+            REPLICA_DIGEST_KEY: self.replica.digest,
+            SERVER_ROUND_KEY: server_round,
+        }
+
+    def train_messages(
+        self,
+        server_round: int,
+        instructions: Sequence[Instruction],
+        nodes: Mapping[str, int],
+        held: Mapping[str, int | None],
+        drop_residual: set[str],
+    ) -> list[Message]:
+        """One message per instruction, to the node of its client (``nodes``), which holds replica ``held``.
+
+        Clients in ``drop_residual`` are told to discard their error-feedback residual.
+        """
+        config = self.round_config(server_round)
+        self._directions = {}
+        return [
+            self._message(instruction, nodes[instruction.client], config, held[instruction.client], drop_residual)
+            for instruction in instructions
+        ]
+
+    def _message(
+        self,
+        instruction: Instruction,
+        node: int,
+        config: Mapping[str, Any],
+        held: int | None,
+        drop_residual: set[str],
+    ) -> Message:
+        task = ConfigRecord(dict(config))
+        if instruction.role is not None:
+            task[ROLE_KEY] = instruction.role.value
+        if instruction.client in drop_residual:
+            task[DROP_RESIDUAL_KEY] = True
+        content = RecordDict({FAST_KEY: sync_record(self.replica.sync_for(held)), CONFIG_KEY: task})
+        if instruction.direction is not None:
+            content[DIRECTION_KEY] = update_record(self._direction_blob(instruction, config[SERVER_ROUND_KEY]))
+        return Message(content=content, dst_node_id=node, message_type=TRAIN_TYPE)
+
+    def _direction_blob(self, instruction: Instruction, server_round: int) -> bytes:
+        """The instruction's direction, encoded once per round for every instruction sharing it."""
+        key = id(instruction.direction)
+        if key not in self._directions:
+            self._directions[key] = encode_update(
+                instruction.direction,  # type: ignore[arg-type]
+                parse_codec(instruction.direction_codec),
+                kind=STATE,
+                base_fingerprint="",
+                state_version=server_round,
+            ).blob
+        return self._directions[key]
+
+
+def sync_replica(
+    msg: Message,
+    context: Context,
+    base_fingerprint: str,
+    initial: Callable[[], dict[str, np.ndarray]],
+    shapes: Mapping[str, tuple[int, ...]],
+    target_version: int,
+    target_digest: str,
+) -> ClientReplica:
+    """The client end: bring this node's replica (kept in its Flower context) to the server's version.
+
+    ``initial`` builds version 0 when the node holds no replica of this base.
+    Raises :class:`~fedslim.channel.protocol.Refusal` when the sync cannot be
+    applied; a node that cannot reach the server's version forgets its replica
+    (the server then sends the full state).
+    """
+    state = context.state
+    held = state.config_records.get(REPLICA_META_KEY)
+    if held is not None and held.get(BASE_META_KEY) == base_fingerprint and REPLICA_STATE_KEY in state.array_records:
+        tensors = {name: array.numpy() for name, array in state.array_records[REPLICA_STATE_KEY].items()}
+        replica = ClientReplica(tensors, int(held[VERSION_KEY]))  # type: ignore[arg-type]
+    else:
+        replica = ClientReplica(initial(), 0)
+    try:
+        blobs = record_sync(msg.content.array_records[FAST_KEY])
+        replica = replica.synced(blobs, shapes, base_fingerprint, target_version, target_digest)
+    except ReplicaMismatch as exc:
+        for key in (REPLICA_STATE_KEY, REPLICA_META_KEY):
+            state.pop(key, None)
+        raise Refusal(RefusalCode.REPLICA_MISMATCH, f"cannot sync the fast state: {exc}") from exc
+    except (KeyError, ValueError) as exc:
+        raise Refusal(RefusalCode.BAD_REQUEST, f"bad fast-state sync from the server: {exc}") from exc
+    state[REPLICA_STATE_KEY] = ArrayRecord({name: Array(value) for name, value in replica.state.items()})
+    state[REPLICA_META_KEY] = ConfigRecord({VERSION_KEY: replica.version, BASE_META_KEY: base_fingerprint})
+    return replica
+
+
+def received_direction(msg: Message, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The client end of an instruction's direction (FedAMD's v for a miner)."""
+    try:
+        return decode_update(record_update(msg.content.array_records[DIRECTION_KEY]), shapes).tensors
+    except (KeyError, ValueError) as exc:
+        raise Refusal(RefusalCode.BAD_REQUEST, f"miner instruction without a valid direction: {exc}") from exc

@@ -1,0 +1,151 @@
+"""The channel's byte statistics: what every message of a run costs on the wire, one log row each.
+
+Each row records the message's Fleet API cost (:func:`message_bytes`), the
+fedslim payload it carries, the same payload as dense float32, and what
+full-model FedAvg would have moved instead (see docs/commlog.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import Message
+
+from fedslim.channel.protocol import DIRECTION_KEY, FAST_KEY, record_sync, record_update
+from fedslim.channel.uplink import Received, footprint
+from fedslim.commlog import CommLog, MessageRow
+
+# Flower 1.39's Fleet API fields whose values the server never sees, at their fixed lengths.
+_SESSION_ID = "00000000-0000-0000-0000-000000000000"  # a uuid4 per pushed message
+_RECONNECT_S = 5
+
+
+def message_bytes(message: Message, direction: str) -> int:
+    """What ``message`` costs on the Fleet API (SuperLink <-> SuperNode), in both directions of the exchange.
+
+    Its objects (each deflated object is pushed or pulled once) plus the
+    protobuf envelope of the exchange that carries it: a node pulls an
+    instruction with PullMessages (request, then the message's metadata and
+    object tree); it pushes a reply with PushMessages (the same, then the list
+    of objects to push and a session). This is what the SuperLink counts as a
+    run's network traffic; gRPC and TCP framing are not included.
+    """
+    from flwr.app.message.message import remove_content_from_message
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.fleet_pb2 import (
+        PullMessagesRequest,
+        PullMessagesResponse,
+        PushMessagesRequest,
+        PushMessagesResponse,
+        Reconnect,
+    )
+    from flwr.proto.node_pb2 import Node
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+    objects = get_all_nested_objects(message)
+    content = sum(len(obj.deflate()) for obj in objects.values())
+    proto = message_to_proto(remove_content_from_message(message))
+    tree = get_object_tree(message)
+    if direction == "down":
+        node = Node(node_id=message.metadata.dst_node_id)
+        envelope = PullMessagesRequest(node=node).ByteSize()
+        envelope += PullMessagesResponse(messages_list=[proto], message_object_trees=[tree]).ByteSize()
+    else:
+        node = Node(node_id=message.metadata.src_node_id)
+        envelope = PushMessagesRequest(
+            node=node, messages_list=[proto], message_object_trees=[tree], clientapp_runtime_list=[0.0]
+        ).ByteSize()
+        envelope += PushMessagesResponse(
+            reconnect=Reconnect(reconnect=_RECONNECT_S),
+            results={message.metadata.message_id: 0},
+            objects_to_push=list(objects),
+            session_id=_SESSION_ID,
+        ).ByteSize()
+    return content + envelope
+
+
+@dataclass(frozen=True)
+class RunWire:
+    """What every log row of one run shares."""
+
+    commlog: CommLog
+    run_id: str
+    fast_raw_bytes: int
+    full_payload_bytes: int
+    uplink: str
+    downlink: str
+    client_keys: dict[int, str]
+
+
+@dataclass(frozen=True)
+class WireAccounting:
+    """Logs one round's messages with their byte counts."""
+
+    run: RunWire
+    server_round: int
+
+    def record_down(
+        self, message: Message, held_version: int | None = None, current_version: int = 0, codec: str | None = None
+    ) -> None:
+        """Log an instruction; ``held_version`` is the replica version the node held before it (None: unknown).
+
+        ``codec`` names the payload's encoding when it is not the run's downstream codec.
+        """
+        records = message.content.array_records
+        sync = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
+        steer = len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
+        raw = self.run.fast_raw_bytes * ((sync > 0) + (steer > 0))  # FedAMD's direction v is a second fast state
+        lag = current_version - held_version if held_version is not None and FAST_KEY in records else None
+        self._record(message, "down", sync + steer, raw, codec or self.run.downlink, lag)
+
+    def record_chunk(self, message: Message, chunk_bytes: int) -> None:
+        """Log one chunk of base provisioning (a one-off cost: full-model FedAvg would need the base too)."""
+        self._record(message, "down", chunk_bytes, 0, None, None)
+
+    def record_reply(self, reply: Message, reason: str | None) -> None:
+        """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it."""
+        self._record(reply, "up", 0, 0, None, None, reason)
+
+    def record_received(self, received: Received) -> None:
+        """Log a train reply as the uplink received it (its reason, if rejected)."""
+        payload = received.payload_bytes
+        raw = self.run.fast_raw_bytes if payload else 0
+        reply = received.reply
+        self._record(
+            reply, "up", payload, raw, self.run.uplink, received.version_lag, received.reason, footprint(reply)
+        )
+
+    def _record(
+        self,
+        message: Message,
+        direction: str,
+        payload: int,
+        raw: int,
+        codec: str | None,
+        version_lag: int | None,
+        reason: str | None = None,
+        device: tuple[float | None, int | None] = (None, None),
+    ) -> None:
+        """One log row; the full-model figure swaps a fast-layer payload (``raw`` > 0) for the full model."""
+        size = message_bytes(message, direction)
+        node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
+        self.run.commlog.record_message(
+            self.run.run_id,
+            MessageRow(
+                round=self.server_round,
+                node_id=node,
+                client=self.run.client_keys.get(node),
+                direction=direction,
+                message_type=message.metadata.message_type,
+                codec=codec if payload else None,
+                raw_bytes=raw,
+                payload_bytes=payload,
+                message_bytes=size,
+                full_model_bytes=size - payload + self.run.full_payload_bytes if raw else size,
+                version_lag=version_lag,
+                reason=reason,
+                created_at=message.metadata.created_at,
+                client_cpu_s=device[0],
+                client_peak_rss_bytes=device[1],
+            ),
+        )

@@ -1,0 +1,260 @@
+"""The contract between fedslim's server and clients: every record key, message type and refusal code, once.
+
+A train instruction carries ``fast`` (ArrayRecord: the replica sync, one
+fedslim.v1.Sync under ``sync``: zero or more blobs applied in order) and
+``config`` (ConfigRecord: the client task, the base fingerprint, the round,
+the replica version and digest to reach; ``role`` when the strategy gives
+clients different work, ``drop-residual`` after a rejected update). A train
+reply carries ``delta`` (ArrayRecord: one blob under ``update``, the client's
+compressed delta) and ``metrics`` (MetricRecord: ``num-examples``,
+``train-loss``, and the device's footprint: ``cpu-s`` and ``peak-rss-bytes``).
+
+The identity query (round 0) carries the client task, the server's base
+fingerprint and its size; its reply carries ``identity``: ``client-key`` and
+what the node holds of the base (``base``: a :class:`BaseStatus`;
+``base-fingerprint``; ``partial-bytes`` of an interrupted download). A node
+without the base is sent it in chunks (``query.provision``: ``config`` with
+``offset`` and ``total-bytes``, ``chunk``; the reply says ``received-bytes``
+and ``verified``). After the last round, ``query.sync`` may bring every node
+to the exact final fast state; the reply reports the digest of what it holds.
+
+FedAMD's miners also get ``direction``: an ArrayRecord holding the global
+direction as one fedslim.v1 blob. A client that cannot honour a request
+answers with a Flower error whose code is a :class:`RefusalCode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from google.protobuf.message import DecodeError
+
+from fedslim.protos.fedslim.v1 import update_pb2 as pb
+
+# Records of a message's content.
+FAST_KEY = "fast"
+CONFIG_KEY = "config"
+DELTA_KEY = "delta"
+METRICS_KEY = "metrics"
+DIRECTION_KEY = "direction"
+IDENTITY_KEY = "identity"
+CHUNK_KEY = "chunk"
+PROVISION_RECORD = "provision"
+REPLICA_RECORD = "replica"
+
+# Entries of the task config (``config``) beyond the run config's client task.
+BASE_FINGERPRINT_KEY = "base-fingerprint"
+BASE_BYTES_KEY = "base-bytes"
+SERVER_ROUND_KEY = "server-round"
+REPLICA_VERSION_KEY = "replica-version"
+REPLICA_DIGEST_KEY = "replica-digest"
+ROLE_KEY = "role"
+DROP_RESIDUAL_KEY = "drop-residual"
+OFFSET_KEY = "offset"
+TOTAL_BYTES_KEY = "total-bytes"
+
+# Entries of a train reply's metrics.
+NUM_EXAMPLES_KEY = "num-examples"
+TRAIN_LOSS_KEY = "train-loss"
+ANCHOR_METRIC = "anchor"  # 1 in a FedAMD anchor's reply; the server goes by the role it asked for, not by this
+CPU_KEY = "cpu-s"
+PEAK_RSS_KEY = "peak-rss-bytes"
+
+# Entries of the identity, provisioning and final-sync replies.
+CLIENT_KEY = "client-key"
+BASE_STATUS_KEY = "base"
+PARTIAL_BYTES_KEY = "partial-bytes"
+RECEIVED_BYTES_KEY = "received-bytes"
+VERIFIED_KEY = "verified"
+VERSION_KEY = "version"
+DIGEST_KEY = "digest"
+
+# Array entries and their stypes: fedslim's blobs travel as one uint8 Array each.
+UPDATE_KEY = "update"
+SYNC_KEY = "sync"
+BLOB_STYPE = "fedslim.v1.Envelope"
+SYNC_STYPE = "fedslim.v1.Sync"
+CHUNK_STYPE = "fedslim.base-chunk"
+
+# Message types beyond Flower's train and query: custom query actions.
+TRAIN_TYPE = MessageType.TRAIN
+IDENTIFY_TYPE = MessageType.QUERY
+PROVISION_TYPE = f"{MessageType.QUERY}.provision"
+FINAL_SYNC_TYPE = f"{MessageType.QUERY}.sync"
+
+# Keys of a node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).
+REPLICA_STATE_KEY = "fedslim-replica"
+REPLICA_META_KEY = "fedslim-replica-meta"
+RESIDUAL_STATE_KEY = "fedslim-ef-residual"
+RESIDUAL_META_KEY = "fedslim-ef-residual-meta"
+BASE_META_KEY = "base"
+
+
+class Role(StrEnum):
+    """What a train instruction asks of a client: plain local training, or FedAMD's anchor or miner work."""
+
+    TRAIN = "train"
+    ANCHOR = "anchor"
+    MINER = "miner"
+
+
+class BaseStatus(StrEnum):
+    """What a node holds of the server's base, as its identity reply says."""
+
+    OK = "ok"
+    MISSING = "missing"
+    MISMATCH = "mismatch"
+
+
+class RefusalCode(IntEnum):
+    """Error codes of a client's refusals (Flower's own codes are below 100)."""
+
+    BASE_MISMATCH = 1001
+    BASE_MISSING = 1002
+    BAD_REQUEST = 1003
+    REPLICA_MISMATCH = 1004
+    NON_FINITE_UPDATE = 1005
+
+
+class Refusal(Exception):
+    """A request that cannot be honoured; the reply carries ``code`` and the reason."""
+
+    def __init__(self, code: RefusalCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+
+    def reply_to(self, request: Message) -> Message:
+        return Message(Error(code=int(self.code), reason=str(self)), reply_to=request)
+
+
+def update_record(blob: bytes) -> ArrayRecord:
+    """A fedslim.v1 blob (an update, or FedAMD's direction) as one Flower Array."""
+    return _single_array(UPDATE_KEY, BLOB_STYPE, blob)
+
+
+def record_update(record: ArrayRecord) -> bytes:
+    """The blob of an :func:`update_record`; ValueError if it is not one."""
+    return _array_data(record, UPDATE_KEY, BLOB_STYPE)
+
+
+def sync_record(blobs: Sequence[bytes]) -> ArrayRecord:
+    """A replica sync (blobs applied in order) as one Flower Array."""
+    return _single_array(SYNC_KEY, SYNC_STYPE, pb.Sync(steps=blobs).SerializeToString())
+
+
+def record_sync(record: ArrayRecord) -> list[bytes]:
+    """The blobs of a :func:`sync_record`; ValueError if it is not one."""
+    data = _array_data(record, SYNC_KEY, SYNC_STYPE)
+    try:
+        return list(pb.Sync.FromString(data).steps)
+    except DecodeError as exc:
+        raise ValueError(f"corrupt sync record: {exc}") from exc
+
+
+def chunk_record(data: bytes) -> ArrayRecord:
+    return _single_array(CHUNK_KEY, CHUNK_STYPE, data)
+
+
+def record_chunk(record: ArrayRecord) -> bytes:
+    return _array_data(record, CHUNK_KEY, CHUNK_STYPE)
+
+
+def _single_array(key: str, stype: str, data: bytes) -> ArrayRecord:
+    return ArrayRecord({key: Array(dtype="uint8", shape=(len(data),), stype=stype, data=data)})
+
+
+def _array_data(record: ArrayRecord, key: str, stype: str) -> bytes:
+    if set(record.keys()) != {key}:
+        raise ValueError(f"record must hold exactly {key!r}, got {sorted(record.keys())}")
+    if record[key].stype != stype:
+        raise ValueError(f"expected a {stype} blob, got an array of type {record[key].stype!r}")
+    return record[key].data
+
+
+def partition_key(partition_id: int) -> str:
+    """The client key of a simulated node."""
+    return f"partition-{partition_id}"
+
+
+def identity_requests(node_ids: Iterable[int], task: ConfigRecord | None = None) -> list[Message]:
+    """The round-0 query; ``task`` (the client task and the server's base fingerprint) lets nodes check their base."""
+    content = RecordDict({CONFIG_KEY: task}) if task is not None else RecordDict()
+    return [Message(content, dst_node_id=node_id, message_type=IDENTIFY_TYPE) for node_id in node_ids]
+
+
+@dataclass(frozen=True)
+class BaseReport:
+    """What a node holds of the server's base: its status, the fingerprint it holds instead (mismatch), and the
+    bytes of a partial download (missing)."""
+
+    status: BaseStatus
+    fingerprint: str = ""
+    partial_bytes: int = 0
+
+
+def identity_reply(request: Message, key: str, base: BaseReport | None = None) -> Message:
+    identity = ConfigRecord({CLIENT_KEY: key})
+    if base is not None:
+        identity[BASE_STATUS_KEY] = base.status.value
+        identity[BASE_FINGERPRINT_KEY] = base.fingerprint
+        identity[PARTIAL_BYTES_KEY] = base.partial_bytes
+    return Message(RecordDict({IDENTITY_KEY: identity}), reply_to=request)
+
+
+def base_report(reply: Message) -> BaseReport | None:
+    """The base status a node reported with its identity, or None if it reported none."""
+    if reply.has_error() or IDENTITY_KEY not in reply.content.config_records:
+        return None
+    identity = reply.content.config_records[IDENTITY_KEY]
+    status, fingerprint = identity.get(BASE_STATUS_KEY), identity.get(BASE_FINGERPRINT_KEY)
+    partial = identity.get(PARTIAL_BYTES_KEY)
+    if status not in tuple(BaseStatus):
+        return None
+    partial_bytes = partial if isinstance(partial, int) and partial > 0 else 0
+    return BaseReport(BaseStatus(status), str(fingerprint or ""), partial_bytes)
+
+
+def client_key(reply: Message) -> str | None:
+    """The client key a node reported, or None if its reply is an error or malformed."""
+    if reply.has_error() or IDENTITY_KEY not in reply.content.config_records:
+        return None
+    key = reply.content.config_records[IDENTITY_KEY].get(CLIENT_KEY)
+    return key if isinstance(key, str) and key else None
+
+
+def provision_reply(request: Message, received: int, verified: bool) -> Message:
+    """A node's answer to a chunk: the bytes of the base it now holds, and whether it has verified the whole."""
+    report = ConfigRecord({RECEIVED_BYTES_KEY: received, VERIFIED_KEY: int(verified)})
+    return Message(RecordDict({PROVISION_RECORD: report}), reply_to=request)
+
+
+def provision_progress(reply: Message) -> tuple[int, bool] | None:
+    """(bytes received, verified) from a node's chunk reply, or None if it is an error or malformed."""
+    if reply.has_error() or PROVISION_RECORD not in reply.content.config_records:
+        return None
+    report = reply.content.config_records[PROVISION_RECORD]
+    received, verified = report.get(RECEIVED_BYTES_KEY), report.get(VERIFIED_KEY)
+    if not isinstance(received, int) or verified not in (0, 1):
+        return None
+    return received, bool(verified)
+
+
+def replica_report(version: int, digest: str) -> RecordDict:
+    """A node's answer to the final sync: the version and digest of the fast state it now holds."""
+    return RecordDict({REPLICA_RECORD: ConfigRecord({VERSION_KEY: version, DIGEST_KEY: digest})})
+
+
+def reported_digest(reply: Message) -> str | None:
+    """The digest a node reported in its final-sync reply, or None if the reply is an error or malformed."""
+    if reply.has_error() or REPLICA_RECORD not in reply.content.config_records:
+        return None
+    digest = reply.content.config_records[REPLICA_RECORD].get(DIGEST_KEY)
+    return digest if isinstance(digest, str) else None
+
+
+def error_text(reply: Message) -> str:
+    """A refusal's code and reason, for logs."""
+    return f"client error {reply.error.code}: {reply.error.reason}" if reply.has_error() else "malformed reply"

@@ -1,0 +1,330 @@
+"""The uplink, both ends: the client's error-feedback encoder, and the server's decode, check and screen.
+
+Client end (:class:`UplinkEncoder`): a local delta plus the error-feedback
+residual goes through the uplink codec into one fedslim.v1 blob; what the
+codec dropped stays in the node's Flower context for next time.
+
+Server end (:class:`UplinkReceiver`): every reply is matched to the
+instruction the server sent that node, decoded once, checked against the
+fast layer and the round (:func:`check_update`), screened for size
+(:class:`SizeScreen`), and handed on as a typed
+:class:`~fedslim.channel.updates.ClientUpdate`, or rejected with its reason.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+
+from fedslim.channel.protocol import (
+    CPU_KEY,
+    DELTA_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PEAK_RSS_KEY,
+    RESIDUAL_META_KEY,
+    RESIDUAL_STATE_KEY,
+    VERSION_KEY,
+    Refusal,
+    RefusalCode,
+    Role,
+    error_text,
+    record_update,
+)
+from fedslim.channel.updates import ClientUpdate, Instruction
+from fedslim.codecs.feedback import Residual, compensate, new_residual
+from fedslim.codecs.pipeline import DELTA, DecodedUpdate, Pipeline, decode_update, encode_update
+
+# ----------------------------------------------------------------------------------------------- client end
+
+
+class UplinkEncoder:
+    """The client end: compress with the uplink codec, with error feedback for biased codecs.
+
+    The residual lives in the node's Flower context state (kept by the
+    SuperNode across rounds and ClientApp restarts), like the state object of
+    a communication hook.
+
+    Parameters
+    ----------
+    context : Context
+        The node's Flower context.
+    pipeline : Pipeline
+        The uplink codec.
+    error_feedback : bool
+        Keep what a biased codec drops and send it with the next delta.
+    decay : float
+        Share of the residual kept per fast-state version the node missed.
+    """
+
+    def __init__(self, context: Context, pipeline: Pipeline, error_feedback: bool, decay: float) -> None:
+        self.context = context
+        self.pipeline = pipeline
+        self.use_feedback = error_feedback and pipeline.biased
+        self.decay = decay
+
+    def encode_delta(
+        self, delta: Mapping[str, np.ndarray], base_fingerprint: str, version: int, seed: int, drop_residual: bool
+    ) -> bytes:
+        """C(delta + decay^missed * residual); the new residual is stored.
+
+        ``drop_residual``: the server rejected this node's last update, so the
+        residual left from it (part of a diverged run, say) is discarded, not sent.
+        """
+        residual = self._residual() if self.use_feedback and not drop_residual else None
+        sent = compensate(delta, residual, version, self.decay)
+        encoded = self._encode(sent, base_fingerprint, version, seed, "local update")
+        if self.use_feedback:
+            self._store(new_residual(sent, encoded.decoded, version))
+        return encoded.blob
+
+    def encode_plain(self, tensors: Mapping[str, np.ndarray], base_fingerprint: str, version: int, seed: int) -> bytes:
+        """The codec alone, without error feedback (a FedAMD anchor gradient is not a delta)."""
+        return self._encode(tensors, base_fingerprint, version, seed, "local gradient").blob
+
+    def _encode(self, tensors: Mapping[str, np.ndarray], fingerprint: str, version: int, seed: int, what: str):  # type: ignore[no-untyped-def]
+        try:
+            return encode_update(
+                tensors, self.pipeline, kind=DELTA, base_fingerprint=fingerprint, state_version=version, seed=seed
+            )
+        except ValueError as exc:
+            raise Refusal(RefusalCode.NON_FINITE_UPDATE, f"cannot encode the {what}: {exc}") from exc
+
+    def _residual(self) -> Residual | None:
+        state = self.context.state
+        if RESIDUAL_STATE_KEY not in state.array_records:
+            return None
+        tensors = {name: array.numpy() for name, array in state.array_records[RESIDUAL_STATE_KEY].items()}
+        return Residual(tensors, int(state.config_records[RESIDUAL_META_KEY][VERSION_KEY]))  # type: ignore[arg-type]
+
+    def _store(self, residual: Residual) -> None:
+        self.context.state[RESIDUAL_STATE_KEY] = ArrayRecord({n: Array(v) for n, v in residual.tensors.items()})
+        self.context.state[RESIDUAL_META_KEY] = ConfigRecord({VERSION_KEY: residual.version})
+
+
+# ----------------------------------------------------------------------------------------------- server end
+
+
+@dataclass(frozen=True)
+class UpdateCheck:
+    """The server's expectations of a train reply in one round."""
+
+    shapes: dict[str, tuple[int, ...]]
+    base_fingerprint: str
+    state_version: int
+
+
+def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate | None, str | None]:
+    """The decoded update of ``reply`` (None if it cannot be decoded) and the reason it cannot be aggregated.
+
+    The reason is None exactly when the update can be aggregated.
+    """
+    if reply.has_error():
+        return None, error_text(reply)
+    try:
+        blob = record_update(reply.content.array_records[DELTA_KEY])
+        examples = reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]
+        update = decode_update(blob, expected.shapes)
+    except (KeyError, ValueError) as exc:
+        return None, f"malformed update: {exc}"
+    if not isinstance(examples, int) or examples <= 0:
+        return update, f"malformed update: num-examples must be a positive integer, got {examples!r}"
+    if update.kind != DELTA:
+        return update, "malformed update: a client sent a full state, not a delta"
+    if update.base_fingerprint != expected.base_fingerprint:
+        return update, f"wrong base fingerprint {update.base_fingerprint[:16]}... in the update"
+    if update.state_version != expected.state_version:
+        return update, (
+            f"stale update: computed against fast-state version {update.state_version}, "
+            f"the round trains version {expected.state_version}"
+        )
+    return update, None
+
+
+class SizeScreen:
+    """Rejects updates whose size marks a diverged local run, before a strategy (or its memory) sees them.
+
+    A client whose local SGD diverged can still send a finite update,
+    thousands of times the usual size. Averaged in, it wrecks the global model
+    in one round; a strategy that stores updates (FedVARP, MIFA, FedStale)
+    would also replay it every round it keeps the entry. An update's size is
+    its L2 norm per local step (under local epochs, a client with more data
+    takes more steps). The reference is the median size of the last
+    ``window`` screened updates, rejected ones included, together with this
+    round's candidates: the first round is screened against itself, one
+    diverged client barely moves the median, and a lasting change in every
+    client's step size moves it within a window instead of locking everyone out.
+
+    Parameters
+    ----------
+    factor : float
+        An update larger than ``factor`` times the reference is rejected;
+        0 turns the screen off.
+    window : int (default: 200)
+        Number of recent sizes the reference remembers.
+    min_reference : int (default: 5)
+        With fewer sizes than this (or a zero median) there is no reference
+        and nothing is rejected.
+    """
+
+    def __init__(self, factor: float, window: int = 200, min_reference: int = 5) -> None:
+        self.factor = factor
+        self.min_reference = min_reference
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def reasons(self, sizes: Sequence[float | None]) -> list[str | None]:
+        """Why each candidate is rejected (None: it passes; a None size is not screened)."""
+        reference = [*self.recent, *(size for size in sizes if size is not None)]
+        median = float(np.median(reference)) if len(reference) >= self.min_reference else 0.0
+        if not self.factor or median == 0.0:
+            return [None] * len(sizes)
+        return [
+            None
+            if size is None or size <= self.factor * median
+            else (
+                f"update too large: {size:.4g} per local step, {size / median:,.0f}x the median of recent "
+                f"updates ({median:.4g}; the screen rejects above {self.factor:g}x): local training diverged?"
+            )
+            for size in sizes
+        ]
+
+    def remember(self, size: float) -> None:
+        """Add the size of a screened update to the reference."""
+        self.recent.append(size)
+
+
+def update_size(update: DecodedUpdate, num_examples: int, local_steps: Callable[[int], int]) -> float:
+    """L2 norm per local step of a decoded delta (``local_steps`` gives the steps of so many examples)."""
+    norm = float(np.sqrt(sum(np.sum(np.square(value, dtype=np.float64)) for value in update.tensors.values())))
+    return norm / local_steps(num_examples)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One train reply as the server received it: accepted (``update``) or rejected (``reason``).
+
+    ``payload_bytes`` is the size of the update blob it carried (0 if none
+    could be read), ``version_lag`` how many fast-state versions behind the
+    round it was computed (None if it could not be decoded).
+    """
+
+    reply: Message
+    instruction: Instruction | None
+    update: ClientUpdate | None
+    reason: str | None
+    payload_bytes: int
+    version_lag: int | None
+
+    @property
+    def node(self) -> int:
+        return self.reply.metadata.src_node_id
+
+
+class UplinkReceiver:
+    """The server end: match, decode, check and screen a round's train replies.
+
+    Parameters
+    ----------
+    shapes : dict[str, tuple[int, ...]]
+        Shape of each fast tensor.
+    base_fingerprint : str
+        The base every update must name.
+    screen : SizeScreen
+        The size screen (its history spans the run).
+    local_steps : callable
+        The local steps a client with so many examples takes (sizes are per step).
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        base_fingerprint: str,
+        screen: SizeScreen,
+        local_steps: Callable[[int], int],
+    ) -> None:
+        self.shapes = shapes
+        self.base_fingerprint = base_fingerprint
+        self.screen = screen
+        self.local_steps = local_steps
+
+    def receive(
+        self, replies: Sequence[Message], asked: Mapping[int, Instruction], state_version: int
+    ) -> list[Received]:
+        """Every reply, accepted or rejected; ``asked`` is the instruction sent to each node this round.
+
+        A reply from a node that was not asked, or a second reply from one
+        that was, is rejected. An anchor's upload (a gradient, not a local
+        run) is not screened for size.
+        """
+        expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version)
+        answered: set[int] = set()
+        checked: list[tuple[Instruction | None, DecodedUpdate | None, str | None]] = []
+        for reply in replies:
+            instruction = asked.get(reply.metadata.src_node_id)
+            if instruction is None or reply.metadata.src_node_id in answered:
+                problem = "not asked for" if instruction is None else "a second reply"
+                checked.append((instruction, None, f"unexpected reply: {problem} in this round"))
+                continue
+            answered.add(reply.metadata.src_node_id)
+            checked.append((instruction, *check_update(reply, expected)))
+        sizes = [
+            update_size(update, _examples(reply), self.local_steps)
+            if update is not None and reason is None and instruction is not None and instruction.work != Role.ANCHOR
+            else None
+            for reply, (instruction, update, reason) in zip(replies, checked)
+        ]
+        received = []
+        for reply, (instruction, update, reason), size, too_large in zip(
+            replies, checked, sizes, self.screen.reasons(sizes)
+        ):
+            reason = reason or too_large
+            if size is not None:
+                self.screen.remember(size)
+            accepted = None
+            if update is not None and reason is None and instruction is not None:
+                accepted = _client_update(reply, instruction, update)
+            lag = state_version - update.state_version if update is not None else None
+            received.append(Received(reply, instruction, accepted, reason, _payload_bytes(reply), lag))
+        return received
+
+
+def _examples(reply: Message) -> int:
+    return int(reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY])  # type: ignore[arg-type]
+
+
+def _payload_bytes(reply: Message) -> int:
+    if reply.has_error():
+        return 0
+    try:
+        return len(record_update(reply.content.array_records[DELTA_KEY]))
+    except (KeyError, ValueError):
+        return 0
+
+
+def _client_update(reply: Message, instruction: Instruction, update: DecodedUpdate) -> ClientUpdate:
+    metrics = reply.content.metric_records[METRICS_KEY]
+    numbers = {key: float(value) for key, value in metrics.items() if isinstance(value, int | float)}
+    return ClientUpdate(
+        client=instruction.client,
+        delta=update.tensors,
+        num_examples=_examples(reply),
+        metrics=numbers,
+        blob=record_update(reply.content.array_records[DELTA_KEY]),
+        role=instruction.work,
+    )
+
+
+def footprint(reply: Message) -> tuple[float | None, int | None]:
+    """The CPU seconds and peak memory a client reported with its reply (None where it did not)."""
+    if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+        return None, None
+    metrics = reply.content.metric_records[METRICS_KEY]
+    cpu, rss = metrics.get(CPU_KEY), metrics.get(PEAK_RSS_KEY)
+    return (
+        float(cpu) if isinstance(cpu, int | float) else None,
+        int(rss) if isinstance(rss, int | float) else None,
+    )

@@ -1,0 +1,192 @@
+"""One federated round, as it happens: sample, sync down, collect, check, aggregate, evaluate, log.
+
+:class:`ServerRun` holds what lasts across rounds (the fast state, the
+replica and the version each client holds, the channel's two ends, the
+strategy, the log); :meth:`ServerRun.run_round` is one round, one call per
+step, and a test can drive it round by round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Message
+from flwr.common.logger import log
+
+from fedslim.adapters import FastSlowModel
+from fedslim.channel.accounting import RunWire, WireAccounting
+from fedslim.channel.downlink import Downlink
+from fedslim.channel.protocol import RefusalCode, partition_key
+from fedslim.channel.updates import Instruction
+from fedslim.channel.uplink import Received, UplinkReceiver
+from fedslim.commlog import RoundRow, RoundTotals
+from fedslim.config import RunConfig
+from fedslim.data.datasets import ArrayDataset
+from fedslim.data.participation import Schedule
+from fedslim.server.nodes import OrderedGrid
+from fedslim.strategies.base import FastStrategy
+from fedslim.training import EvalResult, evaluate
+
+
+@dataclass
+class ServerRun:
+    """A run's server side between rounds.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The run.
+    grid : OrderedGrid
+        The identified nodes, by client key.
+    strategy : FastStrategy
+        The aggregation rule, bound to the federation.
+    model : FastSlowModel
+        The base with the fast layer, for central evaluation.
+    test : ArrayDataset
+        The central test set.
+    fast_state : dict[str, np.ndarray]
+        The exact fast state x.
+    downlink : Downlink
+        The replica and the train messages that carry its sync.
+    uplink : UplinkReceiver
+        Decode, check and screen of the replies.
+    wire : RunWire
+        What every log row of the run shares.
+    schedule : Schedule, optional
+        Simulated availability (None: every admitted client is available).
+    on_round : callable, optional
+        Called with each round's totals once it is logged.
+    """
+
+    config: RunConfig
+    grid: OrderedGrid
+    strategy: FastStrategy
+    model: FastSlowModel
+    test: ArrayDataset
+    fast_state: dict[str, np.ndarray]
+    downlink: Downlink
+    uplink: UplinkReceiver
+    wire: RunWire
+    schedule: Schedule | None = None
+    on_round: Callable[[RoundTotals], None] | None = None
+    # The replica version each client holds, by client key (0: the initial state every client builds; None: unknown).
+    client_versions: dict[str, int | None] = field(default_factory=dict)
+    # Clients whose last update the server rejected: they drop their error-feedback residual.
+    rejected: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.client_versions = {key: 0 for key in self.grid.admitted.values()}
+
+    def available(self, server_round: int) -> list[str]:
+        """The admitted clients available this round, in the grid's (natural key) order."""
+        clients = self.grid.clients()
+        if self.schedule is None:
+            return clients
+        present = {partition_key(i) for i in self.schedule.clients_in(server_round)}
+        return [client for client in clients if client in present]
+
+    def run_round(self, server_round: int) -> RoundTotals:
+        """One round; returns its logged totals."""
+        started = time.monotonic()
+        available = self.available(server_round)
+        instructions = self.strategy.configure(server_round, self.fast_state, available)  # sample
+        messages = self.sync_down(server_round, instructions)
+        replies = self.collect(messages)
+        received = self.check(server_round, instructions, messages, replies)
+        accepted = [r.update for r in received if r.update is not None]
+        outcome = self.strategy.apply(server_round, accepted)  # aggregate
+        self.wire.commlog.record_weights(
+            self.wire.run_id, server_round, outcome.step.weights, outcome.step.memory_weights
+        )
+        if outcome.state is not None:
+            self.fast_state = outcome.state
+            self.model.load_fast_state(self.fast_state)
+        return self.finish_round(server_round, len(messages), len(accepted), len(available), started)
+
+    def sync_down(self, server_round: int, instructions: list[Instruction]) -> list[Message]:
+        """Publish the replica's step towards x; one train message per instruction, with its node's sync."""
+        self.downlink.replica.publish(self.fast_state)
+        nodes = self.grid.nodes_of()
+        held = {i.client: self.client_versions.get(i.client) for i in instructions}
+        return self.downlink.train_messages(server_round, instructions, nodes, held, self.rejected)
+
+    def collect(self, messages: list[Message]) -> list[Message]:
+        """Send the round's messages and wait for the replies (until the round timeout)."""
+        if not messages:
+            return []
+        return list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+
+    def check(
+        self,
+        server_round: int,
+        instructions: list[Instruction],
+        messages: list[Message],
+        replies: list[Message],
+    ) -> list[Received]:
+        """Log what went down; decode, check and screen what came up, and log it; track each client's replica."""
+        wire = WireAccounting(self.wire, server_round)
+        version = self.downlink.replica.version
+        asked: dict[int, Instruction] = {}
+        for instruction, message in zip(instructions, messages):
+            node = message.metadata.dst_node_id
+            asked[node] = instruction
+            wire.record_down(message, self.client_versions.get(instruction.client), version)
+        received = self.uplink.receive(replies, asked, version)
+        for item in received:
+            wire.record_received(item)
+            client = item.instruction.client if item.instruction is not None else None
+            if item.update is not None:
+                self.rejected.discard(item.update.client)
+                self.client_versions[item.update.client] = version
+                continue
+            log(WARNING, "round %d: rejected update from node %d: %s", server_round, item.node, item.reason)
+            if client is None:
+                continue
+            if not item.reply.has_error():
+                self.rejected.add(client)
+            elif item.reply.error.code == RefusalCode.REPLICA_MISMATCH:
+                self.client_versions[client] = None
+        return received
+
+    def evaluate(self, server_round: int) -> EvalResult | None:
+        """Central evaluation, every ``eval_every`` rounds and at the first and last."""
+        if server_round % self.config.eval_every == 0 or server_round in (0, self.config.rounds):
+            return evaluate(self.model.module, self.test)
+        return None
+
+    def finish_round(
+        self, server_round: int, sampled: int, accepted: int, available: int, started: float
+    ) -> RoundTotals:
+        """Evaluate and log the round; report it to ``on_round``."""
+        result = self.evaluate(server_round)
+        self.wire.commlog.record_round(
+            self.wire.run_id,
+            RoundRow(
+                round=server_round,
+                sampled=sampled,
+                accepted=accepted,
+                available=available,
+                accuracy=result.accuracy if result else None,
+                loss=result.loss if result else None,
+                wall_time_s=time.monotonic() - started,
+                strategy_memory_bytes=self.strategy.memory_bytes(),
+            ),
+        )
+        (totals,) = self.wire.commlog.round_totals(self.wire.run_id, only_round=server_round)
+        if result:
+            log(
+                INFO,
+                "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted",
+                server_round,
+                result.accuracy,
+                result.loss,
+                accepted,
+                sampled,
+            )
+        if self.on_round:
+            self.on_round(totals)
+        return totals
