@@ -45,8 +45,8 @@ class Setting:
     """The flag may be given several times; its values are joined with commas."""
     flag_default: Callable[[argparse.Namespace], Any] | None = None
     """The flag's default, computed from the other flags, where it is not given (or given as 0)."""
-    client: int | None = None
-    """Position of the key in the task sent to clients (the order is part of every message); None: not sent."""
+    client: bool = False
+    """Sent to clients in the task of every instruction."""
     omit_empty: bool = False
     """Left out of the client task while empty."""
 
@@ -109,14 +109,14 @@ class FastSpec:
         saves little on small layers and costs them expressiveness).
     """
 
-    kind: str = setting("lora", "which tensors train and travel", key="fast", choices=FAST_KINDS, client=10)
-    rank: int = setting(4, "LoRA rank", client=11)
-    lora_alpha: float = setting(8.0, "LoRA scaling numerator", client=12)
-    density: float = setting(0.01, "fast fraction of entries (sparse)", client=13)
+    kind: str = setting("lora", "which tensors train and travel", key="fast", choices=FAST_KINDS, client=True)
+    rank: int = setting(4, "LoRA rank", client=True)
+    lora_alpha: float = setting(8.0, "LoRA scaling numerator", client=True)
+    density: float = setting(0.01, "fast fraction of entries (sparse)", client=True)
     seed: int = setting(0, "always the run's seed", key=False, flag=False)
-    biases: bool = setting(False, "also train and send every bias vector (BitFit)", flag="--fast-biases", client=14)
+    biases: bool = setting(False, "also train and send every bias vector (BitFit)", flag="--fast-biases", client=True)
     lora_min_params: int = setting(
-        0, "layers with fewer weight entries than this are fast as a whole instead of getting LoRA", client=15
+        0, "layers with fewer weight entries than this are fast as a whole instead of getting LoRA", client=True
     )
 
     def __post_init__(self) -> None:
@@ -213,9 +213,9 @@ class RunConfig:
         "synthetic",
         "synthetic (Synthetic(alpha, beta) from the FedProx paper, generated) or fmnist (Fashion-MNIST from IDX files)",
         choices=DATASETS,
-        client=0,
+        client=True,
     )
-    num_clients: int = setting(30, "number of clients (virtual SuperNodes)", flag="--clients", client=1)
+    num_clients: int = setting(30, "number of clients (virtual SuperNodes)", flag="--clients", client=True)
     rounds: int = setting(10, "number of federated rounds")
     fraction: float = setting(
         0.2,
@@ -223,19 +223,19 @@ class RunConfig:
         flag_default=_fraction_flag_default,
     )
     fast: FastSpec = FastSpec()
-    seed: int = setting(0, "seed for data generation, partitioning, sampling and initialisation", client=2)
-    local_epochs: int = setting(1, "local epochs per round on each sampled client", client=3)
-    lr: float = setting(0.05, "client SGD learning rate", client=5)
-    batch_size: int = setting(32, "client minibatch size", client=6)
+    seed: int = setting(0, "seed for data generation, partitioning, sampling and initialisation", client=True)
+    local_epochs: int = setting(1, "local epochs per round on each sampled client", client=True)
+    lr: float = setting(0.05, "client SGD learning rate", client=True)
+    batch_size: int = setting(32, "client minibatch size", client=True)
     server_lr: float = setting(1.0, "server step size applied to the aggregated fast delta")
-    dirichlet_alpha: float = setting(0.3, "Dirichlet concentration (fmnist)", flag="--alpha", client=7)
-    synthetic_alpha: float = setting(1.0, "model heterogeneity of Synthetic(alpha, beta)", flag=False, client=8)
-    synthetic_beta: float = setting(1.0, "data heterogeneity of Synthetic(alpha, beta)", flag=False, client=9)
+    dirichlet_alpha: float = setting(0.3, "Dirichlet concentration (fmnist)", flag="--alpha", client=True)
+    synthetic_alpha: float = setting(1.0, "model heterogeneity of Synthetic(alpha, beta)", flag=False, client=True)
+    synthetic_beta: float = setting(1.0, "data heterogeneity of Synthetic(alpha, beta)", flag=False, client=True)
     data_dir: str = setting(
         "",
         "folder with the four Fashion-MNIST IDX .gz files "
         "(default: $FEDSLIM_DATA_DIR or /usr/share/datasets/fashion-mnist)",
-        client=19,
+        client=True,
         omit_empty=True,
     )
     out: str = setting("runs/latest", "run directory (communication log goes here)")
@@ -243,22 +243,22 @@ class RunConfig:
     codec: str = setting(
         "none",
         "uplink codec pipeline, e.g. topk:0.05+q8+lzma, randk:0.05+q4, ternary:0.1, powersgd:2, fp16, none",
-        client=16,
+        client=True,
     )
     downstream_codec: str = setting("none", "codec of the server's broadcast steps (same syntax as --codec)")
     error_feedback: bool = setting(
         True,
         "send biased codecs' output without carrying what they drop into the next update",
         flag="--no-error-feedback",
-        client=17,
+        client=True,
     )
     error_feedback_decay: float = setting(
-        0.9, "error-feedback residual kept per round a client missed (1: all of it)", flag="--ef-decay", client=18
+        0.9, "error-feedback residual kept per round a client missed (1: all of it)", flag="--ef-decay", client=True
     )
     screen_factor: float = setting(
         10.0, "reject an update more than this many times the median size of recent ones (a diverged local run); 0: off"
     )
-    local_steps: int = setting(0, "minibatch steps per round instead of epochs (0: use --local-epochs)", client=4)
+    local_steps: int = setting(0, "minibatch steps per round instead of epochs (0: use --local-epochs)", client=True)
     strategy: str = setting(
         "fedavg", "aggregation rule: fedavg, fedau, fedvarp, mifa, fedstale, fedamd, or module:Class"
     )
@@ -391,14 +391,8 @@ def _flat_keys() -> dict[str, FlatKey]:
     return entries
 
 
-def _client_task_keys() -> tuple[FlatKey, ...]:
-    """The settings clients receive, in their declared positions (which must run 0, 1, 2, ...)."""
-    by_position = {e.setting.client: e for e in FLAT_KEYS.values() if e.setting.client is not None}
-    return tuple(by_position[i] for i in range(len(by_position)))
-
-
 FLAT_KEYS = _flat_keys()
-CLIENT_TASK_KEYS = _client_task_keys()
+CLIENT_TASK_KEYS = tuple(entry for entry in FLAT_KEYS.values() if entry.setting.client)
 
 
 def flat_defaults() -> dict[str, Any]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from fedslim.channel.protocol import Role
 from fedslim.codecs.pipeline import DELTA, encode_update, parse_codec
+from fedslim.config import RunConfig
 from fedslim.strategies import (
     MIFA,
     ClientMemory,
@@ -21,6 +23,7 @@ from fedslim.strategies import (
     Federation,
     FedStale,
     FedVARP,
+    FlowerStrategy,
     Step,
     StrategyConfigError,
 )
@@ -370,3 +373,63 @@ def test_memory_is_reported_per_strategy() -> None:
     varp.aggregate(1, [update("a", [1, 1]), update("b", [1, 1])])
     assert varp.memory_bytes() == 2 * 2 * 2 + 2 * 8  # two clients' fp16 pairs + the float64 running sum
     assert bound(FastFedAvg(), CLIENTS).memory_bytes() == 0
+
+
+# ----------------------------------------------------------------- Flower's own strategies
+
+
+def flower(strategy: object, clients: list[str]) -> FlowerStrategy:
+    adapter = FlowerStrategy(strategy, seed=4)  # type: ignore[arg-type]
+    adapter.bind(federation(clients))
+    return adapter
+
+
+def test_flower_fedmedian_takes_the_coordinate_wise_median_of_the_fast_updates() -> None:
+    from flwr.serverapp.strategy import FedMedian
+
+    adapter = flower(FedMedian(min_available_nodes=1, min_train_nodes=1), CLIENTS)
+    state = {"w": np.array([1.0, 1.0], np.float32)}
+    assert [i.client for i in adapter.configure(1, state, CLIENTS)] == CLIENTS
+    outcome = adapter.apply(1, [update("a", [1, 10]), update("b", [2, -4]), update("c", [100, 0])])
+    assert outcome.state is not None
+    np.testing.assert_array_equal(outcome.state["w"], [1 + 2, 1 + 0])
+    assert outcome.step.weights == {}  # Flower's weights are not known to fedslim
+    assert adapter.apply(2, []).state is None
+
+
+def test_flower_fedavg_matches_fedslims_fedavg() -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    ours, theirs = bound(FastFedAvg(), CLIENTS), flower(FedAvg(min_available_nodes=1), CLIENTS)
+    state = {"w": np.array([0.5, -0.5], np.float32)}
+    for server_round, updates in enumerate(random_rounds(CLIENTS, 5, 2), start=1):
+        updates = [replace(u, num_examples=10 * (i + 1)) for i, u in enumerate(updates)]
+        ours.configure(server_round, state, CLIENTS)
+        theirs.configure(server_round, state, CLIENTS)
+        expected, found = ours.apply(server_round, updates).state, theirs.apply(server_round, updates).state
+        assert expected is not None and found is not None
+        np.testing.assert_allclose(found["w"], expected["w"], rtol=1e-6, atol=1e-7)
+        state = expected
+
+
+def test_flower_sampling_is_seeded_and_never_waits_for_missing_nodes() -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    clients = [f"c{i}" for i in range(10)]
+    state = {"w": np.zeros(2, np.float32)}
+    picks = [flower(FedAvg(fraction_train=0.3), clients).configure(1, state, clients) for _ in range(2)]
+    assert picks[0] == picks[1] and len(picks[0]) == 3
+    assert flower(FedAvg(fraction_train=0.3), clients).configure(2, state, clients) != picks[0]
+    # Flower's sampling would wait for two nodes for ever; the adapter skips the round instead.
+    assert flower(FedAvg(), clients).configure(1, state, ["c3"]) == []
+
+
+@pytest.mark.parametrize("name", ["FedAvg", "FedAdam", "FedMedian", "FedTrimmedAvg"])
+def test_flower_strategies_run_a_federation_over_fast_deltas(name: str, small_config: RunConfig) -> None:
+    from fedslim.simulation.simulate import simulate
+
+    args = "min-available-nodes=1,min-train-nodes=1" + (",beta=0.25" if name == "FedTrimmedAvg" else "")
+    config = replace(small_config, rounds=3, strategy=f"flwr.serverapp.strategy:{name}", strategy_args=args)
+    result = simulate(config, backend="inline")
+    assert [r.accepted for r in result.rounds[1:]] == [2, 2, 2]
+    assert result.rounds[-1].loss < result.rounds[0].loss

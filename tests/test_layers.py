@@ -1,0 +1,87 @@
+"""Layers go one way: a module imports fedslim modules of its own layer or below (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "fedslim"
+
+# Lowest first; a module's layer is that of the longest prefix listed.
+LAYERS: list[set[str]] = [
+    {
+        "fedslim",
+        "fedslim.config",
+        "fedslim.models",
+        "fedslim.base",
+        "fedslim.adapters",
+        "fedslim.training",
+        "fedslim.data",
+        "fedslim.codecs",
+        "fedslim.protos",
+        "fedslim.commlog",
+        "fedslim.report",
+    },
+    {"fedslim.channel"},
+    {"fedslim.strategies"},
+    {"fedslim.client", "fedslim.server"},
+    {"fedslim.simulation", "fedslim.deploy", "fedslim.logs", "fedslim.cli"},
+]
+
+
+def layer_of(module: str) -> int:
+    matches = [
+        (len(prefix), level)
+        for level, prefixes in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    assert matches, f"{module} is in no layer"
+    return max(matches)[1]
+
+
+def fedslim_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fedslim"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("fedslim")}
+    return found
+
+
+def modules() -> list[tuple[str, Path]]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        found.append((".".join(parts[:-1] if parts[-1] == "__init__" else parts), path))
+    return found
+
+
+def test_imports_go_down_the_layers() -> None:
+    upward = [
+        f"{module} (layer {layer_of(module)}) imports {target} (layer {layer_of(target)})"
+        for module, path in modules()
+        for target in fedslim_imports(path)
+        if layer_of(target) > layer_of(module)
+    ]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from fedslim.server.loop import run_federation\nimport fedslim.cli\n")
+    assert fedslim_imports(module) == {"fedslim.server.loop", "fedslim.cli"}
+    assert layer_of("fedslim.server.loop") > layer_of("fedslim.channel.uplink") > layer_of("fedslim.codecs.layouts")
+
+
+@pytest.mark.parametrize("entry", ["fedslim.client.app"])
+def test_the_deployed_client_app_loads_nothing_from_simulation_or_server(entry: str) -> None:
+    code = f"import sys, {entry}; print(sorted(m for m in sys.modules if m.startswith('fedslim.')))"
+    loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "fedslim.channel.uplink" in loaded
+    assert "fedslim.simulation" not in loaded and "fedslim.server" not in loaded
