@@ -8,12 +8,17 @@ full-model FedAvg would have moved instead (see docs/commlog.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
 from fedslim.channel.protocol import DIRECTION_KEY, FAST_KEY, record_sync, record_update
 from fedslim.channel.uplink import Received, footprint
 from fedslim.commlog import CommLog, MessageRow
+
+if TYPE_CHECKING:
+    from flwr.proto.message_pb2 import ObjectTree
+    from flwr.supercore.inflatable.inflatable_object import InflatableObject
 
 # Flower 1.39's Fleet API fields whose values the server never sees, at their fixed lengths.
 _SESSION_ID = "00000000-0000-0000-0000-000000000000"  # a uuid4 per pushed message
@@ -40,12 +45,11 @@ def message_bytes(message: Message, direction: str) -> int:
         Reconnect,
     )
     from flwr.proto.node_pb2 import Node
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+    from flwr.supercore.inflatable.inflatable_object import no_object_id_recompute
 
-    objects = get_all_nested_objects(message)
-    content = sum(len(obj.deflate()) for obj in objects.values())
+    with no_object_id_recompute():  # each object is deflated and hashed once (Flower's own ids, reused)
+        objects, tree, content = _content(message)
     proto = message_to_proto(remove_content_from_message(message))
-    tree = get_object_tree(message)
     if direction == "down":
         node = Node(node_id=message.metadata.dst_node_id)
         envelope = PullMessagesRequest(node=node).ByteSize()
@@ -62,6 +66,21 @@ def message_bytes(message: Message, direction: str) -> int:
             session_id=_SESSION_ID,
         ).ByteSize()
     return content + envelope
+
+
+def _content(message: Message) -> tuple[list[str], ObjectTree, int]:
+    """The ids of the message's distinct objects (post-order), its object tree, and their deflated bytes."""
+    from flwr.proto.message_pb2 import ObjectTree
+
+    sizes: dict[str, int] = {}
+
+    def visit(obj: InflatableObject) -> ObjectTree:
+        children = [visit(child) for child in (obj.children or {}).values()]
+        sizes.setdefault(obj.object_id, len(obj.deflate()))
+        return ObjectTree(object_id=obj.object_id, children=children)
+
+    tree = visit(message)
+    return list(sizes), tree, sum(sizes.values())
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,13 @@ IDENTIFY_TYPE = MessageType.QUERY
 PROVISION_TYPE = f"{MessageType.QUERY}.provision"
 FINAL_SYNC_TYPE = f"{MessageType.QUERY}.sync"
 
+# Keys of a node's config (Flower's node_config): set by the simulation engine or by `fedslim deploy supernode`.
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+NODE_NAME_KEY = "node-name"
+DATA_PATH_KEY = "data-path"
+BASE_PATH_KEY = "base-path"
+
 # Keys of a node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).
 REPLICA_STATE_KEY = "fedslim-replica"
 REPLICA_META_KEY = "fedslim-replica-meta"

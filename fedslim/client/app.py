@@ -23,14 +23,18 @@ from fedslim.channel.protocol import (
     ANCHOR_METRIC,
     BASE_BYTES_KEY,
     BASE_FINGERPRINT_KEY,
+    BASE_PATH_KEY,
     CHUNK_KEY,
     CONFIG_KEY,
     CPU_KEY,
+    DATA_PATH_KEY,
     DELTA_KEY,
     DROP_RESIDUAL_KEY,
     METRICS_KEY,
+    NODE_NAME_KEY,
     NUM_EXAMPLES_KEY,
     OFFSET_KEY,
+    PARTITION_ID_KEY,
     PEAK_RSS_KEY,
     REPLICA_DIGEST_KEY,
     REPLICA_VERSION_KEY,
@@ -155,15 +159,15 @@ def finish_download(partial: PartialBase, expected: str) -> None:
 
 def node_key(context: Context) -> str:
     """``partition-<id>`` for a simulated node, else the deployed node's ``node-name``."""
-    if "partition-id" in context.node_config:
-        return partition_key(int(context.node_config["partition-id"]))
-    return str(context.node_config.get("node-name") or f"node-{context.node_id}")
+    if PARTITION_ID_KEY in context.node_config:
+        return partition_key(int(context.node_config[PARTITION_ID_KEY]))
+    return str(context.node_config.get(NODE_NAME_KEY) or f"node-{context.node_id}")
 
 
 def node_seed(context: Context) -> int:
     """This node's share of the training seed: its partition id, or a hash of its client key."""
-    if "partition-id" in context.node_config:
-        return int(context.node_config["partition-id"])
+    if PARTITION_ID_KEY in context.node_config:
+        return int(context.node_config[PARTITION_ID_KEY])
     return zlib.crc32(node_key(context).encode())
 
 
@@ -301,7 +305,7 @@ def task_config(msg: Message, *extra_keys: str) -> tuple[RunConfig, dict[str, An
 
 def node_base_path(context: Context, config: RunConfig) -> Path:
     """Where this node keeps the base: ``base-path`` from the node config, else the benchmark cache."""
-    return Path(str(context.node_config.get("base-path") or default_base_path(config)))
+    return Path(str(context.node_config.get(BASE_PATH_KEY) or default_base_path(config)))
 
 
 def resident_base(context: Context, config: RunConfig) -> ResidentBase:
@@ -326,17 +330,17 @@ def fast_model(base: ResidentBase, spec: FastSpec) -> FastSlowModel:
 
 def local_data(context: Context, config: RunConfig) -> ArrayDataset:
     """This node's training data: its own file (``data-path``), else the simulated partition (``partition-id``)."""
-    if "data-path" in context.node_config:
+    if DATA_PATH_KEY in context.node_config:
         try:
-            return load_array_file(Path(str(context.node_config["data-path"])))
+            return load_array_file(Path(str(context.node_config[DATA_PATH_KEY])))
         except (DatasetMissingError, ValueError) as exc:
             raise Refusal(RefusalCode.BAD_REQUEST, str(exc)) from exc
-    if "partition-id" not in context.node_config:
+    if PARTITION_ID_KEY not in context.node_config:
         raise Refusal(
             RefusalCode.BAD_REQUEST,
             "node_config has neither data-path nor partition-id: this node has no training data",
         )
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = int(context.node_config[PARTITION_ID_KEY])
     try:
         clients = load_federation(config).clients
     except DatasetMissingError as exc:

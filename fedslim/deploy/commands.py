@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedslim.channel.protocol import BASE_PATH_KEY, DATA_PATH_KEY, NODE_NAME_KEY
 from fedslim.deploy.credentials import ServerCredentials
 
 
@@ -100,9 +101,9 @@ class NodeSettings:
     extra: tuple[tuple[str, str], ...] = ()
 
     def node_config(self) -> str:
-        entries = [("node-name", self.name)]
-        entries += [("data-path", str(self.data_path))] if self.data_path else []
-        entries += [("base-path", str(self.base_path))] if self.base_path else []
+        entries = [(NODE_NAME_KEY, self.name)]
+        entries += [(DATA_PATH_KEY, str(self.data_path))] if self.data_path else []
+        entries += [(BASE_PATH_KEY, str(self.base_path))] if self.base_path else []
         entries += list(self.extra)
         return " ".join(f"{key}={_node_config_value(value)}" for key, value in entries)
 

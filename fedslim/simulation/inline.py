@@ -15,6 +15,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedslim.channel.protocol import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+
 FIRST_NODE_ID = 1000
 
 
@@ -39,7 +41,7 @@ class InlineGrid:
             node: Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": k, "num-partitions": num_nodes},
+                node_config={PARTITION_ID_KEY: k, NUM_PARTITIONS_KEY: num_nodes},
                 state=RecordDict(),
                 run_config={},
             )
