@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedslim.adapters import FastSlowModel
 from fedslim.base import ResidentBase, ensure_pretrained_base, load_base
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink, ServerReplica
@@ -168,18 +169,51 @@ def run_federation(
     base = load_base(ensure_pretrained_base(config), config.dataset)
     model = base.build(config.fast)
     data = load_federation(config)
-    fast_state = model.fast_state()
     schedule = simulated_participation(config, data)
+    wire = start_log(config, base, model, type(strategy).__name__)
+    try:
+        grid = identify_nodes(grid, config, base, WireAccounting(wire, 0))
+        strategy.bind(federation_of(grid, model.fast_shapes(), schedule, config))
+        replica = ServerReplica(model.fast_state(), config.downlink, base.fingerprint, seed=config.seed)
+        screen = SizeScreen(config.screen_factor)
+        run = ServerRun(
+            config=config,
+            grid=grid,
+            strategy=strategy,
+            model=model,
+            test=data.test,
+            fast_state=model.fast_state(),
+            downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}),
+            uplink=UplinkReceiver(model.fast_shapes(), base.fingerprint, screen, config.local_step_count),
+            wire=wire,
+            schedule=schedule,
+            on_round=on_round,
+        )
+        run.finish_round(0, 0, 0, len(grid.admitted), time.monotonic())
+        for server_round in range(1, config.rounds + 1):
+            run.run_round(server_round)
+        if config.final_sync:
+            final_sync(run)
+        wire.commlog.finish_run(wire.run_id)
+        return RunResult(wire.run_id, str(wire.commlog.path), wire.commlog.round_totals(wire.run_id), run.fast_state)
+    finally:
+        wire.commlog.close()
+
+
+def start_log(config: RunConfig, base: ResidentBase, model: FastSlowModel, strategy: str) -> RunWire:
+    """Open the run directory's communication log and record the run in it."""
     commlog = CommLog(config.run_dir / LOG_FILENAME)
     run_id = uuid.uuid4().hex[:12]
+    fast_parameters = model.num_fast_parameters()
     full_payload_bytes = ArrayRecord(base.state).count_bytes()
+    fast_payload_bytes = ArrayRecord({n: Array(v) for n, v in model.fast_state().items()}).count_bytes()
     commlog.start_run(
         run_id,
         config.to_dict(),
         base.fingerprint,
         base.num_parameters(),
-        model.num_fast_parameters(),
-        ArrayRecord({n: Array(v) for n, v in fast_state.items()}).count_bytes(),
+        fast_parameters,
+        fast_payload_bytes,
         full_payload_bytes,
     )
     log(
@@ -187,52 +221,24 @@ def run_federation(
         "fedslim run %s: %d fast of %d base parameters (%s), strategy %s, participation %s, "
         "codec up %s / down %s, log %s",
         run_id,
-        model.num_fast_parameters(),
+        fast_parameters,
         base.num_parameters(),
         config.fast.kind,
-        type(strategy).__name__,
+        strategy,
         config.participation,
         config.uplink.spec,
         config.downlink.spec,
         commlog.path,
     )
-    wire = RunWire(
+    return RunWire(
         commlog,
         run_id,
-        fast_raw_bytes=4 * model.num_fast_parameters(),
+        fast_raw_bytes=4 * fast_parameters,
         full_payload_bytes=full_payload_bytes,
         uplink=config.uplink.spec,
         downlink=config.downlink.spec,
         client_keys={},
     )
-    try:
-        ordered = identify_nodes(grid, config, base, WireAccounting(wire, 0))
-        strategy.bind(federation_of(ordered, model.fast_shapes(), schedule, config))
-        task = {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}
-        replica = ServerReplica(fast_state, config.downlink, base.fingerprint, seed=config.seed)
-        screen = SizeScreen(config.screen_factor)
-        run = ServerRun(
-            config=config,
-            grid=ordered,
-            strategy=strategy,
-            model=model,
-            test=data.test,
-            fast_state=fast_state,
-            downlink=Downlink(replica, task),
-            uplink=UplinkReceiver(model.fast_shapes(), base.fingerprint, screen, config.local_step_count),
-            wire=wire,
-            schedule=schedule,
-            on_round=on_round,
-        )
-        run.finish_round(0, 0, 0, len(ordered.admitted), time.monotonic())
-        for server_round in range(1, config.rounds + 1):
-            run.run_round(server_round)
-        if config.final_sync:
-            final_sync(run)
-        commlog.finish_run(run_id)
-        return RunResult(run_id, str(commlog.path), commlog.round_totals(run_id), run.fast_state)
-    finally:
-        commlog.close()
 
 
 def simulated_participation(config: RunConfig, data: FederatedData) -> Schedule | None:
