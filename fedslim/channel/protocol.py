@@ -10,8 +10,9 @@ compressed delta) and ``metrics`` (MetricRecord: ``num-examples``,
 ``train-loss``, and the device's footprint: ``cpu-s`` and ``peak-rss-bytes``).
 
 The identity query (round 0) carries the client task, the server's base
-fingerprint and its size; its reply carries ``identity``: ``client-key`` and
-what the node holds of the base (``base``: a :class:`BaseStatus`;
+fingerprint and its size; its reply carries ``identity``: ``client-key``,
+``num-examples`` (the training examples the node holds: no train reply may
+claim more) and what the node holds of the base (``base``: a :class:`BaseStatus`;
 ``base-fingerprint``; ``partial-bytes`` of an interrupted download). A node
 without the base is sent it in chunks (``query.provision``: ``config`` with
 ``offset`` and ``total-bytes``, ``chunk``; the reply says ``received-bytes``
@@ -202,8 +203,13 @@ class BaseReport:
     partial_bytes: int = 0
 
 
-def identity_reply(request: Message, key: str, base: BaseReport | None = None) -> Message:
+def identity_reply(
+    request: Message, key: str, base: BaseReport | None = None, num_examples: int | None = None
+) -> Message:
+    """A node's identity: its client key, what it holds of the base, and how many training examples it has."""
     identity = ConfigRecord({CLIENT_KEY: key})
+    if num_examples is not None:
+        identity[NUM_EXAMPLES_KEY] = num_examples
     if base is not None:
         identity[BASE_STATUS_KEY] = base.status.value
         identity[BASE_FINGERPRINT_KEY] = base.fingerprint
@@ -222,6 +228,14 @@ def base_report(reply: Message) -> BaseReport | None:
         return None
     partial_bytes = partial if isinstance(partial, int) and partial > 0 else 0
     return BaseReport(BaseStatus(status), str(fingerprint or ""), partial_bytes)
+
+
+def declared_examples(reply: Message) -> int | None:
+    """The training examples a node declared with its identity, or None if it declared no positive integer."""
+    if reply.has_error() or IDENTITY_KEY not in reply.content.config_records:
+        return None
+    declared = reply.content.config_records[IDENTITY_KEY].get(NUM_EXAMPLES_KEY)
+    return declared if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0 else None
 
 
 def client_key(reply: Message) -> str | None:

@@ -121,7 +121,10 @@ class UpdateCheck:
 def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate | None, str | None]:
     """The decoded update of ``reply`` (None if it cannot be decoded) and the reason it cannot be aggregated.
 
-    The reason is None exactly when the update can be aggregated.
+    The reason is None exactly when the update can be aggregated. Nothing a
+    client sends makes it raise: a missing record is a KeyError, a record or
+    blob that is not what it should be a ValueError (decode_update raises
+    nothing but UpdateError, one of those), and both are reasons.
     """
     if reply.has_error():
         return None, error_text(reply)
@@ -131,8 +134,9 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate |
         update = decode_update(blob, expected.shapes)
     except (KeyError, ValueError) as exc:
         return None, f"malformed update: {exc}"
-    if not isinstance(examples, int) or examples <= 0:
-        return update, f"malformed update: num-examples must be a positive integer, got {examples!r}"
+    # Flower's wire carries 64-bit integers; a larger one (possible in-process) is no count of examples.
+    if not isinstance(examples, int) or not 0 < examples < 2**63:
+        return update, f"malformed update: num-examples must be a positive integer, got {examples!r:.60}"
     if update.kind != DELTA:
         return update, "malformed update: a client sent a full state, not a delta"
     if update.base_fingerprint != expected.base_fingerprint:
@@ -176,12 +180,32 @@ class SizeScreen:
         self.min_reference = min_reference
         self.recent: deque[float] = deque(maxlen=window)
 
-    def reasons(self, sizes: Sequence[float | None]) -> list[str | None]:
-        """Why each candidate is rejected (None: it passes; a None size is not screened)."""
+    def reasons(
+        self, sizes: Sequence[float | None], norms: Sequence[float | None] = (), state_norm: float = 0.0
+    ) -> list[str | None]:
+        """Why each candidate is rejected (None: it passes; a None size is not screened).
+
+        Without a reference yet (the first rounds of a small federation), an
+        update whose L2 norm (``norms``, by candidate) is more than ``factor``
+        times ``state_norm``, the norm of the fast state it was trained from,
+        is rejected instead: no honest step moves the fast layer by ten times
+        its own size.
+        """
+        if not self.factor:
+            return [None] * len(sizes)
         reference = [*self.recent, *(size for size in sizes if size is not None)]
         median = float(np.median(reference)) if len(reference) >= self.min_reference else 0.0
-        if not self.factor or median == 0.0:
-            return [None] * len(sizes)
+        if median == 0.0:
+            return [
+                None
+                if size is None or not state_norm or norm is None or norm <= self.factor * state_norm
+                else (
+                    f"update too large: L2 norm {norm:.4g}, {norm / state_norm:,.0f}x the norm of the fast state "
+                    f"it was trained from ({state_norm:.4g}; with fewer than {self.min_reference} update sizes to "
+                    f"compare with, the screen rejects above {self.factor:g}x the state): local training diverged?"
+                )
+                for size, norm in zip(sizes, [*norms, *[None] * (len(sizes) - len(norms))])
+            ]
         return [
             None
             if size is None or size <= self.factor * median
@@ -197,10 +221,14 @@ class SizeScreen:
         self.recent.append(size)
 
 
+def state_norm(tensors: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm over every tensor of a fast state or update."""
+    return float(np.sqrt(sum(np.sum(np.square(value, dtype=np.float64)) for value in tensors.values())))
+
+
 def update_size(update: DecodedUpdate, num_examples: int, local_steps: Callable[[int], int]) -> float:
     """L2 norm per local step of a decoded delta (``local_steps`` gives the steps of so many examples)."""
-    norm = float(np.sqrt(sum(np.sum(np.square(value, dtype=np.float64)) for value in update.tensors.values())))
-    return norm / local_steps(num_examples)
+    return state_norm(update.tensors) / local_steps(num_examples)
 
 
 @dataclass(frozen=True)
@@ -237,6 +265,10 @@ class UplinkReceiver:
         The size screen (its history spans the run).
     local_steps : callable
         The local steps a client with so many examples takes (sizes are per step).
+    declared : Mapping[str, int]
+        The training examples each client declared when it joined: a reply
+        claiming more is rejected (docs/wire.md says what this does and does
+        not stop).
     """
 
     def __init__(
@@ -245,20 +277,28 @@ class UplinkReceiver:
         base_fingerprint: str,
         screen: SizeScreen,
         local_steps: Callable[[int], int],
+        declared: Mapping[str, int] | None = None,
     ) -> None:
         self.shapes = shapes
         self.base_fingerprint = base_fingerprint
         self.screen = screen
         self.local_steps = local_steps
+        self.declared = dict(declared or {})
 
     def receive(
-        self, replies: Sequence[Message], asked: Mapping[int, Instruction], state_version: int
+        self,
+        replies: Sequence[Message],
+        asked: Mapping[int, Instruction],
+        state_version: int,
+        fast_state_norm: float = 0.0,
     ) -> list[Received]:
         """Every reply, accepted or rejected; ``asked`` is the instruction sent to each node this round.
 
         A reply from a node that was not asked, or a second reply from one
-        that was, is rejected. An anchor's upload (a gradient, not a local
-        run) is not screened for size.
+        that was, is rejected, and so is one claiming more examples than its
+        node declared. An anchor's upload (a gradient, not a local run) is not
+        screened for size; ``fast_state_norm`` is the size reference while the
+        screen has too few sizes of its own.
         """
         expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version)
         answered: set[int] = set()
@@ -270,16 +310,23 @@ class UplinkReceiver:
                 checked.append((instruction, None, f"unexpected reply: {problem} in this round"))
                 continue
             answered.add(reply.metadata.src_node_id)
-            checked.append((instruction, *check_update(reply, expected)))
+            update, reason = check_update(reply, expected)
+            checked.append((instruction, update, reason or self._overclaim(reply, instruction)))
+        screened = [
+            update is not None and reason is None and instruction is not None and instruction.work != Role.ANCHOR
+            for instruction, update, reason in checked
+        ]
         sizes = [
-            update_size(update, _examples(reply), self.local_steps)
-            if update is not None and reason is None and instruction is not None and instruction.work != Role.ANCHOR
-            else None
-            for reply, (instruction, update, reason) in zip(replies, checked)
+            update_size(update, _examples(reply), self.local_steps) if screen and update is not None else None
+            for reply, (_, update, _), screen in zip(replies, checked, screened)
+        ]
+        norms = [
+            state_norm(update.tensors) if screen and update is not None else None
+            for (_, update, _), screen in zip(checked, screened)
         ]
         received = []
         for reply, (instruction, update, reason), size, too_large in zip(
-            replies, checked, sizes, self.screen.reasons(sizes)
+            replies, checked, sizes, self.screen.reasons(sizes, norms, fast_state_norm)
         ):
             reason = reason or too_large
             if size is not None:
@@ -290,6 +337,16 @@ class UplinkReceiver:
             lag = state_version - update.state_version if update is not None else None
             received.append(Received(reply, instruction, accepted, reason, _payload_bytes(reply), lag))
         return received
+
+    def _overclaim(self, reply: Message, instruction: Instruction) -> str | None:
+        """Why the examples a reply claims cannot be right for its client (None: they can)."""
+        claimed, declared = _examples(reply), self.declared.get(instruction.client)
+        if declared is not None and claimed > declared:
+            return (
+                f"num-examples {claimed:,} is more than the {declared:,} training examples "
+                f"{instruction.client} declared when it joined"
+            )
+        return None
 
 
 def _examples(reply: Message) -> int:

@@ -97,9 +97,16 @@ def peak_rss_bytes() -> int:
 @app.query()
 @answers_refusals
 def identify(msg: Message, context: Context) -> Message:
-    """Report this node's stable client key (the server orders and samples by it) and what it holds of the base."""
-    report = base_report(msg, context) if CONFIG_KEY in msg.content.config_records else None
-    return identity_reply(msg, node_key(context), report)
+    """Report this node's stable client key (the server orders and samples by it), what it holds of the base, and
+    how many training examples it has (the most any of its train replies may claim)."""
+    if CONFIG_KEY not in msg.content.config_records:
+        return identity_reply(msg, node_key(context))
+    config, _ = task_config(msg, BASE_FINGERPRINT_KEY, BASE_BYTES_KEY)
+    try:
+        examples: int | None = len(local_data(context, config))
+    except Refusal:
+        examples = None  # no data to declare: the node's train replies will say why
+    return identity_reply(msg, node_key(context), base_report(msg, context), examples)
 
 
 def base_report(msg: Message, context: Context) -> BaseReport:

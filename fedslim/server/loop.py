@@ -26,6 +26,7 @@ from fedslim.channel.protocol import (
     BaseStatus,
     base_report,
     client_key,
+    declared_examples,
     error_text,
     identity_requests,
     partition_key,
@@ -66,10 +67,13 @@ def identify_nodes(grid: Grid, config: RunConfig, base: ResidentBase, wire: Wire
     requests = identity_requests(wait_for_nodes(grid, config.num_clients), query)
     replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
     keys = wire.run.client_keys
+    declared: dict[int, int] = {}
     for reply in replies:
-        key = client_key(reply)
+        key, examples = client_key(reply), declared_examples(reply)
         if key:
             keys[reply.metadata.src_node_id] = key
+        if key and examples is not None:
+            declared[reply.metadata.src_node_id] = examples
     for request in requests:
         wire.record_down(request)
     refused: set[int] = set()
@@ -97,7 +101,7 @@ def identify_nodes(grid: Grid, config: RunConfig, base: ResidentBase, wire: Wire
         log(WARNING, "node %d (%s) is left out of the run: it lacks the server's base", node, keys[node])
     if len(refused) == len(keys):
         raise NodesMissingError("no node holds the server's base, or could be given it")
-    return OrderedGrid(grid, keys, excluded=frozenset(refused))
+    return OrderedGrid(grid, keys, excluded=frozenset(refused), declared=declared)
 
 
 def _short(fingerprint: str) -> str:
@@ -129,19 +133,21 @@ def final_sync(run: ServerRun) -> int:
     for message in messages:
         node = message.metadata.dst_node_id
         wire.record_down(message, held[node], replica.version, codec=replica.full_state_pipeline.spec)
-    confirmed = 0
+    confirmed: set[int] = set()
     for reply in replies:
-        digest = reported_digest(reply)
-        if digest == replica.digest:
-            confirmed += 1
+        node, digest = reply.metadata.src_node_id, reported_digest(reply)
+        if node not in held or node in confirmed:
+            wire.record_reply(reply, "unexpected reply: not asked for, or a second reply, in the final sync")
+        elif digest == replica.digest:
+            confirmed.add(node)
             wire.record_reply(reply, None)
         elif digest is None:
             wire.record_reply(reply, f"no final-sync confirmation: {error_text(reply)}")
         else:
             wire.record_reply(reply, f"final fast state differs: node digest {digest}, server {replica.digest}")
-    if confirmed < len(messages):
-        log(WARNING, "final sync: %d of %d nodes confirmed the final fast state", confirmed, len(messages))
-    return confirmed
+    if len(confirmed) < len(messages):
+        log(WARNING, "final sync: %d of %d nodes confirmed the final fast state", len(confirmed), len(messages))
+    return len(confirmed)
 
 
 def run_federation(
@@ -184,7 +190,9 @@ def run_federation(
             test=data.test,
             fast_state=model.fast_state(),
             downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}),
-            uplink=UplinkReceiver(model.fast_shapes(), base.fingerprint, screen, config.local_step_count),
+            uplink=UplinkReceiver(
+                model.fast_shapes(), base.fingerprint, screen, config.local_step_count, grid.declared_by_client()
+            ),
             wire=wire,
             schedule=schedule,
             on_round=on_round,

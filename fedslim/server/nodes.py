@@ -50,6 +50,8 @@ class OrderedGrid(Grid):
     excluded : frozenset[int]
         Nodes never listed: refused at the start of the run (another base, a
         base that could not be provisioned).
+    declared : dict[int, int]
+        The training examples each node declared with its identity.
     """
 
     def __init__(
@@ -57,10 +59,12 @@ class OrderedGrid(Grid):
         grid: Grid,
         keys: dict[int, str],
         excluded: frozenset[int] = frozenset(),
+        declared: dict[int, int] | None = None,
     ) -> None:
         self.grid = grid
         self.keys = keys
         self.excluded = excluded
+        self.declared = declared or {}
 
     @property
     def admitted(self) -> dict[int, str]:
@@ -70,6 +74,10 @@ class OrderedGrid(Grid):
     def clients(self) -> list[str]:
         """The admitted clients' keys, in natural order (partition-10 after partition-9)."""
         return sorted(self.admitted.values(), key=_natural)
+
+    def declared_by_client(self) -> dict[str, int]:
+        """The training examples each admitted client declared when it joined."""
+        return {key: self.declared[node] for node, key in self.admitted.items() if node in self.declared}
 
     def nodes_of(self) -> dict[str, int]:
         """The node id of each admitted client."""

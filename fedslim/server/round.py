@@ -22,7 +22,7 @@ from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink
 from fedslim.channel.protocol import RefusalCode, partition_key
 from fedslim.channel.updates import Instruction
-from fedslim.channel.uplink import Received, UplinkReceiver
+from fedslim.channel.uplink import Received, UplinkReceiver, state_norm
 from fedslim.commlog import RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.data.datasets import ArrayDataset
@@ -135,7 +135,7 @@ class ServerRun:
             node = message.metadata.dst_node_id
             asked[node] = instruction
             wire.record_down(message, self.client_versions.get(instruction.client), version)
-        received = self.uplink.receive(replies, asked, version)
+        received = self.uplink.receive(replies, asked, version, state_norm(self.fast_state))
         for item in received:
             wire.record_received(item)
             client = item.instruction.client if item.instruction is not None else None
