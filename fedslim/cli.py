@@ -34,12 +34,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.data.datasets import DatasetMissingError, load_federation
+    from fedslim.data.participation import check_trace
     from fedslim.report import round_table
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
 
     config = RunConfig.from_args(args)
-    strategy_for(config)  # a bad strategy or argument fails here, before any node starts
+    # A bad strategy, trace or run directory fails here, before any node starts.
+    strategy_for(config)
+    check_trace(config.participation, config.num_clients, config.rounds)
+    config.check_run_dir()
     console = Console()
     progress = Progress(
         TextColumn("[bold]rounds"),
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_simulate(args)
         except ConfigError as exc:
-            parser.error(str(exc))
+            # One line, without the usage: the message names the flag and what it accepts.
+            simulate = sub.choices["simulate"]
+            simulate.exit(2, f"{simulate.prog}: error: {' '.join(str(exc).split())}\n")
     try:
         return run_logs(args) if args.command == "logs" else run_deploy(args)
     except (FileNotFoundError, RunNotFoundError, SchemaVersionError, ValueError, ImportError) as exc:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 import os
-from collections.abc import Callable, Mapping
+import re
+import shlex
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedslim.codecs.pipeline import CodecSpecError, Pipeline, parse_codec
-from fedslim.data.participation import ParticipationError, check_participation_spec
 
 DATASETS = ("synthetic", "fmnist")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
@@ -23,6 +27,38 @@ class ConfigError(ValueError):
 
 class StrategyConfigError(ConfigError):
     """A strategy cannot run with the arguments or the federation it was given."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting accepts: finite numbers from ``low`` (excluded if ``exclusive``) to ``high``."""
+
+    low: float
+    high: float = math.inf
+    exclusive: bool = False
+
+    def check(self, name: str, value: Any, integer: bool, where: str) -> None:
+        """ConfigError naming ``name``, ``value`` and this range unless ``value`` is in it (``where``: its flag)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+            raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}{where}")
+        above_low = value > self.low if self.exclusive else value >= self.low
+        if not (above_low and value <= self.high and (integer or math.isfinite(value))):
+            raise ConfigError(f"{name} must be {self.describe(integer)}, got {value}{where}")
+
+    def describe(self, integer: bool) -> str:
+        low, high = (int(x) if float(x).is_integer() else x for x in (self.low, self.high))
+        if high < math.inf:
+            bounds = f"in {'(' if self.exclusive else '['}{low}, {high}]"
+            return f"an integer {bounds}" if integer else bounds
+        bound = f"{'>' if self.exclusive else '>='} {low}"
+        return f"an integer {bound}" if integer else f"a finite number {bound}"
+
+
+POSITIVE = Range(0.0, exclusive=True)
+NON_NEGATIVE = Range(0.0)
+AT_LEAST_ONE = Range(1.0)
+FRACTION = Range(0.0, 1.0, exclusive=True)
+SEED_RANGE = Range(0.0, 2**32 - 1)  # 32-bit seeds: the per-layer seeds derived from them fit torch's 64 bits
 
 
 @dataclass(frozen=True)
@@ -42,13 +78,28 @@ class Setting:
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
     repeatable: bool = False
-    """The flag may be given several times; its values are joined with commas."""
+    """The flag may be given several times; :func:`join_repeated` makes its values one string."""
     flag_default: Callable[[argparse.Namespace], Any] | None = None
-    """The flag's default, computed from the other flags, where it is not given (or given as 0)."""
+    """The flag's default, computed from the other flags, where it is not given."""
     client: bool = False
     """Sent to clients in the task of every instruction."""
     omit_empty: bool = False
     """Left out of the client task while empty."""
+    range: Range | None = None
+    """The values a numeric setting accepts; ``__post_init__`` refuses others."""
+
+    def flat_key(self, name: str) -> str | None:
+        """The flat key of the field ``name`` (None if it has none)."""
+        if self.key is False:
+            return None
+        return name.replace("_", "-") if self.key is True else self.key
+
+    def cli_flag(self, name: str) -> str | None:
+        """The CLI flag of the field ``name`` (None if it has none)."""
+        key = self.flat_key(name)
+        if key is None or self.flag is False:
+            return None
+        return f"--{key}" if self.flag is True else self.flag
 
 
 SETTING = "fedslim.setting"
@@ -70,6 +121,41 @@ class FlatKey:
     default: Any
     flag: str | None
     setting: Setting
+
+
+def check_ranges(config: FastSpec | RunConfig) -> None:
+    """Refuse a numeric setting of ``config`` outside its declared range, naming its flag (or else its flat key)."""
+    for f in dataclasses.fields(config):
+        declared: Setting | None = f.metadata.get(SETTING)
+        if declared is None or declared.range is None:
+            continue
+        flag, key = declared.cli_flag(f.name), declared.flat_key(f.name)
+        where = f" ({flag})" if flag else f" (run config key {key})" if key else ""
+        declared.range.check(f.name, getattr(config, f.name), isinstance(f.default, int), where)
+
+
+_PLAIN = re.compile(r"[^\s,'\"]+")
+
+
+def join_repeated(values: Iterable[str]) -> str:
+    """A repeatable flag's values as one string (Flower's run config holds scalars only), reversed by
+    :func:`split_repeated`: comma-separated, a value holding a comma, a blank or a quote single-quoted as in a shell.
+    """
+    return ",".join(v if _PLAIN.fullmatch(v) else "'" + v.replace("'", "'\"'\"'") + "'" for v in values)
+
+
+def split_repeated(text: str) -> list[str]:
+    """The values in ``text``: separated by commas or blanks, grouped by single or double quotes (nothing else is
+    special: no backslash escapes, no comments)."""
+    lexer = shlex.shlex(text, posix=True)
+    lexer.whitespace += ","
+    lexer.whitespace_split = True
+    lexer.commenters = ""
+    lexer.escape = ""
+    try:
+        return list(lexer)
+    except ValueError as exc:
+        raise ConfigError(f"cannot split {text!r}: {str(exc).lower()}") from exc
 
 
 def _fraction_flag_default(args: argparse.Namespace) -> float:
@@ -110,22 +196,22 @@ class FastSpec:
     """
 
     kind: str = setting("lora", "which tensors train and travel", key="fast", choices=FAST_KINDS, client=True)
-    rank: int = setting(4, "LoRA rank", client=True)
-    lora_alpha: float = setting(8.0, "LoRA scaling numerator", client=True)
-    density: float = setting(0.01, "fast fraction of entries (sparse)", client=True)
-    seed: int = setting(0, "always the run's seed", key=False, flag=False)
+    rank: int = setting(4, "LoRA rank", client=True, range=AT_LEAST_ONE)
+    lora_alpha: float = setting(8.0, "LoRA scaling numerator", client=True, range=POSITIVE)
+    density: float = setting(0.01, "fast fraction of entries (sparse)", client=True, range=FRACTION)
+    seed: int = setting(0, "always the run's seed", key=False, flag=False, range=SEED_RANGE)
     biases: bool = setting(False, "also train and send every bias vector (BitFit)", flag="--fast-biases", client=True)
     lora_min_params: int = setting(
-        0, "layers with fewer weight entries than this are fast as a whole instead of getting LoRA", client=True
+        0,
+        "layers with fewer weight entries than this are fast as a whole instead of getting LoRA",
+        client=True,
+        range=NON_NEGATIVE,
     )
 
     def __post_init__(self) -> None:
         if self.kind not in FAST_KINDS:
             raise ConfigError(f"unknown fast layer {self.kind!r}; choose one of {', '.join(FAST_KINDS)}")
-        if self.rank < 1:
-            raise ConfigError(f"rank must be >= 1, got {self.rank}")
-        if not 0.0 < self.density <= 1.0:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
@@ -188,7 +274,8 @@ class RunConfig:
         Aggregation rule: a registered name (``fedavg``, ``fedau``,
         ``fedvarp``, ``mifa``, ``fedstale``, ``fedamd``) or ``module:Class``.
     strategy_args : str
-        The strategy's arguments, ``key=value`` separated by commas or spaces.
+        The strategy's arguments, ``key=value`` separated by commas or spaces; a
+        value holding either is quoted, ``name='a, b'`` (see :func:`split_repeated`).
     participation : str
         Simulated availability: ``all``, ``bernoulli``, ``label``, ``markov``,
         ``cyclic`` or ``trace:FILE`` (see :mod:`fedslim.data.participation`).
@@ -200,6 +287,12 @@ class RunConfig:
         never see them and must estimate).
     eval_every : int
         Evaluate the global model every this many rounds (and after the last).
+    robust : str
+        Robust aggregation applied to the round's updates before the strategy
+        sees them (see :mod:`fedslim.strategies.robust`).
+    attack : str
+        Simulated attackers: a share of the clients whose replies are altered
+        (see :mod:`fedslim.simulation.attacks`); simulation only.
     final_sync : bool
         After the last round, send every node the exact final fast state (one
         full-state sync each) and have it confirm the state's digest, so every
@@ -215,22 +308,33 @@ class RunConfig:
         choices=DATASETS,
         client=True,
     )
-    num_clients: int = setting(30, "number of clients (virtual SuperNodes)", flag="--clients", client=True)
-    rounds: int = setting(10, "number of federated rounds")
+    num_clients: int = setting(
+        30, "number of clients (virtual SuperNodes)", flag="--clients", client=True, range=AT_LEAST_ONE
+    )
+    rounds: int = setting(10, "number of federated rounds", range=AT_LEAST_ONE)
     fraction: float = setting(
         0.2,
         "fraction of the available clients sampled per round (default: 0.2 with --participation all, else 1.0)",
         flag_default=_fraction_flag_default,
+        range=FRACTION,
     )
     fast: FastSpec = FastSpec()
-    seed: int = setting(0, "seed for data generation, partitioning, sampling and initialisation", client=True)
-    local_epochs: int = setting(1, "local epochs per round on each sampled client", client=True)
-    lr: float = setting(0.05, "client SGD learning rate", client=True)
-    batch_size: int = setting(32, "client minibatch size", client=True)
-    server_lr: float = setting(1.0, "server step size applied to the aggregated fast delta")
-    dirichlet_alpha: float = setting(0.3, "Dirichlet concentration (fmnist)", flag="--alpha", client=True)
-    synthetic_alpha: float = setting(1.0, "model heterogeneity of Synthetic(alpha, beta)", flag=False, client=True)
-    synthetic_beta: float = setting(1.0, "data heterogeneity of Synthetic(alpha, beta)", flag=False, client=True)
+    seed: int = setting(
+        0, "seed for data generation, partitioning, sampling and initialisation", client=True, range=SEED_RANGE
+    )
+    local_epochs: int = setting(1, "local epochs per round on each sampled client", client=True, range=AT_LEAST_ONE)
+    lr: float = setting(0.05, "client SGD learning rate", client=True, range=POSITIVE)
+    batch_size: int = setting(32, "client minibatch size", client=True, range=AT_LEAST_ONE)
+    server_lr: float = setting(1.0, "server step size applied to the aggregated fast delta", range=POSITIVE)
+    dirichlet_alpha: float = setting(
+        0.3, "Dirichlet concentration (fmnist)", flag="--alpha", client=True, range=POSITIVE
+    )
+    synthetic_alpha: float = setting(
+        1.0, "model heterogeneity of Synthetic(alpha, beta)", flag=False, client=True, range=NON_NEGATIVE
+    )
+    synthetic_beta: float = setting(
+        1.0, "data heterogeneity of Synthetic(alpha, beta)", flag=False, client=True, range=NON_NEGATIVE
+    )
     data_dir: str = setting(
         "",
         "folder with the four Fashion-MNIST IDX .gz files "
@@ -239,7 +343,9 @@ class RunConfig:
         omit_empty=True,
     )
     out: str = setting("runs/latest", "run directory (communication log goes here)")
-    round_timeout: float = setting(600.0, "seconds the server waits for replies in one round", flag=False)
+    round_timeout: float = setting(
+        600.0, "seconds the server waits for replies in one round", flag=False, range=POSITIVE
+    )
     codec: str = setting(
         "none",
         "uplink codec pipeline, e.g. topk:0.05+q8+lzma, randk:0.05+q4, ternary:0.1, powersgd:2, fp16, none",
@@ -253,12 +359,20 @@ class RunConfig:
         client=True,
     )
     error_feedback_decay: float = setting(
-        0.9, "error-feedback residual kept per round a client missed (1: all of it)", flag="--ef-decay", client=True
+        0.9,
+        "error-feedback residual kept per round a client missed (1: all of it)",
+        flag="--ef-decay",
+        client=True,
+        range=Range(0.0, 1.0),
     )
     screen_factor: float = setting(
-        10.0, "reject an update more than this many times the median size of recent ones (a diverged local run); 0: off"
+        10.0,
+        "reject an update more than this many times the median size of recent ones (a diverged local run); 0: off",
+        range=NON_NEGATIVE,
     )
-    local_steps: int = setting(0, "minibatch steps per round instead of epochs (0: use --local-epochs)", client=True)
+    local_steps: int = setting(
+        0, "minibatch steps per round instead of epochs (0: use --local-epochs)", client=True, range=NON_NEGATIVE
+    )
     strategy: str = setting(
         "fedavg", "aggregation rule: fedavg, fedau, fedvarp, mifa, fedstale, fedamd, or module:Class"
     )
@@ -269,46 +383,39 @@ class RunConfig:
         metavar="KEY=VALUE",
         repeatable=True,
     )
+    robust: str = setting(
+        "none",
+        "robust aggregation in front of any strategy: none, clip[:F], median, trimmed:B, or stages joined by +",
+    )
+    attack: str = setting(
+        "",
+        "simulated attackers (simulation only), e.g. scale:100@0.1,sign-flip@0.1,lie-examples@0.1",
+    )
     participation: str = setting(
         "all", "who is available each round: all, bernoulli, label, markov, cyclic, or trace:FILE"
     )
-    participation_mean: float = setting(0.1, "mean participation probability of the participation model")
+    participation_mean: float = setting(
+        0.1, "mean participation probability of the participation model", range=FRACTION
+    )
     p_known: bool = setting(False, "let the strategy read the true participation probabilities (p-estimate=known)")
-    eval_every: int = setting(1, "evaluate every N rounds")
+    eval_every: int = setting(1, "evaluate every N rounds", range=AT_LEAST_ONE)
     final_sync: bool = setting(
         False, "after the last round, send every node the exact final fast state and have it confirm the digest"
     )
     provision_chunk_bytes: int = setting(
-        4 << 20, "chunk size when the server sends its base to a node that has none", flag=False
+        4 << 20, "chunk size when the server sends its base to a node that has none", flag=False, range=Range(1024)
     )
 
     def __post_init__(self) -> None:
+        # Imported here: the participation module's errors are ConfigErrors, so it imports this module.
+        from fedslim.data.participation import check_participation_spec
+
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
-        if self.num_clients < 1:
-            raise ConfigError(f"num_clients must be >= 1, got {self.num_clients}")
-        if self.rounds < 1:
-            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.local_epochs < 1 or self.batch_size < 1:
-            raise ConfigError("local_epochs and batch_size must be >= 1")
-        if self.lr <= 0 or self.dirichlet_alpha <= 0:
-            raise ConfigError("lr and dirichlet_alpha must be > 0")
-        if not 0.0 <= self.error_feedback_decay <= 1.0:
-            raise ConfigError(f"error_feedback_decay must be in [0, 1], got {self.error_feedback_decay}")
-        if self.screen_factor != 0 and self.screen_factor <= 1:
+        check_ranges(self)
+        if 0 < self.screen_factor <= 1:
             raise ConfigError(f"screen_factor must be > 1, or 0 to turn the screen off; got {self.screen_factor}")
-        if self.local_steps < 0 or self.eval_every < 1:
-            raise ConfigError("local_steps must be >= 0 and eval_every >= 1")
-        if self.provision_chunk_bytes < 1024:
-            raise ConfigError(f"provision_chunk_bytes must be >= 1024, got {self.provision_chunk_bytes}")
-        if not 0.0 < self.participation_mean <= 1.0:
-            raise ConfigError(f"participation_mean must be in (0, 1], got {self.participation_mean}")
-        try:
-            check_participation_spec(self.participation)
-        except ParticipationError as exc:
-            raise ConfigError(str(exc)) from exc
+        check_participation_spec(self.participation, self.participation_mean)
         for name in ("codec", "downstream_codec"):
             try:
                 parse_codec(getattr(self, name))
@@ -326,6 +433,17 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out)
+
+    def check_run_dir(self) -> None:
+        """Create the run directory and a file in it, so that an unusable ``--out`` is refused before a run starts."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"--out {self.out} is a file; the run directory must be a folder")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.run_dir):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"--out {self.out} cannot be the run directory: {exc.strerror or exc}") from exc
 
     def local_step_count(self, num_examples: int) -> int:
         """K, the minibatch steps of a client with ``num_examples`` examples: ``local_steps`` or its epochs' batches."""
@@ -369,9 +487,9 @@ class RunConfig:
                 continue
             value = getattr(args, entry.name)
             if entry.setting.repeatable:
-                value = ",".join(value)
-            elif entry.setting.flag_default is not None:
-                value = value or entry.setting.flag_default(args)
+                value = join_repeated(value)
+            elif value is None and entry.setting.flag_default is not None:
+                value = entry.setting.flag_default(args)
             values[entry.key] = value
         return cls.from_flat(values)
 
@@ -383,11 +501,9 @@ def _flat_keys() -> dict[str, FlatKey]:
         in_fast = run_field.name == "fast"
         for f in dataclasses.fields(FastSpec) if in_fast else (run_field,):
             declared: Setting = f.metadata[SETTING]
-            if declared.key is False:
-                continue
-            key = f.name.replace("_", "-") if declared.key is True else declared.key
-            flag = f"--{key}" if declared.flag is True else declared.flag or None
-            entries[key] = FlatKey(key, f.name, in_fast, f.default, flag, declared)
+            key = declared.flat_key(f.name)
+            if key is not None:
+                entries[key] = FlatKey(key, f.name, in_fast, f.default, declared.cli_flag(f.name), declared)
     return entries
 
 

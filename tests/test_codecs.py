@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -248,11 +249,79 @@ def _with_update(edit) -> bytes:
             "inflates past",
         ),
         (lambda: pb.Envelope(raw_size=10**12).SerializeToString(), "above the"),
+        (
+            lambda: pb.Envelope(
+                lossless=pb.LOSSLESS_ZSTD, raw_size=100, payload=zstandard.ZstdCompressor().compress(bytes(10**5))
+            ).SerializeToString(),
+            "zstd stream declares 100000 bytes",
+        ),
+        (
+            lambda: _with_payload("topk:0.5+q8+lzma", lambda p: p + b"\0"),
+            "trailing data after the lzma stream",
+        ),
+        (
+            lambda: _with_payload("topk:0.5+q8+zlib", lambda p: p + b"\0"),
+            "trailing data after the zlib stream",
+        ),
+        (lambda: _with_payload("topk:0.5+q8+zstd", lambda p: p[:-3]), "corrupt zstd stream"),
+        (
+            lambda: _with_payload("topk:0.5+q8+lzma", lambda p: p[:1] + (1 << 26).to_bytes(4, "little") + p[5:]),
+            "lzma stream declares a 67108864-byte dictionary",
+        ),
+        (
+            lambda: _with_payload("topk:0.5+q8+lzma", lambda p: p[:5] + (10**6).to_bytes(8, "little") + p[13:]),
+            "lzma stream declares 1000000 bytes",
+        ),
+        (
+            lambda: _with_update(lambda u: u.tensors[0].sparse.__setattr__("gaps_varint", b"\0" + b"\1" * 6 + b"\x81")),
+            "tensor 't': index stream is truncated",
+        ),
+        (
+            lambda: _with_update(lambda u: u.tensors[0].sparse.__setattr__("gaps_varint", b"\0\x81\0" + b"\1" * 6)),
+            "overlong",
+        ),
+        (
+            lambda: _with_update(
+                lambda u: u.tensors[0].low_rank.CopyFrom(
+                    pb.LowRank(rank=2, left=Float32().encode(np.ones(8)), right=Float32().encode(np.ones(8)))
+                )
+            ),
+            "tensor 't': low-rank rank 2 for a 4 x 4 matrix: its factors \\(16 numbers\\) are not smaller",
+        ),
+        (lambda: b"\0" * 200_000, "update blob is 200000 bytes"),
     ],
 )
 def test_bad_blobs_are_refused_with_a_named_reason(make_blob, message: str) -> None:
     with pytest.raises(UpdateError, match=message):
         decode_update(make_blob(), {"t": (4, 4)})
+
+
+def _with_payload(pipeline: str, edit) -> bytes:
+    envelope = pb.Envelope.FromString(_blob(pipeline)[0])
+    envelope.payload = edit(envelope.payload)
+    return envelope.SerializeToString()
+
+
+@pytest.mark.parametrize("stray", [b"\x80", b"\x05", b"\0"])
+def test_a_sparse_tensor_with_no_entries_and_a_stray_index_byte_is_an_update_error(stray: bytes) -> None:
+    def edit(update: pb.FastUpdate) -> None:
+        update.tensors[0].sparse.CopyFrom(pb.Sparse(nnz=0, gaps_varint=stray, values=Float32().encode(np.zeros(0))))
+
+    with pytest.raises(UpdateError, match="tensor 't': index stream"):
+        decode_update(_with_update(edit), {"t": (4, 4)})
+
+
+def test_a_maximum_rank_low_rank_tensor_is_refused_at_once() -> None:
+    side = 1024
+    codes = np.random.default_rng(0).integers(0, 256, side * side // 8, dtype=np.uint8).tobytes()
+    factor = pb.Values(count=side * side, quantized=pb.Quantized(bits=1, offset=-1.0, scale=2.0, codes=codes))
+    tensor = pb.Tensor(name="t", shape=(side, side), low_rank=pb.LowRank(rank=side, left=factor, right=factor))
+    raw = pb.FastUpdate(kind=DELTA, base_fingerprint="b", tensors=[tensor]).SerializeToString()
+    blob = pb.Envelope(raw_size=len(raw), payload=raw, crc32=zlib.crc32(raw)).SerializeToString()
+    started = time.perf_counter()
+    with pytest.raises(UpdateError, match="low-rank rank 1024 for a 1024 x 1024 matrix"):
+        decode_update(blob, {"t": (side, side)})
+    assert time.perf_counter() - started < 0.25
 
 
 def test_checked_in_protobuf_code_is_not_stale() -> None:

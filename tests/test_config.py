@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from fedslim.config import ConfigError, FastSpec, RunConfig, add_run_config_arguments, flat_defaults
+from fedslim.cli import main as cli_main
+from fedslim.config import (
+    ConfigError,
+    FastSpec,
+    RunConfig,
+    add_run_config_arguments,
+    flat_defaults,
+    join_repeated,
+    split_repeated,
+)
+from fedslim.strategies.registry import parse_strategy_args
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -58,7 +71,7 @@ def test_pyproject_lists_every_flat_key_with_its_default() -> None:
 
 def test_flat_defaults_build_the_default_config() -> None:
     defaults = flat_defaults()
-    assert len(defaults) == 35 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
+    assert len(defaults) == 37 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
     assert RunConfig.from_flat(defaults) == RunConfig()
 
 
@@ -135,3 +148,139 @@ def test_from_flat_takes_snake_case_and_the_run_seed_for_the_fast_layer() -> Non
 def test_unknown_flat_key_is_named(key: str) -> None:
     with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
         RunConfig.from_flat({"rounds": 2, key: 1})
+
+
+# ----------------------------------------------------------------- bad input: one line, exit code 2
+
+
+def cli_error(capsys: pytest.CaptureFixture[str], *flags: str) -> str:
+    """``fedslim simulate FLAGS``'s stderr, which must be one error line after an exit with code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["simulate", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("fedslim simulate: error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--seed", "-1"], "seed must be an integer in [0, 4294967295], got -1"),
+        (["--seed", str(2**32)], "seed must be an integer in [0, 4294967295], got 4294967296"),
+        (["--server-lr", "nan"], "server_lr must be a finite number > 0, got nan (--server-lr)"),
+        (["--server-lr", "inf"], "server_lr must be a finite number > 0, got inf"),
+        (["--server-lr", "0"], "server_lr must be a finite number > 0, got 0.0"),
+        (["--server-lr", "-1"], "server_lr must be a finite number > 0, got -1.0"),
+        (["--lr", "nan"], "lr must be a finite number > 0, got nan (--lr)"),
+        (["--lr=-inf"], "lr must be a finite number > 0, got -inf"),
+        (["--lr", "inf"], "lr must be a finite number > 0, got inf"),
+        (["--lora-alpha", "nan"], "lora_alpha must be a finite number > 0, got nan (--lora-alpha)"),
+        (["--lora-alpha", "0"], "lora_alpha must be a finite number > 0, got 0.0"),
+        (["--lora-alpha", "-8"], "lora_alpha must be a finite number > 0, got -8.0"),
+        (["--fraction", "0"], "fraction must be in (0, 1], got 0.0 (--fraction)"),
+        (["--fraction", "nan"], "fraction must be in (0, 1], got nan"),
+        (["--participation-mean", "nan"], "participation_mean must be in (0, 1], got nan"),
+        (["--participation-mean", "0"], "participation_mean must be in (0, 1], got 0.0"),
+        (["--ef-decay", "nan"], "error_feedback_decay must be in [0, 1], got nan (--ef-decay)"),
+        (["--screen-factor", "nan"], "screen_factor must be a finite number >= 0, got nan (--screen-factor)"),
+        (["--screen-factor", "inf"], "screen_factor must be a finite number >= 0, got inf"),
+        (["--screen-factor", "0.5"], "screen_factor must be > 1, or 0 to turn the screen off; got 0.5"),
+        (["--density", "nan"], "density must be in (0, 1], got nan (--density)"),
+        (["--alpha", "inf"], "dirichlet_alpha must be a finite number > 0, got inf (--alpha)"),
+        (["--alpha", "0"], "dirichlet_alpha must be a finite number > 0, got 0.0"),
+        (["--rank", "-1"], "rank must be an integer >= 1, got -1 (--rank)"),
+        (["--clients", "-3"], "num_clients must be an integer >= 1, got -3 (--clients)"),
+        (["--rounds", "0"], "rounds must be an integer >= 1, got 0 (--rounds)"),
+        (["--batch-size", "-1"], "batch_size must be an integer >= 1, got -1 (--batch-size)"),
+        (["--local-epochs", "-1"], "local_epochs must be an integer >= 1, got -1 (--local-epochs)"),
+        (["--local-steps", "-1"], "local_steps must be an integer >= 0, got -1 (--local-steps)"),
+        (["--eval-every", "-1"], "eval_every must be an integer >= 1, got -1 (--eval-every)"),
+        (["--lora-min-params", "-1"], "lora_min_params must be an integer >= 0, got -1 (--lora-min-params)"),
+        (["--participation", "label", "--participation-mean", "0.01"], "participation_mean 0.01 is below 0.02"),
+    ],
+)
+def test_a_value_out_of_range_is_one_error_line(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert message in cli_error(capsys, *flags)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"round-timeout": float("inf")}, "round_timeout must be a finite number > 0, got inf (run config key"),
+        ({"round-timeout": 0.0}, "round_timeout must be a finite number > 0, got 0.0"),
+        ({"synthetic-alpha": float("nan")}, "synthetic_alpha must be a finite number >= 0, got nan"),
+        ({"synthetic-beta": -1.0}, "synthetic_beta must be a finite number >= 0, got -1.0"),
+        ({"provision-chunk-bytes": 1000}, "provision_chunk_bytes must be an integer >= 1024, got 1000"),
+        ({"rounds": "10"}, "rounds must be an integer, got '10'"),
+        ({"rounds": 2.5}, "rounds must be an integer, got 2.5"),
+        ({"lr": True}, "lr must be a number, got True"),
+    ],
+)
+def test_flower_run_configs_get_the_same_checks(values: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_flat(values)
+    assert message in str(error.value)
+
+
+def test_values_in_range_are_accepted() -> None:
+    config = RunConfig.from_flat(
+        {"fraction": 1, "lr": 1, "seed": 2**32 - 1, "screen-factor": 0.0, "error-feedback-decay": 0.0}
+    )
+    assert (config.fraction, config.lr, config.fast.seed, config.screen_factor) == (1, 1, 2**32 - 1, 0.0)
+    assert _from_cli("--fraction", "1").fraction == 1.0
+    assert FastSpec(rank=1, lora_alpha=1e-3, density=1.0, lora_min_params=0).rank == 1
+
+
+def test_out_must_be_a_writable_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    assert "--out {} is a file".format(tmp_path / "file") in cli_error(capsys, "--out", str(tmp_path / "file"))
+    assert "Not a directory" in cli_error(capsys, "--out", str(tmp_path / "file" / "run"))
+    fresh = RunConfig(out=str(tmp_path / "new" / "run"))
+    fresh.check_run_dir()
+    assert fresh.run_dir.is_dir() and not any(fresh.run_dir.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_in_a_read_only_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        assert "Permission denied" in cli_error(capsys, "--out", str(locked))
+        assert "Permission denied" in cli_error(capsys, "--out", str(locked / "run"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_the_command_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "fedslim.cli", "simulate", "--server-lr", "nan", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "fedslim simulate: error: server_lr must be a finite number > 0, got nan (--server-lr)\n"
+
+
+# ----------------------------------------------------------------- repeatable flags in one string
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["name=a, b", "beta=0.5"], ["note=it's", 'quote="x"', "path=C:\\dir #1"], ["k=1"], []],
+)
+def test_repeated_values_round_trip_through_one_string(values: list[str]) -> None:
+    assert split_repeated(join_repeated(values)) == values
+
+
+def test_a_strategy_argument_may_hold_a_comma_and_a_space() -> None:
+    config = _from_cli("--strategy-arg", "name=a, b", "--strategy-arg", "beta=0.5")
+    assert config.strategy_args == "'name=a, b',beta=0.5"
+    assert parse_strategy_args(config.strategy_args) == {"name": "a, b", "beta": 0.5}
+    assert RunConfig.from_flat({"strategy-args": config.strategy_args}).strategy_args == config.strategy_args
+    assert parse_strategy_args('name="a, b" beta=0.5') == {"name": "a, b", "beta": 0.5}
+    for old_style in ("beta=0.5,p-estimate=fedau", "beta=0.5 p-estimate=fedau", " beta=0.5 ,, p-estimate=fedau "):
+        assert parse_strategy_args(old_style) == {"beta": 0.5, "p_estimate": "fedau"}

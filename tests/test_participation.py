@@ -16,6 +16,7 @@ from fedslim.client.app import app as client_app
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import ConfigError, RunConfig
 from fedslim.data.participation import (
+    P_MIN,
     TRACE_FILENAME,
     ParticipationError,
     bernoulli_schedule,
@@ -50,13 +51,49 @@ def test_spread_probabilities_have_the_mean_and_a_ninefold_range() -> None:
     assert p.mean() == pytest.approx(0.1) and p.min() == pytest.approx(0.02) and p.max() == pytest.approx(0.18)
 
 
-def test_label_probabilities_follow_fedau_formula() -> None:
-    counts = np.array([[10, 0, 0], [0, 5, 5], [1, 1, 2]])
+def test_spread_probabilities_narrow_above_five_ninths_to_keep_the_mean() -> None:
+    p = spread_probabilities(101, 0.9, np.random.default_rng(0))
+    assert p.mean() == pytest.approx(0.9) and p.min() == pytest.approx(0.8) and p.max() == pytest.approx(1.0)
+    assert p.max() <= 1.0 and len(np.unique(p)) == 101
+    low = spread_probabilities(100, 0.03, np.random.default_rng(0))  # no floor: still a ninefold range
+    assert low.mean() == pytest.approx(0.03) and low.max() / low.min() == pytest.approx(9)
+
+
+def test_label_probabilities_follow_fedau_formula_scaled_to_the_mean() -> None:
+    counts = np.array([[10, 0, 0], [0, 5, 5], [1, 1, 2], [0, 0, 7]])
     rng = np.random.default_rng(4)
     p = label_probabilities(counts, 0.1, np.random.default_rng(4))
-    m = rng.dirichlet(0.1 * np.ones(3))
-    expected = np.maximum(0.02, 0.1 * 3 * (counts / counts.sum(1, keepdims=True)) @ m)
-    np.testing.assert_allclose(p, np.minimum(expected, 1.0))
+    weights = 3 * (counts / counts.sum(1, keepdims=True)) @ rng.dirichlet(0.1 * np.ones(3))
+    scale = p.max() / weights.max()
+    np.testing.assert_allclose(p, np.clip(scale * weights, 0.02, 1.0))
+    assert p.mean() == pytest.approx(0.1) and p.min() == 0.02
+
+
+def test_label_models_refuse_a_mean_they_cannot_realise() -> None:
+    counts = np.array([[5, 0], [0, 0]])  # the second client holds nothing: its p_i stays at the floor
+    assert participation_schedule("label", counts, 3, 0.5, 0).probabilities.mean() == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="average at most 0.5100"):
+        participation_schedule("label", counts, 3, 0.9, 0)
+    with pytest.raises(ConfigError, match="below 0.02"):
+        participation_schedule("markov", counts, 3, 0.01, 0)
+    assert participation_schedule("bernoulli", counts, 3, 0.01, 0).probabilities.mean() == pytest.approx(0.01)
+
+
+def label_counts(num_clients: int, seed: int) -> np.ndarray:
+    """A Dirichlet(0.1) label split of 10 classes, the benchmarks' kind of federation."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(300, rng.dirichlet(0.1 * np.ones(10), size=num_clients))
+
+
+@pytest.mark.parametrize("spec", ["bernoulli", "label", "markov", "cyclic"])
+@pytest.mark.parametrize("mean", [0.03, 0.1, 0.5, 0.9])
+def test_each_model_realises_the_asked_mean(spec: str, mean: float) -> None:
+    schedule = participation_schedule(spec, label_counts(300, 1), 400, mean, seed=2)
+    assert schedule.probabilities.mean() == pytest.approx(mean, rel=1e-9)
+    assert abs(schedule.available.mean() - mean) <= min(0.02, 0.1 * mean)
+    assert np.ptp(schedule.probabilities) > min(mean, 1 - mean)  # still heterogeneous
+    if spec != "bernoulli":
+        assert schedule.probabilities.min() >= P_MIN
 
 
 @pytest.mark.parametrize("dynamics", [bernoulli_schedule, markov_schedule, cyclic_schedule])
@@ -98,6 +135,38 @@ def test_trace_round_trip_and_bad_traces(tmp_path: Path) -> None:
         read_trace(tmp_path / "big", 7, 1)
     with pytest.raises(ParticipationError, match="cannot read"):
         read_trace(tmp_path / "missing", 7, 1)
+
+
+def trace_error(capsys: pytest.CaptureFixture[str], spec: str, *flags: str) -> str:
+    """The one stderr line of ``fedslim simulate --participation SPEC FLAGS``, which exits with code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["simulate", "--participation", spec, "--clients", "4", "--rounds", "2", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("fedslim simulate: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_bad_trace_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = ["--out", str(tmp_path / "run")]
+    missing = tmp_path / "missing.trace"
+    assert f"cannot read participation trace {missing}: No such file or directory" in trace_error(
+        capsys, f"trace:{missing}", *out
+    )
+    for empty in ("trace:", "trace:  "):
+        assert "trace: needs a file" in trace_error(capsys, empty, *out)
+    assert "Is a directory" in trace_error(capsys, f"trace:{tmp_path}", *out)
+    (tmp_path / "garbage").write_bytes(bytes(range(256)) * 4)
+    assert "is not a text file" in trace_error(capsys, f"trace:{tmp_path / 'garbage'}", *out)
+    for name, text, message in [
+        ("short", "0 1\n", "has 1 rounds, the run needs 2"),
+        ("wide", "0 1\n2 4\n", "round 2: '4' is not a client index in [0, 4)"),
+        ("negative", "-1\n0\n", "round 1: '-1' is not a client index"),
+        ("unicode", "\u00b2\n0\n", "round 1: '\u00b2' is not a client index"),
+        ("long", "x" * 1000 + "\n0\n", "round 1: 'xxxxxxxxxxxxxxxxxxxx...' is not a client index"),
+    ]:
+        (tmp_path / name).write_text(text)
+        assert message in trace_error(capsys, f"trace:{tmp_path / name}", *out)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
 def test_unknown_participation_model_is_a_config_error() -> None:
@@ -180,6 +249,73 @@ def test_cli_refuses_a_bad_strategy_before_starting(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         cli_main(["simulate", "--strategy", "fedstale", "--strategy-arg", "beta=3"])
     assert "beta must be in [0, 1]" in capsys.readouterr().err
+
+
+BROKEN_STRATEGIES = {
+    "raises_import_error": "import not_a_module_anywhere\n",
+    "raises_at_import": "raise RuntimeError('no GPU\\nfound')\n",
+    "bad_syntax": "def broken(:\n",
+    "refuses_arguments": textwrap.dedent(
+        """
+        from fedslim.strategies import FastFedAvg
+
+
+        class Picky(FastFedAvg):
+            def __init__(self, name: str = "x", **kwargs):
+                super().__init__(**kwargs)
+                self.name = name
+                if "," in name:
+                    raise ValueError(f"no commas in names,\\nplease: {name!r}")
+        """
+    ),
+}
+
+
+@pytest.fixture
+def broken_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, code in BROKEN_STRATEGIES.items():
+        (tmp_path / f"{name}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    for name in BROKEN_STRATEGIES:
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.usefixtures("broken_modules")
+@pytest.mark.parametrize(
+    ("spec", "args", "message"),
+    [
+        (":X", [], "strategy ':X' is not module:Class"),
+        ("fedslim.strategies:", [], "strategy 'fedslim.strategies:' is not module:Class"),
+        ("raises_import_error:X", [], "cannot import strategy 'raises_import_error:X': ModuleNotFoundError: No module"),
+        ("raises_at_import:X", [], "cannot import strategy 'raises_at_import:X': RuntimeError: no GPU found"),
+        ("bad_syntax:X", [], "cannot import strategy 'bad_syntax:X': SyntaxError: "),
+        ("fedslim.strategies:Nope", [], "AttributeError: module 'fedslim.strategies' has no attribute 'Nope'"),
+        (
+            "refuses_arguments:Picky",
+            ["--strategy-arg", "name=a, b"],
+            "refuses_arguments:Picky: ValueError: no commas in names, please: 'a, b'",
+        ),
+        ("fedavg", ["--strategy-arg", "weighting='a"], 'unknown weighting "\'a"'),
+    ],
+)
+def test_plug_in_strategy_errors_are_one_line(
+    spec: str, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["simulate", "--strategy", spec, *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert message in err
+
+
+@pytest.mark.usefixtures("broken_modules")
+def test_a_plug_in_constructor_error_is_a_strategy_config_error() -> None:
+    with pytest.raises(StrategyConfigError, match="refuses_arguments:Picky: ValueError: no commas"):
+        build_strategy("refuses_arguments:Picky", parse_strategy_args("name='a, b'"), {})
+    assert build_strategy("refuses_arguments:Picky", parse_strategy_args("name='a b'"), {}).name == "a b"
+    with pytest.raises(StrategyConfigError, match='strategy arguments: cannot split "name=\'a": no closing quotation'):
+        parse_strategy_args("name='a")
 
 
 # ----------------------------------------------------------------- in the loop

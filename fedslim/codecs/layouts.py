@@ -176,17 +176,22 @@ def encode_varints(numbers: np.ndarray) -> bytes:
 
 
 def decode_varints(data: bytes, count: int) -> np.ndarray:
-    """Inverse of encode_varints; WireFormatError unless ``data`` is exactly ``count`` varints below 2**63."""
+    """Inverse of encode_varints; WireFormatError unless ``data`` is exactly ``count`` minimal varints below 2**63."""
     raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size and raw[-1] >= 0x80:
+        raise WireFormatError("index stream is truncated: its last varint has no final byte")
     ends = np.flatnonzero(raw < 0x80)
-    if ends.size != count or (raw.size and ends[-1] != raw.size - 1):
-        raise WireFormatError(f"index stream holds {ends.size} complete varints, expected {count}")
+    if ends.size != count:
+        raise WireFormatError(f"index stream holds {ends.size} varints, expected {count}")
     if count == 0:
         return np.zeros(0, dtype=np.uint64)
     starts = np.concatenate(([0], ends[:-1] + 1))
-    if np.max(ends - starts) >= 9:
+    lengths = ends - starts + 1
+    if np.max(lengths) > 9:
         raise WireFormatError("index varint longer than 9 bytes")
-    offsets = np.arange(raw.size) - np.repeat(starts, ends - starts + 1)
+    if np.any((raw[ends] == 0) & (lengths > 1)):
+        raise WireFormatError("index varint is overlong (ends in a zero byte)")
+    offsets = np.arange(raw.size) - np.repeat(starts, lengths)
     shifted = (raw & 0x7F).astype(np.uint64) << (7 * offsets).astype(np.uint64)
     return np.add.reduceat(shifted, starts)
 
@@ -197,14 +202,19 @@ def decode_tensor(message: pb.Tensor, shape: tuple[int, ...]) -> np.ndarray:
         raise WireFormatError(f"tensor {message.name!r} has shape {tuple(message.shape)}, expected {tuple(shape)}")
     size = int(np.prod(shape, dtype=np.int64))
     encoding = message.WhichOneof("encoding")
-    if encoding == "dense":
-        flat = decode_values(message.dense, size)
-    elif encoding == "sparse":
-        flat = _decode_sparse(message.sparse, size)
-    elif encoding == "low_rank":
-        flat = _decode_low_rank(message.low_rank, shape)
-    else:
+    if encoding is None:
         raise WireFormatError(f"tensor {message.name!r} has no known encoding")
+    try:
+        # Values that overflow, or NaNs (signalling ones warn when cast), are refused below, not warned about.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if encoding == "dense":
+                flat = decode_values(message.dense, size)
+            elif encoding == "sparse":
+                flat = _decode_sparse(message.sparse, size)
+            else:
+                flat = _decode_low_rank(message.low_rank, shape)
+    except WireFormatError as exc:
+        raise WireFormatError(f"tensor {message.name!r}: {exc}") from exc
     if not np.all(np.isfinite(flat)):
         raise WireFormatError(f"tensor {message.name!r} decodes to non-finite values (NaN or Inf)")
     return flat.reshape(shape)
@@ -249,6 +259,12 @@ def _decode_low_rank(low_rank: pb.LowRank, shape: tuple[int, ...]) -> np.ndarray
     rank = int(low_rank.rank)
     if not 1 <= rank <= min(rows, cols):
         raise WireFormatError(f"low-rank rank {rank} invalid for a {rows} x {cols} matrix")
+    if rank * (rows + cols) >= rows * cols:
+        # PowerSGD sends such a tensor dense; refuse it before paying the rows * cols * rank of decoding it.
+        raise WireFormatError(
+            f"low-rank rank {rank} for a {rows} x {cols} matrix: its factors ({rank * (rows + cols)} numbers) "
+            f"are not smaller than the matrix ({rows * cols}), which is sent dense"
+        )
     left = decode_values(low_rank.left, rows * rank).reshape(rows, rank).astype(np.float64)
     right = decode_values(low_rank.right, cols * rank).reshape(cols, rank).astype(np.float64)
     # Sum of outer products in a fixed order, not BLAS: server and clients must reconstruct identical bits.

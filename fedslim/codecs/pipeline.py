@@ -195,13 +195,21 @@ def decode_update(
 ) -> DecodedUpdate:
     """Parse and decode a blob against the tensor names and shapes the receiver holds.
 
-    Raises UpdateError naming the problem: a corrupt or truncated blob, an
-    unknown encoding or lossless stage, a payload inflating past
+    Raises UpdateError, and nothing else, for any blob it does not accept,
+    naming the problem: a corrupt or truncated blob, an unknown encoding or
+    lossless stage, a blob or payload that declares or inflates past
     ``max_raw_bytes`` (default: ``dense_update_limit(shapes)``), missing,
-    unknown or duplicate tensors, a shape mismatch, an index out of range,
-    non-finite values.
+    unknown or duplicate tensors, a shape mismatch, counts, ranks, bits or
+    index streams that disagree with the shape, non-finite values. Time and
+    memory are bounded by the shapes: no field can make it decode more than
+    the tensors hold (a low-rank tensor costs at most rows x cols x rank,
+    with rank below rows x cols / (rows + cols)).
     """
     limit = dense_update_limit(shapes) if max_raw_bytes is None else max_raw_bytes
+    # A lossless stage expands incompressible data by well under 1%; the envelope adds a few bytes.
+    max_blob = 2 * limit + 1024
+    if len(blob) > max_blob:
+        raise UpdateError(f"update blob is {len(blob)} bytes, above the {max_blob}-byte limit")
     envelope = pb.Envelope()
     try:
         envelope.ParseFromString(blob)

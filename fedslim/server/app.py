@@ -17,18 +17,20 @@ def make_server_app(
     config: RunConfig | None = None,
     on_round: Callable[[RoundTotals], None] | None = None,
     on_finish: Callable[[RunResult], None] | None = None,
+    wrap_grid: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
     """A ServerApp running ``config``, or the run config Flower passes when None.
 
     ``on_round`` is called after each round is logged, ``on_finish`` with the
-    result of the whole run.
+    result of the whole run; ``wrap_grid``, if given, wraps Flower's grid
+    before the run uses it (simulated attackers).
     """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = config or RunConfig.from_flat(context.run_config)
-        result = run_federation(grid, run_config, on_round=on_round)
+        result = run_federation(wrap_grid(grid) if wrap_grid else grid, run_config, on_round=on_round)
         if on_finish:
             on_finish(result)
         else:

@@ -42,18 +42,20 @@ def simulate(
     """
     from fedslim.client.app import app as client_app
     from fedslim.server.loop import run_federation
+    from fedslim.simulation.attacks import attack_wrapper
     from fedslim.strategies.registry import strategy_for
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     strategy_for(config)  # a bad strategy or argument fails here, before any node starts
+    wrap_grid = attack_wrapper(config)  # so does a bad attack spec; None without one
     load_federation(config)
     ensure_pretrained_base(config)
     if backend == "inline":
         from fedslim.simulation.inline import InlineGrid
 
         grid = InlineGrid(client_app, config.num_clients)
-        return run_federation(grid, config, on_round=on_round)  # type: ignore[arg-type]
+        return run_federation(wrap_grid(grid) if wrap_grid else grid, config, on_round=on_round)  # type: ignore[arg-type]
 
     from flwr.simulation import run_simulation
 
@@ -73,7 +75,7 @@ def simulate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=make_server_app(config, on_round, results.append),
+            server_app=make_server_app(config, on_round, results.append, wrap_grid=wrap_grid),
             client_app=client_app,
             num_supernodes=config.num_clients,
             backend_config=backend_config,

@@ -3,7 +3,10 @@
 ``--strategy fedstale --strategy-arg beta=0.5 --strategy-arg p-estimate=fedau``
 and ``--strategy mypkg.mod:MyStrategy --strategy-arg alpha=2`` both end in
 :func:`build_strategy`. Argument names may use dashes; values are read as
-int, float (``inf`` included), bool (``true``/``false``) or else string.
+int, float (``inf`` included), bool (``true``/``false``) or else string. In
+the run config the arguments are one string, ``beta=0.5,p-estimate=fedau``
+(commas or blanks between them), where a value holding a comma or a blank is
+quoted: ``name='a, b'``.
 
 A ``module:Class`` may be a :class:`~fedslim.strategies.base.FastStrategy` or
 one of Flower's own strategies (``flwr.serverapp.strategy:FedAdam``), which
@@ -19,7 +22,7 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedslim.config import RunConfig, StrategyConfigError
+from fedslim.config import ConfigError, RunConfig, StrategyConfigError, split_repeated
 from fedslim.strategies.base import FastStrategy
 from fedslim.strategies.fedamd import FedAMD
 from fedslim.strategies.fedau import FedAU
@@ -59,10 +62,12 @@ def strategy_class(spec: str) -> type[FastStrategy] | type[Strategy]:
             )
         return STRATEGIES[spec]
     module_name, _, attribute = spec.partition(":")
+    if not module_name.strip() or not attribute.strip():
+        raise StrategyConfigError(f"strategy {spec!r} is not module:Class, e.g. mypkg.strategies:MyStrategy")
     try:
         found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise StrategyConfigError(f"cannot import strategy {spec!r}: {exc}") from exc
+    except Exception as exc:  # whatever the user's module raises while it is imported
+        raise StrategyConfigError(f"cannot import strategy {spec!r}: {type(exc).__name__}: {exc}") from exc
     if not _is_strategy(found):
         raise StrategyConfigError(f"{spec} is neither a fedslim FastStrategy nor a Flower Strategy")
     return found
@@ -71,7 +76,10 @@ def strategy_class(spec: str) -> type[FastStrategy] | type[Strategy]:
 def parse_strategy_args(items: str | Iterable[str]) -> dict[str, Any]:
     """``["beta=0.5", "p-estimate=fedau"]`` or ``"beta=0.5,p-estimate=fedau"`` -> keyword arguments."""
     if isinstance(items, str):
-        items = [part for part in items.replace(",", " ").split() if part]
+        try:
+            items = split_repeated(items)
+        except ConfigError as exc:
+            raise StrategyConfigError(f"strategy arguments: {exc}") from exc
     args: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -104,8 +112,12 @@ def build_strategy(spec: str, args: Mapping[str, Any], defaults: Mapping[str, An
     kwargs.update(args)
     try:
         strategy = cls(**kwargs)
+    except ConfigError:
+        raise
     except TypeError as exc:
         raise StrategyConfigError(f"{spec}: {exc} (it takes {inspect.signature(cls)})") from exc
+    except Exception as exc:  # a plug-in's constructor may raise anything
+        raise StrategyConfigError(f"{spec}: {type(exc).__name__}: {exc}") from exc
     if isinstance(strategy, FastStrategy):
         return strategy
     return FlowerStrategy(strategy, seed=int(defaults.get("seed", 0)))
@@ -126,6 +138,9 @@ def _accepted_parameters(cls: type) -> set[str]:
 
 
 def strategy_for(config: RunConfig) -> FastStrategy:
-    """The strategy a run config names, with its fraction, server step size and seed."""
+    """The strategy a run config names, with its fraction, server step size and seed, behind its ``robust`` stages."""
+    from fedslim.strategies.robust import RobustStrategy
+
     defaults = {"fraction_train": config.fraction, "server_lr": config.server_lr, "seed": config.seed}
-    return build_strategy(config.strategy, parse_strategy_args(config.strategy_args), defaults)
+    strategy = build_strategy(config.strategy, parse_strategy_args(config.strategy_args), defaults)
+    return strategy if config.robust == "none" else RobustStrategy(strategy, config.robust)

@@ -1,0 +1,177 @@
+"""Robust aggregation against simulated attackers on Synthetic(1, 1): accuracy for each attack and defence.
+
+Setup: the default run config (Synthetic(1, 1) over 30 clients, LoRA r=4 fast
+layer, 1 local epoch at lr 0.05, FedAvg over participants weighted by the
+examples each client claims), every client every round (--fraction 1.0), 15
+rounds, seed 0, inline backend. Each attack makes 10% of the clients (3) its
+attackers for the whole run (fedslim/simulation/attacks.py); each defence is
+a ``robust`` spec in front of FedAvg (fedslim/strategies/robust.py). The
+server's size screen is off (--screen-factor 0) so that the defences meet the
+attacks alone; at its default (10) it rejects the 100x updates by itself.
+
+Columns: final and last-3-mean accuracy, each also as the gap to the clean run
+(no attack, no defence); the final test loss; rejected: train replies the
+server rejected over the run (its declared-examples check turns away a reply
+that claims more examples than its node declared when it joined; a client
+whose local training diverged refuses to send its non-finite update).
+
+A run that already finished, with the same config, is read back from its
+log in the run directory instead of run again (--fresh runs everything).
+
+    python benchmarks/robust.py
+    python benchmarks/robust.py --fraction 0.3 --rounds 30 --attacks none scale:100@0.1 --defences none median
+
+Prints a table and writes benchmarks/results/robust.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fmnist_setup import RESULTS
+from rich.console import Console
+from rich.table import Table
+
+from fedslim.commlog import LOG_FILENAME, RoundTotals, open_log, read_round_totals
+from fedslim.config import RunConfig
+from fedslim.simulation.simulate import simulate
+
+ATTACKS = ["none", "scale:100@0.1", "sign-flip:4@0.1", "lie-examples@0.1"]
+DEFENCES = ["none", "clip", "median", "trimmed:0.1", "clip+trimmed:0.1"]
+LAST = 3
+
+
+def config_for(attack: str, defence: str, base: RunConfig, out: str) -> RunConfig:
+    """The run of ``attack`` (``none``: no attacker) against ``defence`` (a robust spec), in its own directory."""
+    name = f"{attack}_{defence}".replace(":", "").replace("@", "-").replace("+", "-")
+    return replace(base, attack="" if attack == "none" else attack, robust=defence, out=f"{out}/{name}")
+
+
+def finished_run(config: RunConfig) -> tuple[list[RoundTotals], float] | None:
+    """The rounds and wall time of the latest finished run of exactly ``config`` in its directory's log, if any."""
+    path = config.run_dir / LOG_FILENAME
+    if not path.is_file():
+        return None
+    wanted = json.loads(json.dumps(config.to_dict(), default=str))
+    db = open_log(path)
+    try:
+        for run_id, stored, started, finished in db.execute(
+            "SELECT run_id, config, started_at, finished_at FROM runs WHERE finished_at IS NOT NULL "
+            "ORDER BY started_at DESC"
+        ):
+            if json.loads(stored) == wanted:
+                return read_round_totals(db, run_id), finished - started
+    finally:
+        db.close()
+    return None
+
+
+def run_row(attack: str, defence: str, base: RunConfig, out: str, fresh: bool, console: Console) -> dict[str, Any]:
+    """One row: the run's accuracy, loss and rejected updates (read back from its log if it already finished)."""
+    config = config_for(attack, defence, base, out)
+    done = None if fresh else finished_run(config)
+    if done is None:
+        started = time.monotonic()
+        rounds = simulate(config, backend="inline").rounds
+        done = rounds, time.monotonic() - started
+    rounds, wall_s = done
+    trained = [r for r in rounds if r.round > 0]
+    accuracies = [r.accuracy or 0.0 for r in trained]
+    row = {
+        "attack": attack,
+        "defence": defence,
+        "final_accuracy": accuracies[-1],
+        f"last{LAST}_mean_accuracy": sum(accuracies[-LAST:]) / len(accuracies[-LAST:]),
+        "final_loss": trained[-1].loss,
+        "rejected": sum(r.rejected for r in trained),
+        "accepted": sum(r.accepted for r in trained),
+        "base_accuracy": rounds[0].accuracy,
+        "wall_s": wall_s,
+        "log": str(config.run_dir / LOG_FILENAME),
+    }
+    console.print(
+        f"  {attack:>18} vs {defence:<17} final {row['final_accuracy']:.4f}, last-{LAST} "
+        f"{row[f'last{LAST}_mean_accuracy']:.4f}, loss {_loss(row['final_loss'])}, rejected {row['rejected']}, "
+        f"{row['wall_s']:.0f} s"
+    )
+    return row
+
+
+def _loss(value: float | None) -> str:
+    if value is None or not math.isfinite(value):
+        return str(value)
+    return f"{value:.4f}" if value < 1e4 else f"{value:.3g}"
+
+
+def results_table(rows: list[dict[str, Any]], title: str) -> Table:
+    clean = next(r for r in rows if r["attack"] == "none" and r["defence"] == "none")
+    last = f"last{LAST}_mean_accuracy"
+    table = Table(title=title)
+    for column in ("attack", "defence", "final", "vs clean", f"last-{LAST} mean", "vs clean", "final loss"):
+        table.add_column(column, justify="right")
+    table.add_column("rejected", justify="right")
+    for row in rows:
+        row["final_gap"] = row["final_accuracy"] - clean["final_accuracy"]
+        row[f"last{LAST}_gap"] = row[last] - clean[last]
+        table.add_row(
+            row["attack"],
+            row["defence"],
+            f"{row['final_accuracy']:.4f}",
+            f"{100 * row['final_gap']:+.2f} pt",
+            f"{row[last]:.4f}",
+            f"{100 * row[f'last{LAST}_gap']:+.2f} pt",
+            _loss(row["final_loss"]),
+            f"{row['rejected']} / {row['rejected'] + row['accepted']}",
+        )
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS, help="attack specs; none: no attacker")
+    parser.add_argument("--defences", nargs="+", default=DEFENCES, help="robust specs; none: plain FedAvg")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--clients", type=int, default=30)
+    parser.add_argument("--fraction", type=float, default=1.0)
+    parser.add_argument("--screen-factor", type=float, default=0.0, help="the server's size screen (0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-robust", help="run directories")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and JSON go")
+    parser.add_argument("--fresh", action="store_true", help="rerun the runs whose logs already hold them")
+    args = parser.parse_args()
+    if "none" not in args.attacks or "none" not in args.defences:
+        parser.error("the clean run (attack none, defence none) is the reference: keep none in both lists")
+
+    console = Console(width=max(Console().width, 140))
+    base = RunConfig(
+        num_clients=args.clients,
+        rounds=args.rounds,
+        fraction=args.fraction,
+        screen_factor=args.screen_factor,
+        seed=args.seed,
+    )
+    rows = [run_row(a, d, base, args.out, args.fresh, console) for a in args.attacks for d in args.defences]
+    title = (
+        f"Synthetic(1, 1), {args.clients} clients, {args.fraction:.0%}/round, {args.rounds} rounds, FedAvg, "
+        f"size screen {'off' if not args.screen_factor else f'{args.screen_factor:g}x'}; "
+        "clean: no attack, no defence"
+    )
+    table = results_table(rows, title)
+    console.print(table)
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    (args.results / "robust.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+    with (args.results / "robust.md").open("w") as handle:
+        Console(file=handle, width=160, color_system=None).print(table)
+    console.print(f"results written to {args.results}/robust.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()

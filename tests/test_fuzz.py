@@ -1,0 +1,486 @@
+"""Fuzzing the server's intake: nothing a client sends gets out of the decoders as anything but UpdateError,
+and ``UplinkReceiver.receive`` never raises.
+
+Three generators, each a function of a ``random.Random``, so that hypothesis drives them here (through
+``st.randoms``, whose choices it records and shrinks) and ``benchmarks/fuzz.py`` runs the same ones from
+plain seeds, by the hundred thousand:
+
+- :func:`mutated_blob`: a valid blob of one of the codec pipelines, mutated (bytes flipped, truncated,
+  inserted, spliced with another blob) at one of three depths: the envelope's bytes, the lossless
+  payload, or the FastUpdate inside, wrapped again with a correct size and CRC-32 so that the mutation
+  reaches the tensor decoders;
+- :func:`random_update`: a FastUpdate built field by field with the generated ``update_pb2`` classes,
+  with random shapes, counts, nnz, ranks, bits, seeds, index streams and declared sizes, each right more
+  often than not so that every check is passed about as often as it is failed;
+- :func:`random_round`: a round's train replies as Flower Messages, with random records, random metrics
+  (num-examples of every type a MetricRecord holds), error replies, unasked and repeated nodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import lzma
+import math
+import random
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import zstandard
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from hypothesis import find, given, settings
+from hypothesis import strategies as st
+
+from fedslim.channel.protocol import DELTA_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, Role, update_record
+from fedslim.channel.updates import Instruction
+from fedslim.channel.uplink import Received, SizeScreen, UplinkReceiver
+from fedslim.codecs import UpdateError, decode_update, encode_update, parse_codec
+from fedslim.codecs.layouts import encode_varints
+from fedslim.codecs.pipeline import DELTA, STATE, dense_update_limit
+from fedslim.protos.fedslim.v1 import update_pb2 as pb
+
+FINGERPRINT = "base"
+STATE_VERSION = 7
+# A LoRA-like matrix, a bias, and a tensor of zeros (top-k sends it as a sparse tensor with nnz = 0).
+SHAPES: dict[str, tuple[int, ...]] = {"w": (12, 10), "b": (10,), "z": (6,)}
+VALUE_CODECS = ["fp32", "fp16", "bf16", *(f"q{bits}" for bits in range(1, 9)), "sign"]
+LAYOUT_CODECS = ["topk:0.1", "topk:0.5+q8", "randk:0.2+q4", "ternary:0.1", "powersgd:2", "powersgd:3+fp16"]
+PIPELINES = [
+    f"{codec}+{stage}" if stage else codec
+    for codec in VALUE_CODECS + LAYOUT_CODECS
+    for stage in ("", "zlib", "lzma", "zstd")
+]
+MUTATIONS = ("flip", "truncate", "insert", "splice")
+DEPTHS = ("envelope", "payload", "update")
+# Lossless stages at their fastest settings, for wrapping generated updates (decoders accept any level).
+QUICK_COMPRESS: dict[int, Callable[[bytes], bytes]] = {
+    pb.LOSSLESS_NONE: bytes,
+    pb.LOSSLESS_ZLIB: lambda data: zlib.compress(data, 1),
+    pb.LOSSLESS_LZMA: lambda data: lzma.compress(data, format=lzma.FORMAT_ALONE, preset=0),
+    pb.LOSSLESS_ZSTD: lambda data: zstandard.ZstdCompressor(level=1).compress(data),
+}
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A valid blob of one pipeline, and its parts: the lossless payload and the FastUpdate inside."""
+
+    spec: str
+    blob: bytes
+    envelope: pb.Envelope
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class Case:
+    """One blob for the decoders, and what made it: the generator's category and a description."""
+
+    category: str
+    detail: str
+    blob: bytes
+    shapes: dict[str, tuple[int, ...]]
+
+
+@functools.cache
+def corpus() -> tuple[Seed, ...]:
+    """One valid blob of ``SHAPES`` per pipeline, built once."""
+    seeds = []
+    for index, spec in enumerate(PIPELINES):
+        rng = np.random.default_rng(index)
+        tensors = {
+            "w": (0.1 * rng.standard_normal((12, 10))).astype(np.float32),
+            "b": (0.01 * rng.standard_normal(10)).astype(np.float32),
+            "z": np.zeros(6, np.float32),
+        }
+        blob = encode_update(
+            tensors,
+            parse_codec(spec),
+            kind=DELTA,
+            base_fingerprint=FINGERPRINT,
+            state_version=STATE_VERSION,
+            seed=index,
+        ).blob
+        envelope = pb.Envelope.FromString(blob)
+        raw = decode_raw(envelope)
+        seeds.append(Seed(spec, blob, envelope, raw))
+    return tuple(seeds)
+
+
+def decode_raw(envelope: pb.Envelope) -> bytes:
+    """The serialized FastUpdate of a valid envelope."""
+    decompress: dict[int, Callable[[bytes], bytes]] = {
+        pb.LOSSLESS_NONE: bytes,
+        pb.LOSSLESS_ZLIB: zlib.decompress,
+        pb.LOSSLESS_LZMA: lambda data: lzma.decompress(data, format=lzma.FORMAT_ALONE),
+        pb.LOSSLESS_ZSTD: zstandard.ZstdDecompressor().decompress,
+    }
+    return decompress[envelope.lossless](envelope.payload)
+
+
+def wrap(raw: bytes, lossless: int) -> bytes:
+    """An envelope around a serialized FastUpdate, with its true size and CRC-32."""
+    payload = QUICK_COMPRESS[lossless](raw)
+    return pb.Envelope(lossless=lossless, raw_size=len(raw), payload=payload, crc32=zlib.crc32(raw)).SerializeToString()
+
+
+# ----------------------------------------------------------------------------------------- (a) mutated blobs
+
+
+def mutate(data: bytes, other: bytes, operation: str, rng: random.Random) -> bytes:
+    """``data`` with one mutation: a few bytes flipped, a truncation, an insertion, or a splice with ``other``."""
+    if operation == "flip":
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(mutated))
+            if rng.random() < 0.5:
+                mutated[position] ^= 1 << rng.randrange(8)
+            else:
+                mutated[position] = rng.choice((0x00, 0x01, 0x7F, 0x80, 0xFF))
+        return bytes(mutated)
+    if operation == "truncate":
+        return data[: rng.randrange(len(data))]
+    if operation == "insert":
+        position = rng.randint(0, len(data))
+        inserted = rng.randbytes(rng.randint(1, 8)) if rng.random() < 0.7 else bytes([rng.choice((0x00, 0x80))])
+        return data[:position] + inserted + data[position:]
+    return data[: rng.randint(0, len(data))] + other[rng.randint(0, len(other)) :]
+
+
+def mutated_blob(rng: random.Random) -> Case:
+    """A valid blob of a random pipeline with one mutation, at the envelope, payload or FastUpdate depth."""
+    seeds = corpus()
+    seed, other = rng.choice(seeds), rng.choice(seeds)
+    operation, depth = rng.choice(MUTATIONS), rng.choice(DEPTHS)
+    if depth == "envelope":
+        blob = mutate(seed.blob, other.blob, operation, rng)
+    elif depth == "payload":
+        envelope = pb.Envelope()
+        envelope.CopyFrom(seed.envelope)
+        envelope.payload = mutate(seed.envelope.payload, other.envelope.payload, operation, rng)
+        blob = envelope.SerializeToString()
+    else:
+        blob = wrap(mutate(seed.raw, other.raw, operation, rng), seed.envelope.lossless)
+    return Case(operation, f"{operation} at the {depth} depth of a {seed.spec} blob", blob, dict(SHAPES))
+
+
+# ----------------------------------------------------------------------------------- (b) random field values
+
+HUGE = (2**32 - 1, 2**63, 2**64 - 1)
+ODD_FLOATS = (0.0, -0.0, 1.0, -1.0, 1e-45, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan"))
+
+
+def often(rng: random.Random, right: int, p: float = 0.8) -> int:
+    """``right`` with probability ``p``, else a wrong value below 2**64: off by one, zero, huge, or random."""
+    if rng.random() < p:
+        return right
+    wrong = rng.choice((max(0, right - 1), right + 1, 0, rng.choice(HUGE), rng.getrandbits(rng.choice((8, 32, 64)))))
+    return min(wrong, 2**64 - 1)
+
+
+def near(rng: random.Random, right: int, p: float = 0.8) -> int:
+    """A length: ``right`` with probability ``p``, else a wrong one (off by one, zero, up to twice as long)."""
+    if rng.random() < p:
+        return right
+    return rng.choice((max(0, right - 1), right + 1, 0, rng.randint(0, 2 * right + 8)))
+
+
+def noise(rng: random.Random, length: int) -> bytes:
+    """``length`` random bytes from one draw of ``rng`` (hypothesis caps the bytes an example may draw)."""
+    return np.random.default_rng(rng.getrandbits(64)).bytes(length)
+
+
+def random_shapes(rng: random.Random) -> dict[str, tuple[int, ...]]:
+    """One to three tensors of zero to three dimensions, each dimension 0 to 16 (up to 48 in a matrix)."""
+    shapes = {}
+    for index in range(rng.randint(1, 3)):
+        ndim = rng.randint(0, 3)
+        limit = 48 if ndim == 2 and rng.random() < 0.3 else 16
+        shapes[f"t{index}"] = tuple(rng.randint(0, limit) for _ in range(ndim))
+    return shapes
+
+
+def random_values(rng: random.Random, count: int) -> pb.Values:
+    """A Values message meant to hold ``count`` numbers, as floats or quantized codes, often slightly wrong."""
+    declared = often(rng, count)
+    real = count if count <= 1 << 16 else rng.randint(0, 64)
+    choice = rng.random()
+    if choice < 0.45:
+        kind = often(rng, rng.choice((pb.FLOAT_TYPE_FLOAT32, pb.FLOAT_TYPE_FLOAT16, pb.FLOAT_TYPE_BFLOAT16)), 0.9)
+        width = {pb.FLOAT_TYPE_FLOAT16: 2, pb.FLOAT_TYPE_BFLOAT16: 2}.get(kind, 4)
+        if rng.random() < 0.7:
+            numbers = np.random.default_rng(rng.getrandbits(64)).standard_normal(real).astype(np.float32)
+            data = numbers.astype("<f2" if kind == pb.FLOAT_TYPE_FLOAT16 else "<f4").tobytes()
+            data = data if kind != pb.FLOAT_TYPE_BFLOAT16 else (numbers.view("<u4") >> 16).astype("<u2").tobytes()
+        else:
+            data = noise(rng, real * width)
+        if rng.random() < 0.1:
+            data = data[: rng.randint(0, len(data))] + rng.randbytes(rng.randint(0, 3))
+        return pb.Values(count=declared, floats=pb.Floats(type=kind % 2**31, data=data))
+    if choice < 0.95:
+        bits = rng.randint(1, 8) if rng.random() < 0.85 else rng.choice((0, 9, 12, 32, 2**32 - 1))
+        length = (real * min(bits, 64) + 7) // 8
+        codes = noise(rng, near(rng, length, 0.85) if length <= 1 << 20 else rng.randint(0, 64))
+        offset, scale = (rng.choice(ODD_FLOATS) if rng.random() < 0.2 else rng.uniform(-1, 1) for _ in range(2))
+        quantized = pb.Quantized(bits=bits, offset=offset, scale=scale, codes=codes)
+        return pb.Values(count=declared, quantized=quantized)
+    return pb.Values(count=declared)
+
+
+def random_gaps(rng: random.Random, positions: np.ndarray) -> bytes:
+    """Varint gaps of ``positions``, or a stream broken in one of the ways a decoder must catch."""
+    gaps = encode_varints(np.diff(positions, prepend=0))
+    flaw = rng.random()
+    if flaw < 0.6:
+        return gaps
+    if flaw < 0.7:
+        return gaps + bytes([rng.choice((0x00, 0x05, 0x80, 0xFF))])  # a stray byte (or an unfinished varint)
+    if flaw < 0.8:
+        return gaps[:-1]  # truncated
+    if flaw < 0.9 and gaps:
+        return gaps[:-1] + bytes([gaps[-1] | 0x80, 0x00])  # overlong: the last varint ends in a zero byte
+    return noise(rng, rng.randint(0, 2 * len(gaps) + 2))
+
+
+def random_sparse(rng: random.Random, size: int) -> pb.Sparse:
+    """A Sparse message for a tensor of ``size`` entries: nnz, an index encoding and values, each maybe wrong."""
+    kept = rng.randint(0, size) if size else 0
+    positions = np.sort(np.random.default_rng(rng.getrandbits(64)).choice(size, kept, replace=False))
+    if kept > 1 and rng.random() < 0.1:
+        positions[rng.randrange(1, kept)] = positions[0]  # a repeated position
+    nnz = often(rng, kept)
+    sparse = pb.Sparse(nnz=nnz, values=random_values(rng, min(nnz, 1 << 17)))
+    choice = rng.random()
+    if choice < 0.45:
+        sparse.gaps_varint = random_gaps(rng, positions)
+    elif choice < 0.7:
+        mask = np.zeros(size, np.uint8)
+        mask[positions] = 1
+        bitmask = np.packbits(mask, bitorder="little").tobytes()
+        if rng.random() < 0.3:
+            bitmask = noise(rng, near(rng, len(bitmask), 0.7))
+        sparse.bitmask = bitmask
+    elif choice < 0.95:
+        sparse.random_seed = rng.getrandbits(64)
+    return sparse
+
+
+def random_low_rank(rng: random.Random, shape: tuple[int, ...]) -> pb.LowRank:
+    """A LowRank message for ``shape``: a rank in or out of range, and factors of the sizes it implies (or not)."""
+    rows = shape[0] if shape else rng.randint(1, 16)
+    cols = math.prod(shape[1:]) if len(shape) > 1 else rng.randint(1, 16)
+    bound = max(1, -(-rows * cols // (rows + cols)) - 1) if rows and cols else 1
+    if rng.random() < 0.6:
+        rank = rng.randint(1, bound)
+    else:
+        rank = rng.choice((0, bound, bound + 1, min(rows, cols), max(rows, cols), 2**32 - 1, rng.getrandbits(32)))
+    factor = min(rank, 1 << 12)
+    return pb.LowRank(rank=rank, left=random_values(rng, rows * factor), right=random_values(rng, cols * factor))
+
+
+def random_tensor(rng: random.Random, name: str, shape: tuple[int, ...]) -> pb.Tensor:
+    """A Tensor message meant for ``name`` of ``shape``, with a random encoding."""
+    if rng.random() < 0.1:
+        shape = tuple(rng.choice((0, 1, 3, 2**40, 2**64 - 1)) for _ in range(rng.randint(0, 4)))
+    tensor = pb.Tensor(name=name, shape=shape)
+    small = max(shape, default=0) <= 1 << 16  # huge dimensions are for the shape check: factors stay small
+    size = math.prod(shape) if small else rng.randint(0, 64)
+    encoding = rng.random()
+    if encoding < 0.3:
+        tensor.dense.CopyFrom(random_values(rng, size))
+    elif encoding < 0.65:
+        tensor.sparse.CopyFrom(random_sparse(rng, size))
+    elif encoding < 0.97:
+        tensor.low_rank.CopyFrom(random_low_rank(rng, shape if small else ()))
+    return tensor
+
+
+def random_update(rng: random.Random) -> Case:
+    """A FastUpdate of random field values for random shapes, in an envelope whose fields may lie too."""
+    shapes = random_shapes(rng)
+    update = pb.FastUpdate(
+        kind=often(rng, rng.choice((DELTA, STATE)), 0.95) % 2**31,
+        base_fingerprint=FINGERPRINT if rng.random() < 0.9 else rng.randbytes(8).hex(),
+        state_version=often(rng, STATE_VERSION, 0.9),
+    )
+    names = list(shapes)
+    if rng.random() < 0.1:
+        names = rng.choice((names[1:], [*names, names[0]], [*names, "unknown"]))
+    for name in names:
+        update.tensors.append(random_tensor(rng, name, shapes.get(name, (3,))))
+    raw = update.SerializeToString()
+    lossless = rng.choice(tuple(QUICK_COMPRESS)) if rng.random() < 0.98 else rng.randint(4, 99)
+    limit = dense_update_limit(shapes)
+    if rng.random() < 0.03:
+        bomb = bytes(limit + rng.randint(1, 4096))  # inflates past the limit
+        payload = QUICK_COMPRESS.get(lossless, bytes)(bomb)
+    else:
+        payload = QUICK_COMPRESS.get(lossless, bytes)(raw)
+    envelope = pb.Envelope(
+        lossless=lossless,
+        raw_size=often(rng, len(raw), 0.9),
+        payload=payload,
+        crc32=zlib.crc32(raw) if rng.random() < 0.95 else rng.getrandbits(32),
+    )
+    kinds = "/".join(t.WhichOneof("encoding") or "none" for t in update.tensors)
+    return Case("fields", f"{kinds} tensors for {shapes}", envelope.SerializeToString(), shapes)
+
+
+def decode_case(case: Case) -> bool:
+    """True if the case's blob decodes (to exactly its shapes, all finite), False if it is refused with
+    UpdateError; any other exception propagates."""
+    try:
+        update = decode_update(case.blob, case.shapes)
+    except UpdateError:
+        return False
+    assert {name: tensor.shape for name, tensor in update.tensors.items()} == case.shapes
+    assert all(tensor.dtype == np.float32 and np.all(np.isfinite(tensor)) for tensor in update.tensors.values())
+    return True
+
+
+# ------------------------------------------------------------------------------------------- (c) replies
+
+
+@dataclass(frozen=True)
+class Round:
+    """A round's replies, the instructions the server sent, and the receiver that takes them."""
+
+    replies: list[Message]
+    asked: dict[int, Instruction]
+    receiver: UplinkReceiver
+    detail: str
+
+
+def local_steps(examples: int) -> int:
+    """Two local epochs of batches of 32, as a run config would count them."""
+    return 2 * -(-examples // 32)
+
+
+def random_examples(rng: random.Random) -> int | float | list[int] | list[float]:
+    """A num-examples metric of any type a MetricRecord holds, in or out of range."""
+    return rng.choice(
+        (
+            rng.randint(1, 5000),
+            rng.randint(1, 5000),
+            0,
+            -rng.randint(1, 2**63),
+            2**63 - 1,
+            rng.choice(HUGE),
+            float(rng.randint(1, 100)),
+            rng.choice(ODD_FLOATS),
+            [rng.randint(0, 100) for _ in range(rng.randint(0, 3))],
+            [rng.uniform(0, 100) for _ in range(rng.randint(1, 3))],
+        )
+    )
+
+
+def random_blob(rng: random.Random) -> bytes:
+    """A blob a client might send: a valid one of the round (often), a mutated one, random fields, random bytes."""
+    choice = rng.random()
+    if choice < 0.5:
+        return rng.choice(corpus()).blob
+    if choice < 0.75:
+        return mutated_blob(rng).blob
+    if choice < 0.9:
+        return random_update(rng).blob
+    return rng.randbytes(rng.randint(0, 64))
+
+
+def random_content(rng: random.Random) -> RecordDict:
+    """A train reply's records: the delta and metrics present, missing, malformed, or joined by others."""
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
+    delta = rng.random()
+    if delta < 0.8:
+        records[DELTA_KEY] = update_record(random_blob(rng))
+    elif delta < 0.85:
+        records[DELTA_KEY] = ArrayRecord({"update": Array(np.zeros(rng.randint(0, 4), np.float32))})
+    elif delta < 0.9:
+        records[DELTA_KEY] = ArrayRecord({**update_record(random_blob(rng)), "extra": Array(np.zeros(1))})
+    metrics: dict[str, int | float | list[int] | list[float]] = {}
+    if rng.random() < 0.9:
+        metrics[NUM_EXAMPLES_KEY] = random_examples(rng)
+    for key in ("train-loss", "cpu-s", "peak-rss-bytes", "anchor"):
+        if rng.random() < 0.3:
+            metrics[key] = rng.choice((rng.uniform(0, 10), rng.randint(0, 2**40), rng.choice(ODD_FLOATS)))
+    where = rng.random()
+    if where < 0.9:
+        records[METRICS_KEY] = MetricRecord(metrics)
+    elif where < 0.95:
+        records[METRICS_KEY] = ConfigRecord({**metrics, "note": rng.randbytes(4).hex()})  # not a MetricRecord
+    if rng.random() < 0.1:
+        records["config"] = ConfigRecord({"role": rng.choice(list(Role)).value, "flag": rng.random() < 0.5})
+    return RecordDict(records)
+
+
+def random_round(rng: random.Random) -> Round:
+    """One to five train replies, from asked, unasked and repeated nodes, some of them Flower error replies."""
+    nodes = list(range(1, rng.randint(2, 5)))
+    roles = (None, Role.TRAIN, Role.ANCHOR, Role.MINER)
+    asked = {node: Instruction(f"client-{node}", rng.choice(roles)) for node in nodes if rng.random() < 0.85}
+    replies = []
+    for _ in range(rng.randint(1, 5)):
+        request = Message(RecordDict(), dst_node_id=rng.choice([*nodes, 99]), message_type=TRAIN_TYPE)
+        if rng.random() < 0.1:
+            replies.append(Message(Error(code=rng.randint(0, 2000), reason=rng.randbytes(6).hex()), reply_to=request))
+        else:
+            replies.append(Message(random_content(rng), reply_to=request))
+    screen = SizeScreen(rng.choice((0.0, 1.5, 10.0)), window=rng.randint(1, 20), min_reference=rng.randint(1, 5))
+    receiver = UplinkReceiver(dict(SHAPES), FINGERPRINT, screen, local_steps)
+    return Round(replies, asked, receiver, f"{len(replies)} replies, {len(asked)} of {len(nodes)} nodes asked")
+
+
+def receive_round(round_: Round) -> list[Received]:
+    """What the receiver makes of the round: one Received per reply, accepted ones whole and finite."""
+    received = round_.receiver.receive(round_.replies, round_.asked, STATE_VERSION)
+    assert len(received) == len(round_.replies)
+    for item in received:
+        assert (item.update is None) == (item.reason is not None)
+        if item.update is not None:
+            assert {name: delta.shape for name, delta in item.update.delta.items()} == SHAPES
+            assert all(np.all(np.isfinite(delta)) for delta in item.update.delta.values())
+    return received
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+randoms = st.randoms(use_true_random=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_corpus() -> None:
+    """Encode the valid blobs before hypothesis starts timing examples."""
+    corpus()
+
+
+@settings(max_examples=1000, deadline=500, derandomize=True, database=None)
+@given(randoms)
+def test_mutated_blobs_are_decoded_or_refused_with_update_error(rng: random.Random) -> None:
+    decode_case(mutated_blob(rng))
+
+
+@settings(max_examples=800, deadline=500, derandomize=True, database=None)
+@given(randoms)
+def test_random_field_values_are_decoded_or_refused_with_update_error(rng: random.Random) -> None:
+    decode_case(random_update(rng))
+
+
+@settings(max_examples=300, deadline=500, derandomize=True, database=None)
+@given(randoms)
+def test_receive_never_raises_whatever_the_replies(rng: random.Random) -> None:
+    receive_round(random_round(rng))
+
+
+def test_the_corpus_holds_every_pipeline_and_decodes() -> None:
+    assert [seed.spec for seed in corpus()] == PIPELINES
+    assert all(decode_case(Case("valid", seed.spec, seed.blob, dict(SHAPES))) for seed in corpus())
+
+
+def test_mutations_reach_a_truncated_lzma_payload_and_it_is_refused() -> None:
+    case = find(
+        randoms.map(mutated_blob),
+        lambda case: case.detail.startswith("truncate at the payload depth") and case.detail.endswith("+lzma blob"),
+        settings=settings(derandomize=True, database=None, max_examples=2000),
+    )
+    with pytest.raises(UpdateError, match="truncated lzma stream"):
+        decode_update(case.blob, case.shapes)
