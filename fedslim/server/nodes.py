@@ -37,7 +37,38 @@ def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_TIMEO
         time.sleep(0.2)
 
 
-class OrderedGrid(Grid):
+class ForwardingGrid(Grid):
+    """A Flower grid that passes every call to the grid it wraps; subclasses change what they need."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class OrderedGrid(ForwardingGrid):
     """A grid that lists nodes by their client key; every other call goes to the wrapped grid.
 
     Parameters
@@ -61,7 +92,7 @@ class OrderedGrid(Grid):
         excluded: frozenset[int] = frozenset(),
         declared: dict[int, int] | None = None,
     ) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.keys = keys
         self.excluded = excluded
         self.declared = declared or {}
@@ -87,27 +118,6 @@ class OrderedGrid(Grid):
         nodes = [n for n in self.grid.get_node_ids() if n not in self.excluded]
         known = sorted((n for n in nodes if n in self.keys), key=lambda n: _natural(self.keys[n]))
         return known + sorted(n for n in nodes if n not in self.keys)
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return self.grid.send_and_receive(messages, timeout=timeout)
 
 
 def _natural(key: str) -> tuple[str, int]:

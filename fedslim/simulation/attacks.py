@@ -31,9 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedslim.base import ensure_pretrained_base, load_base
 from fedslim.channel.protocol import (
@@ -48,6 +47,7 @@ from fedslim.channel.protocol import (
 )
 from fedslim.codecs.pipeline import Pipeline, decode_update, encode_update
 from fedslim.config import ConfigError, RunConfig
+from fedslim.server.nodes import ForwardingGrid
 
 ATTACK_KINDS = ("scale", "sign-flip", "lie-examples")
 DEFAULT_CLAIMED_EXAMPLES = 10**12
@@ -138,7 +138,7 @@ def assign_attackers(attacks: Iterable[Attack], num_clients: int, seed: int) -> 
     return assigned
 
 
-class AttackingGrid(Grid):
+class AttackingGrid(ForwardingGrid):
     """A grid whose attacker nodes' train replies are altered before the server sees them.
 
     Parameters
@@ -156,7 +156,7 @@ class AttackingGrid(Grid):
     def __init__(
         self, grid: Grid, attackers: Mapping[str, Attack], shapes: Mapping[str, tuple[int, ...]], uplink: Pipeline
     ) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.attackers = dict(attackers)
         self.shapes = dict(shapes)
         self.uplink = uplink
@@ -199,24 +199,6 @@ class AttackingGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.intercept(reply) for reply in self.grid.pull_messages(message_ids)]
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
 
 
 def attack_wrapper(config: RunConfig) -> Callable[[Grid], Grid] | None:
