@@ -73,7 +73,7 @@ def write_log(path: Path, runs: int, rounds: int, clients: int) -> str:
                 RoundRow(server_round, clients, clients, clients, 0.8 + server_round / 1000, 0.5, 1.0, 1_000_000),
             )
         log.record_weights(run_id, rounds, {f"partition-{c}": 1 / clients for c in range(clients)}, {})
-    log.finish_run(run_id)
+    log.finish_run(run_id, "0" * 64)
     log.close()
     return run_id
 

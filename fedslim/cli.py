@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedslim.config import RunConfig
 
 SIMULATE_HELP = "run a federation in Flower's simulation engine"
 
@@ -24,6 +29,11 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
         help="flower: Flower's simulation engine (Ray); inline: the same apps called in this process, sequentially",
     )
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the killed run of RUN_DIR from its last checkpoint, with the run's own configuration",
+    )
 
 
 def run_simulate(args: argparse.Namespace) -> int:
@@ -36,14 +46,16 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.data.datasets import DatasetMissingError, load_federation
     from fedslim.data.participation import check_trace
     from fedslim.report import round_table
+    from fedslim.server.checkpoint import claim_run_dir
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
 
-    config = RunConfig.from_args(args)
+    config = resumed_config(args) if args.resume else RunConfig.from_args(args)
     # A bad strategy, trace or run directory fails here, before any node starts.
     strategy_for(config)
     check_trace(config.participation, config.num_clients, config.rounds)
     config.check_run_dir()
+    claim_run_dir(config)
     console = Console()
     progress = Progress(
         TextColumn("[bold]rounds"),
@@ -77,8 +89,33 @@ def run_simulate(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
+    console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)
     console.print(f"communication log: {result.log_path} (fedslim logs summary {config.run_dir})")
     return 0
+
+
+def resumed_config(args: argparse.Namespace) -> RunConfig:
+    """The configuration of the run ``--resume`` continues; run flags given with it are refused, not ignored."""
+    from dataclasses import replace
+
+    from fedslim.config import FLAT_KEYS, ConfigError, RunConfig
+    from fedslim.server.checkpoint import read_checkpoint
+
+    given = RunConfig.from_args(args).to_dict()
+    defaults = RunConfig().to_dict()
+    flags = [
+        entry.flag
+        for entry in FLAT_KEYS.values()
+        if entry.flag is not None
+        and (given["fast"] if entry.in_fast else given)[entry.name]
+        != (defaults["fast"] if entry.in_fast else defaults)[entry.name]
+    ]
+    if flags:
+        raise ConfigError(
+            f"--resume continues the run with the configuration it was started with; drop {', '.join(flags)}"
+        )
+    checkpoint = read_checkpoint(Path(args.resume))
+    return replace(checkpoint.config, resume=True, overwrite=False, out=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,10 +30,11 @@ import json
 import sqlite3
 import time
 from dataclasses import astuple, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOG_FILENAME = "commlog.sqlite"
 
 SCHEMA = """
@@ -47,7 +48,9 @@ CREATE TABLE IF NOT EXISTS runs (
     base_parameters INTEGER NOT NULL,
     fast_parameters INTEGER NOT NULL,
     fast_payload_bytes INTEGER NOT NULL,
-    full_model_payload_bytes INTEGER NOT NULL
+    full_model_payload_bytes INTEGER NOT NULL,
+    final_state_digest TEXT,        -- SHA-256 of the final fast state (NULL until the run finishes)
+    resumes INTEGER NOT NULL DEFAULT 0  -- times the run was continued from its checkpoint
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY,
@@ -63,7 +66,7 @@ CREATE TABLE IF NOT EXISTS messages (
     message_bytes INTEGER NOT NULL,
     full_model_bytes INTEGER NOT NULL,
     version_lag INTEGER,            -- fast-state versions between the client's and the server's
-    status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
+    status TEXT NOT NULL CHECK (status IN ('ok', 'rejected', 'error', 'late', 'no-reply')),
     reason TEXT,
     weight REAL,                    -- coefficient of this update in the round's step (accepted train replies)
     client_cpu_s REAL,              -- train replies: CPU seconds the client spent on the round
@@ -96,6 +99,16 @@ CREATE TABLE IF NOT EXISTS memory_weights (
 """
 
 
+class Status(StrEnum):
+    """What became of a message (``messages.status``)."""
+
+    OK = "ok"
+    REJECTED = "rejected"  # the server refused the reply: a check, the size screen, an unexpected reply
+    ERROR = "error"  # the client answered with an error: a refusal, or its ClientApp raised
+    LATE = "late"  # the reply arrived after its round's timeout and was discarded
+    NO_REPLY = "no-reply"  # no reply to the instruction arrived within the round timeout (a row without a message)
+
+
 @dataclass(frozen=True)
 class MessageRow:
     """One row of ``messages`` (see the module docstring and docs/commlog.md)."""
@@ -115,6 +128,8 @@ class MessageRow:
     created_at: float
     client_cpu_s: float | None = None
     client_peak_rss_bytes: int | None = None
+    status: Status | None = None
+    """None: ``ok``, or ``rejected`` when there is a ``reason``."""
 
 
 @dataclass(frozen=True)
@@ -145,8 +160,11 @@ class RoundTotals:
     full_model_bytes: int
     strategy_memory_bytes: int | None = None
     rejected: int = 0
+    """Train instructions of the round without an accepted reply: rejected, the client's error, or no reply."""
     available: int | None = None
     wall_time_s: float = 0.0
+    late: int = 0
+    """Replies to earlier rounds' train instructions that arrived in this round, after their timeout (discarded)."""
 
 
 def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | None = None) -> list[RoundTotals]:
@@ -154,16 +172,18 @@ def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | Non
     where = "run_id = ?" + (" AND round = ?" if only_round is not None else "")
     args = (run_id,) if only_round is None else (run_id, only_round)
     traffic: dict[int, dict[str, int]] = {}
-    for server_round, direction, size, full, rejected in db.execute(
+    for server_round, direction, size, full, rejected, late in db.execute(
         "SELECT round, direction, SUM(message_bytes), SUM(full_model_bytes),"
-        f" SUM(status = 'rejected' AND message_type = 'train') FROM messages WHERE {where} GROUP BY round, direction",
+        " SUM(status IN ('rejected', 'error', 'no-reply') AND message_type = 'train'),"
+        f" SUM(status = 'late' AND message_type = 'train') FROM messages WHERE {where} GROUP BY round, direction",
         args,
     ):
-        sums = traffic.setdefault(server_round, {"up": 0, "down": 0, "full": 0, "rejected": 0})
+        sums = traffic.setdefault(server_round, {"up": 0, "down": 0, "full": 0, "rejected": 0, "late": 0})
         sums[direction] = size
         sums["full"] += full
         sums["rejected"] += rejected
-    empty = {"up": 0, "down": 0, "full": 0, "rejected": 0}
+        sums["late"] += late
+    empty = {"up": 0, "down": 0, "full": 0, "rejected": 0, "late": 0}
     rows = db.execute(
         "SELECT round, accuracy, loss, sampled, accepted, available, wall_time_s, strategy_memory_bytes"
         f" FROM rounds WHERE {where} ORDER BY round",
@@ -183,6 +203,7 @@ def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | Non
             rejected=traffic.get(server_round, empty)["rejected"],
             available=available,
             wall_time_s=wall_time_s,
+            late=traffic.get(server_round, empty)["late"],
         )
         for server_round, accuracy, loss, sampled, accepted, available, wall_time_s, memory in rows
     ]
@@ -247,7 +268,7 @@ class CommLog:
         full_model_payload_bytes: int,
     ) -> None:
         self._db.execute(
-            "INSERT INTO runs VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs VALUES (?, ?, NULL, ?, ?, ?, ?, ?, ?, NULL, 0)",
             (
                 run_id,
                 time.time(),
@@ -260,8 +281,33 @@ class CommLog:
             ),
         )
 
-    def finish_run(self, run_id: str) -> None:
-        self._db.execute("UPDATE runs SET finished_at = ? WHERE run_id = ?", (time.time(), run_id))
+    def finish_run(self, run_id: str, final_state_digest: str) -> None:
+        self._db.execute(
+            "UPDATE runs SET finished_at = ?, final_state_digest = ? WHERE run_id = ?",
+            (time.time(), final_state_digest, run_id),
+        )
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Move the write-ahead log into the database file, so that the ``.sqlite`` file alone holds every row."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def continue_run(self, run_id: str, after_round: int) -> None:
+        """Reopen ``run_id`` to continue after ``after_round``: forget every row of a later round (a killed round)."""
+        if self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
+            raise KeyError(f"run {run_id} is not in {self.path}")
+        with self._db:
+            self._db.execute("BEGIN")
+            for table in ("messages", "rounds", "memory_weights"):
+                self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
+            self._db.execute(
+                "UPDATE runs SET finished_at = NULL, final_state_digest = NULL, resumes = resumes + 1 WHERE run_id = ?",
+                (run_id,),
+            )
+
+    def finished_runs(self) -> list[str]:
+        """The runs of this log that finished."""
+        return [row[0] for row in self._db.execute("SELECT run_id FROM runs WHERE finished_at IS NOT NULL")]
 
     def record_message(self, run_id: str, row: MessageRow) -> None:
         """Record one message; a ``reason`` marks it rejected."""
@@ -286,7 +332,7 @@ class CommLog:
                 row.created_at,
                 row.client_cpu_s,
                 row.client_peak_rss_bytes,
-                "rejected" if row.reason else "ok",
+                row.status or (Status.REJECTED if row.reason else Status.OK),
                 time.time(),
             ),
         )

@@ -158,6 +158,49 @@ def split_repeated(text: str) -> list[str]:
         raise ConfigError(f"cannot split {text!r}: {str(exc).lower()}") from exc
 
 
+FAULT_KINDS = ("drop", "error", "late")
+
+
+@dataclass(frozen=True)
+class FaultShares:
+    """The share of the sampled clients each fault hits in a round (a fault spec, ``--faults``)."""
+
+    drop: float = 0.0
+    error: float = 0.0
+    late: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.drop + self.error + self.late > 0
+
+
+def parse_faults(spec: str) -> FaultShares:
+    """The shares of a fault spec ``drop=S,error=S,late=S`` (any subset; empty: none); a ConfigError naming --faults."""
+    shares: dict[str, float] = {}
+    for entry in (part.strip() for part in spec.split(",")) if spec.strip() else ():
+        kind, _, value = (text.strip() for text in entry.partition("="))
+        problem = None
+        if kind not in FAULT_KINDS:
+            problem = f"unknown fault {kind!r}"
+        elif kind in shares:
+            problem = f"{kind} is given twice"
+        elif not 0.0 <= _number(value) <= 1.0:
+            problem = f"{kind} must be a share in [0, 1], got {value!r}"
+        if problem:
+            raise ConfigError(f"--faults {spec!r}: {problem}; the spec is drop=S,error=S,late=S")
+        shares[kind] = float(value)
+    if sum(shares.values()) > 1.0:
+        raise ConfigError(f"--faults {spec!r}: the shares add up to {sum(shares.values()):g}, more than 1")
+    return FaultShares(**shares)
+
+
+def _number(text: str) -> float:
+    """``text`` as a float; NaN if it is none."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _fraction_flag_default(args: argparse.Namespace) -> float:
     """Where availability is simulated, few clients are available in a round: sample them all."""
     return RunConfig.fraction if args.participation == "all" else 1.0
@@ -293,10 +336,21 @@ class RunConfig:
     attack : str
         Simulated attackers: a share of the clients whose replies are altered
         (see :mod:`fedslim.simulation.attacks`); simulation only.
+    faults : str
+        Simulated faults, ``drop=S,error=S,late=S``: each round, each sampled
+        client's instruction is lost, its reply replaced by the error of a
+        ClientApp that raised, or its reply delivered after the round timeout,
+        with these probabilities (see :func:`parse_faults` and
+        :mod:`fedslim.simulation.faults`); simulation only.
     final_sync : bool
         After the last round, send every node the exact final fast state (one
         full-state sync each) and have it confirm the state's digest, so every
         device ends the run holding the model the server evaluated.
+    checkpoint_every : int
+        Write the run's checkpoint (``checkpoint.pkl`` in the run directory,
+        see :mod:`fedslim.server.checkpoint`) after every N-th round; 0 writes
+        none. ``resume`` continues a killed run from it; ``overwrite`` lets a
+        run replace the one its directory holds (otherwise refused).
     provision_chunk_bytes : int
         Chunk size when the server sends its base to a node that has none
         (one message per chunk; 4 MiB stays under Flower's 5 MiB array chunks).
@@ -343,9 +397,7 @@ class RunConfig:
         omit_empty=True,
     )
     out: str = setting("runs/latest", "run directory (communication log goes here)")
-    round_timeout: float = setting(
-        600.0, "seconds the server waits for replies in one round", flag=False, range=POSITIVE
-    )
+    round_timeout: float = setting(600.0, "seconds the server waits for replies in one round", range=POSITIVE)
     codec: str = setting(
         "none",
         "uplink codec pipeline, e.g. topk:0.05+q8+lzma, randk:0.05+q4, ternary:0.1, powersgd:2, fp16, none",
@@ -391,6 +443,11 @@ class RunConfig:
         "",
         "simulated attackers (simulation only), e.g. scale:100@0.1,sign-flip@0.1,lie-examples@0.1",
     )
+    faults: str = setting(
+        "",
+        "simulated faults (simulation only): shares of the sampled clients that never reply, raise, or reply "
+        "after the round timeout, e.g. drop=0.2,error=0.1,late=0.1",
+    )
     participation: str = setting(
         "all", "who is available each round: all, bernoulli, label, markov, cyclic, or trace:FILE"
     )
@@ -402,6 +459,15 @@ class RunConfig:
     final_sync: bool = setting(
         False, "after the last round, send every node the exact final fast state and have it confirm the digest"
     )
+    checkpoint_every: int = setting(
+        1, "write a checkpoint every N rounds, to continue a killed run with --resume (0: none)", range=NON_NEGATIVE
+    )
+    resume: bool = setting(
+        False,
+        "continue the interrupted run of the run directory from its checkpoint (CLI: --resume RUN_DIR)",
+        flag=False,
+    )
+    overwrite: bool = setting(False, "replace a run the run directory already holds (its log and checkpoint)")
     provision_chunk_bytes: int = setting(
         4 << 20, "chunk size when the server sends its base to a node that has none", flag=False, range=Range(1024)
     )
@@ -416,6 +482,7 @@ class RunConfig:
         if 0 < self.screen_factor <= 1:
             raise ConfigError(f"screen_factor must be > 1, or 0 to turn the screen off; got {self.screen_factor}")
         check_participation_spec(self.participation, self.participation_mean)
+        parse_faults(self.faults)
         for name in ("codec", "downstream_codec"):
             try:
                 parse_codec(getattr(self, name))

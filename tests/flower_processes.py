@@ -74,11 +74,12 @@ def wait_until_healthy(
 
 
 @contextmanager
-def insecure_federation(work: Path, nodes: int, connection: str) -> Iterator[dict[str, str]]:
+def insecure_federation(work: Path, nodes: int, connection: str) -> Iterator[tuple[dict[str, str], int]]:
     """An insecure SuperLink and ``nodes`` SuperNodes (node k holds partition k) on loopback.
 
     flwr knows the SuperLink as ``connection``; yields the environment for flwr
-    commands. Logs go to ``work``; every process is stopped by its group on exit.
+    commands and the SuperLink's PID (also its process group and session).
+    Logs go to ``work``; every process is stopped by its group on exit.
     """
     fleet_port, http_port = free_port(), free_port()
     home = work / "flwr-home"
@@ -99,7 +100,7 @@ def insecure_federation(work: Path, nodes: int, connection: str) -> Iterator[dic
             command = [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{fleet_port}"]
             command += ["--port", str(free_port()), "--node-config", f"partition-id={node} num-partitions={nodes}"]
             stack.enter_context(started(command, env, work / f"supernode-{node}.log"))
-        yield env
+        yield env, superlink.pid
 
 
 def flwr_run(

@@ -71,7 +71,7 @@ def test_pyproject_lists_every_flat_key_with_its_default() -> None:
 
 def test_flat_defaults_build_the_default_config() -> None:
     defaults = flat_defaults()
-    assert len(defaults) == 37 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
+    assert len(defaults) == 41 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
     assert RunConfig.from_flat(defaults) == RunConfig()
 
 
@@ -85,6 +85,11 @@ def test_cli_fraction_default_follows_participation() -> None:
     assert _from_cli("--participation", "label").fraction == 1.0
     assert _from_cli("--participation", "label", "--fraction", "0.5").fraction == 0.5
     assert _from_cli("--participation", "all").fraction == 0.2
+
+
+def test_round_timeout_and_faults_flags() -> None:
+    config = _from_cli("--round-timeout", "2.5", "--faults", "drop=0.2,error=0.1,late=0.1")
+    assert (config.round_timeout, config.faults) == (2.5, "drop=0.2,error=0.1,late=0.1")
 
 
 def test_renamed_flags_land_in_their_fields() -> None:
@@ -111,7 +116,9 @@ def test_help_lists_every_flag_with_its_help() -> None:
         ("--server-lr SERVER_LR", "server step size applied to the aggregated fast delta"),
     ]:
         assert f"{flag} {help_text}" in text
-    assert "--synthetic-alpha" not in text and "--round-timeout" not in text
+    assert "--round-timeout ROUND_TIMEOUT seconds the server waits for replies in one round" in text
+    assert "--faults FAULTS simulated faults (simulation only)" in text
+    assert "--synthetic-alpha" not in text
 
 
 def test_client_task_keys_and_round_trip() -> None:
@@ -209,7 +216,7 @@ def test_a_value_out_of_range_is_one_error_line(
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"round-timeout": float("inf")}, "round_timeout must be a finite number > 0, got inf (run config key"),
+        ({"round-timeout": float("inf")}, "round_timeout must be a finite number > 0, got inf (--round-timeout)"),
         ({"round-timeout": 0.0}, "round_timeout must be a finite number > 0, got 0.0"),
         ({"synthetic-alpha": float("nan")}, "synthetic_alpha must be a finite number >= 0, got nan"),
         ({"synthetic-beta": -1.0}, "synthetic_beta must be a finite number >= 0, got -1.0"),

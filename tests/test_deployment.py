@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from flower_processes import BIN, flwr_run, insecure_federation
+from flower_processes import BIN, REPO, flwr_run, insecure_federation
 
+from fedslim.commlog import LOG_FILENAME
+from fedslim.config import RunConfig
 from fedslim.logs.reader import RunLog
+from fedslim.simulation.simulate import simulate
 
 NODES = 3
 CONNECTION = "fedslim-test"
@@ -21,13 +28,14 @@ CONNECTION = "fedslim-test"
 class Federation:
     env: dict[str, str]
     tmp: Path
+    superlink_pid: int
 
 
 @pytest.fixture
 def deployed(tmp_path: Path, private_cache: Path) -> Iterator[Federation]:
     """An insecure SuperLink and three SuperNodes (partitions 0-2), each stopped by its process group."""
-    with insecure_federation(tmp_path, NODES, CONNECTION) as env:
-        yield Federation(env, tmp_path)
+    with insecure_federation(tmp_path, NODES, CONNECTION) as (env, superlink_pid):
+        yield Federation(env, tmp_path, superlink_pid)
 
 
 def test_logged_bytes_agree_with_the_superlinks_traffic_count(deployed: Federation) -> None:
@@ -53,3 +61,75 @@ def test_logged_bytes_agree_with_the_superlinks_traffic_count(deployed: Federati
     residual = (summary.total_bytes - counted) / counted
     print(f"logged {summary.total_bytes} B, SuperLink counted {counted} B, residual {residual:+.3%}")
     assert abs(residual) < 0.05
+
+
+def serverapp_pids(superlink: int) -> list[int]:
+    """PIDs of the ServerApp processes started under the SuperLink ``superlink`` (by its SuperExec)."""
+    parents: dict[int, int] = {}
+    serverapps = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            parents[int(entry.name)] = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(part.endswith(b"flwr-serverapp") for part in command[:2]):
+            serverapps.append(int(entry.name))
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == superlink:
+                return True
+        return False
+
+    return [pid for pid in serverapps if descends(pid)]
+
+
+def test_a_killed_serverapp_resumes_on_the_same_supernodes(deployed: Federation) -> None:
+    """SuperLink and SuperNodes stay up; the ServerApp is killed mid-run and a new `flwr run` resumes its run."""
+    flat = {"rounds": 3, "num-clients": NODES, "fraction": 1.0, "seed": 3}
+    config = " ".join(f"{key}={value}" for key, value in flat.items())
+    # The same run on the inline backend reaches the deployment's final state (same seeds, same client keys).
+    expected = simulate(RunConfig.from_flat({**flat, "out": str(deployed.tmp / "reference")}), backend="inline")
+    started_at = time.monotonic()
+
+    out = deployed.tmp / "killed"
+    run = subprocess.Popen(
+        [str(BIN / "flwr"), "run", ".", CONNECTION, "--run-config", f'{config} out="{out}"'],
+        cwd=REPO,
+        env=deployed.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run.wait(timeout=60)
+    deadline = time.monotonic() + 120
+    while not (out / LOG_FILENAME).exists() or not _rounds(out) or max(_rounds(out)) < 1:
+        assert time.monotonic() < deadline, "the run never finished round 1"
+        time.sleep(0.1)
+    (pid,) = serverapp_pids(deployed.superlink_pid)  # the one running ServerApp
+    os.kill(pid, signal.SIGKILL)
+    killed_after = max(_rounds(out))
+    print(f"killed at {time.monotonic() - started_at:.0f} s")
+    assert killed_after < 3
+
+    resumed = flwr_run(CONNECTION, f'{config} out="{out}" resume=true', deployed.env)
+    print(f"resumed run ended at {time.monotonic() - started_at:.0f} s")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    with RunLog(str(out)) as log:
+        summary = log.summary()
+        rounds = [r.round for r in log.rounds()]
+    assert summary.finished and summary.resumes == 1
+    assert rounds == [0, 1, 2, 3]
+    assert summary.final_state_digest == expected.final_state_digest
+    print(f"killed after round {killed_after}; resumed digest {summary.final_state_digest} == reference")
+
+
+def _rounds(run_dir: Path) -> list[int]:
+    try:
+        with sqlite3.connect(f"file:{run_dir / LOG_FILENAME}?mode=ro", uri=True) as db:
+            return [r for (r,) in db.execute("SELECT round FROM rounds")]
+    except sqlite3.Error:
+        return []

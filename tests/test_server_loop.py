@@ -147,10 +147,13 @@ def test_each_kind_of_bad_update_is_rejected_logged_and_the_round_goes_on(
     for server_round in (1, 2):
         rejected = dict(
             db.execute(
-                "SELECT node_id, reason FROM messages WHERE status = 'rejected' AND round = ?", (server_round,)
+                "SELECT node_id, reason FROM messages WHERE status IN ('rejected', 'error') AND round = ?",
+                (server_round,),
             ).fetchall()
         )
         assert set(rejected) == {str(node) for node in bad}
+        errors = db.execute("SELECT node_id FROM messages WHERE status = 'error' AND round = ?", (server_round,))
+        assert errors.fetchall() == [(str(ERROR_NODE),)]  # the client's own error, not the server's rejection
         for node, (_, reason) in SPOILERS.items():
             assert reason in rejected[str(node)], (node, rejected[str(node)])
             assert any(

@@ -7,14 +7,15 @@ full-model FedAvg would have moved instead (see docs/commlog.md).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
 from fedslim.channel.protocol import DIRECTION_KEY, FAST_KEY, record_sync, record_update
-from fedslim.channel.uplink import Received, footprint
-from fedslim.commlog import CommLog, MessageRow
+from fedslim.channel.uplink import Received, footprint, payload_bytes
+from fedslim.commlog import CommLog, MessageRow, Status
 
 if TYPE_CHECKING:
     from flwr.proto.message_pb2 import ObjectTree
@@ -122,16 +123,57 @@ class WireAccounting:
         self._record(message, "down", chunk_bytes, 0, None, None)
 
     def record_reply(self, reply: Message, reason: str | None) -> None:
-        """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it."""
-        self._record(reply, "up", 0, 0, None, None, reason)
+        """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it.
+
+        An error reply (a refusal, a ClientApp that raised) is logged as an error.
+        """
+        self._record(reply, "up", 0, 0, None, None, reason, status=Status.ERROR if reply.has_error() else None)
 
     def record_received(self, received: Received) -> None:
-        """Log a train reply as the uplink received it (its reason, if rejected)."""
+        """Log a train reply as the uplink received it: accepted, rejected (its reason), or the client's error."""
         payload = received.payload_bytes
         raw = self.run.fast_raw_bytes if payload else 0
         reply = received.reply
+        error = reply.has_error() and received.instruction is not None
         self._record(
-            reply, "up", payload, raw, self.run.uplink, received.version_lag, received.reason, footprint(reply)
+            reply,
+            "up",
+            payload,
+            raw,
+            self.run.uplink,
+            received.version_lag,
+            received.reason,
+            footprint(reply),
+            Status.ERROR if error else None,
+        )
+
+    def record_late(self, reply: Message, reason: str) -> None:
+        """Log a train reply that came after its round's timeout (it travelled, so it counts; it is discarded)."""
+        payload = payload_bytes(reply)
+        raw = self.run.fast_raw_bytes if payload else 0
+        self._record(reply, "up", payload, raw, self.run.uplink, None, reason, footprint(reply), Status.LATE)
+
+    def record_no_reply(self, instruction: Message, reason: str) -> None:
+        """Log an instruction that got no reply by the round timeout: an up row without a message (0 bytes)."""
+        node = instruction.metadata.dst_node_id
+        self.run.commlog.record_message(
+            self.run.run_id,
+            MessageRow(
+                round=self.server_round,
+                node_id=node,
+                client=self.run.client_keys.get(node),
+                direction="up",
+                message_type=instruction.metadata.message_type,
+                codec=None,
+                raw_bytes=0,
+                payload_bytes=0,
+                message_bytes=0,
+                full_model_bytes=0,
+                version_lag=None,
+                reason=reason,
+                created_at=time.time(),
+                status=Status.NO_REPLY,
+            ),
         )
 
     def _record(
@@ -144,6 +186,7 @@ class WireAccounting:
         version_lag: int | None,
         reason: str | None = None,
         device: tuple[float | None, int | None] = (None, None),
+        status: Status | None = None,
     ) -> None:
         """One log row; the full-model figure swaps a fast-layer payload (``raw`` > 0) for the full model."""
         size = message_bytes(message, direction)
@@ -166,5 +209,6 @@ class WireAccounting:
                 created_at=message.metadata.created_at,
                 client_cpu_s=device[0],
                 client_peak_rss_bytes=device[1],
+                status=status,
             ),
         )

@@ -60,13 +60,13 @@ from fedslim.codecs.pipeline import (
 )
 
 
-def state_digest(state: Mapping[str, np.ndarray]) -> str:
-    """SHA-256 (hex, 32 characters) over names and float32 bytes, in name order."""
+def state_digest(state: Mapping[str, np.ndarray], length: int = 32) -> str:
+    """SHA-256 over names and float32 bytes, in name order: its first ``length`` hex characters (64: all of it)."""
     digest = hashlib.sha256()
     for name in sorted(state):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(state[name], dtype=np.float32).tobytes())
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()[:length]
 
 
 def apply_step(state: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

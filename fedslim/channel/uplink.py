@@ -335,7 +335,7 @@ class UplinkReceiver:
             if update is not None and reason is None and instruction is not None:
                 accepted = _client_update(reply, instruction, update)
             lag = state_version - update.state_version if update is not None else None
-            received.append(Received(reply, instruction, accepted, reason, _payload_bytes(reply), lag))
+            received.append(Received(reply, instruction, accepted, reason, payload_bytes(reply), lag))
         return received
 
     def _overclaim(self, reply: Message, instruction: Instruction) -> str | None:
@@ -353,7 +353,8 @@ def _examples(reply: Message) -> int:
     return int(reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY])  # type: ignore[arg-type]
 
 
-def _payload_bytes(reply: Message) -> int:
+def payload_bytes(reply: Message) -> int:
+    """The size of the update blob a train reply carries (0 if none can be read)."""
     if reply.has_error():
         return 0
     try:

@@ -74,6 +74,8 @@ def run_logs(args: argparse.Namespace) -> int:
                 summary = log.summary(rounds)
                 target = args.target if args.target is not None else default_target(summary.best_accuracy)
                 console.print(summary_table(summary, target, bytes_to_reach(rounds, target)))
+                digest = summary.final_state_digest or "none (the run did not finish)"
+                console.print(f"final state digest: {digest}", soft_wrap=True)
             elif command == "rounds":
                 title = f"run {log.run_id} ({log.label})"
                 console.print(round_table(log.rounds(), title, log.config.get("num_clients")))

@@ -35,12 +35,16 @@ class ClientStats:
     sampled: int
     accepted: int
     rejected: int
+    """Train instructions without an accepted reply: rejected, the client's error, or no reply."""
     bytes_up: int
     bytes_down: int
     mean_weight: float | None
     last_round: int
     mean_cpu_s: float | None
     peak_rss_bytes: int | None
+    errors: int = 0
+    late: int = 0
+    no_reply: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,16 @@ class Summary:
     wall_time_s: float
     client_cpu_s: float | None
     client_peak_rss_bytes: int | None
+    final_state_digest: str | None = None
+    """SHA-256 of the final fast state (hex); None until the run finishes."""
+    resumes: int = 0
+    errors: int = 0
+    """Error replies: a client's refusal, or its ClientApp raised."""
+    late: int = 0
+    """Replies that came after their round's timeout (discarded)."""
+    no_reply: int = 0
+    """Instructions without any reply by the round timeout."""
+    """Times the run was continued from its checkpoint after it was killed."""
 
     @property
     def total_bytes(self) -> int:
@@ -167,7 +181,9 @@ class RunLog:
             " COALESCE(SUM(message_bytes - payload_bytes + raw_bytes), 0), COALESCE(SUM(full_model_bytes), 0),"
             " AVG(client_cpu_s), MAX(client_peak_rss_bytes),"
             " COALESCE(SUM(CASE WHEN message_type = ? THEN message_bytes END), 0),"
-            " COUNT(DISTINCT CASE WHEN message_type = ? THEN node_id END)"
+            " COUNT(DISTINCT CASE WHEN message_type = ? THEN node_id END),"
+            " COALESCE(SUM(status = 'error'), 0), COALESCE(SUM(status = 'late'), 0),"
+            " COALESCE(SUM(status = 'no-reply'), 0)"
             " FROM messages WHERE run_id = ?",
             (PROVISION_TYPE, PROVISION_TYPE, self.run_id),
         ).fetchone()
@@ -205,6 +221,11 @@ class RunLog:
             wall_time_s=sum(r.wall_time_s for r in rounds),
             client_cpu_s=totals[6],
             client_peak_rss_bytes=totals[7],
+            final_state_digest=self.run["final_state_digest"],
+            resumes=self.run["resumes"],
+            errors=totals[10],
+            late=totals[11],
+            no_reply=totals[12],
         )
 
     def clients(self) -> list[ClientStats]:
@@ -214,13 +235,16 @@ class RunLog:
             SELECT COALESCE(client, 'node ' || node_id) AS who,
                    SUM(direction = 'down' AND message_type = 'train'),
                    SUM(direction = 'up' AND message_type = 'train' AND status = 'ok'),
-                   SUM(status = 'rejected'),
+                   SUM(message_type = 'train' AND status IN ('rejected', 'error', 'no-reply')),
                    COALESCE(SUM(CASE WHEN direction = 'up' THEN message_bytes END), 0),
                    COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),
                    AVG(weight),
                    MAX(round),
                    AVG(client_cpu_s),
-                   MAX(client_peak_rss_bytes)
+                   MAX(client_peak_rss_bytes),
+                   SUM(status = 'error'),
+                   SUM(status = 'late'),
+                   SUM(status = 'no-reply')
             FROM messages WHERE run_id = ? GROUP BY who
             """,
             (self.run_id,),

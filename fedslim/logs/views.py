@@ -33,6 +33,10 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
         ("clients", f"{summary.clients}"),
         ("rounds", f"{summary.rounds_done} of {summary.rounds_planned}, {status}"),
         ("messages (rejected)", f"{summary.messages:,} ({summary.rejected:,})"),
+        (
+            "replies: errors / late / none",
+            f"{summary.errors:,} / {summary.late:,} / {summary.no_reply:,}",
+        ),
         ("KiB up / down", f"{kib(summary.bytes_up)} / {kib(summary.bytes_down)}"),
         ("KiB total", kib(summary.total_bytes)),
         (
@@ -48,7 +52,7 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
     ]
     if summary.provisioning_bytes:
         provisioned = f"{kib(summary.provisioning_bytes)} KiB to {summary.provisioned_nodes} node(s)"
-        rows.insert(8, ("base provisioning (one-off)", provisioned))
+        rows.insert(9, ("base provisioning (one-off)", provisioned))
     if summary.strategy_memory_bytes:
         per_client = summary.strategy_memory_bytes / summary.clients if summary.clients else 0
         held = f"{kib(summary.strategy_memory_bytes)} KiB ({per_client:,.0f} B/client)"
@@ -58,6 +62,8 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
     if summary.client_peak_rss_bytes is not None:
         rows.append(("client peak memory (largest)", f"{summary.client_peak_rss_bytes / 2**20:,.0f} MiB"))
     rows.append(("wall time", f"{summary.wall_time_s:,.1f} s"))
+    if summary.resumes:
+        rows.append(("resumed from its checkpoint", f"{summary.resumes} time(s)"))
     for name, value in rows:
         table.add_row(name, value)
     return table
@@ -65,8 +71,8 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
 
 def clients_table(clients: Sequence[ClientStats], title: str) -> Table:
     table = Table(title=title)
-    columns = ("client", "sampled", "accepted", "rejected", "KiB up", "KiB down", "mean weight", "last round")
-    for column in (*columns, "CPU s/update", "peak MiB"):
+    columns = ("client", "sampled", "accepted", "not accepted", "errors", "late", "no reply", "KiB up", "KiB down")
+    for column in (*columns, "mean weight", "last round", "CPU s/update", "peak MiB"):
         table.add_column(column, justify="left" if column == "client" else "right")
     for c in clients:
         table.add_row(
@@ -74,6 +80,9 @@ def clients_table(clients: Sequence[ClientStats], title: str) -> Table:
             str(c.sampled),
             str(c.accepted),
             str(c.rejected),
+            str(c.errors),
+            str(c.late),
+            str(c.no_reply),
             kib(c.bytes_up),
             kib(c.bytes_down),
             f"{c.mean_weight:.4f}" if c.mean_weight is not None else "-",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 import uuid
 from collections.abc import Callable
@@ -16,30 +17,34 @@ from flwr.serverapp import Grid
 from fedslim.adapters import FastSlowModel
 from fedslim.base import ResidentBase, ensure_pretrained_base, load_base
 from fedslim.channel.accounting import RunWire, WireAccounting
-from fedslim.channel.downlink import Downlink, ServerReplica
+from fedslim.channel.downlink import Downlink, ServerReplica, state_digest
 from fedslim.channel.protocol import (
-    BASE_BYTES_KEY,
     BASE_FINGERPRINT_KEY,
     CONFIG_KEY,
     FAST_KEY,
     FINAL_SYNC_TYPE,
-    BaseStatus,
-    base_report,
-    client_key,
-    declared_examples,
     error_text,
-    identity_requests,
     partition_key,
     reported_digest,
     sync_record,
 )
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
-from fedslim.config import RunConfig
+from fedslim.config import ConfigError, RunConfig
 from fedslim.data.datasets import FederatedData, load_federation
 from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
+from fedslim.server.checkpoint import (
+    CHECKPOINT_FORMAT,
+    Checkpoint,
+    NodeStates,
+    claim_run_dir,
+    node_states_by_client,
+    read_checkpoint,
+    resumable_config,
+    write_checkpoint,
+)
+from fedslim.server.identity import IdentityQuery
 from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
-from fedslim.server.provisioning import provision_bases
 from fedslim.server.round import ServerRun
 from fedslim.strategies.base import FastStrategy, Federation
 from fedslim.strategies.registry import strategy_for
@@ -53,60 +58,32 @@ class RunResult:
     log_path: str
     rounds: list[RoundTotals]
     fast_state: dict[str, np.ndarray]
+    final_state_digest: str
+    """SHA-256 of the final fast state (hex), as logged."""
 
 
-def identify_nodes(grid: Grid, config: RunConfig, base: ResidentBase, wire: WireAccounting) -> OrderedGrid:
+def identify_nodes(
+    grid: Grid, config: RunConfig, base: ResidentBase, wire: WireAccounting
+) -> tuple[OrderedGrid, IdentityQuery]:
     """Round 0: wait for the federation, learn each node's client key and base, and order the grid by key.
 
     A node holding another base is refused (logged as a rejection) and never
     sampled; a node without the base is given it (:func:`provision_bases`), or
-    left out if that fails.
+    left out if that fails. A node that does not answer, or is not connected
+    after the wait, is left out with a warning; the returned query asks it
+    again in later rounds (:class:`~fedslim.server.identity.IdentityQuery`).
+    Only a federation where no node can take part is refused.
     """
     task = {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}
-    query = ConfigRecord({**task, BASE_BYTES_KEY: base.path.stat().st_size})
-    requests = identity_requests(wait_for_nodes(grid, config.num_clients), query)
+    query = IdentityQuery(task, base.path, base.fingerprint, config.round_timeout, config.provision_chunk_bytes)
+    requests = query.requests(wait_for_nodes(grid, config.num_clients))
     replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
-    keys = wire.run.client_keys
-    declared: dict[int, int] = {}
-    for reply in replies:
-        key, examples = client_key(reply), declared_examples(reply)
-        if key:
-            keys[reply.metadata.src_node_id] = key
-        if key and examples is not None:
-            declared[reply.metadata.src_node_id] = examples
-    for request in requests:
-        wire.record_down(request)
-    refused: set[int] = set()
-    missing: dict[int, int] = {}
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        report = base_report(reply)
-        reason = None if node in keys else f"no client key in the identity reply: {error_text(reply)}"
-        if report is not None and report.status == BaseStatus.MISMATCH:
-            reason = (
-                f"base fingerprint mismatch: node {keys[node]} holds {_short(report.fingerprint)}, "
-                f"the server's base is {_short(base.fingerprint)}; it takes no part in the run"
-            )
-            refused.add(node)
-        elif report is not None and report.status == BaseStatus.MISSING:
-            missing[node] = report.partial_bytes
-        wire.record_reply(reply, reason)
-    if len(keys) < config.num_clients:
-        raise NodesMissingError(f"only {len(keys)} of {config.num_clients} nodes identified themselves")
-    if missing:
-        chunk = config.provision_chunk_bytes
-        provisioned = provision_bases(grid, missing, base.path, task, chunk, config.round_timeout, wire)
-        refused |= set(missing) - provisioned
-    for node in sorted(refused):
-        log(WARNING, "node %d (%s) is left out of the run: it lacks the server's base", node, keys[node])
-    if len(refused) == len(keys):
-        raise NodesMissingError("no node holds the server's base, or could be given it")
-    return OrderedGrid(grid, keys, excluded=frozenset(refused), declared=declared)
-
-
-def _short(fingerprint: str) -> str:
-    """A hex fingerprint cut for a log line; anything else (a reason it could not be read) in full."""
-    return f"{fingerprint[:16]}..." if len(fingerprint) == 64 else fingerprint
+    found = query.settle(grid, requests, replies, wire)
+    if not set(found.keys) - found.refused:
+        raise NodesMissingError(
+            "no node identified itself" if not found.keys else "no node holds the server's base, or could be given it"
+        )
+    return OrderedGrid(grid, wire.run.client_keys, excluded=frozenset(found.refused), declared=found.declared), query
 
 
 def final_sync(run: ServerRun) -> int:
@@ -155,40 +132,64 @@ def run_federation(
     config: RunConfig,
     strategy: FastStrategy | None = None,
     on_round: Callable[[RoundTotals], None] | None = None,
+    node_states: NodeStates | None = None,
 ) -> RunResult:
-    """Run ``config.rounds`` rounds of fast-layer training and log every message.
+    """Run ``config.rounds`` rounds of fast-layer training and log every message; continue a killed run on resume.
 
     Parameters
     ----------
     grid : Grid
         Flower's grid (simulation or deployment).
     config : RunConfig
-        The run.
+        The run. With ``resume``, the run directory's checkpoint says where
+        to continue (and the run config must be the checkpoint's).
     strategy : FastStrategy, optional
         Aggregation over fast deltas; by default the one ``config.strategy``
         names. It is bound to the federation once the nodes are identified.
+        On resume, the checkpoint's strategy (with its memory) is used.
     on_round : callable, optional
         Called with each round's totals as soon as the round is logged
         (progress displays).
+    node_states : NodeStates, optional
+        The nodes' context states, where the nodes run in this process: they
+        go into each checkpoint and come back on resume, so that a resumed
+        run is bit for bit the run that was killed. Without them, a resumed
+        run gives every client the full fast state, and error-feedback
+        residuals start from zero.
     """
+    claim_run_dir(config)
+    resumed = read_checkpoint(config.run_dir) if config.resume else None
+    if resumed is not None:
+        config = resumable_config(resumed, config)
+        strategy = resumed.strategy
     strategy = strategy or strategy_for(config)
     base = load_base(ensure_pretrained_base(config), config.dataset)
     model = base.build(config.fast)
     data = load_federation(config)
     schedule = simulated_participation(config, data)
-    wire = start_log(config, base, model, type(strategy).__name__)
+    first_round = resumed.completed_round + 1 if resumed is not None else 1
+    wire = open_log(config, base, model, type(strategy).__name__, resumed)
     try:
-        grid = identify_nodes(grid, config, base, WireAccounting(wire, 0))
-        strategy.bind(federation_of(grid, model.fast_shapes(), schedule, config))
-        replica = ServerReplica(model.fast_state(), config.downlink, base.fingerprint, seed=config.seed)
-        screen = SizeScreen(config.screen_factor)
+        grid, joining = identify_nodes(
+            grid, config, base, WireAccounting(wire, first_round if resumed is not None else 0)
+        )
+        federation = federation_of(grid, model.fast_shapes(), schedule, config)
+        if resumed is None:
+            strategy.bind(federation)
+            replica = ServerReplica(model.fast_state(), config.downlink, base.fingerprint, seed=config.seed)
+            screen = SizeScreen(config.screen_factor)
+            fast_state = model.fast_state()
+        else:
+            strategy.rebind(federation)
+            replica, screen, fast_state = resumed.replica, resumed.screen, resumed.fast_state
+            model.load_fast_state(fast_state)
         run = ServerRun(
             config=config,
             grid=grid,
             strategy=strategy,
             model=model,
             test=data.test,
-            fast_state=model.fast_state(),
+            fast_state=fast_state,
             downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}),
             uplink=UplinkReceiver(
                 model.fast_shapes(), base.fingerprint, screen, config.local_step_count, grid.declared_by_client()
@@ -196,39 +197,119 @@ def run_federation(
             wire=wire,
             schedule=schedule,
             on_round=on_round,
+            joining=joining,
         )
-        run.finish_round(0, 0, 0, len(grid.admitted), time.monotonic())
-        for server_round in range(1, config.rounds + 1):
+        if resumed is None:
+            run.finish_round(0, 0, 0, len(grid.admitted), time.monotonic())
+            save_checkpoint(run, 0, node_states)
+        else:
+            restore_clients(run, resumed, node_states)
+        for server_round in range(first_round, config.rounds + 1):
             run.run_round(server_round)
+            if config.checkpoint_every and (
+                server_round % config.checkpoint_every == 0 or server_round == config.rounds
+            ):
+                save_checkpoint(run, server_round, node_states)
+            wire.commlog.checkpoint()
         if config.final_sync:
             final_sync(run)
-        wire.commlog.finish_run(wire.run_id)
-        return RunResult(wire.run_id, str(wire.commlog.path), wire.commlog.round_totals(wire.run_id), run.fast_state)
+        digest = state_digest(run.fast_state, length=64)
+        if config.checkpoint_every:
+            save_checkpoint(run, config.rounds, node_states, finished=True)
+        wire.commlog.finish_run(wire.run_id, digest)
+        log(INFO, "fedslim run %s finished: final state digest %s", wire.run_id, digest)
+        return RunResult(
+            wire.run_id, str(wire.commlog.path), wire.commlog.round_totals(wire.run_id), run.fast_state, digest
+        )
     finally:
         wire.commlog.close()
 
 
-def start_log(config: RunConfig, base: ResidentBase, model: FastSlowModel, strategy: str) -> RunWire:
-    """Open the run directory's communication log and record the run in it."""
-    commlog = CommLog(config.run_dir / LOG_FILENAME)
-    run_id = uuid.uuid4().hex[:12]
-    fast_parameters = model.num_fast_parameters()
-    full_payload_bytes = ArrayRecord(base.state).count_bytes()
-    fast_payload_bytes = ArrayRecord({n: Array(v) for n, v in model.fast_state().items()}).count_bytes()
-    commlog.start_run(
-        run_id,
-        config.to_dict(),
-        base.fingerprint,
-        base.num_parameters(),
-        fast_parameters,
-        fast_payload_bytes,
-        full_payload_bytes,
+def save_checkpoint(
+    run: ServerRun, completed_round: int, node_states: NodeStates | None, finished: bool = False
+) -> None:
+    """Write the run's checkpoint after ``completed_round`` (see :mod:`fedslim.server.checkpoint`)."""
+    if not run.config.checkpoint_every:
+        return
+    states = node_states_by_client(node_states.save_states(), run.grid.admitted) if node_states else None
+    checkpoint = Checkpoint(
+        format=CHECKPOINT_FORMAT,
+        run_id=run.wire.run_id,
+        config=run.config,
+        completed_round=completed_round,
+        fast_state=run.fast_state,
+        replica=run.downlink.replica,
+        client_versions=run.client_versions,
+        rejected=run.rejected,
+        strategy=run.strategy,
+        screen=run.uplink.screen,
+        node_states=states,
+        finished=finished,
     )
+    try:
+        write_checkpoint(checkpoint, run.config.run_dir)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise ConfigError(
+            f"cannot checkpoint the run: {exc} (a custom strategy must be picklable; or set checkpoint-every 0)"
+        ) from exc
+
+
+def restore_clients(run: ServerRun, resumed: Checkpoint, node_states: NodeStates | None) -> None:
+    """What the server knows of its clients after a resume: their node states where it holds them, else nothing.
+
+    Nodes whose state cannot be put back hold no replica the server knows
+    (they get the full state) and no error-feedback residual.
+    """
+    run.rejected = set(resumed.rejected)
+    if node_states is not None and resumed.node_states is not None:
+        nodes = run.grid.nodes_of()
+        node_states.restore_states(
+            {nodes[client]: state for client, state in resumed.node_states.items() if client in nodes}
+        )
+        run.client_versions = {
+            client: resumed.client_versions.get(client) if client in resumed.node_states else None
+            for client in run.client_versions
+        }
+    else:
+        run.client_versions = dict.fromkeys(run.client_versions)
+        run.rejected = set()
     log(
         INFO,
-        "fedslim run %s: %d fast of %d base parameters (%s), strategy %s, participation %s, "
+        "fedslim run %s resumed after round %d (%s)",
+        run.wire.run_id,
+        resumed.completed_round,
+        "node states restored" if node_states is not None and resumed.node_states is not None else "clients resync",
+    )
+
+
+def open_log(
+    config: RunConfig, base: ResidentBase, model: FastSlowModel, strategy: str, resumed: Checkpoint | None
+) -> RunWire:
+    """Open the run directory's communication log: a new run in it, or the resumed one with its killed round gone."""
+    commlog = CommLog(config.run_dir / LOG_FILENAME)
+    fast_parameters = model.num_fast_parameters()
+    full_payload_bytes = ArrayRecord(base.state).count_bytes()
+    if resumed is not None:
+        run_id = resumed.run_id
+        commlog.continue_run(run_id, resumed.completed_round)
+    else:
+        run_id = uuid.uuid4().hex[:12]
+        fast_payload_bytes = ArrayRecord({n: Array(v) for n, v in model.fast_state().items()}).count_bytes()
+        commlog.start_run(
+            run_id,
+            config.to_dict(),
+            base.fingerprint,
+            base.num_parameters(),
+            fast_parameters,
+            fast_payload_bytes,
+            full_payload_bytes,
+        )
+    log(
+        INFO,
+        "fedslim run %s%s: %d fast of %d base parameters (%s), strategy %s, participation %s, "
         "codec up %s / down %s, log %s",
         run_id,
+        f" (resumed after round {resumed.completed_round})" if resumed is not None else "",
         fast_parameters,
         base.num_parameters(),
         config.fast.kind,

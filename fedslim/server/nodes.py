@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from logging import WARNING
 
 from flwr.app import Message, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
@@ -23,17 +25,30 @@ class NodesMissingError(RuntimeError):
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout_s: float = NODE_WAIT_TIMEOUT_S) -> list[int]:
-    """Block until ``expected`` nodes are connected (they register asynchronously)."""
+    """Block until ``expected`` nodes are connected (they register asynchronously), or the wait is over.
+
+    After ``timeout_s`` the run goes on with the nodes connected then (the
+    others may join in a later round); it is refused only if none is.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         nodes = list(grid.get_node_ids())
         if len(nodes) >= expected:
             return nodes
         if time.monotonic() > deadline:
-            raise NodesMissingError(
-                f"only {len(nodes)} of {expected} nodes connected after {timeout_s:.0f} s; "
-                "check that num-clients matches the federation's number of SuperNodes"
+            if not nodes:
+                raise NodesMissingError(
+                    f"no node connected after {timeout_s:.0f} s; check that the SuperNodes reach the SuperLink"
+                )
+            log(
+                WARNING,
+                "only %d of %d nodes connected after %.0f s; the run goes on without the others (they may join "
+                "later; check that num-clients matches the federation's number of SuperNodes)",
+                len(nodes),
+                expected,
+                timeout_s,
             )
+            return nodes
         time.sleep(0.2)
 
 

@@ -4,12 +4,22 @@
 replica and the version each client holds, the channel's two ends, the
 strategy, the log); :meth:`ServerRun.run_round` is one round, one call per
 step, and a test can drive it round by round.
+
+Every train instruction gets one outcome row in the log: its reply accepted
+(``ok``), ``rejected`` by the server's checks, the client's ``error``, or, when
+no reply came by the round timeout, a ``no-reply`` row. The server remembers
+the message ids of unanswered instructions for :data:`LATE_REPLY_ROUNDS`
+rounds and pulls them at the end of each later round: a reply found then is
+logged as ``late`` under the round it arrived in, and discarded. Its update
+was computed from a fast state the run has since left, and every strategy
+here aggregates fresh updates only (those with memory store what they
+aggregate); the client's next instruction brings it up to date.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -20,16 +30,28 @@ from flwr.common.logger import log
 from fedslim.adapters import FastSlowModel
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink
-from fedslim.channel.protocol import RefusalCode, partition_key
+from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
 from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import Received, UplinkReceiver, state_norm
 from fedslim.commlog import RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.data.datasets import ArrayDataset
 from fedslim.data.participation import Schedule
+from fedslim.server.identity import IdentityQuery
 from fedslim.server.nodes import OrderedGrid
 from fedslim.strategies.base import FastStrategy
 from fedslim.training import EvalResult, evaluate
+
+LATE_REPLY_ROUNDS = 3  # rounds after its own in which an unanswered instruction's reply is still pulled
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """An instruction without a reply by its round's timeout: its round, client, and the replica version it sent."""
+
+    round: int
+    client: str
+    version: int
 
 
 @dataclass
@@ -60,6 +82,9 @@ class ServerRun:
         Simulated availability (None: every admitted client is available).
     on_round : callable, optional
         Called with each round's totals once it is logged.
+    joining : IdentityQuery, optional
+        The identity query that asks connected nodes without a client key
+        again (None: the federation is the one identified at the start).
     """
 
     config: RunConfig
@@ -73,10 +98,13 @@ class ServerRun:
     wire: RunWire
     schedule: Schedule | None = None
     on_round: Callable[[RoundTotals], None] | None = None
+    joining: IdentityQuery | None = None
     # The replica version each client holds, by client key (0: the initial state every client builds; None: unknown).
     client_versions: dict[str, int | None] = field(default_factory=dict)
     # Clients whose last update the server rejected: they drop their error-feedback residual.
     rejected: set[str] = field(default_factory=set)
+    # Instructions without a reply by their round's timeout, by message id: their replies are pulled later.
+    unanswered: dict[str, Unanswered] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.client_versions = {key: 0 for key in self.grid.admitted.values()}
@@ -95,8 +123,13 @@ class ServerRun:
         available = self.available(server_round)
         instructions = self.strategy.configure(server_round, self.fast_state, available)  # sample
         messages = self.sync_down(server_round, instructions)
-        replies = self.collect(messages)
+        queries = self.joining.requests(self.joining.due(server_round, self.grid)) if self.joining else []
+        replies = self.collect(messages + queries)
+        if queries:
+            self.admit(server_round, queries, [r for r in replies if r.metadata.message_type == IDENTIFY_TYPE])
+            replies = [r for r in replies if r.metadata.message_type != IDENTIFY_TYPE]
         received = self.check(server_round, instructions, messages, replies)
+        self.pull_late(server_round)
         accepted = [r.update for r in received if r.update is not None]
         outcome = self.strategy.apply(server_round, accepted)  # aggregate
         self.wire.commlog.record_weights(
@@ -136,6 +169,15 @@ class ServerRun:
             asked[node] = instruction
             wire.record_down(message, self.client_versions.get(instruction.client), version)
         received = self.uplink.receive(replies, asked, version, state_norm(self.fast_state))
+        answered = {item.node for item in received if item.instruction is not None}
+        for instruction, message in zip(instructions, messages):
+            if message.metadata.dst_node_id in answered:
+                continue
+            timeout = f"{self.config.round_timeout:g}"
+            wire.record_no_reply(message, f"no reply within the round timeout of {timeout} s")
+            log(WARNING, "round %d: no reply from node %d", server_round, message.metadata.dst_node_id)
+            if message.metadata.message_id:  # the grid gave it an id: its reply may still come
+                self.unanswered[message.metadata.message_id] = Unanswered(server_round, instruction.client, version)
         for item in received:
             wire.record_received(item)
             client = item.instruction.client if item.instruction is not None else None
@@ -151,6 +193,55 @@ class ServerRun:
             elif item.reply.error.code == RefusalCode.REPLICA_MISMATCH:
                 self.client_versions[client] = None
         return received
+
+    def pull_late(self, server_round: int) -> None:
+        """Pull the replies of earlier rounds' unanswered instructions; log each as late, and discard it.
+
+        A late reply that is not an error says the client synced to the
+        version its instruction sent, which the server then counts on (a
+        lower bound: the client skips steps it already applied). Instructions
+        older than :data:`LATE_REPLY_ROUNDS` rounds are forgotten.
+        """
+        earlier = [i for i, asked in self.unanswered.items() if asked.round < server_round]
+        if not earlier:
+            return
+        try:
+            replies = list(self.grid.pull_messages(earlier))
+        except Exception as exc:  # a late reply is only reported: failing to fetch one must not end the run
+            log(WARNING, "round %d: could not pull late replies: %s", server_round, exc)
+            replies = []
+        wire = WireAccounting(self.wire, server_round)
+        for reply in replies:
+            asked = self.unanswered.pop(reply.metadata.reply_to_message_id, None)
+            if asked is None:
+                wire.record_reply(reply, "unexpected reply: not asked for, or a second reply")
+                continue
+            reason = f"late reply to round {asked.round}'s instruction, after its timeout: discarded"
+            wire.record_late(reply, f"{reason} ({error_text(reply)})" if reply.has_error() else reason)
+            held = self.client_versions.get(asked.client)
+            if not reply.has_error() and held is not None:
+                self.client_versions[asked.client] = max(held, asked.version)
+        self.unanswered = {
+            i: asked for i, asked in self.unanswered.items() if server_round - asked.round < LATE_REPLY_ROUNDS
+        }
+
+    def admit(self, server_round: int, queries: Sequence[Message], replies: Sequence[Message]) -> None:
+        """Settle this round's identity queries: each node that answered takes part from the next round."""
+        assert self.joining is not None
+        found = self.joining.settle(self.grid, list(queries), list(replies), WireAccounting(self.wire, server_round))
+        self.grid.excluded = self.grid.excluded | found.refused
+        self.grid.declared.update(found.declared)
+        for node, client in found.keys.items():
+            if node in found.refused:
+                continue
+            for old in [n for n, key in self.grid.admitted.items() if key == client and n != node]:
+                self.grid.excluded = self.grid.excluded | {old}  # the client came back on another node
+            self.grid.keys[node] = client
+            if node in found.declared:
+                self.uplink.declared[client] = found.declared[node]
+            # A client on a new node holds what that node holds (unknown); one that joins late, the initial state.
+            self.client_versions[client] = None if client in self.client_versions else 0
+            self.strategy.add_client(node, client)
 
     def evaluate(self, server_round: int) -> EvalResult | None:
         """Central evaluation, every ``eval_every`` rounds and at the first and last."""

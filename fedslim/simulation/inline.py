@@ -10,12 +10,17 @@ rounds), and it gives the same result as the engine for the same seed
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import ERROR
+from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedslim.channel.protocol import NUM_PARTITIONS_KEY, PARTITION_ID_KEY
+from fedslim.server.checkpoint import deserialise_state, serialise_state
 
 FIRST_NODE_ID = 1000
 
@@ -51,5 +56,28 @@ class InlineGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
+    def save_states(self) -> dict[int, bytes]:
+        """Every node's context state (its replica, its error-feedback residual), for a checkpoint."""
+        return {node: serialise_state(context.state) for node, context in self.contexts.items()}
+
+    def restore_states(self, states: dict[int, bytes]) -> None:
+        for node, blob in states.items():
+            self.contexts[node].state = deserialise_state(blob)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        return [self.client_app(message, self.contexts[message.metadata.dst_node_id]) for message in messages]
+        return [self.deliver(message) for message in messages]
+
+    def deliver(self, message: Message) -> Message:
+        """The reply of the message's node; a ClientApp that raises answers with Flower's error reply, as in its
+        engine (the node's context keeps what the app changed before it raised)."""
+        message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grid does when it pushes a message
+        try:
+            return self.client_app(message, self.contexts[message.metadata.dst_node_id])
+        except Exception as exc:  # Flower's engine turns any exception into an error reply
+            log(ERROR, "ClientApp of node %d raised an exception", message.metadata.dst_node_id, exc_info=exc)
+            reason = f"{type(exc)}:<'{exc}'>"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Nothing: an inline reply comes with its instruction, never after the round."""
+        return []

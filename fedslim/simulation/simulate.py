@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Callable
 
 from flwr.app import ConfigRecordValues
+from flwr.serverapp import Grid
 
 from fedslim.base import ensure_pretrained_base
 from fedslim.commlog import RoundTotals
@@ -22,6 +23,20 @@ def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:
 
 
 BACKENDS = ("flower", "inline")
+
+
+def _composed(*wrappers: Callable[[Grid], Grid] | None) -> Callable[[Grid], Grid] | None:
+    """The given wrappers applied in turn, the first innermost (None without any)."""
+    present = [wrap for wrap in wrappers if wrap is not None]
+    if not present:
+        return None
+
+    def wrap(grid: Grid) -> Grid:
+        for each in present:
+            grid = each(grid)
+        return grid
+
+    return wrap
 
 
 def simulate(
@@ -43,19 +58,25 @@ def simulate(
     from fedslim.client.app import app as client_app
     from fedslim.server.loop import run_federation
     from fedslim.simulation.attacks import attack_wrapper
+    from fedslim.simulation.faults import fault_wrapper
     from fedslim.strategies.registry import strategy_for
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     strategy_for(config)  # a bad strategy or argument fails here, before any node starts
-    wrap_grid = attack_wrapper(config)  # so does a bad attack spec; None without one
+    wrap_grid = _composed(attack_wrapper(config), fault_wrapper(config))  # so does a bad attack spec
     load_federation(config)
     ensure_pretrained_base(config)
     if backend == "inline":
         from fedslim.simulation.inline import InlineGrid
 
         grid = InlineGrid(client_app, config.num_clients)
-        return run_federation(wrap_grid(grid) if wrap_grid else grid, config, on_round=on_round)  # type: ignore[arg-type]
+        return run_federation(
+            wrap_grid(grid) if wrap_grid else grid,  # type: ignore[arg-type]
+            config,
+            on_round=on_round,
+            node_states=grid,
+        )
 
     from flwr.simulation import run_simulation
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -150,6 +150,22 @@ class FastStrategy(ABC):
             self._stored = ClientMemory(federation.shapes, self.memory_form)
         if self.p_estimate is not None:
             self._estimator = make_estimator(self.p_estimate, federation, self.cutoff)
+
+    def rebind(self, federation: Federation) -> None:
+        """Called instead of :meth:`bind` when a run resumes: the same clients, maybe behind new Flower node ids.
+
+        The per-client memory and 1/p estimates restored with the strategy are kept.
+        """
+        self._federation = federation
+
+    def add_client(self, node: int, client: str) -> None:
+        """A client that joined after the start, or came back on another node; memory and estimates are kept."""
+        federation = self.federation
+        known = client in federation.node_keys.values()
+        node_keys = {n: key for n, key in federation.node_keys.items() if key != client}
+        self._federation = replace(federation, node_keys={**node_keys, node: client})
+        if self._estimator is not None and not known:
+            self._estimator.add_client(client)
 
     @property
     def federation(self) -> Federation:

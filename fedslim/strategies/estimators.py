@@ -32,6 +32,8 @@ class InverseProbability(Protocol):
 
     def nbytes(self) -> int: ...
 
+    def add_client(self, client: str) -> None: ...
+
 
 @dataclass
 class FedAUWeights:
@@ -64,6 +66,11 @@ class FedAUWeights:
 
     def weights(self, participants: Sequence[str]) -> dict[str, float]:
         return {client: self.weight(client) for client in participants}
+
+    def add_client(self, client: str) -> None:
+        """Count a client that joined late from now on (its first interval starts now)."""
+        if client not in self.clients:
+            self.clients = [*self.clients, client]
 
     def observe(self, participants: Sequence[str]) -> None:
         """Record one round: who participated; every other client missed it."""
@@ -98,6 +105,9 @@ class KnownProbabilities:
     def observe(self, participants: Sequence[str]) -> None:
         pass
 
+    def add_client(self, client: str) -> None:
+        pass  # the participation model gave every simulated client its p_i at the start
+
     def nbytes(self) -> int:
         return 0
 
@@ -113,6 +123,9 @@ class SampledFraction:
 
     def observe(self, participants: Sequence[str]) -> None:
         pass
+
+    def add_client(self, client: str) -> None:
+        self.num_clients += 1
 
     def nbytes(self) -> int:
         return 0

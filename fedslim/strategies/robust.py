@@ -228,6 +228,14 @@ class RobustStrategy(FastStrategy):
         super().bind(federation)
         self.inner.bind(federation)
 
+    def add_client(self, node: int, client: str) -> None:
+        super().add_client(node, client)
+        self.inner.add_client(node, client)
+
+    def rebind(self, federation: Federation) -> None:
+        super().rebind(federation)
+        self.inner.rebind(federation)
+
     @property
     def stored(self) -> ClientMemory:
         return self.inner.stored

@@ -1,0 +1,173 @@
+"""Checkpoint and resume: what a killed run needs to continue, written atomically at the end of a round.
+
+A checkpoint holds the server side of a run after round ``completed_round``:
+the exact fast state, the replica (its versions and the steps clients may
+still need), the replica version each client holds, the clients told to drop
+their error-feedback residual, the strategy with its per-client memory and
+1/p estimates, the size screen's history, and, where the nodes run in the
+server's process (the inline backend), every node's Flower context state.
+Everything random in a run is seeded by (seed, round, client), so no random
+generator state is needed: a resumed run repeats exactly what the killed one
+would have done from the next round on.
+
+The log is part of the same transaction in spirit: on resume the rows of
+rounds after ``completed_round`` (the round that was killed) are deleted
+before it is run again, so every round is logged exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from flwr.app import RecordDict
+
+from fedslim.channel.downlink import ServerReplica
+from fedslim.channel.uplink import SizeScreen
+from fedslim.commlog import LOG_FILENAME
+from fedslim.config import ConfigError, RunConfig
+from fedslim.data.participation import TRACE_FILENAME
+from fedslim.strategies.base import FastStrategy
+
+CHECKPOINT_FILENAME = "checkpoint.pkl"
+CHECKPOINT_FORMAT = 1
+
+
+class NodeStates(Protocol):
+    """Nodes whose Flower context state the server can save and restore (nodes in the server's process)."""
+
+    def save_states(self) -> dict[int, bytes]:
+        """Every node's context state, serialised, by node id."""
+        ...
+
+    def restore_states(self, states: dict[int, bytes]) -> None:
+        """Put back what :meth:`save_states` returned."""
+        ...
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A run's server side after ``completed_round`` (0: the nodes are identified, no round has run)."""
+
+    format: int
+    run_id: str
+    config: RunConfig
+    completed_round: int
+    fast_state: dict[str, np.ndarray]
+    replica: ServerReplica
+    client_versions: dict[str, int | None]
+    rejected: set[str]
+    strategy: FastStrategy
+    screen: SizeScreen
+    node_states: dict[str, bytes] | None
+    """Each client's node context state by client key, where the server could read it; None otherwise."""
+    finished: bool = False
+
+
+def checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_FILENAME
+
+
+def write_checkpoint(checkpoint: Checkpoint, run_dir: Path) -> None:
+    """Write atomically: a temporary file in the run directory, fsync, rename over the old one, fsync the folder."""
+    target = checkpoint_path(run_dir)
+    handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", dir=run_dir)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            pickle.dump(checkpoint, file, protocol=pickle.HIGHEST_PROTOCOL)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def read_checkpoint(run_dir: Path) -> Checkpoint:
+    """The checkpoint of ``run_dir``; a ConfigError saying why there is none that can be resumed."""
+    path = checkpoint_path(run_dir)
+    if not path.is_file():
+        raise ConfigError(
+            f"nothing to resume in {run_dir}: no {CHECKPOINT_FILENAME} (the run had checkpoint-every 0, was "
+            "killed before its nodes were identified, or this is not a run directory)"
+        )
+    try:
+        with path.open("rb") as file:
+            checkpoint = pickle.load(file)
+    except Exception as exc:  # noqa: BLE001 - unpickling raises anything; the user needs one line
+        raise ConfigError(f"cannot read the checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(checkpoint, Checkpoint) or checkpoint.format != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} was written by another version of fedslim; it cannot be resumed")
+    if checkpoint.finished:
+        raise ConfigError(
+            f"the run in {run_dir} finished (round {checkpoint.completed_round}); nothing to resume "
+            "(--overwrite starts it again)"
+        )
+    return checkpoint
+
+
+def resumable_config(checkpoint: Checkpoint, config: RunConfig) -> RunConfig:
+    """The checkpoint's run config, refused when ``config`` asks for a different run (only resume may differ)."""
+    saved = replace(checkpoint.config, resume=True, overwrite=False, out=config.out)
+    asked = replace(config, resume=True, overwrite=False)
+    differing = [f.name for f in fields(RunConfig) if getattr(saved, f.name) != getattr(asked, f.name)]
+    if differing:
+        raise ConfigError(
+            f"cannot resume run {checkpoint.run_id} with another configuration: {', '.join(differing)} differ "
+            "from the checkpoint's"
+        )
+    return saved
+
+
+def claim_run_dir(config: RunConfig) -> None:
+    """Refuse a run directory that holds another run, unless ``overwrite``; then clear it. Nothing for a resume.
+
+    A log from an earlier run is never appended to silently: ``resume``
+    continues an interrupted run, ``overwrite`` deletes what was there.
+    """
+    if config.resume:
+        return
+    run_dir = config.run_dir
+    log_path = run_dir / LOG_FILENAME
+    existing = [path for path in (log_path, checkpoint_path(run_dir)) if path.exists()]
+    if not existing:
+        return
+    if not config.overwrite:
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(p.name for p in existing)}); continue it with "
+            f"--resume {run_dir} (run config resume = true), replace it with --overwrite (overwrite = true), "
+            "or choose another --out"
+        )
+    for name in (LOG_FILENAME, f"{LOG_FILENAME}-wal", f"{LOG_FILENAME}-shm", CHECKPOINT_FILENAME, TRACE_FILENAME):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def node_states_by_client(states: dict[int, bytes], keys: dict[int, str]) -> dict[str, bytes]:
+    """Node states keyed by client key (node ids change between runs, client keys do not)."""
+    return {keys[node]: state for node, state in states.items() if node in keys}
+
+
+def serialise_state(state: RecordDict) -> bytes:
+    """A node's context state as Flower's own protobuf bytes."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(state).SerializeToString()
+
+
+def deserialise_state(blob: bytes) -> RecordDict:
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+
+    proto = RecordDictProto()
+    proto.ParseFromString(blob)
+    return recorddict_from_proto(proto)
