@@ -85,9 +85,9 @@ def deployed(config: RunConfig, work: Path) -> dict[str, Any]:
     """The same run over a loopback SuperLink and ``config.num_clients`` SuperNodes; every process stopped."""
     run_config = (
         f'rounds={config.rounds} num-clients={config.num_clients} fraction=1.0 codec="{CODEC}" '
-        f'downstream-codec="{CODEC}" out="{config.out}"'
+        f'downstream-codec="{CODEC}" out="{config.out}" overwrite=true'
     )
-    with insecure_federation(work, config.num_clients, CONNECTION) as env:
+    with insecure_federation(work, config.num_clients, CONNECTION) as (env, _superlink):
         started_at = time.monotonic()
         completed = flwr_run(CONNECTION, run_config, env, timeout_s=600)
         total = time.monotonic() - started_at
@@ -131,6 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedslim-latency-") as tmp:
         work = Path(tmp)
         config = RunConfig(
+            overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
             dataset="synthetic",
             num_clients=args.nodes,
             rounds=args.rounds,

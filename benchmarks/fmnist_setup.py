@@ -25,6 +25,7 @@ def add_setup_arguments(parser: argparse.ArgumentParser, out: str) -> None:
 
 def base_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
+        overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         dataset="fmnist",
         num_clients=args.clients,
         rounds=args.rounds,

@@ -104,6 +104,7 @@ def run_one(config: RunConfig) -> dict[str, Any]:
 def config_for(row: Row, model: str, seed: int, args: argparse.Namespace) -> RunConfig:
     return replace(
         RunConfig(
+            overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
             dataset="fmnist",
             num_clients=args.clients,
             rounds=args.rounds,

@@ -69,6 +69,7 @@ def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any
 
     torch.set_num_threads(1)
     config = RunConfig(
+        overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         dataset="fmnist",
         num_clients=100,
         rounds=1,

@@ -68,6 +68,7 @@ def task_record(config: RunConfig) -> ConfigRecord:
 def config_of(task: ConfigRecord) -> RunConfig:
     """The run config a plain client rebuilds from :func:`task_record` (its data and SGD fields)."""
     return RunConfig(
+        overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         dataset=str(task["dataset"]),
         num_clients=int(task["num-clients"]),  # type: ignore[arg-type]
         seed=int(task["seed"]),  # type: ignore[arg-type]

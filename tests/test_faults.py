@@ -7,6 +7,7 @@ round's timeout is one more row, late, under the round it arrived in.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -177,3 +178,49 @@ def test_the_fault_spec_and_round_timeout_come_from_the_cli_and_the_run_config()
     assert not parse_faults("")
     config = RunConfig.from_flat({"faults": "late=0.5", "round-timeout": 3.0})
     assert (config.faults, config.round_timeout) == ("late=0.5", 3.0)
+
+
+STRAGGLER_SLEEP_S = 14.0
+
+
+def test_a_real_straggler_on_flowers_engine_is_logged_and_the_run_goes_on(
+    small_config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower's engine, a ClientApp that sleeps past the round timeout in round 1.
+
+    Flower's Ray backend delivers no other reply while one ClientApp runs past
+    the timeout (seen: the next round gets none in time, and Flower logs
+    "duplicate reply"); whatever the timing, every instruction has its outcome
+    row, the late replies are logged, and every round ends.
+    """
+    from flwr.clientapp import ClientApp
+
+    import fedslim.client.app as client_module
+
+    real_app = client_module.app
+    straggling = ClientApp()
+
+    @straggling.train()
+    def train(msg: Message, context: Context) -> Message:
+        if msg.content.config_records[CONFIG_KEY][SERVER_ROUND_KEY] == 1 and context.node_config["partition-id"] == 0:
+            time.sleep(STRAGGLER_SLEEP_S)
+        return real_app(msg, context)
+
+    @straggling.query()
+    def query(msg: Message, context: Context) -> Message:
+        return real_app(msg, context)
+
+    monkeypatch.setattr(client_module, "app", straggling)
+    config = replace(small_config, num_clients=4, fraction=1.0, rounds=4, round_timeout=STRAGGLER_SLEEP_S / 2)
+    result = simulate(config, backend="flower")
+
+    assert [r.round for r in result.rounds] == list(range(5))
+    db = sqlite3.connect(Path(config.out) / LOG_FILENAME)
+    outcomes = _outcomes(db)
+    assert len(outcomes) == 4 * 4 and all(len(statuses) == 1 for statuses in outcomes.values()), outcomes
+    straggler = db.execute(
+        "SELECT status FROM messages WHERE round = 1 AND client = 'partition-0' AND direction = 'up'"
+    ).fetchall()
+    assert straggler == [("no-reply",)]
+    late = db.execute("SELECT COUNT(*) FROM messages WHERE status = 'late' AND reason LIKE '%round 1%'").fetchone()
+    assert late[0] >= 1  # the straggler's reply, pulled in a later round and discarded

@@ -44,7 +44,7 @@ from fedslim.server.checkpoint import (
     write_checkpoint,
 )
 from fedslim.server.identity import IdentityQuery
-from fedslim.server.nodes import NodesMissingError, OrderedGrid, wait_for_nodes
+from fedslim.server.nodes import NODE_WAIT_TIMEOUT_S, NodesMissingError, OrderedGrid, wait_for_nodes
 from fedslim.server.round import ServerRun
 from fedslim.strategies.base import FastStrategy, Federation
 from fedslim.strategies.registry import strategy_for
@@ -75,9 +75,12 @@ def identify_nodes(
     Only a federation where no node can take part is refused.
     """
     task = {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}
-    query = IdentityQuery(task, base.path, base.fingerprint, config.round_timeout, config.provision_chunk_bytes)
+    # A node's first message starts its ClientApp (imports, the base from disk): round 0 waits at least as long as
+    # for the nodes to connect, however short the round timeout.
+    timeout = max(config.round_timeout, NODE_WAIT_TIMEOUT_S)
+    query = IdentityQuery(task, base.path, base.fingerprint, timeout, config.provision_chunk_bytes)
     requests = query.requests(wait_for_nodes(grid, config.num_clients))
-    replies = list(grid.send_and_receive(requests, timeout=config.round_timeout))
+    replies = list(grid.send_and_receive(requests, timeout=timeout))
     found = query.settle(grid, requests, replies, wire)
     if not set(found.keys) - found.refused:
         raise NodesMissingError(
