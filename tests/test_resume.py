@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import signal
 import sqlite3
@@ -19,7 +18,7 @@ from fedslim.cli import main
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import ConfigError, FastSpec, RunConfig
 from fedslim.logs.reader import RunLog
-from fedslim.server.checkpoint import CHECKPOINT_FILENAME, Checkpoint, write_checkpoint
+from fedslim.server.checkpoint import load_checkpoint, write_checkpoint
 from fedslim.simulation.simulate import simulate
 
 TESTS = Path(__file__).resolve().parent
@@ -156,7 +155,7 @@ def test_resume_refuses_another_configuration_and_a_directory_without_checkpoint
         simulate(replace(small_config, resume=True, out=str(tmp_path / "empty")), backend="inline")
     simulate(small_config, backend="inline")
     path = Path(small_config.out)
-    unfinished = replace(read_checkpoint_file(path), finished=False)
+    unfinished = replace(load_checkpoint(path), finished=False)
     write_checkpoint(unfinished, path)
     with pytest.raises(ConfigError, match="cannot resume run .* with another configuration: lr differ"):
         simulate(replace(small_config, resume=True, lr=0.5), backend="inline")
@@ -165,8 +164,3 @@ def test_resume_refuses_another_configuration_and_a_directory_without_checkpoint
     assert "--resume continues the run with the configuration it was started with; drop --rounds" in (
         capsys.readouterr().err
     )
-
-
-def read_checkpoint_file(run_dir: Path) -> Checkpoint:
-    with (run_dir / CHECKPOINT_FILENAME).open("rb") as file:
-        return pickle.load(file)

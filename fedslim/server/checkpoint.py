@@ -93,8 +93,8 @@ def write_checkpoint(checkpoint: Checkpoint, run_dir: Path) -> None:
         os.close(folder)
 
 
-def read_checkpoint(run_dir: Path) -> Checkpoint:
-    """The checkpoint of ``run_dir``; a ConfigError saying why there is none that can be resumed."""
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    """The checkpoint of ``run_dir``, finished or not; a ConfigError saying why there is none that can be read."""
     path = checkpoint_path(run_dir)
     if not path.is_file():
         raise ConfigError(
@@ -108,6 +108,12 @@ def read_checkpoint(run_dir: Path) -> Checkpoint:
         raise ConfigError(f"cannot read the checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(checkpoint, Checkpoint) or checkpoint.format != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path} was written by another version of fedslim; it cannot be resumed")
+    return checkpoint
+
+
+def read_checkpoint(run_dir: Path) -> Checkpoint:
+    """The checkpoint of an interrupted run in ``run_dir``; a ConfigError saying why it cannot be resumed."""
+    checkpoint = load_checkpoint(run_dir)
     if checkpoint.finished:
         raise ConfigError(
             f"the run in {run_dir} finished (round {checkpoint.completed_round}); nothing to resume "

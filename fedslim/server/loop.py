@@ -217,9 +217,8 @@ def run_federation(
         if config.final_sync:
             final_sync(run)
         digest = state_digest(run.fast_state, length=64)
-        if config.checkpoint_every:
-            save_checkpoint(run, config.rounds, node_states, finished=True)
         wire.commlog.finish_run(wire.run_id, digest)
+        save_checkpoint(run, config.rounds, node_states, finished=True)
         log(INFO, "fedslim run %s finished: final state digest %s", wire.run_id, digest)
         return RunResult(
             wire.run_id, str(wire.commlog.path), wire.commlog.round_totals(wire.run_id), run.fast_state, digest

@@ -1,0 +1,347 @@
+"""A thousand clients on two cores: round time, memory and checkpoint cost at 100 and 1,000 simulated clients.
+
+Setup: Synthetic(1, 1), the default LoRA fast layer, FedVARP (one stored
+update per client) with top-k 10% + 8-bit values both ways and error
+feedback, 10% of the clients sampled per round, 20 rounds, seed 0, a
+checkpoint after every round (the default); N = 100 and N = 1,000 clients, on
+the inline backend and on Flower's simulation engine (Ray workers, one CPU
+each). Every row runs in a fresh Python process, so peaks do not mix.
+
+Columns:
+
+- round s: mean of the log's ``rounds.wall_time_s`` over rounds 1+ (sample,
+  sync, train, check, aggregate, evaluate; no checkpoint);
+- wall s: mean wall clock between two logged rounds over rounds 1+ (all of a
+  round, the previous round's checkpoint included), and the same per
+  sampled client (ms per sampled);
+- client CPU ms: mean CPU time of one sampled client's training (the log's
+  ``client_cpu_s``), to tell the clients' work from the server's:
+  Synthetic's sample counts are log-normal, so it depends on who is sampled;
+- server peak MB: peak RSS of the process running the server
+  (``getrusage``; inline: the clients too), also per client;
+- all MB (n): peak of the RSS summed over that process and all its
+  descendants (Ray's workers, raylet, GCS), read from /proc every 0.2 s, with
+  the number of processes at that peak (shared pages count once per process);
+- strategy B/client: the largest ``rounds.strategy_memory_bytes`` over N;
+- checkpoint: the final checkpoint's size and the share of it that is the
+  nodes' context states (inline only), and the mean time of one checkpoint
+  (``save_checkpoint``: node states serialised, pickled, fsynced).
+
+The ratios compare the largest N with the smallest on the same backend: wall
+time per sampled client, server peak memory per client, strategy memory per
+client (the acceptance: each at most 2x).
+
+    python benchmarks/scale.py                  # the full table (N = 100 and 1,000; about 15 minutes on 2 cores)
+    python benchmarks/scale.py --quick          # 3 rounds, N = 100 and 300, to try things out
+    python benchmarks/scale.py --backends inline --clients 100 1000
+
+Prints a table and writes benchmarks/results/scale.{json,md} (scale-quick with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).parent / "results"
+BACKENDS = ("inline", "flower")
+CODEC = "topk:0.1+q8"
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Row:
+    backend: str
+    clients: int
+    rounds: int
+    sampled_per_round: float
+    round_s: float
+    wall_s: float
+    ms_per_sampled: float
+    client_cpu_ms: float
+    server_peak_mb: float
+    server_kb_per_client: float
+    all_processes_peak_mb: float
+    processes: int
+    strategy_bytes_per_client: float
+    checkpoint_mb: float
+    node_states_mb: float
+    checkpoint_s: float
+    final_accuracy: float
+    run_s: float
+    round_wall_s: list[float] = field(default_factory=list)
+    """Wall clock of each round 1..R (the previous checkpoint included)."""
+
+
+def children_of() -> dict[int, list[int]]:
+    """Every process's children, by parent pid, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rpartition(")")[2].split()[1])  # the command name may hold spaces and parentheses
+        children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def tree_rss(root: int) -> tuple[int, int]:
+    """RSS summed over ``root`` and its descendants (bytes), and how many processes that is."""
+    children = children_of()
+    total, count, pending = 0, 0, [root]
+    while pending:
+        pid = pending.pop()
+        pending += children.get(pid, [])
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+            count += 1
+        except OSError:
+            continue
+    return total, count
+
+
+class TreeMemory:
+    """The peak of :func:`tree_rss` over this process's tree, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.peak_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            total, count = tree_rss(os.getpid())
+            if total > self.peak_bytes:
+                self.peak_bytes, self.peak_processes = total, count
+
+
+def timed(function: Callable[..., None], spent: list[float]) -> Callable[..., None]:
+    """``function``, appending the seconds of each call to ``spent``."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        function(*args, **kwargs)
+        spent.append(time.perf_counter() - started)
+
+    return wrapper
+
+
+def client_cpu_ms(log_path: str) -> float:
+    """Mean CPU milliseconds of an accepted train reply in rounds 1+, as the clients reported them."""
+    with sqlite3.connect(log_path) as db:
+        (mean,) = db.execute(
+            "SELECT AVG(client_cpu_s) FROM messages WHERE direction = 'up' AND message_type = 'train'"
+            " AND status = 'ok' AND round >= 1"
+        ).fetchone()
+    return 1000 * (mean or 0.0)
+
+
+def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row:
+    """One configuration, in this process."""
+    from fedslim.commlog import RoundTotals
+    from fedslim.config import RunConfig
+    from fedslim.server import loop
+    from fedslim.server.checkpoint import checkpoint_path, load_checkpoint
+    from fedslim.simulation.simulate import simulate
+
+    config = RunConfig(
+        overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
+        num_clients=clients,
+        rounds=rounds,
+        fraction=0.1,
+        strategy="fedvarp",
+        codec=CODEC,
+        downstream_codec=CODEC,
+        seed=seed,
+        out=f"{out}/{backend}-{clients}",
+    )
+    checkpoint_s: list[float] = []
+    loop.save_checkpoint = timed(loop.save_checkpoint, checkpoint_s)  # type: ignore[assignment]
+    logged_at: dict[int, float] = {}
+
+    def on_round(totals: RoundTotals) -> None:
+        logged_at[totals.round] = time.monotonic()
+        print(f"  {backend} N={clients}: round {totals.round}/{rounds}", file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    with TreeMemory() as memory:
+        result = simulate(config, on_round=on_round, backend=backend)
+    run_s = time.monotonic() - started
+    trained = result.rounds[1:]
+    spans = [logged_at[r] - logged_at[r - 1] for r in range(1, rounds + 1)]
+    wall_s = sum(spans) / len(spans)
+    sampled = sum(r.sampled for r in trained) / len(trained)
+    server_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    node_states = load_checkpoint(config.run_dir).node_states or {}
+    return Row(
+        backend=backend,
+        clients=clients,
+        rounds=rounds,
+        sampled_per_round=sampled,
+        round_s=sum(r.wall_time_s for r in trained) / len(trained),
+        wall_s=wall_s,
+        ms_per_sampled=1000 * wall_s / sampled,
+        client_cpu_ms=client_cpu_ms(result.log_path),
+        server_peak_mb=server_peak / 2**20,
+        server_kb_per_client=server_peak / 1024 / clients,
+        all_processes_peak_mb=memory.peak_bytes / 2**20,
+        processes=memory.peak_processes,
+        strategy_bytes_per_client=max(r.strategy_memory_bytes or 0 for r in result.rounds) / clients,
+        checkpoint_mb=checkpoint_path(config.run_dir).stat().st_size / 2**20,
+        node_states_mb=sum(len(state) for state in node_states.values()) / 2**20,
+        checkpoint_s=sum(checkpoint_s) / len(checkpoint_s),
+        final_accuracy=result.rounds[-1].accuracy or 0.0,
+        run_s=run_s,
+        round_wall_s=spans,
+    )
+
+
+def run_in_subprocess(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row:
+    """One configuration in a fresh Python process (its progress on stderr, its row as JSON on stdout)."""
+    command = [sys.executable, __file__, "--row", f"{backend}:{clients}", "--rounds", str(rounds)]
+    command += ["--out", out, "--seed", str(seed)]
+    completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    if completed.returncode != 0:
+        raise SystemExit(f"{backend} N={clients} failed (exit {completed.returncode})")
+    return Row(**json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+RATIOS = {
+    "ms_per_sampled": "wall time per sampled client",
+    "server_kb_per_client": "server peak memory per client",
+    "strategy_bytes_per_client": "strategy memory per client",
+}
+
+
+def ratios(rows: list[Row]) -> dict[str, dict[str, float]]:
+    """Per backend: the largest N's row over the smallest's, for each quantity of :data:`RATIOS`."""
+    found: dict[str, dict[str, float]] = {}
+    for backend in BACKENDS:
+        by_n = {r.clients: r for r in rows if r.backend == backend}
+        if len(by_n) < 2:
+            continue
+        small, large = by_n[min(by_n)], by_n[max(by_n)]
+        found[backend] = {name: getattr(large, name) / getattr(small, name) for name in RATIOS}
+    return found
+
+
+def table(rows: list[Row], found: dict[str, dict[str, float]], title: str) -> Table:
+    result = Table(title=title)
+    columns = (
+        "backend", "clients", "sampled/round", "round s", "wall s", "ms per sampled", "client CPU ms",
+        "server peak MB",
+        "server KB/client", "all MB (n)", "strategy B/client", "checkpoint MB (nodes)", "checkpoint s", "final acc",
+    )  # fmt: skip
+    for column in columns:
+        result.add_column(column, justify="left" if column == "backend" else "right")
+    for r in rows:
+        result.add_row(
+            r.backend,
+            f"{r.clients:,}",
+            f"{r.sampled_per_round:.0f}",
+            f"{r.round_s:.2f}",
+            f"{r.wall_s:.2f}",
+            f"{r.ms_per_sampled:.0f}",
+            f"{r.client_cpu_ms:.0f}",
+            f"{r.server_peak_mb:,.0f}",
+            f"{r.server_kb_per_client:,.0f}",
+            f"{r.all_processes_peak_mb:,.0f} ({r.processes})",
+            f"{r.strategy_bytes_per_client:,.0f}",
+            f"{r.checkpoint_mb:.2f} ({r.node_states_mb:.2f})",
+            f"{r.checkpoint_s:.3f}",
+            f"{r.final_accuracy:.4f}",
+        )
+    result.caption = "  ".join(
+        f"{backend}, largest N over smallest: "
+        + ", ".join(f"{label} {ratio[name]:.2f}x" for name, label in RATIOS.items())
+        + "."
+        for backend, ratio in found.items()
+    )
+    return result
+
+
+def git(*arguments: str) -> str:
+    return subprocess.run(["git", *arguments], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    parser.add_argument("--quick", action="store_true", help="3 rounds, N = 100 and 300")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/bench-scale", help="run directories")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and JSON go")
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # BACKEND:N, run in this process, JSON on stdout
+    args = parser.parse_args()
+    if args.row:
+        backend, clients = args.row.split(":")
+        print(json.dumps(asdict(run_row(backend, int(clients), args.rounds, args.out, args.seed))))
+        return
+    if args.quick:
+        args.rounds, args.clients = 3, [100, 300]
+
+    rows = [
+        run_in_subprocess(backend, clients, args.rounds, args.out, args.seed)
+        for backend in args.backends
+        for clients in args.clients
+    ]
+    found = ratios(rows)
+    commit = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    title = (
+        f"Synthetic(1, 1), FedVARP, {CODEC} both ways, 10%/round, {args.rounds} rounds, seed {args.seed}, "
+        f"checkpoint every round, {os.cpu_count()} cores (commit {commit}{', modified' if dirty else ''})"
+    )
+    result = table(rows, found, title)
+    console = Console(width=max(Console().width, 200))
+    console.print(result)
+    args.results.mkdir(parents=True, exist_ok=True)
+    name = "scale-quick" if args.quick else "scale"
+    record = {
+        "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]]),
+        "commit": commit,
+        "modified": dirty,
+        "seed": args.seed,
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "row"},
+        "rows": [asdict(r) for r in rows],
+        "ratios": found,
+    }
+    (args.results / f"{name}.json").write_text(json.dumps(record, indent=2))
+    with (args.results / f"{name}.md").open("w") as handle:
+        Console(file=handle, width=220, color_system=None).print(result)
+    console.print(f"results written to {args.results}/{name}.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
