@@ -164,3 +164,33 @@ def test_resume_refuses_another_configuration_and_a_directory_without_checkpoint
     assert "--resume continues the run with the configuration it was started with; drop --rounds" in (
         capsys.readouterr().err
     )
+
+
+def test_a_resume_without_the_node_states_sends_every_client_the_full_state(
+    small_config: RunConfig, tmp_path: Path
+) -> None:
+    """Where the server cannot put the nodes' states back (Flower's engine, deployment): clients resync, and
+    without error feedback the run still ends in the uninterrupted run's state, bit for bit."""
+    from pausing import ServerCrash
+
+    from fedslim.client.app import app as client_app
+    from fedslim.server.loop import run_federation
+    from fedslim.simulation.inline import InlineGrid
+
+    marker = tmp_path / "crashed"
+    config = replace(
+        small_config,
+        rounds=5,
+        strategy="pausing:CrashingFedAvg",
+        strategy_args=f"pause-round={PAUSE_ROUND},marker={marker}",
+    )
+    reference = simulate(replace(config, strategy_args="", out=str(tmp_path / "reference")), backend="inline")
+    with pytest.raises(ServerCrash):
+        run_federation(InlineGrid(client_app, config.num_clients), config)  # type: ignore[arg-type]
+    result = run_federation(InlineGrid(client_app, config.num_clients), replace(config, resume=True))  # type: ignore[arg-type]
+    assert result.final_state_digest == reference.final_state_digest
+    query = f"SELECT version_lag FROM messages WHERE round = {PAUSE_ROUND} AND message_type = 'train'"
+    query += " AND direction = 'down'"
+    # The resumed run knows no client's replica and sends the full state; the uninterrupted one sent steps.
+    assert {lag for (lag,) in logged(Path(config.out), query)} == {None}
+    assert None not in {lag for (lag,) in logged(Path(reference.log_path).parent, query)}

@@ -6,7 +6,7 @@ import pickle
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 
 import numpy as np
@@ -82,6 +82,7 @@ def identify_nodes(
     requests = query.requests(wait_for_nodes(grid, config.num_clients))
     replies = list(grid.send_and_receive(requests, timeout=timeout))
     found = query.settle(grid, requests, replies, wire)
+    query = replace(query, timeout=config.round_timeout)  # later queries travel with a round's instructions
     if not set(found.keys) - found.refused:
         raise NodesMissingError(
             "no node identified itself" if not found.keys else "no node holds the server's base, or could be given it"
