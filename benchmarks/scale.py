@@ -23,9 +23,11 @@ Columns:
   descendants (Ray's workers, raylet, GCS), read from /proc every 0.2 s, with
   the number of processes at that peak (shared pages count once per process);
 - strategy B/client: the largest ``rounds.strategy_memory_bytes`` over N;
-- checkpoint: the final checkpoint's size and the share of it that is the
-  nodes' context states (inline only), and the mean time of one checkpoint
-  (``save_checkpoint``: node states serialised, pickled, fsynced).
+- checkpoint: the final checkpoint file's size and, in parentheses, the
+  store of the nodes' context states beside it (``node-states.sqlite``,
+  inline only: each checkpoint adds the states of the nodes messaged since
+  the previous one), and the mean time of one checkpoint (``save_checkpoint``:
+  changed node states serialised and committed, the rest pickled, fsynced).
 
 The ratios compare the largest N with the smallest on the same backend: wall
 time per sampled client, server peak memory per client, strategy memory per
@@ -169,7 +171,7 @@ def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.server import loop
-    from fedslim.server.checkpoint import checkpoint_path, load_checkpoint
+    from fedslim.server.checkpoint import NODE_STATES_FILENAME, checkpoint_path
     from fedslim.simulation.simulate import simulate
 
     config = RunConfig(
@@ -200,7 +202,7 @@ def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row
     wall_s = sum(spans) / len(spans)
     sampled = sum(r.sampled for r in trained) / len(trained)
     server_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    node_states = load_checkpoint(config.run_dir).node_states or {}
+    node_states = config.run_dir / NODE_STATES_FILENAME
     return Row(
         backend=backend,
         clients=clients,
@@ -216,7 +218,7 @@ def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row
         processes=memory.peak_processes,
         strategy_bytes_per_client=max(r.strategy_memory_bytes or 0 for r in result.rounds) / clients,
         checkpoint_mb=checkpoint_path(config.run_dir).stat().st_size / 2**20,
-        node_states_mb=sum(len(state) for state in node_states.values()) / 2**20,
+        node_states_mb=node_states.stat().st_size / 2**20 if node_states.exists() else 0.0,
         checkpoint_s=sum(checkpoint_s) / len(checkpoint_s),
         final_accuracy=result.rounds[-1].accuracy or 0.0,
         run_s=run_s,
@@ -257,8 +259,8 @@ def table(rows: list[Row], found: dict[str, dict[str, float]], title: str) -> Ta
     result = Table(title=title)
     columns = (
         "backend", "clients", "sampled/round", "round s", "wall s", "ms per sampled", "client CPU ms",
-        "server peak MB",
-        "server KB/client", "all MB (n)", "strategy B/client", "checkpoint MB (nodes)", "checkpoint s", "final acc",
+        "server peak MB", "server KB/client", "all MB (n)", "strategy B/client", "checkpoint MB (node states)",
+        "checkpoint s", "final acc",
     )  # fmt: skip
     for column in columns:
         result.add_column(column, justify="left" if column == "backend" else "right")

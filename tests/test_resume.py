@@ -18,7 +18,7 @@ from fedslim.cli import main
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import ConfigError, FastSpec, RunConfig
 from fedslim.logs.reader import RunLog
-from fedslim.server.checkpoint import load_checkpoint, write_checkpoint
+from fedslim.server.checkpoint import NODE_STATES_FILENAME, NodeStateStore, load_checkpoint, write_checkpoint
 from fedslim.simulation.simulate import simulate
 
 TESTS = Path(__file__).resolve().parent
@@ -194,3 +194,19 @@ def test_a_resume_without_the_node_states_sends_every_client_the_full_state(
     # The resumed run knows no client's replica and sends the full state; the uninterrupted one sent steps.
     assert {lag for (lag,) in logged(Path(config.out), query)} == {None}
     assert None not in {lag for (lag,) in logged(Path(reference.log_path).parent, query)}
+
+
+def test_the_node_state_store_keeps_exactly_what_the_checkpoint_names(tmp_path: Path) -> None:
+    store = NodeStateStore(tmp_path)
+    store.settle(store.stage({"partition-0": b"a0", "partition-1": b"b0"}, 0))
+    assert store.load() == {"partition-0": b"a0", "partition-1": b"b0"}
+    store.stage({"partition-0": b"a1"}, 1)  # killed before the checkpoint of round 1 was in place
+    store.close()
+
+    resumed = NodeStateStore(tmp_path, {"partition-0": 0, "partition-1": 0})  # the checkpoint of round 0
+    assert resumed.load() == {"partition-0": b"a0", "partition-1": b"b0"}
+    resumed.settle(resumed.stage({"partition-1": b"b1"}, 1))
+    assert resumed.load() == {"partition-0": b"a0", "partition-1": b"b1"}
+    resumed.close()
+    rows = sqlite3.connect(tmp_path / NODE_STATES_FILENAME).execute("SELECT client, round FROM node_states").fetchall()
+    assert sorted(rows) == [("partition-0", 0), ("partition-1", 1)]  # only what the last checkpoint names

@@ -5,7 +5,8 @@ the exact fast state, the replica (its versions and the steps clients may
 still need), the replica version each client holds, the clients told to drop
 their error-feedback residual, the strategy with its per-client memory and
 1/p estimates, the size screen's history, and, where the nodes run in the
-server's process (the inline backend), every node's Flower context state.
+server's process (the inline backend), which saved Flower context state of
+each node goes with it (the states themselves are in :class:`NodeStateStore`).
 Everything random in a run is seeded by (seed, round, client), so no random
 generator state is needed: a resumed run repeats exactly what the killed one
 would have done from the next round on.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sqlite3
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -35,14 +37,15 @@ from fedslim.data.participation import TRACE_FILENAME
 from fedslim.strategies.base import FastStrategy
 
 CHECKPOINT_FILENAME = "checkpoint.pkl"
+NODE_STATES_FILENAME = "node-states.sqlite"
 CHECKPOINT_FORMAT = 1
 
 
 class NodeStates(Protocol):
     """Nodes whose Flower context state the server can save and restore (nodes in the server's process)."""
 
-    def save_states(self) -> dict[int, bytes]:
-        """Every node's context state, serialised, by node id."""
+    def changed_states(self) -> dict[int, bytes]:
+        """The serialised context state of each node that received a message since the last call (first call: all)."""
         ...
 
     def restore_states(self, states: dict[int, bytes]) -> None:
@@ -64,8 +67,9 @@ class Checkpoint:
     rejected: set[str]
     strategy: FastStrategy
     screen: SizeScreen
-    node_states: dict[str, bytes] | None
-    """Each client's node context state by client key, where the server could read it; None otherwise."""
+    node_states: dict[str, int] | None
+    """Where the server could read the nodes' context states: the round of each client's saved state in the
+    run's :class:`NodeStateStore`; None otherwise."""
     finished: bool = False
 
 
@@ -154,13 +158,73 @@ def claim_run_dir(config: RunConfig) -> None:
             f"--resume {run_dir} (run config resume = true), replace it with --overwrite (overwrite = true), "
             "or choose another --out"
         )
-    for name in (LOG_FILENAME, f"{LOG_FILENAME}-wal", f"{LOG_FILENAME}-shm", CHECKPOINT_FILENAME, TRACE_FILENAME):
-        (run_dir / name).unlink(missing_ok=True)
+    for name in (LOG_FILENAME, NODE_STATES_FILENAME, CHECKPOINT_FILENAME, TRACE_FILENAME):
+        for path in (run_dir / name, run_dir / f"{name}-wal", run_dir / f"{name}-shm"):
+            path.unlink(missing_ok=True)
 
 
-def node_states_by_client(states: dict[int, bytes], keys: dict[int, str]) -> dict[str, bytes]:
-    """Node states keyed by client key (node ids change between runs, client keys do not)."""
-    return {keys[node]: state for node, state in states.items() if node in keys}
+class NodeStateStore:
+    """The nodes' context states of a run's checkpoints: SQLite beside the checkpoint, one row per client and round.
+
+    A checkpoint writes only the states that changed since the previous one
+    (the nodes sampled in between), so its cost follows the sampled clients,
+    not the federation. Two steps keep it consistent with the checkpoint
+    file: :meth:`stage` commits the new rows durably and returns the index
+    (client -> round of its state) the checkpoint records; once that
+    checkpoint is in place, :meth:`settle` deletes every row it does not
+    name. A kill between the two leaves extra rows, never missing ones.
+
+    Parameters
+    ----------
+    run_dir : Path
+        The run directory.
+    index : dict[str, int], optional
+        The index of the checkpoint a resumed run starts from.
+    """
+
+    def __init__(self, run_dir: Path, index: dict[str, int] | None = None) -> None:
+        self.index = dict(index or {})
+        self._db = sqlite3.connect(Path(run_dir) / NODE_STATES_FILENAME, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed stage survives a power cut: the checkpoint needs it
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS node_states"
+            " (client TEXT NOT NULL, round INTEGER NOT NULL, state BLOB NOT NULL, PRIMARY KEY (client, round))"
+        )
+        stale = [
+            (client, saved)
+            for client, saved in self._db.execute("SELECT client, round FROM node_states")
+            if self.index.get(client) != saved
+        ]
+        self._db.executemany("DELETE FROM node_states WHERE client = ? AND round = ?", stale)  # a killed stage
+
+    def stage(self, states: dict[str, bytes], completed_round: int) -> dict[str, int]:
+        """Store ``states`` (by client key) as of ``completed_round``; the index the next checkpoint records."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO node_states VALUES (?, ?, ?)",
+                [(client, completed_round, state) for client, state in states.items()],
+            )
+        return {**self.index, **dict.fromkeys(states, completed_round)}
+
+    def settle(self, index: dict[str, int]) -> None:
+        """The checkpoint naming ``index`` is in place: forget every state it does not name."""
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "DELETE FROM node_states WHERE client = ? AND round != ?",
+                [(client, saved) for client, saved in index.items() if self.index.get(client) != saved],
+            )
+        self.index = index
+
+    def load(self) -> dict[str, bytes]:
+        """The state the index names for each client."""
+        rows = self._db.execute("SELECT client, round, state FROM node_states")
+        return {client: state for client, saved, state in rows if self.index.get(client) == saved}
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def serialise_state(state: RecordDict) -> bytes:

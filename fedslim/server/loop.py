@@ -37,8 +37,8 @@ from fedslim.server.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
     NodeStates,
+    NodeStateStore,
     claim_run_dir,
-    node_states_by_client,
     read_checkpoint,
     resumable_config,
     write_checkpoint,
@@ -173,7 +173,10 @@ def run_federation(
     schedule = simulated_participation(config, data)
     first_round = resumed.completed_round + 1 if resumed is not None else 1
     wire = open_log(config, base, model, type(strategy).__name__, resumed)
+    store = None
     try:
+        if node_states is not None and config.checkpoint_every:
+            store = NodeStateStore(config.run_dir, resumed.node_states if resumed is not None else None)
         grid, joining = identify_nodes(
             grid, config, base, WireAccounting(wire, first_round if resumed is not None else 0)
         )
@@ -205,36 +208,46 @@ def run_federation(
         )
         if resumed is None:
             run.finish_round(0, 0, 0, len(grid.admitted), time.monotonic())
-            save_checkpoint(run, 0, node_states)
+            save_checkpoint(run, 0, node_states, store)
         else:
-            restore_clients(run, resumed, node_states)
+            restore_clients(run, resumed, node_states, store)
         for server_round in range(first_round, config.rounds + 1):
             run.run_round(server_round)
             if config.checkpoint_every and (
                 server_round % config.checkpoint_every == 0 or server_round == config.rounds
             ):
-                save_checkpoint(run, server_round, node_states)
+                save_checkpoint(run, server_round, node_states, store)
             wire.commlog.checkpoint()
         if config.final_sync:
             final_sync(run)
         digest = state_digest(run.fast_state, length=64)
         wire.commlog.finish_run(wire.run_id, digest)
-        save_checkpoint(run, config.rounds, node_states, finished=True)
+        save_checkpoint(run, config.rounds, node_states, store, finished=True)
         log(INFO, "fedslim run %s finished: final state digest %s", wire.run_id, digest)
         return RunResult(
             wire.run_id, str(wire.commlog.path), wire.commlog.round_totals(wire.run_id), run.fast_state, digest
         )
     finally:
         wire.commlog.close()
+        if store is not None:
+            store.close()
 
 
 def save_checkpoint(
-    run: ServerRun, completed_round: int, node_states: NodeStates | None, finished: bool = False
+    run: ServerRun,
+    completed_round: int,
+    node_states: NodeStates | None,
+    store: NodeStateStore | None,
+    finished: bool = False,
 ) -> None:
     """Write the run's checkpoint after ``completed_round`` (see :mod:`fedslim.server.checkpoint`)."""
     if not run.config.checkpoint_every:
         return
-    states = node_states_by_client(node_states.save_states(), run.grid.admitted) if node_states else None
+    index = None
+    if node_states is not None and store is not None:
+        keys = run.grid.admitted
+        changed = {keys[node]: state for node, state in node_states.changed_states().items() if node in keys}
+        index = store.stage(changed, completed_round)
     checkpoint = Checkpoint(
         format=CHECKPOINT_FORMAT,
         run_id=run.wire.run_id,
@@ -246,7 +259,7 @@ def save_checkpoint(
         rejected=run.rejected,
         strategy=run.strategy,
         screen=run.uplink.screen,
-        node_states=states,
+        node_states=index,
         finished=finished,
     )
     try:
@@ -255,23 +268,25 @@ def save_checkpoint(
         raise ConfigError(
             f"cannot checkpoint the run: {exc} (a custom strategy must be picklable; or set checkpoint-every 0)"
         ) from exc
+    if store is not None and index is not None:
+        store.settle(index)
 
 
-def restore_clients(run: ServerRun, resumed: Checkpoint, node_states: NodeStates | None) -> None:
+def restore_clients(
+    run: ServerRun, resumed: Checkpoint, node_states: NodeStates | None, store: NodeStateStore | None
+) -> None:
     """What the server knows of its clients after a resume: their node states where it holds them, else nothing.
 
     Nodes whose state cannot be put back hold no replica the server knows
     (they get the full state) and no error-feedback residual.
     """
     run.rejected = set(resumed.rejected)
-    if node_states is not None and resumed.node_states is not None:
-        nodes = run.grid.nodes_of()
-        node_states.restore_states(
-            {nodes[client]: state for client, state in resumed.node_states.items() if client in nodes}
-        )
+    if node_states is not None and store is not None and resumed.node_states is not None:
+        nodes, saved = run.grid.nodes_of(), store.load()
+        node_states.restore_states({nodes[client]: state for client, state in saved.items() if client in nodes})
+        node_states.changed_states()  # what was just put back is what the store holds
         run.client_versions = {
-            client: resumed.client_versions.get(client) if client in resumed.node_states else None
-            for client in run.client_versions
+            client: resumed.client_versions.get(client) if client in saved else None for client in run.client_versions
         }
     else:
         run.client_versions = dict.fromkeys(run.client_versions)
@@ -281,7 +296,7 @@ def restore_clients(run: ServerRun, resumed: Checkpoint, node_states: NodeStates
         "fedslim run %s resumed after round %d (%s)",
         run.wire.run_id,
         resumed.completed_round,
-        "node states restored" if node_states is not None and resumed.node_states is not None else "clients resync",
+        "node states restored" if store is not None and resumed.node_states is not None else "clients resync",
     )
 
 

@@ -52,13 +52,15 @@ class InlineGrid:
             )
             for k, node in enumerate(self.node_ids)
         }
+        self.touched = set(self.node_ids)  # nodes whose context may have changed since the last checkpoint
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
-    def save_states(self) -> dict[int, bytes]:
-        """Every node's context state (its replica, its error-feedback residual), for a checkpoint."""
-        return {node: serialise_state(context.state) for node, context in self.contexts.items()}
+    def changed_states(self) -> dict[int, bytes]:
+        """The context state (replica, error-feedback residual) of each node messaged since the last call."""
+        changed, self.touched = self.touched, set()
+        return {node: serialise_state(self.contexts[node].state) for node in sorted(changed)}
 
     def restore_states(self, states: dict[int, bytes]) -> None:
         for node, blob in states.items():
@@ -71,6 +73,7 @@ class InlineGrid:
         """The reply of the message's node; a ClientApp that raises answers with Flower's error reply, as in its
         engine (the node's context keeps what the app changed before it raised)."""
         message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grid does when it pushes a message
+        self.touched.add(message.metadata.dst_node_id)
         try:
             return self.client_app(message, self.contexts[message.metadata.dst_node_id])
         except Exception as exc:  # Flower's engine turns any exception into an error reply
