@@ -305,10 +305,6 @@ class CommLog:
                 (run_id,),
             )
 
-    def finished_runs(self) -> list[str]:
-        """The runs of this log that finished."""
-        return [row[0] for row in self._db.execute("SELECT run_id FROM runs WHERE finished_at IS NOT NULL")]
-
     def record_message(self, run_id: str, row: MessageRow) -> None:
         """Record one message; a ``reason`` marks it rejected."""
         self._db.execute(

@@ -156,25 +156,7 @@ class WireAccounting:
     def record_no_reply(self, instruction: Message, reason: str) -> None:
         """Log an instruction that got no reply by the round timeout: an up row without a message (0 bytes)."""
         node = instruction.metadata.dst_node_id
-        self.run.commlog.record_message(
-            self.run.run_id,
-            MessageRow(
-                round=self.server_round,
-                node_id=node,
-                client=self.run.client_keys.get(node),
-                direction="up",
-                message_type=instruction.metadata.message_type,
-                codec=None,
-                raw_bytes=0,
-                payload_bytes=0,
-                message_bytes=0,
-                full_model_bytes=0,
-                version_lag=None,
-                reason=reason,
-                created_at=time.time(),
-                status=Status.NO_REPLY,
-            ),
-        )
+        self._write(node, "up", instruction.metadata.message_type, time.time(), reason, Status.NO_REPLY)
 
     def _record(
         self,
@@ -191,6 +173,40 @@ class WireAccounting:
         """One log row; the full-model figure swaps a fast-layer payload (``raw`` > 0) for the full model."""
         size = message_bytes(message, direction)
         node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
+        self._write(
+            node,
+            direction,
+            message.metadata.message_type,
+            message.metadata.created_at,
+            reason,
+            status,
+            codec=codec if payload else None,
+            raw=raw,
+            payload=payload,
+            size=size,
+            full=size - payload + self.run.full_payload_bytes if raw else size,
+            version_lag=version_lag,
+            device=device,
+        )
+
+    def _write(
+        self,
+        node: int,
+        direction: str,
+        message_type: str,
+        created_at: float,
+        reason: str | None,
+        status: Status | None,
+        *,
+        codec: str | None = None,
+        raw: int = 0,
+        payload: int = 0,
+        size: int = 0,
+        full: int = 0,
+        version_lag: int | None = None,
+        device: tuple[float | None, int | None] = (None, None),
+    ) -> None:
+        """One row of this round's messages for ``node`` (the byte columns default to a message that never came)."""
         self.run.commlog.record_message(
             self.run.run_id,
             MessageRow(
@@ -198,15 +214,15 @@ class WireAccounting:
                 node_id=node,
                 client=self.run.client_keys.get(node),
                 direction=direction,
-                message_type=message.metadata.message_type,
-                codec=codec if payload else None,
+                message_type=message_type,
+                codec=codec,
                 raw_bytes=raw,
                 payload_bytes=payload,
                 message_bytes=size,
-                full_model_bytes=size - payload + self.run.full_payload_bytes if raw else size,
+                full_model_bytes=full,
                 version_lag=version_lag,
                 reason=reason,
-                created_at=message.metadata.created_at,
+                created_at=created_at,
                 client_cpu_s=device[0],
                 client_peak_rss_bytes=device[1],
                 status=status,
