@@ -14,7 +14,8 @@ over that. The information in the set of positions under a uniform model,
 log2 C(n, k), is printed as a second reference.
 
     python benchmarks/codecs.py
-Prints two tables and writes benchmarks/results/codecs.{json,md}.
+Prints two tables and writes benchmarks/results/codecs.{json,md}, stamped
+with commit, command, seed and the base.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,7 +33,8 @@ from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
+from provenance import base_used, provenance, write_results  # noqa: E402
+from rich.console import Console, Group  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from fedslim.base import ensure_pretrained_base, load_base  # noqa: E402
@@ -61,6 +62,7 @@ THROUGHPUT_PIPELINES = [
     "topk:0.01+q8+lzma",
 ]
 ENTROPY_PIPELINES = ["topk:0.01+q8", "topk:0.01+q8+zstd", "topk:0.01+q8+lzma", "topk:0.1+q8+lzma", "topk:0.1+q4+zstd"]
+CNN, GAUSSIAN = "full CNN delta (417k)", "Gaussian 10M"
 
 
 def real_delta(kind: str, config: RunConfig) -> dict[str, np.ndarray]:
@@ -132,6 +134,20 @@ def entropy_row(tensors: dict[str, np.ndarray], spec: str) -> dict[str, Any]:
     }
 
 
+def quoted_values(speed_rows: list[dict[str, Any]], entropy_rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The numbers docs/results.md quotes, formatted once, here (topk1: top 1%, topk10: top 10%)."""
+    speed = {row["pipeline"]: row for row in speed_rows}
+    ratio = {row["pipeline"]: row["ratio_to_entropy"] for row in entropy_rows}
+    return {
+        "topk1_q8_throughput_cnn": f"{speed['topk:0.01+q8'][CNN]:,.0f} MB/s",
+        "topk1_q8_throughput_gaussian": f"{speed['topk:0.01+q8'][GAUSSIAN]:,.0f} MB/s",
+        "topk1_q8_x_entropy": f"{ratio['topk:0.01+q8']:.2f}x",
+        "topk1_q8_zstd_x_entropy": f"{ratio['topk:0.01+q8+zstd']:.2f}x",
+        "topk1_q8_lzma_x_entropy": f"{ratio['topk:0.01+q8+lzma']:.3f}x",
+        "topk10_q8_lzma_x_entropy": f"{ratio['topk:0.1+q8+lzma']:.3f}x",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -143,9 +159,9 @@ def main() -> None:
     config = RunConfig(dataset="fmnist", num_clients=50, dirichlet_alpha=0.3)
     with console.status("training one client to get real deltas"):
         inputs = {
-            "full CNN delta (417k)": real_delta("full", config),
+            CNN: real_delta("full", config),
             "LoRA fast delta": real_delta("lora", config),
-            "Gaussian 10M": {"x": np.random.default_rng(0).standard_normal(10_000_000).astype(np.float32)},
+            GAUSSIAN: {"x": np.random.default_rng(0).standard_normal(10_000_000).astype(np.float32)},
         }
 
     speed = Table(title=f"encode + decode throughput, MB/s of float32 input, one core (best of {args.repeats})")
@@ -164,7 +180,7 @@ def main() -> None:
         sizes.add_column(column, justify="right")
     entropy_rows = []
     for spec in ENTROPY_PIPELINES:
-        row = entropy_row(inputs["full CNN delta (417k)"], spec)
+        row = entropy_row(inputs[CNN], spec)
         entropy_rows.append(row)
         sizes.add_row(
             spec,
@@ -177,12 +193,10 @@ def main() -> None:
         )
     console.print(sizes)
 
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "codecs.json").write_text(json.dumps({"throughput": speed_rows, "entropy": entropy_rows}, indent=2))
-    with (args.results / "codecs.md").open("w") as handle:
-        out = Console(file=handle, width=160, color_system=None)
-        out.print(speed)
-        out.print(sizes)
+    record = {"throughput": speed_rows, "entropy": entropy_rows}
+    stamp = provenance([config.seed], [base_used(config)])
+    quoted = quoted_values(speed_rows, entropy_rows)
+    write_results(args.results, "codecs", stamp, record, Group(speed, sizes), width=160, values=quoted)
     console.print(f"results written to {args.results}/codecs.{{json,md}}")
 
 

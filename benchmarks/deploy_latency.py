@@ -14,15 +14,16 @@ are the ones the clients reported. The script also times a cold import of
 the ClientApp, since a SuperNode starts a fresh process for every message.
 
     python benchmarks/deploy_latency.py                # 3 nodes, 5 rounds
+    python benchmarks/deploy_latency.py --nodes 1 --name deploy_latency-1node
     python benchmarks/deploy_latency.py --nodes 5 --rounds 10
 
-Writes benchmarks/results/deploy_latency.{json,md}.
+Writes benchmarks/results/deploy_latency.{json,md} (NAME.{json,md} with
+--name), stamped with commit, command, seed and the base.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -36,6 +37,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flower_processes import flwr_run, insecure_federation  # noqa: E402
+from provenance import base_used, provenance, write_results  # noqa: E402
 
 from fedslim.config import FastSpec, RunConfig  # noqa: E402
 from fedslim.logs.reader import RunLog  # noqa: E402
@@ -43,6 +45,7 @@ from fedslim.logs.reader import RunLog  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 CODEC = "topk:0.2+q8+lzma"
 CONNECTION = "fedslim-latency"
+INLINE, SIMULATION, DEPLOYED = "inline", "simulation (Flower engine)", "deployed (SuperLink + SuperNodes, gRPC)"
 # Flower 1.39: an idle SuperNode sleeps 3 s between pulls (supernode/start_client_internal.py), and the
 # ServerApp's grid sleeps 3 s between pulls of replies (superlink/grid/http_grid.py, send_and_receive).
 POLL_S = 3.0
@@ -107,7 +110,7 @@ def clientapp_import_s(repeats: int = 3) -> float:
 
 
 def table(results: dict[str, dict[str, Any]], import_s: float) -> str:
-    inline = results["inline"]["mean_s"]
+    inline = results[INLINE]["mean_s"]
     lines = [
         "| setting | s / round (mean) | min | max | instruction -> reply s | client CPU s / update | vs inline |",
         "|---|---|---|---|---|---|---|",
@@ -126,6 +129,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="deploy_latency", help="results file name")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fedslim-latency-") as tmp:
@@ -140,18 +144,19 @@ def main() -> None:
             codec=CODEC,
             downstream_codec=CODEC,
         )
+        bases = [base_used(config)]  # the deployed run (the app's defaults) has the same data fields: this base
         results: dict[str, dict[str, Any]] = {}
         for name, run in (
-            ("inline", lambda c: simulated(c, "inline")),
-            ("simulation (Flower engine)", lambda c: simulated(c, "flower")),
-            ("deployed (SuperLink + SuperNodes, gRPC)", lambda c: deployed(c, work / "deployed")),
+            (INLINE, lambda c: simulated(c, "inline")),
+            (SIMULATION, lambda c: simulated(c, "flower")),
+            (DEPLOYED, lambda c: deployed(c, work / "deployed")),
         ):
             (work / name.split()[0]).mkdir()
             print(f"running {name} ...", flush=True)
             results[name] = run(replace(config, out=str(work / name.split()[0] / "run")))
         import_s = clientapp_import_s()
 
-    deployed_run = results["deployed (SuperLink + SuperNodes, gRPC)"]
+    deployed_run = results[DEPLOYED]
     header = (
         f"Synthetic(1, 1), {args.nodes} nodes, {args.rounds} rounds, every node trains every round, "
         f"LoRA r=2, {CODEC} both ways, loopback, {os.cpu_count()} cores\n"
@@ -172,11 +177,22 @@ def main() -> None:
     )
     text = header + "\n" + table(results, import_s) + "\n" + explanation
     print(text)
-    args.results.mkdir(parents=True, exist_ok=True)
     setup = {"nodes": args.nodes, "rounds": args.rounds, "codec": CODEC}
     saved = {"setup": setup, "runs": results, "clientapp_import_s": import_s}
-    (args.results / "deploy_latency.json").write_text(json.dumps(saved, indent=1))
-    (args.results / "deploy_latency.md").write_text(text)
+    quoted = {  # the numbers docs/results.md quotes, formatted once, here
+        "node_side_s": f"{deployed_run['node_side_s']:.1f} s",
+        "pull_wait_s": f"{POLL_S / 2:.1f} s",
+        "clientapp_import_s": f"{import_s:.1f} s",
+        "client_cpu_s": f"{deployed_run['client_cpu_s']:.1f} s",
+        "simulation_client_cpu_s": f"{results[SIMULATION]['client_cpu_s']:.2f} s",
+        "known_s": f"{known:.1f} s",
+        "unexplained_s": f"{deployed_run['node_side_s'] - known:.1f} s",
+        "deployed_s_per_round": f"{deployed_run['mean_s']:.1f} s",
+        "pull_periods": f"{deployed_run['mean_s'] / POLL_S:.1f}",
+        "x_inline": f"{deployed_run['mean_s'] / results[INLINE]['mean_s']:,.0f}x",
+        "x_simulation": f"{deployed_run['mean_s'] / results[SIMULATION]['mean_s']:,.0f}x",
+    }
+    write_results(args.results, args.name, provenance([config.seed], bases), saved, text, values=quoted)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ def add_setup_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and JSON go")
 
 
-def base_config(args: argparse.Namespace) -> RunConfig:
+def base_config(args: argparse.Namespace, seed: int | None = None) -> RunConfig:
+    """The shared setup from the flags, with ``seed`` instead of --seed when given."""
     return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         dataset="fmnist",
@@ -32,5 +33,5 @@ def base_config(args: argparse.Namespace) -> RunConfig:
         fraction=args.fraction,
         dirichlet_alpha=args.alpha,
         local_epochs=args.local_epochs,
-        seed=args.seed,
+        seed=args.seed if seed is None else seed,
     )

@@ -14,13 +14,13 @@ timed nor traced.
     python benchmarks/fuzz.py --cases 2000 --seed 1
 
 Case i of seed s is ``random.Random(f"{s}:{i}")``: a failure printed here reruns alone from its seed.
-Prints a table and writes benchmarks/results/fuzz.{json,md}.
+Prints a table and writes benchmarks/results/fuzz.{json,md}, stamped with commit, command and seed (no
+pretrained base: the cases are built from codec pipelines alone).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import sys
@@ -38,6 +38,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from provenance import provenance, write_results  # noqa: E402
 from test_fuzz import PIPELINES, corpus, decode_case, mutated_blob, random_round, random_update, receive_round  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -167,7 +168,6 @@ def main() -> None:
     table = results_table(tallies, title)
     console.print(table)
 
-    args.results.mkdir(parents=True, exist_ok=True)
     setup: dict[str, Any] = {
         "cases": args.cases,
         "seed": args.seed,
@@ -182,9 +182,12 @@ def main() -> None:
     ]
     failures = [failure for tally in tallies.values() for failure in tally.failures]
     report = {"setup": setup, "rows": rows, "failures": failures, "wall_s": wall_s}
-    (args.results / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    with (args.results / f"{args.name}.md").open("w") as handle:
-        Console(file=handle, width=160, color_system=None).print(table)
+    quoted = {  # the numbers docs/results.md quotes, formatted once, here
+        "cases": f"{args.cases:,}",
+        "pipelines": f"{len(PIPELINES)}",
+        "other": f"{len(failures):,}",
+    }
+    write_results(args.results, args.name, provenance([args.seed], []), report, table, width=160, values=quoted)
     console.print(f"results written to {args.results}/{args.name}.{{json,md}}")
     if failures:
         raise SystemExit(f"{len(failures)} cases raised something other than UpdateError")

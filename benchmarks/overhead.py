@@ -57,15 +57,15 @@ lists the top functions of fedslim/ and flwr/ by cumulative time: all of
 them (fedslim), and those outside the shared work (fedslim, then plain).
 Times under cProfile are inflated for Python-heavy code; read them as shares.
 
-Prints the tables and writes benchmarks/results/overhead.{json,md}. A
-benchmark only: wall-clock times are never asserted by a test.
+Prints the tables and writes benchmarks/results/overhead.{json,md}, stamped
+with commit, command, seed and the base. A benchmark only: wall-clock times
+are never asserted by a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import logging
 import os
 import platform
@@ -81,10 +81,10 @@ from typing import Any
 
 import torch
 from fmnist_setup import add_setup_arguments, base_config
-from rich.console import Console
+from provenance import base_used, provenance, write_results
+from rich.console import Console, Group
 from rich.table import Table
 
-from fedslim.base import ensure_pretrained_base
 from fedslim.config import FastSpec, RunConfig
 from fedslim.data.datasets import load_federation
 from fedslim.simulation.inline import InlineGrid
@@ -381,6 +381,29 @@ def profile_table(profile: dict[str, Any], key: str, what: str) -> Table:
     return table
 
 
+def quoted_values(rows: list[dict[str, Any]], profiles: dict[str, Any]) -> dict[str, str]:
+    """The numbers docs/results.md quotes, formatted once, here: keys BACKEND_ROW_..., and the profile's split."""
+    quoted: dict[str, str] = {}
+    for row in rows:
+        key = f"{row['backend']}_{row['row']}"
+        quoted[f"{key}_s_per_round"] = f"{row['median_s_per_round']:.1f} s"
+        if row["row"] != "plain" and "ratio_to_plain" in row:
+            quoted[f"{key}_x_plain"] = f"{row['ratio_to_plain']:.3f}x"
+            quoted[f"{key}_paired_x_plain"] = f"{row['median_paired_ratio_to_plain']:.3f}x"
+            quoted[f"{key}_extra_s"] = f"{row['extra_s_per_round']:+.2f} s"
+    if profiles:
+        full, plain = profiles["full"], profiles["plain"]
+        quoted |= {
+            "profile_work_s": f"{full['work_s_per_round']:.1f} s",
+            "profile_full_bookkeeping_s": f"{full['bookkeeping_s_per_round']:.2f} s",
+            "profile_plain_bookkeeping_s": f"{plain['bookkeeping_s_per_round']:.2f} s",
+            "profile_extra_bookkeeping_s": (
+                f"{full['bookkeeping_s_per_round'] - plain['bookkeeping_s_per_round']:.2f} s"
+            ),
+        }
+    return quoted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setup_arguments(parser, out="runs/bench-overhead")
@@ -401,7 +424,7 @@ def main() -> None:
     console = Console(width=max(Console().width, 160))
     base = base_config(args)
     load_federation(base)
-    ensure_pretrained_base(base)
+    bases = [base_used(base)]  # every row, plain Flower's included, trains on the run's base
     rows = [
         run_row(row, backend, row_config(base, row, backend, args), console)
         for backend in args.backends
@@ -429,7 +452,6 @@ def main() -> None:
         for extra in tables[1:]:
             console.print(extra)
 
-    args.results.mkdir(parents=True, exist_ok=True)
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     machine = {
         "python": platform.python_version(),
@@ -439,11 +461,9 @@ def main() -> None:
         "platform": platform.platform(),
     }
     record = {"setup": setup, "machine": machine, "backend_config": BACKEND_CONFIG, "rows": rows, "profile": profiles}
-    (args.results / f"{args.name}.json").write_text(json.dumps(record, indent=2))
-    with (args.results / f"{args.name}.md").open("w") as handle:
-        out = Console(file=handle, width=200, color_system=None)
-        for item in tables:
-            out.print(item)
+    stamp = provenance([args.seed], bases)
+    quoted = quoted_values(rows, profiles)
+    write_results(args.results, args.name, stamp, record, Group(*tables), width=200, values=quoted)
     console.print(f"results written to {args.results}/{args.name}.{{json,md}}")
 
 

@@ -21,13 +21,13 @@ over participants once both have converged.
     python benchmarks/participation_bias.py            # 3 seeds
     python benchmarks/participation_bias.py --seeds 0 --steps 500
 
-Writes benchmarks/results/participation_bias.{json,md}.
+Writes benchmarks/results/participation_bias.{json,md}, stamped with commit,
+command, seeds and the bases.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fmnist_setup import RESULTS  # noqa: E402
+from provenance import base_used, provenance, write_results  # noqa: E402
 
 from fedslim.config import FastSpec, RunConfig  # noqa: E402
 
@@ -59,16 +60,9 @@ def example_weights(kind: str, sizes: np.ndarray, p: np.ndarray) -> np.ndarray:
     return p
 
 
-def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any]:
-    import torch
-
-    from fedslim.base import ensure_pretrained_base, load_base
-    from fedslim.data.datasets import load_federation
-    from fedslim.data.participation import participation_schedule
-    from fedslim.training import evaluate
-
-    torch.set_num_threads(1)
-    config = RunConfig(
+def federation(seed: int) -> RunConfig:
+    """The participation benchmark's label-correlated federation of ``seed``."""
+    return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         dataset="fmnist",
         num_clients=100,
@@ -79,6 +73,18 @@ def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any
         participation="label",
         participation_mean=0.1,
     )
+
+
+def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any]:
+    import torch
+
+    from fedslim.base import ensure_pretrained_base, load_base
+    from fedslim.data.datasets import load_federation
+    from fedslim.data.participation import participation_schedule
+    from fedslim.training import evaluate
+
+    torch.set_num_threads(1)
+    config = federation(seed)
     data = load_federation(config)
     counts = np.array([np.bincount(c.y, minlength=10) for c in data.clients], dtype=np.float64)
     p = participation_schedule("label", counts, 1, 0.1, seed).probabilities
@@ -141,6 +147,23 @@ def summarize(runs: list[dict[str, Any]], steps: int) -> str:
     return "\n".join(lines)
 
 
+def quoted_values(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """The numbers docs/results.md quotes, formatted once, here: per objective (data, client, participation)
+    the means over the seeds, and what reweighting can gain at most (client over participation optimum)."""
+    quoted: dict[str, str] = {}
+    accuracy: dict[str, float] = {}
+    for label, kind in OBJECTIVES.items():
+        rows = [run[label] for run in runs]
+        accuracy[kind] = statistics.mean(r["accuracy"] for r in rows)
+        quoted |= {
+            f"{kind}_accuracy": f"{accuracy[kind]:.4f}",
+            f"{kind}_tv": f"{statistics.mean(r['tv_from_balanced'] for r in rows):.2f}",
+            f"{kind}_worst_recall": f"{statistics.mean(min(r['recall']) for r in rows):.2f}",
+        }
+    quoted["reweighting_gain"] = f"{100 * (accuracy['client'] - accuracy['participation']):.1f} points"
+    return quoted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -154,10 +177,10 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         runs = list(pool.map(run_seed, args.seeds, *zip(*[(args.steps, args.lr, args.batch_size)] * len(args.seeds))))
     table = summarize(runs, args.steps)
-    args.results.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "results"}
-    (args.results / "participation_bias.json").write_text(json.dumps({"settings": settings, "runs": runs}, indent=1))
-    (args.results / "participation_bias.md").write_text(table + "\n")
+    stamp = provenance(args.seeds, [base_used(federation(seed)) for seed in args.seeds])
+    record = {"settings": settings, "runs": runs}
+    write_results(args.results, "participation_bias", stamp, record, table, values=quoted_values(runs))
     print(table)
 
 

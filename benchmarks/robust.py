@@ -21,7 +21,8 @@ log in the run directory instead of run again (--fresh runs everything).
     python benchmarks/robust.py
     python benchmarks/robust.py --fraction 0.3 --rounds 30 --attacks none scale:100@0.1 --defences none median
 
-Prints a table and writes benchmarks/results/robust.{json,md}.
+Prints a table and writes benchmarks/results/robust.{json,md}, stamped with
+commit, command, seed and the base.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from fmnist_setup import RESULTS
+from provenance import base_used, provenance, write_results
 from rich.console import Console
 from rich.table import Table
 
@@ -132,6 +135,23 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def quoted_values(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The numbers the README and docs quote, formatted once, here (after :func:`results_table` set the gaps).
+
+    Keys ATTACK_DEFENCE_MEASURE, each spec with its punctuation as dashes: scale-100-0-1_clip_final.
+    """
+    quoted: dict[str, str] = {}
+    for row in rows:
+        key = "_".join(re.sub(r"[^A-Za-z0-9]+", "-", row[spec]).strip("-") for spec in ("attack", "defence"))
+        quoted |= {
+            f"{key}_final": f"{row['final_accuracy']:.4f}",
+            f"{key}_final_gap": f"{100 * row['final_gap']:+.2f} points",
+            f"{key}_last{LAST}": f"{row[f'last{LAST}_mean_accuracy']:.4f}",
+            f"{key}_last{LAST}_gap": f"{100 * row[f'last{LAST}_gap']:+.2f} points",
+        }
+    return quoted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", nargs="+", default=ATTACKS, help="attack specs; none: no attacker")
@@ -157,6 +177,7 @@ def main() -> None:
         screen_factor=args.screen_factor,
         seed=args.seed,
     )
+    bases = [base_used(base)]  # attacks and defences leave the data alone: every run trains on this base
     rows = [run_row(a, d, base, args.out, args.fresh, console) for a in args.attacks for d in args.defences]
     title = (
         f"Synthetic(1, 1), {args.clients} clients, {args.fraction:.0%}/round, {args.rounds} rounds, FedAvg, "
@@ -166,11 +187,10 @@ def main() -> None:
     table = results_table(rows, title)
     console.print(table)
 
-    args.results.mkdir(parents=True, exist_ok=True)
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    (args.results / "robust.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
-    with (args.results / "robust.md").open("w") as handle:
-        Console(file=handle, width=160, color_system=None).print(table)
+    record = {"setup": setup, "rows": rows}
+    stamp = provenance([args.seed], bases)
+    write_results(args.results, "robust", stamp, record, table, width=160, values=quoted_values(rows))
     console.print(f"results written to {args.results}/robust.{{json,md}}")
 
 

@@ -37,7 +37,8 @@ client (the acceptance: each at most 2x).
     python benchmarks/scale.py --quick          # 3 rounds, N = 100 and 300, to try things out
     python benchmarks/scale.py --backends inline --clients 100 1000
 
-Prints a table and writes benchmarks/results/scale.{json,md} (scale-quick with --quick).
+Prints a table and writes benchmarks/results/scale.{json,md} (scale-quick with --quick), stamped with
+commit, command, seed and the base.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import sqlite3
 import subprocess
@@ -57,8 +57,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from provenance import base_used, provenance, write_results
 from rich.console import Console
 from rich.table import Table
+
+from fedslim.config import RunConfig
 
 RESULTS = Path(__file__).parent / "results"
 BACKENDS = ("inline", "flower")
@@ -166,15 +169,9 @@ def client_cpu_ms(log_path: str) -> float:
     return 1000 * (mean or 0.0)
 
 
-def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row:
-    """One configuration, in this process."""
-    from fedslim.commlog import RoundTotals
-    from fedslim.config import RunConfig
-    from fedslim.server import loop
-    from fedslim.server.checkpoint import NODE_STATES_FILENAME, checkpoint_path
-    from fedslim.simulation.simulate import simulate
-
-    config = RunConfig(
+def row_config(backend: str, clients: int, rounds: int, out: str, seed: int) -> RunConfig:
+    """The run of one configuration."""
+    return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         num_clients=clients,
         rounds=rounds,
@@ -185,6 +182,16 @@ def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row
         seed=seed,
         out=f"{out}/{backend}-{clients}",
     )
+
+
+def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row:
+    """One configuration, in this process."""
+    from fedslim.commlog import RoundTotals
+    from fedslim.server import loop
+    from fedslim.server.checkpoint import NODE_STATES_FILENAME, checkpoint_path
+    from fedslim.simulation.simulate import simulate
+
+    config = row_config(backend, clients, rounds, out, seed)
     checkpoint_s: list[float] = []
     loop.save_checkpoint = timed(loop.save_checkpoint, checkpoint_s)  # type: ignore[assignment]
     logged_at: dict[int, float] = {}
@@ -290,8 +297,11 @@ def table(rows: list[Row], found: dict[str, dict[str, float]], title: str) -> Ta
     return result
 
 
-def git(*arguments: str) -> str:
-    return subprocess.run(["git", *arguments], capture_output=True, text=True, check=False).stdout.strip()
+def quoted_values(rows: list[Row], found: dict[str, dict[str, float]]) -> dict[str, str]:
+    """The numbers docs/results.md quotes, formatted once, here: BACKEND_QUANTITY_ratio (largest N over
+    smallest, :data:`RATIOS`) and BACKEND_N_checkpoint_s (the mean time of one checkpoint)."""
+    quoted = {f"{backend}_{name}_ratio": f"{ratio[name]:.2f}x" for backend, ratio in found.items() for name in RATIOS}
+    return quoted | {f"{r.backend}_{r.clients}_checkpoint_s": f"{r.checkpoint_s:.3f} s" for r in rows}
 
 
 def main() -> None:
@@ -312,36 +322,26 @@ def main() -> None:
     if args.quick:
         args.rounds, args.clients = 3, [100, 300]
 
-    rows = [
-        run_in_subprocess(backend, clients, args.rounds, args.out, args.seed)
-        for backend in args.backends
-        for clients in args.clients
-    ]
+    configs = [(backend, clients) for backend in args.backends for clients in args.clients]
+    bases = [base_used(row_config(b, n, args.rounds, args.out, args.seed)) for b, n in configs]
+    rows = [run_in_subprocess(b, n, args.rounds, args.out, args.seed) for b, n in configs]
     found = ratios(rows)
-    commit = git("rev-parse", "--short", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     title = (
         f"Synthetic(1, 1), FedVARP, {CODEC} both ways, 10%/round, {args.rounds} rounds, seed {args.seed}, "
-        f"checkpoint every round, {os.cpu_count()} cores (commit {commit}{', modified' if dirty else ''})"
+        f"checkpoint every round, {os.cpu_count()} cores"
     )
     result = table(rows, found, title)
     console = Console(width=max(Console().width, 200))
     console.print(result)
-    args.results.mkdir(parents=True, exist_ok=True)
     name = "scale-quick" if args.quick else "scale"
     record = {
-        "command": " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]]),
-        "commit": commit,
-        "modified": dirty,
-        "seed": args.seed,
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "row"},
         "rows": [asdict(r) for r in rows],
         "ratios": found,
     }
-    (args.results / f"{name}.json").write_text(json.dumps(record, indent=2))
-    with (args.results / f"{name}.md").open("w") as handle:
-        Console(file=handle, width=220, color_system=None).print(result)
+    write_results(
+        args.results, name, provenance([args.seed], bases), record, result, width=220, values=quoted_values(rows, found)
+    )
     console.print(f"results written to {args.results}/{name}.{{json,md}}")
 
 

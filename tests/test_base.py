@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedslim import base as base_module
-from fedslim.base import ensure_pretrained_base, load_base
+from fedslim.base import base_identity, default_base_path, ensure_pretrained_base, load_base
 from fedslim.config import RunConfig
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -18,7 +18,7 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 def test_pretrained_base_does_not_depend_on_the_callers_thread_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(base_module.PRETRAIN_EPOCHS, "fmnist", 1)
+    monkeypatch.setitem(base_module.PRETRAIN_RECIPES, "fmnist", base_module.PretrainRecipe(epochs=1))
     config = RunConfig(dataset="fmnist", num_clients=10, out=str(tmp_path / "run"))
     fingerprints = []
     threads = torch.get_num_threads()
@@ -31,3 +31,12 @@ def test_pretrained_base_does_not_depend_on_the_callers_thread_count(
     finally:
         torch.set_num_threads(threads)
     assert fingerprints[0] == fingerprints[1]
+
+
+def test_a_changed_pretraining_recipe_is_not_served_from_the_cache(
+    small_config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = default_base_path(small_config)
+    monkeypatch.setitem(base_module.PRETRAIN_RECIPES, "synthetic", base_module.PretrainRecipe(epochs=3))
+    assert default_base_path(small_config) != before
+    assert base_identity(small_config)["recipe"]["epochs"] == 3

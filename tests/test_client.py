@@ -21,11 +21,15 @@ from fedslim.channel.protocol import (
     DIRECTION_KEY,
     FAST_KEY,
     METRICS_KEY,
+    REPLICA_DIGEST_KEY,
     REPLICA_META_KEY,
     REPLICA_STATE_KEY,
+    REPLICA_VERSION_KEY,
     RESIDUAL_META_KEY,
     RESIDUAL_STATE_KEY,
     ROLE_KEY,
+    SERVER_ROUND_KEY,
+    TASK_DIGEST_KEY,
     RefusalCode,
     record_sync,
     record_update,
@@ -44,13 +48,17 @@ from fedslim.training import full_gradient
 
 
 def _train_request(
-    config: RunConfig, fast: dict[str, np.ndarray], fingerprint: str, replica: ServerReplica | None = None
+    config: RunConfig,
+    fast: dict[str, np.ndarray],
+    fingerprint: str,
+    replica: ServerReplica | None = None,
+    held: int | None = None,
 ) -> Message:
-    """A train instruction as the server's downlink builds it, for a client that holds no replica yet."""
+    """A train instruction as the server's downlink builds it, for a client holding replica ``held`` (None: none)."""
     replica = replica or ServerReplica(fast, parse_codec("none"), fingerprint)
     downlink = Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: fingerprint})
     (message,) = downlink.train_messages(
-        1, [Instruction("partition-0")], {"partition-0": 11}, {"partition-0": None}, set()
+        1, [Instruction("partition-0")], {"partition-0": 11}, {"partition-0": held}, set()
     )
     return message
 
@@ -270,3 +278,48 @@ def test_anchor_sends_its_full_local_gradient(small_config: RunConfig, resident)
     expected, _ = full_gradient(model.module, model.fast_parameters(), load_federation(small_config).clients[1])
     for name, gradient in zip(model.fast_state(), expected):
         np.testing.assert_allclose(sent[name], gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_the_static_task_is_sent_once_and_remembered(small_config: RunConfig, resident) -> None:
+    base, model = resident
+    fast = model.fast_state()
+    replica = ServerReplica(fast, parse_codec("none"), base.fingerprint)
+    replica.publish({n: v + 1.0 for n, v in fast.items()})
+    first = _train_request(small_config, fast, base.fingerprint, replica, held=0)
+    later = _train_request(small_config, fast, base.fingerprint, replica, held=1)
+    task = {**small_config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}
+    assert set(task) <= set(first.content.config_records[CONFIG_KEY])
+    assert set(later.content.config_records[CONFIG_KEY]) == {
+        TASK_DIGEST_KEY,
+        SERVER_ROUND_KEY,
+        REPLICA_VERSION_KEY,
+        REPLICA_DIGEST_KEY,
+    }
+    assert message_bytes(first, "down") - message_bytes(later, "down") > 200
+
+    context = _context(**{"partition-id": 0})
+    assert not train(first, context).has_error()
+    reply = train(later, context)  # the task comes from what the node remembered
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert context.state.config_records[REPLICA_META_KEY]["version"] == 1
+
+
+def test_a_node_without_the_task_refuses_and_the_server_sends_it_again(small_config: RunConfig, resident) -> None:
+    base, model = resident
+    fast = model.fast_state()
+    replica = ServerReplica(fast, parse_codec("none"), base.fingerprint)
+    replica.publish({n: v + 1.0 for n, v in fast.items()})
+    digest_only = _train_request(small_config, fast, base.fingerprint, replica, held=1)
+    reply = train(digest_only, _context(**{"partition-id": 0}))  # a node that lost its context
+    assert reply.has_error() and reply.error.code == RefusalCode.TASK_UNKNOWN
+    assert "holds no run task" in reply.error.reason
+    # The server marks such a client unknown (as for a replica mismatch): it gets the task and the state again.
+    again = _train_request(small_config, fast, base.fingerprint, replica, held=None)
+    assert not train(again, _context(**{"partition-id": 0})).has_error()
+
+    context = _context(**{"partition-id": 0})
+    assert not train(_train_request(small_config, fast, base.fingerprint, replica), context).has_error()
+    other = Downlink(replica, {**replace(small_config, lr=0.5).client_task(), BASE_FINGERPRINT_KEY: base.fingerprint})
+    (changed,) = other.train_messages(1, [Instruction("partition-0")], {"partition-0": 11}, {"partition-0": 1}, set())
+    reply = train(changed, context)  # a digest the node does not hold is never trained under the old task
+    assert reply.has_error() and reply.error.code == RefusalCode.TASK_UNKNOWN

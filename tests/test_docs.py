@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def test_check_fails_when_the_page_was_edited_by_hand(tmp_path: Path) -> None:
 def test_check_fails_when_a_table_was_rerun(tmp_path: Path) -> None:
     results = tmp_path / "results"
     results.mkdir()
-    for table in (ROOT / "benchmarks" / "results").glob("*.md"):
+    for table in [*(ROOT / "benchmarks" / "results").glob("*.md"), *(ROOT / "benchmarks" / "results").glob("*.json")]:
         (results / table.name).write_text(table.read_text(encoding="utf-8"), encoding="utf-8")
     rerun = results / "logs_summary.md"
     rerun.write_text(rerun.read_text(encoding="utf-8") + "| a row of the new run |\n", encoding="utf-8")
@@ -84,12 +85,70 @@ def test_tables_are_included_verbatim(tmp_path: Path) -> None:
     template = tmp_path / "template.md"
     template.write_text("<!-- note for editors -->\n# T\n\n{{table: md}}\n\n{{ table: box }}\n")
     out = tmp_path / "out.md"
-    done = run_script("--template", str(template), "--results", str(results), "--output", str(out))
+    readme = tmp_path / "README.md"
+    readme.write_text("# R\n")
+    done = run_script(
+        "--template", str(template), "--results", str(results), "--output", str(out), "--readme", str(readme)
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     page = out.read_text(encoding="utf-8")
     assert "note for editors" not in page
     assert "setup line\n\n| a | b |\n|---|---|\n| 1 | 2 |\n" in page
     assert "```text\n  title  \n┏━━━┓\n┃ a ┃\n┗━━━┛\n```\n" in page
+    assert page.count("*Provenance not recorded.*") == 2
+
+
+def stamped_results(folder: Path, superseded: str | None = None) -> None:
+    folder.mkdir()
+    (folder / "wire.md").write_text("| row | x fewer |\n|---|---|\n| lora | 312.0x |\n")
+    stamp = {
+        "commit": "0123456789abcdef" * 2 + "01234567",
+        "command": "python benchmarks/wire.py --seeds 0 1",
+        "seeds": [0, 1],
+        "bases": [{"identity": {}, "fingerprint": "ab" * 32}],
+        "measured_at": "2026-11-26T20:00:00Z",
+    }
+    if superseded:
+        stamp["superseded"] = superseded
+    (folder / "wire.json").write_text(json.dumps({"provenance": stamp, "values": {"x_fewer": "312.0x"}}))
+
+
+def test_numbers_in_prose_come_from_the_results_files(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    stamped_results(results)
+    template = tmp_path / "template.md"
+    template.write_text("# T\n\nIt moves {{value: wire.x_fewer}} fewer bytes.\n\n{{table: wire}}\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("Moves <!-- value: wire.x_fewer -->220x<!-- /value --> fewer bytes.\n")
+    out = tmp_path / "out.md"
+    args = ["--template", str(template), "--results", str(results), "--output", str(out), "--readme", str(readme)]
+    assert run_script("--check", *args).returncode == 1  # the README still says 220x
+    done = run_script(*args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert readme.read_text() == "Moves <!-- value: wire.x_fewer -->312.0x<!-- /value --> fewer bytes.\n"
+    page = out.read_text(encoding="utf-8")
+    assert "It moves 312.0x fewer bytes." in page
+    caption = "*Measured by `python benchmarks/wire.py --seeds 0 1` at commit `0123456789`, 2026-11-26; seeds 0, 1;"
+    assert caption + " bases `abababababab`.*" in page
+    assert run_script("--check", *args).returncode == 0
+
+    template.write_text("It moves {{value: wire.nothing}} fewer bytes.\n")
+    done = run_script(*args)
+    assert done.returncode == 2 and "has no value 'nothing'" in done.stderr
+
+
+def test_a_superseded_table_is_published_with_its_reason(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    stamped_results(results, superseded="measured on an earlier base")
+    template = tmp_path / "template.md"
+    template.write_text("# T\n\n{{table: wire}}\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# R\n")
+    out = tmp_path / "out.md"
+    args = ["--template", str(template), "--results", str(results), "--output", str(out), "--readme", str(readme)]
+    assert run_script(*args).returncode == 0
+    page = out.read_text(encoding="utf-8")
+    assert "> **Superseded, kept for the record:** measured on an earlier base\n\n| row | x fewer |" in page
 
 
 def test_readme_is_the_front_door() -> None:

@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from fedslim.cli import main
 from fedslim.client.app import app as client_app
 from fedslim.commlog import LOG_FILENAME, SCHEMA_VERSION
 from fedslim.config import RunConfig
+from fedslim.logs.labels import MAX_LABEL, log_labels, short_labels
+from fedslim.logs.plot import runs_figure
 from fedslim.logs.reader import RunLog, bytes_to_reach
+from fedslim.logs.views import COMPARE_COLUMNS, accuracy, compare_rows, compare_table, kib
 from fedslim.server.loop import run_federation
 from fedslim.simulation.inline import InlineGrid
 
@@ -118,7 +125,81 @@ def test_tables_print_from_the_command_line(
     assert main(["logs", "compare", topk, varp, "--markdown", "--target", "0"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| run | strategy |") and len(lines) == 4
-    assert lines[2].startswith("| fedavg-topk | fedavg |") and lines[3].startswith("| varp | fedvarp |")
+    assert lines[2].startswith("| codec=topk:0.2+q8+zlib strategy=fedavg +3 more | fedavg |")
+    assert lines[3].startswith("| strategy=fedvarp participation=bernoulli +2 more | fedvarp |")
+
+
+def test_compare_reads_in_80_columns(
+    two_runs: tuple[Path, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logs = [RunLog(str(run)) for run in two_runs]
+    labels = log_labels(logs)
+    summaries = [log.summary() for log in logs]
+    rows = compare_rows(labels, [(s, bytes_to_reach(log.rounds(), 0.0)) for s, log in zip(summaries, logs)])
+    for log in logs:
+        log.close()
+    console = Console(width=80, file=io.StringIO())
+    console.print(compare_table(rows, 0.0, console.width))
+    printed = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "…" not in printed and max(len(line) for line in printed.splitlines()) <= 80
+    # A column per run: its label is the header (wrapped between fields, never inside one), a metric per row.
+    assert all(word in printed for label in labels for word in label.split())
+    for s in summaries:
+        assert re.search(rf"│ final acc +│ .*{accuracy(s.final_accuracy)}", printed)
+        assert kib(s.total_bytes) in printed
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["logs", "compare", *(str(run) for run in two_runs), "--target", "0"]) == 0
+    assert capsys.readouterr().out == printed
+    wide = compare_table(rows, 0.0, 250)  # one row per run where that fits
+    assert [column.header for column in wide.columns] == list(COMPARE_COLUMNS) and wide.row_count == 2
+
+
+def test_plot_puts_bytes_on_log_axes_and_names_runs_by_short_labels(
+    two_runs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from matplotlib.figure import Figure
+
+    zeroed = tmp_path / "zeroed" / LOG_FILENAME  # the FedVARP run without round 2's messages: a round with no bytes
+    zeroed.parent.mkdir()
+    zeroed.write_bytes((two_runs[1] / LOG_FILENAME).read_bytes())
+    with sqlite3.connect(zeroed) as db:
+        db.execute("DELETE FROM messages WHERE round = 2")
+    logs = [RunLog(str(two_runs[0])), RunLog(str(zeroed.parent))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figure = runs_figure(logs)
+        figure.savefig(io.BytesIO(), format="png")
+    labels = log_labels(logs)
+    for log in logs:
+        log.close()
+    assert isinstance(figure, Figure)
+    accuracy_axes, bytes_axes = figure.axes[:2]
+    assert (accuracy_axes.get_xscale(), bytes_axes.get_yscale()) == ("log", "log")
+    assert accuracy_axes.xaxis.get_major_formatter()(4096) == "4 KiB"
+    assert bytes_axes.yaxis.get_major_formatter()(2**21) == "2 MiB"
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == labels
+    assert all(label in axes.get_title().replace("\n", " ") for label, axes in zip(labels, figure.axes[2:]))
+    zeroed_up, zeroed_down = bytes_axes.get_lines()[2:4]
+    assert 2 not in zeroed_up.get_xdata() and 2 not in zeroed_down.get_xdata()
+    assert all(min(line.get_ydata()) > 0 for line in bytes_axes.get_lines())
+
+
+def test_short_labels_name_what_differs() -> None:
+    base = RunConfig(dataset="synthetic", out="runs/a")
+    full = replace(base, fast=replace(base.fast, kind="full"), out="runs/b")
+    compressed = replace(base, codec="topk:0.1+q8+lzma", out="runs/c")
+    assert short_labels([full.to_dict(), base.to_dict()], ["b", "a"]) == ["fast=full", "fast=lora"]
+    labels = short_labels([full.to_dict(), compressed.to_dict()], ["b", "c"])
+    assert labels == ["fast=full", "fast=lora codec=topk:0.1+q8+lzma"]
+    same = replace(base, out="runs/d")
+    long_name = "2024-05-01-lora-rank4-topk0.1-q8-lzma-seed0-fmnist-dirichlet0.3"
+    labels = short_labels([base.to_dict(), same.to_dict()], ["a", long_name])
+    assert labels[0] == "a" and long_name.startswith(labels[1][:-1]) and len(labels[1]) == MAX_LABEL
+    # Many differences: the first fields, the rest counted; configs that are the same get their names.
+    many = replace(compressed, strategy="fedvarp", participation="bernoulli", rounds=7)
+    labels = short_labels([many.to_dict(), base.to_dict(), same.to_dict()], ["m", "a", "d"])
+    same_labels = [f"strategy=fedavg participation=all +1 more ({name})" for name in ("a", "d")]
+    assert labels == ["codec=topk:0.1+q8+lzma strategy=fedvarp +2 more", *same_labels]
 
 
 def test_clients_add_up_to_the_run(two_runs: tuple[Path, Path]) -> None:

@@ -20,6 +20,7 @@ which keeps the replica in the node's Flower context.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,12 +34,15 @@ from fedslim.channel.protocol import (
     DIRECTION_KEY,
     DROP_RESIDUAL_KEY,
     FAST_KEY,
+    INSTRUCTION_KEYS,
     REPLICA_DIGEST_KEY,
     REPLICA_META_KEY,
     REPLICA_STATE_KEY,
     REPLICA_VERSION_KEY,
     ROLE_KEY,
     SERVER_ROUND_KEY,
+    TASK_DIGEST_KEY,
+    TASK_STATE_KEY,
     TRAIN_TYPE,
     VERSION_KEY,
     Refusal,
@@ -219,18 +223,22 @@ class Downlink:
     replica : ServerReplica
         The replica of the run.
     task : Mapping[str, Any]
-        The client task and base fingerprint every instruction carries.
+        The client task and base fingerprint: static for the run, so an
+        instruction carries them in full only to a client that may not hold
+        them yet, and their digest always.
     """
 
     def __init__(self, replica: ServerReplica, task: Mapping[str, Any]) -> None:
         self.replica = replica
         self.task = dict(task)
+        self.task_digest = hashlib.sha256(json.dumps(self.task, sort_keys=True).encode()).hexdigest()[:16]
         self._directions: dict[int, bytes] = {}
 
     def round_config(self, server_round: int) -> dict[str, Any]:
         """The task config of this round's instructions: the task, the replica to reach, the round."""
         return {
             **self.task,
+            TASK_DIGEST_KEY: self.task_digest,
             REPLICA_VERSION_KEY: self.replica.version,
             REPLICA_DIGEST_KEY: self.replica.digest,
             SERVER_ROUND_KEY: server_round,
@@ -263,7 +271,8 @@ class Downlink:
         held: int | None,
         drop_residual: set[str],
     ) -> Message:
-        task = ConfigRecord(dict(config))
+        # A client past version 0 has answered an instruction since it last lost its replica, so it holds the task.
+        task = ConfigRecord({k: v for k, v in config.items() if not held or k not in self.task})
         if instruction.role is not None:
             task[ROLE_KEY] = instruction.role.value
         if instruction.client in drop_residual:
@@ -285,6 +294,26 @@ class Downlink:
                 state_version=server_round,
             ).blob
         return self._directions[key]
+
+
+def instruction_task(msg: Message, context: Context) -> dict[str, Any]:
+    """The client end: the instruction's config with the run's task, from the message or from this node's context.
+
+    A config carrying the task in full is remembered (under its digest) for
+    the instructions that carry only the digest. Raises
+    :class:`~fedslim.channel.protocol.Refusal` (``TASK_UNKNOWN``) when this
+    node holds no task of the digest named.
+    """
+    config = dict(msg.content.config_records[CONFIG_KEY]) if CONFIG_KEY in msg.content.config_records else {}
+    static = {key: value for key, value in config.items() if key not in INSTRUCTION_KEYS}
+    if set(static) - {TASK_DIGEST_KEY}:
+        context.state[TASK_STATE_KEY] = ConfigRecord(static)
+        return config
+    held = context.state.config_records.get(TASK_STATE_KEY)
+    digest = config.get(TASK_DIGEST_KEY)
+    if held is None or digest is None or held.get(TASK_DIGEST_KEY) != digest:
+        raise Refusal(RefusalCode.TASK_UNKNOWN, f"this node holds no run task of digest {digest}; send it in full")
+    return {**held, **config}
 
 
 def sync_replica(

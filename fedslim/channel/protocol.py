@@ -2,9 +2,12 @@
 
 A train instruction carries ``fast`` (ArrayRecord: the replica sync, one
 fedslim.v1.Sync under ``sync``: zero or more blobs applied in order) and
-``config`` (ConfigRecord: the client task, the base fingerprint, the round,
-the replica version and digest to reach; ``role`` when the strategy gives
-clients different work, ``drop-residual`` after a rejected update). A train
+``config`` (ConfigRecord: the round, the replica version and digest to reach,
+``role`` when the strategy gives clients different work, ``drop-residual``
+after a rejected update, and the ``task-digest`` of the run's task: the
+client task and the base fingerprint, which are static, so they are sent in
+full only to a client that may not hold them yet; a client keeps them in its
+context and refuses with ``TASK_UNKNOWN`` when it holds no task of that digest). A train
 reply carries ``delta`` (ArrayRecord: one blob under ``update``, the client's
 compressed delta) and ``metrics`` (MetricRecord: ``num-examples``,
 ``train-loss``, and the device's footprint: ``cpu-s`` and ``peak-rss-bytes``).
@@ -54,6 +57,7 @@ REPLICA_VERSION_KEY = "replica-version"
 REPLICA_DIGEST_KEY = "replica-digest"
 ROLE_KEY = "role"
 DROP_RESIDUAL_KEY = "drop-residual"
+TASK_DIGEST_KEY = "task-digest"
 OFFSET_KEY = "offset"
 TOTAL_BYTES_KEY = "total-bytes"
 
@@ -99,6 +103,10 @@ REPLICA_META_KEY = "fedslim-replica-meta"
 RESIDUAL_STATE_KEY = "fedslim-ef-residual"
 RESIDUAL_META_KEY = "fedslim-ef-residual-meta"
 BASE_META_KEY = "base"
+TASK_STATE_KEY = "fedslim-task"
+
+# Keys of a train instruction's config that change from one instruction to the next; the rest is the static task.
+INSTRUCTION_KEYS = frozenset({SERVER_ROUND_KEY, REPLICA_VERSION_KEY, REPLICA_DIGEST_KEY, ROLE_KEY, DROP_RESIDUAL_KEY})
 
 
 class Role(StrEnum):
@@ -125,6 +133,7 @@ class RefusalCode(IntEnum):
     BAD_REQUEST = 1003
     REPLICA_MISMATCH = 1004
     NON_FINITE_UPDATE = 1005
+    TASK_UNKNOWN = 1006
 
 
 class Refusal(Exception):

@@ -18,7 +18,13 @@ from flwr.clientapp import ClientApp
 
 from fedslim.adapters import FastSlowModel
 from fedslim.base import ResidentBase, checkpoint_fingerprint, default_base_path, load_base
-from fedslim.channel.downlink import ClientReplica, received_direction, state_digest, sync_replica
+from fedslim.channel.downlink import (
+    ClientReplica,
+    instruction_task,
+    received_direction,
+    state_digest,
+    sync_replica,
+)
 from fedslim.channel.protocol import (
     ANCHOR_METRIC,
     BASE_BYTES_KEY,
@@ -40,6 +46,7 @@ from fedslim.channel.protocol import (
     REPLICA_VERSION_KEY,
     ROLE_KEY,
     SERVER_ROUND_KEY,
+    TASK_DIGEST_KEY,
     TOTAL_BYTES_KEY,
     TRAIN_LOSS_KEY,
     BaseReport,
@@ -205,8 +212,8 @@ def synced_task(msg: Message, context: Context) -> SyncedTask:
     base is missing or differs from the server's, the replica cannot reach the
     server's version, or the request is malformed.
     """
-    config, extras = task_config(
-        msg,
+    config, extras = parse_task(
+        instruction_task(msg, context),
         BASE_FINGERPRINT_KEY,
         SERVER_ROUND_KEY,
         REPLICA_VERSION_KEY,
@@ -302,7 +309,13 @@ def train_locally(msg: Message, task: SyncedTask, model: FastSlowModel, data: Ar
 
 def task_config(msg: Message, *extra_keys: str) -> tuple[RunConfig, dict[str, Any]]:
     """The run config in a server message's task record, and the values of ``extra_keys`` (None where absent)."""
-    task = dict(msg.content.config_records[CONFIG_KEY]) if CONFIG_KEY in msg.content.config_records else {}
+    config = dict(msg.content.config_records[CONFIG_KEY]) if CONFIG_KEY in msg.content.config_records else {}
+    return parse_task(config, *extra_keys)
+
+
+def parse_task(config: dict[str, Any], *extra_keys: str) -> tuple[RunConfig, dict[str, Any]]:
+    """The run config in a task config, and the values of ``extra_keys`` (None where absent)."""
+    task = {key: value for key, value in config.items() if key != TASK_DIGEST_KEY}
     extras = {key: task.pop(key, None) for key in extra_keys}
     try:
         return RunConfig.from_flat(task), extras

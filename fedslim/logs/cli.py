@@ -54,6 +54,7 @@ def default_target(best: float | None) -> float:
 def run_logs(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from fedslim.logs.labels import log_labels
     from fedslim.logs.reader import RunLog, bytes_to_reach
     from fedslim.logs.views import (
         COMPARE_COLUMNS,
@@ -97,11 +98,12 @@ def run_logs(args: argparse.Namespace) -> int:
             target = args.target
             if target is None:
                 target = default_target(min((s.best_accuracy or 0.0) for s, _ in summaries))
-            rows = compare_rows([(s, bytes_to_reach(rounds, target)) for s, rounds in summaries])
+            reached = [(s, bytes_to_reach(rounds, target)) for s, rounds in summaries]
+            rows = compare_rows(log_labels(logs), reached)
             if args.markdown:
                 print(markdown(COMPARE_COLUMNS, rows))
             else:
-                console.print(compare_table(rows, target))
+                console.print(compare_table(rows, target, console.width))
         elif command == "plot":
             from fedslim.logs.plot import plot_runs
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.console import Console
 from rich.table import Table
 
 from fedslim.logs.reader import ClientStats, Summary
+
+UNBOUNDED = 10_000
+"""A console width no table reaches: measuring at it gives a table's width with no cell wrapped."""
 
 
 def kib(n: float) -> str:
@@ -108,11 +112,11 @@ COMPARE_COLUMNS = (
 )
 
 
-def compare_rows(runs: Sequence[tuple[Summary, tuple[int, int] | None]]) -> list[list[str]]:
-    """One row per run: the cells of :data:`COMPARE_COLUMNS`."""
+def compare_rows(labels: Sequence[str], runs: Sequence[tuple[Summary, tuple[int, int] | None]]) -> list[list[str]]:
+    """One row per run (``labels``: the runs' short labels): the cells of :data:`COMPARE_COLUMNS`."""
     return [
         [
-            s.label,
+            label,
             s.strategy,
             f"{s.codec_up} / {s.codec_down}",
             f"{s.rounds_done}" + ("" if s.finished else " (interrupted)"),
@@ -124,17 +128,31 @@ def compare_rows(runs: Sequence[tuple[Summary, tuple[int, int] | None]]) -> list
             f"{s.vs_dense_fast:,.1f}x",
             f"{kib(reached[1])} (r{reached[0]})" if reached else "-",
         ]
-        for s, reached in runs
+        for label, (s, reached) in zip(labels, runs, strict=True)
     ]
 
 
-def compare_table(rows: list[list[str]], target: float) -> Table:
-    table = Table(title=f"runs side by side (target accuracy {target:.4f})")
+def compare_table(rows: list[list[str]], target: float, width: int) -> Table:
+    """A row per run if that fits in ``width`` characters with no cell wrapped, else a column per run.
+
+    In a column per run, cells too long for their column wrap (folded inside
+    a word if they must); none is cut short.
+    """
+    title = f"runs side by side (target accuracy {target:.4f})"
+    wide = Table(title=title)
     for column in COMPARE_COLUMNS:
-        table.add_column(column, justify="left" if column in ("run", "strategy", "codec up / down") else "right")
+        wide.add_column(column, justify="left" if column in ("run", "strategy", "codec up / down") else "right")
     for row in rows:
-        table.add_row(*row)
-    return table
+        wide.add_row(*row)
+    if Console(width=UNBOUNDED).measure(wide).maximum <= width:
+        return wide
+    tall = Table(title=title)
+    tall.add_column("", style="bold", no_wrap=True, overflow="fold")
+    for row in rows:
+        tall.add_column(row[0], justify="right", overflow="fold")
+    for metric, *cells in list(zip(COMPARE_COLUMNS, *rows))[1:]:
+        tall.add_row(metric, *cells)
+    return tall
 
 
 def markdown(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

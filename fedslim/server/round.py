@@ -190,8 +190,8 @@ class ServerRun:
                 continue
             if not item.reply.has_error():
                 self.rejected.add(client)
-            elif item.reply.error.code == RefusalCode.REPLICA_MISMATCH:
-                self.client_versions[client] = None
+            elif item.reply.error.code in (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN):
+                self.client_versions[client] = None  # unknown: the next instruction carries the state and the task
         return received
 
     def pull_late(self, server_round: int) -> None:

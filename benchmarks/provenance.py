@@ -1,0 +1,163 @@
+"""Where a benchmark's numbers come from, stamped into every results file, and the check that they still hold.
+
+Every ``benchmarks/results/NAME.json`` starts with a ``provenance`` object:
+the commit and whether tracked files were modified, the exact command, the
+seeds, the machine, and each base the runs trained on (the identity that
+pretrains it and its fingerprint). Pretraining is deterministic, so the check
+below pretrains each named base again with the current code: a different
+fingerprint means the published numbers were measured on a base this code no
+longer builds, and the file must be re-measured or marked superseded.
+
+    python benchmarks/provenance.py --check                      # exit 1 naming every stale results file
+    python benchmarks/provenance.py --supersede NAME --reason R  # keep a file, marked as no longer holding
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, ConsoleRenderable
+
+from fedslim.base import PRETRAIN_RECIPES, base_identity, checkpoint_fingerprint, ensure_pretrained_base
+from fedslim.config import RunConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def git(*args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def base_used(config: RunConfig) -> dict[str, Any]:
+    """The pretrained base a run of ``config`` trains on: its identity and fingerprint (pretrained if not cached)."""
+    return {"identity": base_identity(config), "fingerprint": checkpoint_fingerprint(ensure_pretrained_base(config))}
+
+
+def provenance(seeds: Iterable[int], bases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The stamp of a results file written now, by this process's command line."""
+    distinct: dict[str, Mapping[str, Any]] = {}
+    for base in bases:
+        distinct.setdefault(json.dumps(base, sort_keys=True), base)
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    modified = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "modified": bool(modified) and modified != "unknown",
+        "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
+        "seeds": sorted(set(seeds)),
+        "bases": list(distinct.values()),
+        "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+    }
+
+
+def write_results(
+    results: Path,
+    name: str,
+    stamp: Mapping[str, Any],
+    record: Mapping[str, Any],
+    table: ConsoleRenderable | str,
+    width: int = 180,
+    values: Mapping[str, str] | None = None,
+) -> None:
+    """Write NAME.json (stamp, record, and the formatted ``values`` the docs quote) and NAME.md (the table).
+
+    ``table`` is drawn at ``width`` without colour (a rich Table, or a Group of them), or, when a script
+    formats Markdown itself, is that text, written as it is.
+    """
+    results.mkdir(parents=True, exist_ok=True)
+    payload = {"provenance": dict(stamp), **record, "values": dict(values or {})}
+    (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    with (results / f"{name}.md").open("w") as handle:
+        if isinstance(table, str):
+            handle.write(table.rstrip("\n") + "\n")
+        else:
+            Console(file=handle, width=width, color_system=None).print(table)
+
+
+def run_config_of(identity: Mapping[str, Any]) -> RunConfig:
+    """A configuration whose base has ``identity`` (its data fields; the recipe is the code's)."""
+    fields = {key: identity[key] for key in ("dataset", "seed", "synthetic_alpha", "synthetic_beta") if key in identity}
+    return RunConfig(**fields)
+
+
+def stale_results(results: Path) -> list[str]:
+    """One line per results file that does not hold on the current code: no stamp, or a base it no longer pretrains.
+
+    Files marked superseded are skipped (they say so where they are published).
+    """
+    problems: list[str] = []
+    pretrained: dict[str, str] = {}
+    for path in sorted(results.glob("*.json")):
+        stamp = json.loads(path.read_text(encoding="utf-8")).get("provenance")
+        if not isinstance(stamp, dict):
+            problems.append(f"{path.name}: no provenance; rerun the benchmark that wrote it")
+            continue
+        if stamp.get("superseded"):
+            continue
+        for base in stamp.get("bases", []):
+            identity = base["identity"]
+            recipe = PRETRAIN_RECIPES.get(identity["dataset"])
+            if recipe is None or identity.get("recipe") != asdict(recipe):
+                problems.append(
+                    f"{path.name}: ran on a base pretrained by recipe {identity.get('recipe')}, the code's is "
+                    f"{asdict(recipe) if recipe else 'none'}; re-measure with `{stamp.get('command')}` "
+                    "or mark it superseded"
+                )
+                continue
+            key = json.dumps(identity, sort_keys=True)
+            if key not in pretrained:
+                pretrained[key] = base_used(run_config_of(identity))["fingerprint"]
+            if pretrained[key] != base["fingerprint"]:
+                problems.append(
+                    f"{path.name}: ran on base {base['fingerprint'][:16]} but the code now pretrains "
+                    f"{pretrained[key][:16]} for {identity['dataset']} seed {identity['seed']}; "
+                    f"re-measure with `{stamp.get('command')}` or mark it superseded"
+                )
+    return problems
+
+
+def supersede(results: Path, name: str, reason: str) -> None:
+    """Mark NAME.json as no longer holding on the current code, with why (its numbers stay, flagged)."""
+    path = results / f"{name}.json"
+    record = json.loads(path.read_text(encoding="utf-8"))
+    stamp = record.pop("provenance", None) or {}
+    record = {"provenance": {**stamp, "superseded": reason}, **record}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--check", action="store_true", help="list results files that no longer hold")
+    parser.add_argument("--supersede", metavar="NAME", help="mark benchmarks/results/NAME.json superseded")
+    parser.add_argument("--reason", help="why NAME no longer holds (with --supersede)")
+    args = parser.parse_args(argv)
+    if args.supersede:
+        if not args.reason:
+            parser.error("--supersede needs --reason")
+        supersede(args.results, args.supersede, args.reason)
+        return 0
+    problems = stale_results(args.results)
+    for line in problems:
+        print(line)
+    print(f"{len(problems)} stale results file(s)" if problems else "every results file holds on the current code")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Published numbers hold on the current code: each results file is stamped, naming a base the code still pretrains."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedslim.config import RunConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from provenance import RESULTS, base_used, provenance, stale_results, supersede  # noqa: E402
+
+SYNTHETIC = RunConfig(dataset="synthetic", seed=3)
+
+
+def write(folder: Path, name: str, stamp: dict[str, object] | None) -> None:
+    record = {"rows": [{"final_accuracy": 0.5}]}
+    (folder / f"{name}.json").write_text(json.dumps({"provenance": stamp, **record} if stamp else record))
+
+
+def test_every_published_results_file_holds_on_the_current_code() -> None:
+    """Re-pretrains every base a results file names (deterministic) and compares fingerprints."""
+    assert stale_results(RESULTS) == []
+
+
+def test_a_results_file_on_another_base_is_stale(tmp_path: Path) -> None:
+    base = base_used(SYNTHETIC)
+    write(tmp_path, "holds", provenance([3], [base]))
+    assert stale_results(tmp_path) == []
+
+    other = {**base, "fingerprint": "0" * 64}
+    write(tmp_path, "stale", provenance([3], [other]))
+    (problem,) = stale_results(tmp_path)
+    assert problem.startswith("stale.json: ran on base 0000000000000000 but the code now pretrains")
+    assert base["fingerprint"][:16] in problem and "synthetic seed 3" in problem
+
+
+def test_a_base_of_another_pretraining_recipe_is_stale(tmp_path: Path) -> None:
+    base = base_used(SYNTHETIC)
+    old = {**base, "identity": {**base["identity"], "recipe": {**base["identity"]["recipe"], "epochs": 1}}}
+    write(tmp_path, "old-recipe", provenance([3], [old]))
+    (problem,) = stale_results(tmp_path)
+    assert problem.startswith("old-recipe.json: ran on a base pretrained by recipe")
+
+
+def test_an_unstamped_file_is_stale_and_a_superseded_one_is_not(tmp_path: Path) -> None:
+    write(tmp_path, "unstamped", None)
+    assert stale_results(tmp_path) == ["unstamped.json: no provenance; rerun the benchmark that wrote it"]
+    supersede(tmp_path, "unstamped", "measured on an earlier base")
+    assert stale_results(tmp_path) == []
+    record = json.loads((tmp_path / "unstamped.json").read_text())
+    assert record["provenance"] == {"superseded": "measured on an earlier base"}
+    assert record["rows"] == [{"final_accuracy": 0.5}]
+
+
+def test_the_stamp_names_the_commit_the_command_and_the_seeds() -> None:
+    stamp = provenance([2, 0, 2], [])
+    assert len(stamp["commit"]) == 40
+    assert stamp["command"].startswith("python ")
+    assert stamp["seeds"] == [0, 2]
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda p: p.name)
+def test_every_results_file_says_what_measured_it(path: Path) -> None:
+    stamp = json.loads(path.read_text(encoding="utf-8"))["provenance"]
+    assert stamp.get("superseded") or {"commit", "command", "seeds", "bases"} <= set(stamp)
