@@ -209,16 +209,16 @@ def main() -> None:
     console = Console(width=max(Console().width, 160))
     seeds = args.seeds or [args.seed]
     specs = args.rows or PRESETS[args.preset]
-    runs: list[list[dict[str, Any]]] = []
-    bases = []
-    for spec in specs:
-        configs = [parse_row(spec, base_config(args, seed), args.rank, args.out) for seed in seeds]
-        bases += [base_used(config) for config in configs]
-        runs.append([run_row(spec, config, console) for config in configs])
+    configs = {
+        spec: [parse_row(spec, base_config(args, seed), args.rank, args.out) for seed in seeds] for spec in specs
+    }
+    stamp = provenance(seeds, [base_used(config) for rows in configs.values() for config in rows])  # the code that ran
+    runs = [[run_row(spec, config, console) for config in configs[spec]] for spec in specs]
     summaries = [paired(rows, runs[0]) for rows in runs]
     title = (
         f"Fashion-MNIST, Dir({args.alpha}), {args.clients} clients, {args.fraction:.0%}/round, {args.rounds} rounds, "
-        f"{args.local_epochs} local epochs, seeds {', '.join(map(str, seeds))} (mean ± sd, paired by seed); "
+        f"{args.local_epochs} local epochs unless the row says, seeds {', '.join(map(str, seeds))} "
+        "(mean ± sd, paired by seed); "
         f"reference: {specs[0]}"
     )
     table = results_table(summaries, title)
@@ -227,7 +227,7 @@ def main() -> None:
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     record = {"setup": setup, "rows": summaries, "runs": [run for rows in runs for run in rows]}
     values = quoted_values(headline(summaries), summaries[0]) if len(summaries) > 1 else {}
-    write_results(args.results, name, provenance(seeds, bases), record, table, width=200, values=values)
+    write_results(args.results, name, stamp, record, table, width=260, values=values)
     console.print(f"results written to {args.results}/{name}.{{json,md}}")
 
 
