@@ -280,11 +280,17 @@ def test_anchor_sends_its_full_local_gradient(small_config: RunConfig, resident)
         np.testing.assert_allclose(sent[name], gradient, rtol=1e-5, atol=1e-7)
 
 
-def test_the_static_task_is_sent_once_and_remembered(small_config: RunConfig, resident) -> None:
-    base, model = resident
+def _replica_one_step_on(base, model) -> tuple[dict[str, np.ndarray], ServerReplica]:
+    """The initial fast state and a replica one (dense) step past it: version 1."""
     fast = model.fast_state()
     replica = ServerReplica(fast, parse_codec("none"), base.fingerprint)
     replica.publish({n: v + 1.0 for n, v in fast.items()})
+    return fast, replica
+
+
+def test_the_static_task_is_sent_once_and_remembered(small_config: RunConfig, resident) -> None:
+    base, model = resident
+    fast, replica = _replica_one_step_on(base, model)
     first = _train_request(small_config, fast, base.fingerprint, replica, held=0)
     later = _train_request(small_config, fast, base.fingerprint, replica, held=1)
     task = {**small_config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}
@@ -306,9 +312,7 @@ def test_the_static_task_is_sent_once_and_remembered(small_config: RunConfig, re
 
 def test_a_node_without_the_task_refuses_and_the_server_sends_it_again(small_config: RunConfig, resident) -> None:
     base, model = resident
-    fast = model.fast_state()
-    replica = ServerReplica(fast, parse_codec("none"), base.fingerprint)
-    replica.publish({n: v + 1.0 for n, v in fast.items()})
+    fast, replica = _replica_one_step_on(base, model)
     digest_only = _train_request(small_config, fast, base.fingerprint, replica, held=1)
     reply = train(digest_only, _context(**{"partition-id": 0}))  # a node that lost its context
     assert reply.has_error() and reply.error.code == RefusalCode.TASK_UNKNOWN

@@ -113,15 +113,21 @@ def stamped_results(folder: Path, superseded: str | None = None) -> None:
     (folder / "wire.json").write_text(json.dumps({"provenance": stamp, "values": {"x_fewer": "312.0x"}}))
 
 
-def test_numbers_in_prose_come_from_the_results_files(tmp_path: Path) -> None:
-    results = tmp_path / "results"
-    stamped_results(results)
-    template = tmp_path / "template.md"
-    template.write_text("# T\n\nIt moves {{value: wire.x_fewer}} fewer bytes.\n\n{{table: wire}}\n")
-    readme = tmp_path / "README.md"
-    readme.write_text("Moves <!-- value: wire.x_fewer -->220x<!-- /value --> fewer bytes.\n")
+def site(tmp_path: Path, template: str, readme: str) -> tuple[list[str], Path, Path]:
+    """A template and README in ``tmp_path`` over ``tmp_path/results``: the script's arguments, page and README."""
+    (tmp_path / "template.md").write_text(template)
+    (tmp_path / "README.md").write_text(readme)
     out = tmp_path / "out.md"
-    args = ["--template", str(template), "--results", str(results), "--output", str(out), "--readme", str(readme)]
+    paths = ("--template", "template.md", "--results", "results", "--output", "out.md", "--readme", "README.md")
+    args = [str(tmp_path / value) if index % 2 else value for index, value in enumerate(paths)]
+    return args, out, tmp_path / "README.md"
+
+
+def test_numbers_in_prose_come_from_the_results_files(tmp_path: Path) -> None:
+    stamped_results(tmp_path / "results")
+    template = "# T\n\nIt moves {{value: wire.x_fewer}} fewer bytes.\n\n{{table: wire}}\n"
+    args, out, readme = site(tmp_path, template, "Moves <!-- value: wire.x_fewer -->220x<!-- /value --> fewer bytes.\n")
+    template = tmp_path / "template.md"
     assert run_script("--check", *args).returncode == 1  # the README still says 220x
     done = run_script(*args)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -138,14 +144,8 @@ def test_numbers_in_prose_come_from_the_results_files(tmp_path: Path) -> None:
 
 
 def test_a_superseded_table_is_published_with_its_reason(tmp_path: Path) -> None:
-    results = tmp_path / "results"
-    stamped_results(results, superseded="measured on an earlier base")
-    template = tmp_path / "template.md"
-    template.write_text("# T\n\n{{table: wire}}\n")
-    readme = tmp_path / "README.md"
-    readme.write_text("# R\n")
-    out = tmp_path / "out.md"
-    args = ["--template", str(template), "--results", str(results), "--output", str(out), "--readme", str(readme)]
+    stamped_results(tmp_path / "results", superseded="measured on an earlier base")
+    args, out, _ = site(tmp_path, "# T\n\n{{table: wire}}\n", "# R\n")
     assert run_script(*args).returncode == 0
     page = out.read_text(encoding="utf-8")
     assert "> **Superseded, kept for the record:** measured on an earlier base\n\n| row | x fewer |" in page
