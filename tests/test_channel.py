@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import Message, RecordDict
 
-from fedslim.channel.protocol import DELTA_KEY, METRICS_KEY, TRAIN_TYPE, Role, update_record
+from fedslim.channel.protocol import TRAIN_TYPE, Role, update_content
 from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
 from fedslim.codecs import encode_update, parse_codec
@@ -18,9 +18,7 @@ def _reply(node: int, values: list[float], metrics: dict[str, int] | None = None
     blob = encode_update(
         {"w": np.array(values, np.float32)}, parse_codec("none"), kind=DELTA, base_fingerprint="base", state_version=3
     ).blob
-    content = RecordDict(
-        {DELTA_KEY: update_record(blob), METRICS_KEY: MetricRecord({"num-examples": 10, **(metrics or {})})}
-    )
+    content = update_content(blob, {"num-examples": 10, **(metrics or {})})
     return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=TRAIN_TYPE))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedslim.base import ensure_pretrained_base, load_base, save_base
@@ -17,10 +17,7 @@ from fedslim.channel.downlink import Downlink, ServerReplica
 from fedslim.channel.protocol import (
     BASE_FINGERPRINT_KEY,
     CONFIG_KEY,
-    DELTA_KEY,
     DIRECTION_KEY,
-    FAST_KEY,
-    METRICS_KEY,
     REPLICA_DIGEST_KEY,
     REPLICA_META_KEY,
     REPLICA_STATE_KEY,
@@ -29,12 +26,14 @@ from fedslim.channel.protocol import (
     RESIDUAL_STATE_KEY,
     ROLE_KEY,
     SERVER_ROUND_KEY,
+    SYNC_KEY,
     TASK_DIGEST_KEY,
     RefusalCode,
-    record_sync,
-    record_update,
-    sync_record,
-    update_record,
+    instruction_content,
+    instruction_sync,
+    update_blob,
+    update_claims,
+    update_content,
 )
 from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import UpdateCheck, check_update, update_size
@@ -65,7 +64,8 @@ def _train_request(
 
 def _with_sync(request: Message, blobs: list[bytes]) -> Message:
     """The same instruction carrying another replica sync."""
-    content = RecordDict({**request.content, FAST_KEY: sync_record(blobs)})
+    config = {k: v for k, v in request.content.config_records[CONFIG_KEY].items() if k != SYNC_KEY}
+    content = instruction_content(config, blobs)
     return Message(content, dst_node_id=request.metadata.dst_node_id, message_type=request.metadata.message_type)
 
 
@@ -94,7 +94,9 @@ def test_training_reply_carries_only_the_fast_delta(small_config: RunConfig, res
     assert sync.kind == STATE and set(sync.tensors) == fast_names
     update, reason = check_update(reply, UpdateCheck(model.fast_shapes(), base.fingerprint, 0))
     assert reason is None and update is not None and set(update.tensors) == fast_names
-    assert reply.content["metrics"]["num-examples"] > 0
+    assert update_claims(reply.content)["num-examples"] > 0
+    # One record per message: the message, its record dict and that record are all of its Flower objects.
+    assert [len(get_all_nested_objects(m)) for m in (request, reply)] == [3, 3]
     # No slow tensor appears anywhere in the serialised messages, in either direction.
     # (In LoRA mode the head is fast: its pretrained values are its initial fast state.)
     slow = {name: tensor for name, tensor in base.state.items() if name not in fast_names}
@@ -128,7 +130,7 @@ def test_missing_base_is_refused(small_config: RunConfig, resident, tmp_path: Pa
 
 
 def _blobs(message: Message) -> list[bytes]:
-    return record_sync(message.content.array_records[FAST_KEY])
+    return instruction_sync(message.content)
 
 
 def test_bad_fast_state_from_server_is_refused(small_config: RunConfig, resident) -> None:
@@ -162,8 +164,8 @@ def test_client_that_cannot_reach_the_servers_version_refuses_and_forgets_its_re
     assert context.state.config_records[REPLICA_META_KEY]["version"] == 2
 
 
-def _update(blob: bytes, metrics: dict[str, object]) -> Message:
-    content = RecordDict({"delta": update_record(blob), "metrics": MetricRecord(metrics)})
+def _update(blob: bytes, claims: dict[str, int | float]) -> Message:
+    content = update_content(blob, claims)
     return Message(content=content, dst_node_id=0, message_type="train")
 
 
@@ -199,14 +201,19 @@ def test_update_size_is_the_norm_per_local_step() -> None:
     assert update_size(update, 25, RunConfig(local_steps=5).local_step_count) == pytest.approx(1.0)
 
 
-def test_server_rejects_a_plain_array_instead_of_a_blob() -> None:
-    content = RecordDict(
-        {"delta": ArrayRecord({"update": Array(np.zeros(2, np.float32))}), "metrics": MetricRecord({"num-examples": 3})}
-    )
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (RecordDict({"delta": ConfigRecord({"update": [0.0, 0.0], "num-examples": 3})}), "delta.update must be bytes"),
+        (RecordDict({"delta": ArrayRecord({"update": Array(np.zeros(2, np.float32))})}), "malformed update"),
+        (RecordDict({"update": ConfigRecord({"update": b"", "num-examples": 3})}), "malformed update"),
+    ],
+)
+def test_server_rejects_an_update_that_is_not_a_blob_in_delta(content: RecordDict, reason: str) -> None:
     reply = Message(content, dst_node_id=0, message_type="train")
     update, found = check_update(reply, UpdateCheck({"w": (2,)}, "b", 0))
-    assert update is None and found is not None and "fedslim.v1.Envelope" in found
-    assert record_update(update_record(b"abc")) == b"abc"
+    assert update is None and found is not None and reason in found
+    assert update_blob(update_content(b"abc", {"num-examples": 1})) == b"abc"
 
 
 def test_error_feedback_residual_lives_in_the_node_context(small_config: RunConfig, resident) -> None:
@@ -261,7 +268,7 @@ def test_bad_fedamd_instructions_are_refused(
     request = _train_request(small_config, model.fast_state(), base.fingerprint)
     request.content.config_records[CONFIG_KEY][ROLE_KEY] = role
     if direction is not None:
-        request.content[DIRECTION_KEY] = update_record(direction)
+        request.content.config_records[CONFIG_KEY][DIRECTION_KEY] = direction
     reply = train(request, _context(**{"partition-id": 0}))
     assert reply.has_error() and reply.error.code == RefusalCode.BAD_REQUEST and reason in reply.error.reason
 
@@ -271,8 +278,8 @@ def test_anchor_sends_its_full_local_gradient(small_config: RunConfig, resident)
     request = _train_request(small_config, model.fast_state(), base.fingerprint)
     request.content.config_records[CONFIG_KEY][ROLE_KEY] = "anchor"
     reply = train(request, _context(**{"partition-id": 1}))
-    assert reply.content.metric_records[METRICS_KEY]["anchor"] == 1
-    sent = decode_update(record_update(reply.content.array_records[DELTA_KEY]), model.fast_shapes()).tensors
+    assert update_claims(reply.content)["anchor"] == 1
+    sent = decode_update(update_blob(reply.content), model.fast_shapes()).tensors
 
     model.load_fast_state(model.fast_state())
     expected, _ = full_gradient(model.module, model.fast_parameters(), load_federation(small_config).clients[1])
@@ -300,6 +307,7 @@ def test_the_static_task_is_sent_once_and_remembered(small_config: RunConfig, re
         SERVER_ROUND_KEY,
         REPLICA_VERSION_KEY,
         REPLICA_DIGEST_KEY,
+        SYNC_KEY,
     }
     assert message_bytes(first, "down") - message_bytes(later, "down") > 200
 

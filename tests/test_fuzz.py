@@ -30,10 +30,11 @@ import numpy as np
 import pytest
 import zstandard
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
-from fedslim.channel.protocol import DELTA_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, Role, update_record
+from fedslim.channel.protocol import DELTA_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, UPDATE_KEY, Role
 from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import Received, SizeScreen, UplinkReceiver
 from fedslim.codecs import UpdateError, decode_update, encode_update, parse_codec
@@ -357,8 +358,8 @@ def local_steps(examples: int) -> int:
     return 2 * -(-examples // 32)
 
 
-def random_examples(rng: random.Random) -> int | float | list[int] | list[float]:
-    """A num-examples metric of any type a MetricRecord holds, in or out of range."""
+def random_examples(rng: random.Random) -> ConfigRecordValues:
+    """A num-examples claim of any type a ConfigRecord holds, in or out of range."""
     return rng.choice(
         (
             rng.randint(1, 5000),
@@ -371,6 +372,9 @@ def random_examples(rng: random.Random) -> int | float | list[int] | list[float]
             rng.choice(ODD_FLOATS),
             [rng.randint(0, 100) for _ in range(rng.randint(0, 3))],
             [rng.uniform(0, 100) for _ in range(rng.randint(1, 3))],
+            True,
+            str(rng.randint(1, 5000)),
+            rng.randbytes(2),
         )
     )
 
@@ -388,26 +392,28 @@ def random_blob(rng: random.Random) -> bytes:
 
 
 def random_content(rng: random.Random) -> RecordDict:
-    """A train reply's records: the delta and metrics present, missing, malformed, or joined by others."""
+    """A train reply's records: the update and claims present, missing, malformed, or joined by others."""
     records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
-    delta = rng.random()
-    if delta < 0.8:
-        records[DELTA_KEY] = update_record(random_blob(rng))
-    elif delta < 0.85:
-        records[DELTA_KEY] = ArrayRecord({"update": Array(np.zeros(rng.randint(0, 4), np.float32))})
-    elif delta < 0.9:
-        records[DELTA_KEY] = ArrayRecord({**update_record(random_blob(rng)), "extra": Array(np.zeros(1))})
-    metrics: dict[str, int | float | list[int] | list[float]] = {}
+    claims: dict[str, ConfigRecordValues] = {}
+    update = rng.random()
+    if update < 0.8:
+        claims[UPDATE_KEY] = random_blob(rng)
+    elif update < 0.85:
+        claims[UPDATE_KEY] = rng.choice((rng.randbytes(4).hex(), [0.0] * rng.randint(0, 4), rng.randint(0, 9)))
     if rng.random() < 0.9:
-        metrics[NUM_EXAMPLES_KEY] = random_examples(rng)
+        claims[NUM_EXAMPLES_KEY] = random_examples(rng)
     for key in ("train-loss", "cpu-s", "peak-rss-bytes", "anchor"):
         if rng.random() < 0.3:
-            metrics[key] = rng.choice((rng.uniform(0, 10), rng.randint(0, 2**40), rng.choice(ODD_FLOATS)))
+            claims[key] = rng.choice(
+                (rng.uniform(0, 10), rng.randint(0, 2**40), rng.choice(ODD_FLOATS), rng.randbytes(3), "x")
+            )
     where = rng.random()
-    if where < 0.9:
-        records[METRICS_KEY] = MetricRecord(metrics)
-    elif where < 0.95:
-        records[METRICS_KEY] = ConfigRecord({**metrics, "note": rng.randbytes(4).hex()})  # not a MetricRecord
+    if where < 0.85:
+        records[DELTA_KEY] = ConfigRecord(claims)
+    elif where < 0.9:  # the claims as Flower metrics, the update as an array: not a fedslim reply
+        records[DELTA_KEY] = ArrayRecord({"update": Array(np.zeros(rng.randint(0, 4), np.float32))})
+        numbers = {k: v for k, v in claims.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        records["metrics"] = MetricRecord(numbers)
     if rng.random() < 0.1:
         records["config"] = ConfigRecord({"role": rng.choice(list(Role)).value, "flag": rng.random() < 0.5})
     return RecordDict(records)

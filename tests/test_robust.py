@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from fedslim.channel.protocol import DELTA_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, Role, record_update
+from fedslim.channel.protocol import NUM_EXAMPLES_KEY, TRAIN_TYPE, Role, update_blob, update_claims
 from fedslim.channel.updates import ClientUpdate
 from fedslim.client.app import app as client_app
 from fedslim.codecs.pipeline import DELTA, decode_update, encode_update, parse_codec
@@ -283,8 +283,8 @@ class Recording:
         for reply in replies:
             if reply.metadata.message_type == TRAIN_TYPE and not reply.has_error():
                 content = reply.content
-                blob = record_update(content.array_records[DELTA_KEY])
-                examples = content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]
+                blob = update_blob(content)
+                examples = update_claims(content)[NUM_EXAMPLES_KEY]
                 self.seen.append((reply.metadata.src_node_id, blob, int(examples)))  # type: ignore[arg-type]
         return replies
 

@@ -20,12 +20,13 @@ from flwr.app import Context, Error, Message, RecordDict
 import fedslim.client.app
 from fedslim.channel.downlink import state_digest
 from fedslim.channel.protocol import (
+    DELTA_KEY,
     FINAL_SYNC_TYPE,
     REPLICA_META_KEY,
     REPLICA_RECORD,
     REPLICA_STATE_KEY,
-    record_update,
-    update_record,
+    UPDATE_KEY,
+    update_blob,
 )
 from fedslim.channel.uplink import SizeScreen
 from fedslim.client.app import app as client_app
@@ -130,7 +131,7 @@ class InProcessGrid:
             reply = client_app(message, self.contexts[node])
             if node in self.spoilers and is_train and not reply.has_error():
                 spoil, _ = self.spoilers[node]
-                reply.content["delta"] = update_record(spoil(record_update(reply.content["delta"])))
+                reply.content.config_records[DELTA_KEY][UPDATE_KEY] = spoil(update_blob(reply.content))
             replies.append(reply)
         return replies
 

@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from fedslim.base import ensure_pretrained_base, load_base
-from fedslim.channel.protocol import DELTA_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, record_update, update_record
+from fedslim.channel.protocol import DELTA_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, UPDATE_KEY, update_blob
 from fedslim.client.app import app as client_app
 from fedslim.codecs import decode_update, encode_update
 from fedslim.commlog import LOG_FILENAME
@@ -75,7 +75,7 @@ def test_a_client_claiming_more_examples_than_it_declared_is_rejected(small_conf
     def tamper(_: Message, replies: list[Message]) -> list[Message]:
         for reply in replies:
             if reply.metadata.src_node_id == liar:
-                reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY] = 10**12
+                reply.content.config_records[DELTA_KEY][NUM_EXAMPLES_KEY] = 10**12
         return replies
 
     honest = run_federation(TamperingGrid(4, lambda _, replies: replies), replace(config, out=f"{config.out}-honest"))
@@ -93,7 +93,7 @@ def test_an_outlier_in_round_one_of_a_small_federation_is_screened(small_config:
 
     def blow_up(_: Message, replies: list[Message]) -> list[Message]:
         reply = replies[0]
-        update = decode_update(record_update(reply.content.array_records[DELTA_KEY]), shapes)
+        update = decode_update(update_blob(reply.content), shapes)
         huge = {name: value * 1e4 for name, value in update.tensors.items()}
         blob = encode_update(
             huge,
@@ -102,7 +102,7 @@ def test_an_outlier_in_round_one_of_a_small_federation_is_screened(small_config:
             base_fingerprint=update.base_fingerprint,
             state_version=update.state_version,
         ).blob
-        reply.content[DELTA_KEY] = update_record(blob)
+        reply.content.config_records[DELTA_KEY][UPDATE_KEY] = blob
         return replies
 
     result = run_federation(TamperingGrid(4, blow_up), config)  # type: ignore[arg-type]

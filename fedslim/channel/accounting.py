@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
-from fedslim.channel.protocol import DIRECTION_KEY, FAST_KEY, record_sync, record_update
+from fedslim.channel.protocol import CONFIG_KEY, DIRECTION_KEY, SYNC_KEY, instruction_direction, instruction_sync
 from fedslim.channel.uplink import Received, footprint, payload_bytes
 from fedslim.commlog import CommLog, MessageRow, Status
 
@@ -111,11 +111,12 @@ class WireAccounting:
 
         ``codec`` names the payload's encoding when it is not the run's downstream codec.
         """
-        records = message.content.array_records
-        sync = sum(len(b) for b in record_sync(records[FAST_KEY])) if FAST_KEY in records else 0
-        steer = len(record_update(records[DIRECTION_KEY])) if DIRECTION_KEY in records else 0
+        config = message.content.config_records.get(CONFIG_KEY, {})
+        syncs = SYNC_KEY in config  # the identity query carries the task but no fast state
+        sync = sum(len(b) for b in instruction_sync(message.content)) if syncs else 0
+        steer = len(instruction_direction(message.content)) if DIRECTION_KEY in config else 0
         raw = self.run.fast_raw_bytes * ((sync > 0) + (steer > 0))  # FedAMD's direction v is a second fast state
-        lag = current_version - held_version if held_version is not None and FAST_KEY in records else None
+        lag = current_version - held_version if held_version is not None and syncs else None
         self._record(message, "down", sync + steer, raw, codec or self.run.downlink, lag)
 
     def record_chunk(self, message: Message, chunk_bytes: int) -> None:

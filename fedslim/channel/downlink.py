@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedslim.channel.protocol import (
     BASE_META_KEY,
     CONFIG_KEY,
-    DIRECTION_KEY,
     DROP_RESIDUAL_KEY,
-    FAST_KEY,
     INSTRUCTION_KEYS,
+    PAYLOAD_KEYS,
     REPLICA_DIGEST_KEY,
     REPLICA_META_KEY,
     REPLICA_STATE_KEY,
@@ -47,10 +46,9 @@ from fedslim.channel.protocol import (
     VERSION_KEY,
     Refusal,
     RefusalCode,
-    record_sync,
-    record_update,
-    sync_record,
-    update_record,
+    instruction_content,
+    instruction_direction,
+    instruction_sync,
 )
 from fedslim.channel.updates import Instruction
 from fedslim.codecs.pipeline import (
@@ -272,14 +270,15 @@ class Downlink:
         drop_residual: set[str],
     ) -> Message:
         # A client past version 0 has answered an instruction since it last lost its replica, so it holds the task.
-        task = ConfigRecord({k: v for k, v in config.items() if not held or k not in self.task})
+        task = {k: v for k, v in config.items() if not held or k not in self.task}
         if instruction.role is not None:
             task[ROLE_KEY] = instruction.role.value
         if instruction.client in drop_residual:
             task[DROP_RESIDUAL_KEY] = True
-        content = RecordDict({FAST_KEY: sync_record(self.replica.sync_for(held)), CONFIG_KEY: task})
-        if instruction.direction is not None:
-            content[DIRECTION_KEY] = update_record(self._direction_blob(instruction, config[SERVER_ROUND_KEY]))
+        direction = (
+            None if instruction.direction is None else self._direction_blob(instruction, config[SERVER_ROUND_KEY])
+        )
+        content = instruction_content(task, self.replica.sync_for(held), direction)
         return Message(content=content, dst_node_id=node, message_type=TRAIN_TYPE)
 
     def _direction_blob(self, instruction: Instruction, server_round: int) -> bytes:
@@ -304,7 +303,8 @@ def instruction_task(msg: Message, context: Context) -> dict[str, Any]:
     :class:`~fedslim.channel.protocol.Refusal` (``TASK_UNKNOWN``) when this
     node holds no task of the digest named.
     """
-    config = dict(msg.content.config_records[CONFIG_KEY]) if CONFIG_KEY in msg.content.config_records else {}
+    record = msg.content.config_records.get(CONFIG_KEY, {})
+    config = {key: value for key, value in record.items() if key not in PAYLOAD_KEYS}
     static = {key: value for key, value in config.items() if key not in INSTRUCTION_KEYS}
     if set(static) - {TASK_DIGEST_KEY}:
         context.state[TASK_STATE_KEY] = ConfigRecord(static)
@@ -340,7 +340,7 @@ def sync_replica(
     else:
         replica = ClientReplica(initial(), 0)
     try:
-        blobs = record_sync(msg.content.array_records[FAST_KEY])
+        blobs = instruction_sync(msg.content)
         replica = replica.synced(blobs, shapes, base_fingerprint, target_version, target_digest)
     except ReplicaMismatch as exc:
         for key in (REPLICA_STATE_KEY, REPLICA_META_KEY):
@@ -356,6 +356,6 @@ def sync_replica(
 def received_direction(msg: Message, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """The client end of an instruction's direction (FedAMD's v for a miner)."""
     try:
-        return decode_update(record_update(msg.content.array_records[DIRECTION_KEY]), shapes).tensors
+        return decode_update(instruction_direction(msg.content), shapes).tensors
     except (KeyError, ValueError) as exc:
         raise Refusal(RefusalCode.BAD_REQUEST, f"miner instruction without a valid direction: {exc}") from exc

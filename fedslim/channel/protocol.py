@@ -1,16 +1,23 @@
 """The contract between fedslim's server and clients: every record key, message type and refusal code, once.
 
-A train instruction carries ``fast`` (ArrayRecord: the replica sync, one
-fedslim.v1.Sync under ``sync``: zero or more blobs applied in order) and
-``config`` (ConfigRecord: the round, the replica version and digest to reach,
-``role`` when the strategy gives clients different work, ``drop-residual``
-after a rejected update, and the ``task-digest`` of the run's task: the
-client task and the base fingerprint, which are static, so they are sent in
-full only to a client that may not hold them yet; a client keeps them in its
-context and refuses with ``TASK_UNKNOWN`` when it holds no task of that digest). A train
-reply carries ``delta`` (ArrayRecord: one blob under ``update``, the client's
-compressed delta) and ``metrics`` (MetricRecord: ``num-examples``,
-``train-loss``, and the device's footprint: ``cpu-s`` and ``peak-rss-bytes``).
+A message carries one record: every Flower record and array is an object of
+its own in the message's object tree, named by a 64-hex-digit id in the tree,
+in its parent and in the push list (about 400 bytes each on the Fleet API),
+so fedslim's blobs travel as bytes entries beside the config rather than as
+arrays of their own.
+
+A train instruction carries ``config`` (ConfigRecord): ``sync`` (the replica
+sync, one fedslim.v1.Sync: zero or more blobs applied in order), the round,
+the replica version and digest to reach, ``role`` when the strategy gives
+clients different work, ``drop-residual`` after a rejected update, and the
+``task-digest`` of the run's task: the client task and the base fingerprint,
+which are static, so they are sent in full only to a client that may not hold
+them yet; a client keeps them in its context and refuses with ``TASK_UNKNOWN``
+when it holds no task of that digest. FedAMD's miners also get ``direction``:
+the global direction as one fedslim.v1 blob. A train reply carries ``delta``
+(ConfigRecord): ``update`` (the client's compressed delta, one fedslim.v1
+blob), ``num-examples``, ``train-loss``, and the device's footprint:
+``cpu-s`` and ``peak-rss-bytes``.
 
 The identity query (round 0) carries the client task, the server's base
 fingerprint and its size; its reply carries ``identity``: ``client-key``,
@@ -19,31 +26,29 @@ claim more) and what the node holds of the base (``base``: a :class:`BaseStatus`
 ``base-fingerprint``; ``partial-bytes`` of an interrupted download). A node
 without the base is sent it in chunks (``query.provision``: ``config`` with
 ``offset`` and ``total-bytes``, ``chunk``; the reply says ``received-bytes``
-and ``verified``). After the last round, ``query.sync`` may bring every node
-to the exact final fast state; the reply reports the digest of what it holds.
+and ``verified``). After the last round, ``query.sync`` (a config with
+``sync``, as a train instruction) may bring every node to the exact final
+fast state; the reply reports the digest of what it holds.
 
-FedAMD's miners also get ``direction``: an ArrayRecord holding the global
-direction as one fedslim.v1 blob. A client that cannot honour a request
-answers with a Flower error whose code is a :class:`RefusalCode`.
+A client that cannot honour a request answers with a Flower error whose code
+is a :class:`RefusalCode`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, RecordDict
+from flwr.app.typing import ConfigRecordValues
 from google.protobuf.message import DecodeError
 
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
 
 # Records of a message's content.
-FAST_KEY = "fast"
 CONFIG_KEY = "config"
 DELTA_KEY = "delta"
-METRICS_KEY = "metrics"
-DIRECTION_KEY = "direction"
 IDENTITY_KEY = "identity"
 CHUNK_KEY = "chunk"
 PROVISION_RECORD = "provision"
@@ -61,7 +66,7 @@ TASK_DIGEST_KEY = "task-digest"
 OFFSET_KEY = "offset"
 TOTAL_BYTES_KEY = "total-bytes"
 
-# Entries of a train reply's metrics.
+# Entries of a train reply's ``delta`` beside its ``update``: the client's claims, which the server checks.
 NUM_EXAMPLES_KEY = "num-examples"
 TRAIN_LOSS_KEY = "train-loss"
 ANCHOR_METRIC = "anchor"  # 1 in a FedAMD anchor's reply; the server goes by the role it asked for, not by this
@@ -77,11 +82,12 @@ VERIFIED_KEY = "verified"
 VERSION_KEY = "version"
 DIGEST_KEY = "digest"
 
-# Array entries and their stypes: fedslim's blobs travel as one uint8 Array each.
+# Bytes entries: fedslim's blobs (an instruction's ``sync`` and ``direction``, a reply's ``update``).
 UPDATE_KEY = "update"
 SYNC_KEY = "sync"
-BLOB_STYPE = "fedslim.v1.Envelope"
-SYNC_STYPE = "fedslim.v1.Sync"
+DIRECTION_KEY = "direction"
+
+# A base chunk travels as one uint8 Array of this stype.
 CHUNK_STYPE = "fedslim.base-chunk"
 
 # Message types beyond Flower's train and query: custom query actions.
@@ -107,6 +113,8 @@ TASK_STATE_KEY = "fedslim-task"
 
 # Keys of a train instruction's config that change from one instruction to the next; the rest is the static task.
 INSTRUCTION_KEYS = frozenset({SERVER_ROUND_KEY, REPLICA_VERSION_KEY, REPLICA_DIGEST_KEY, ROLE_KEY, DROP_RESIDUAL_KEY})
+# Keys of an instruction's config that hold its payload (bytes), not config.
+PAYLOAD_KEYS = frozenset({SYNC_KEY, DIRECTION_KEY})
 
 
 class Role(StrEnum):
@@ -147,48 +155,64 @@ class Refusal(Exception):
         return Message(Error(code=int(self.code), reason=str(self)), reply_to=request)
 
 
-def update_record(blob: bytes) -> ArrayRecord:
-    """A fedslim.v1 blob (an update, or FedAMD's direction) as one Flower Array."""
-    return _single_array(UPDATE_KEY, BLOB_STYPE, blob)
+def instruction_content(
+    config: Mapping[str, ConfigRecordValues], sync: Sequence[bytes], direction: bytes | None = None
+) -> RecordDict:
+    """A train or final-sync instruction: ``config`` with the replica sync (and FedAMD's direction) beside it."""
+    record = ConfigRecord({**config, SYNC_KEY: pb.Sync(steps=sync).SerializeToString()})
+    if direction is not None:
+        record[DIRECTION_KEY] = direction
+    return RecordDict({CONFIG_KEY: record})
 
 
-def record_update(record: ArrayRecord) -> bytes:
-    """The blob of an :func:`update_record`; ValueError if it is not one."""
-    return _array_data(record, UPDATE_KEY, BLOB_STYPE)
-
-
-def sync_record(blobs: Sequence[bytes]) -> ArrayRecord:
-    """A replica sync (blobs applied in order) as one Flower Array."""
-    return _single_array(SYNC_KEY, SYNC_STYPE, pb.Sync(steps=blobs).SerializeToString())
-
-
-def record_sync(record: ArrayRecord) -> list[bytes]:
-    """The blobs of a :func:`sync_record`; ValueError if it is not one."""
-    data = _array_data(record, SYNC_KEY, SYNC_STYPE)
+def instruction_sync(content: RecordDict) -> list[bytes]:
+    """The sync blobs of an :func:`instruction_content`: KeyError if it has none, ValueError if they are corrupt."""
+    data = _bytes_entry(content, CONFIG_KEY, SYNC_KEY)
     try:
         return list(pb.Sync.FromString(data).steps)
     except DecodeError as exc:
-        raise ValueError(f"corrupt sync record: {exc}") from exc
+        raise ValueError(f"corrupt sync: {exc}") from exc
+
+
+def instruction_direction(content: RecordDict) -> bytes:
+    """The direction blob of an :func:`instruction_content`: KeyError if it has none, ValueError if not bytes."""
+    return _bytes_entry(content, CONFIG_KEY, DIRECTION_KEY)
+
+
+def update_content(blob: bytes, claims: Mapping[str, int | float]) -> RecordDict:
+    """A train reply: the update blob and the client's claims (``num-examples``, ``train-loss``, footprint)."""
+    return RecordDict({DELTA_KEY: ConfigRecord({UPDATE_KEY: blob, **claims})})
+
+
+def update_blob(content: RecordDict) -> bytes:
+    """The update blob of an :func:`update_content`: KeyError if it has none, ValueError if not bytes."""
+    return _bytes_entry(content, DELTA_KEY, UPDATE_KEY)
+
+
+def update_claims(content: RecordDict) -> dict[str, ConfigRecordValues]:
+    """The entries of a train reply beside its update blob (KeyError if the reply has no ``delta``)."""
+    return {key: value for key, value in content.config_records[DELTA_KEY].items() if key != UPDATE_KEY}
+
+
+def _bytes_entry(content: RecordDict, record: str, key: str) -> bytes:
+    value = content.config_records[record][key]
+    if not isinstance(value, bytes):
+        raise ValueError(f"{record}.{key} must be bytes, got {type(value).__name__}")
+    return value
 
 
 def chunk_record(data: bytes) -> ArrayRecord:
-    return _single_array(CHUNK_KEY, CHUNK_STYPE, data)
+    """One chunk of the base as one uint8 Array."""
+    return ArrayRecord({CHUNK_KEY: Array(dtype="uint8", shape=(len(data),), stype=CHUNK_STYPE, data=data)})
 
 
 def record_chunk(record: ArrayRecord) -> bytes:
-    return _array_data(record, CHUNK_KEY, CHUNK_STYPE)
-
-
-def _single_array(key: str, stype: str, data: bytes) -> ArrayRecord:
-    return ArrayRecord({key: Array(dtype="uint8", shape=(len(data),), stype=stype, data=data)})
-
-
-def _array_data(record: ArrayRecord, key: str, stype: str) -> bytes:
-    if set(record.keys()) != {key}:
-        raise ValueError(f"record must hold exactly {key!r}, got {sorted(record.keys())}")
-    if record[key].stype != stype:
-        raise ValueError(f"expected a {stype} blob, got an array of type {record[key].stype!r}")
-    return record[key].data
+    """The bytes of a :func:`chunk_record`; ValueError if it is not one."""
+    if set(record.keys()) != {CHUNK_KEY}:
+        raise ValueError(f"record must hold exactly {CHUNK_KEY!r}, got {sorted(record.keys())}")
+    if record[CHUNK_KEY].stype != CHUNK_STYPE:
+        raise ValueError(f"expected a {CHUNK_STYPE} blob, got an array of type {record[CHUNK_KEY].stype!r}")
+    return record[CHUNK_KEY].data
 
 
 def partition_key(partition_id: int) -> str:

@@ -23,7 +23,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from fedslim.channel.protocol import (
     CPU_KEY,
     DELTA_KEY,
-    METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PEAK_RSS_KEY,
     RESIDUAL_META_KEY,
@@ -33,7 +32,8 @@ from fedslim.channel.protocol import (
     RefusalCode,
     Role,
     error_text,
-    record_update,
+    update_blob,
+    update_claims,
 )
 from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.codecs.feedback import Residual, compensate, new_residual
@@ -129,13 +129,13 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate |
     if reply.has_error():
         return None, error_text(reply)
     try:
-        blob = record_update(reply.content.array_records[DELTA_KEY])
-        examples = reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY]
+        blob = update_blob(reply.content)
+        examples = update_claims(reply.content)[NUM_EXAMPLES_KEY]
         update = decode_update(blob, expected.shapes)
     except (KeyError, ValueError) as exc:
         return None, f"malformed update: {exc}"
     # Flower's wire carries 64-bit integers; a larger one (possible in-process) is no count of examples.
-    if not isinstance(examples, int) or not 0 < examples < 2**63:
+    if not isinstance(examples, int) or isinstance(examples, bool) or not 0 < examples < 2**63:
         return update, f"malformed update: num-examples must be a positive integer, got {examples!r:.60}"
     if update.kind != DELTA:
         return update, "malformed update: a client sent a full state, not a delta"
@@ -350,7 +350,7 @@ class UplinkReceiver:
 
 
 def _examples(reply: Message) -> int:
-    return int(reply.content.metric_records[METRICS_KEY][NUM_EXAMPLES_KEY])  # type: ignore[arg-type]
+    return int(update_claims(reply.content)[NUM_EXAMPLES_KEY])  # type: ignore[arg-type]
 
 
 def payload_bytes(reply: Message) -> int:
@@ -358,30 +358,30 @@ def payload_bytes(reply: Message) -> int:
     if reply.has_error():
         return 0
     try:
-        return len(record_update(reply.content.array_records[DELTA_KEY]))
+        return len(update_blob(reply.content))
     except (KeyError, ValueError):
         return 0
 
 
 def _client_update(reply: Message, instruction: Instruction, update: DecodedUpdate) -> ClientUpdate:
-    metrics = reply.content.metric_records[METRICS_KEY]
-    numbers = {key: float(value) for key, value in metrics.items() if isinstance(value, int | float)}
+    claims = update_claims(reply.content)
+    numbers = {key: float(value) for key, value in claims.items() if isinstance(value, int | float)}
     return ClientUpdate(
         client=instruction.client,
         delta=update.tensors,
         num_examples=_examples(reply),
         metrics=numbers,
-        blob=record_update(reply.content.array_records[DELTA_KEY]),
+        blob=update_blob(reply.content),
         role=instruction.work,
     )
 
 
 def footprint(reply: Message) -> tuple[float | None, int | None]:
     """The CPU seconds and peak memory a client reported with its reply (None where it did not)."""
-    if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+    if reply.has_error() or DELTA_KEY not in reply.content.config_records:
         return None, None
-    metrics = reply.content.metric_records[METRICS_KEY]
-    cpu, rss = metrics.get(CPU_KEY), metrics.get(PEAK_RSS_KEY)
+    claims = update_claims(reply.content)
+    cpu, rss = claims.get(CPU_KEY), claims.get(PEAK_RSS_KEY)
     return (
         float(cpu) if isinstance(cpu, int | float) else None,
         int(rss) if isinstance(rss, int | float) else None,

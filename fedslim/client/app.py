@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedslim.adapters import FastSlowModel
@@ -34,9 +34,7 @@ from fedslim.channel.protocol import (
     CONFIG_KEY,
     CPU_KEY,
     DATA_PATH_KEY,
-    DELTA_KEY,
     DROP_RESIDUAL_KEY,
-    METRICS_KEY,
     NODE_NAME_KEY,
     NUM_EXAMPLES_KEY,
     OFFSET_KEY,
@@ -59,7 +57,7 @@ from fedslim.channel.protocol import (
     provision_reply,
     record_chunk,
     replica_report,
-    update_record,
+    update_content,
 )
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
@@ -89,11 +87,10 @@ def answers_refusals(handler: Handler) -> Handler:
 @answers_refusals
 def train(msg: Message, context: Context) -> Message:
     started = time.process_time()
-    content = handle_train(msg, context)
-    metrics = content.metric_records[METRICS_KEY]
-    metrics[CPU_KEY] = time.process_time() - started
-    metrics[PEAK_RSS_KEY] = peak_rss_bytes()
-    return Message(content, reply_to=msg)
+    blob, claims = handle_train(msg, context)
+    claims[CPU_KEY] = time.process_time() - started
+    claims[PEAK_RSS_KEY] = peak_rss_bytes()
+    return Message(update_content(blob, claims), reply_to=msg)
 
 
 def peak_rss_bytes() -> int:
@@ -250,8 +247,8 @@ def synced_task(msg: Message, context: Context) -> SyncedTask:
     return SyncedTask(config, base, server_round, Role(role), replica, bool(extras[DROP_RESIDUAL_KEY]))
 
 
-def handle_train(msg: Message, context: Context) -> RecordDict:
-    """Sync the replica, do the work the instruction asks for from it, and return the reply content."""
+def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int | float]]:
+    """Sync the replica, do the work the instruction asks for from it, and return the update blob and its claims."""
     task = synced_task(msg, context)
     config, base, replica = task.config, task.base, task.replica
     model = fast_model(base, config.fast)
@@ -260,21 +257,21 @@ def handle_train(msg: Message, context: Context) -> RecordDict:
     seed = [config.seed, task.server_round, node_seed(context)]
     codec_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     uplink = UplinkEncoder(context, config.uplink, config.error_feedback, config.error_feedback_decay)
-    metrics = MetricRecord({NUM_EXAMPLES_KEY: len(data)})
+    claims: dict[str, int | float] = {NUM_EXAMPLES_KEY: len(data)}
     if task.role == Role.ANCHOR:
         # FedAMD anchor: the full local gradient at the synced state, sent as it is (no error feedback).
         gradient, loss = full_gradient(model.module, model.fast_parameters(), data)
         upload = dict(zip(model.fast_state(), gradient))
         blob = uplink.encode_plain(upload, base.fingerprint, replica.version, codec_seed)
-        metrics[TRAIN_LOSS_KEY] = loss
-        metrics[ANCHOR_METRIC] = 1
+        claims[TRAIN_LOSS_KEY] = loss
+        claims[ANCHOR_METRIC] = 1
     else:
         loss = train_locally(msg, task, model, data, seed)
         trained = model.fast_state()
         delta = {name: trained[name] - replica.state[name] for name in trained}
         blob = uplink.encode_delta(delta, base.fingerprint, replica.version, codec_seed, task.drop_residual)
-        metrics[TRAIN_LOSS_KEY] = float(loss)
-    return RecordDict({DELTA_KEY: update_record(blob), METRICS_KEY: metrics})
+        claims[TRAIN_LOSS_KEY] = float(loss)
+    return blob, claims
 
 
 def train_locally(msg: Message, task: SyncedTask, model: FastSlowModel, data: ArrayDataset, seed: list[int]) -> float:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -20,13 +20,11 @@ from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink, ServerReplica, state_digest
 from fedslim.channel.protocol import (
     BASE_FINGERPRINT_KEY,
-    CONFIG_KEY,
-    FAST_KEY,
     FINAL_SYNC_TYPE,
     error_text,
+    instruction_content,
     partition_key,
     reported_digest,
-    sync_record,
 )
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
@@ -99,11 +97,11 @@ def final_sync(run: ServerRun) -> int:
     """
     replica = run.downlink.replica
     replica.settle(run.fast_state)
-    task = ConfigRecord(run.downlink.round_config(run.config.rounds))
+    task = run.downlink.round_config(run.config.rounds)
     held = {node: run.client_versions.get(key) for node, key in run.grid.admitted.items()}
     messages = [
         Message(
-            RecordDict({FAST_KEY: sync_record(replica.sync_for(version)), CONFIG_KEY: task}),
+            instruction_content(task, replica.sync_for(version)),
             dst_node_id=node,
             message_type=FINAL_SYNC_TYPE,
         )

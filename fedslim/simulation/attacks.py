@@ -31,19 +31,18 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message, MetricRecord
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedslim.base import ensure_pretrained_base, load_base
 from fedslim.channel.protocol import (
     DELTA_KEY,
-    METRICS_KEY,
     NUM_EXAMPLES_KEY,
     TRAIN_TYPE,
+    UPDATE_KEY,
     client_key,
     partition_key,
-    record_update,
-    update_record,
+    update_blob,
 )
 from fedslim.codecs.pipeline import Pipeline, decode_update, encode_update
 from fedslim.config import ConfigError, RunConfig
@@ -175,12 +174,11 @@ class AttackingGrid(ForwardingGrid):
         content = reply.content
         factor = attack.factor
         if factor is None:
-            if METRICS_KEY in content.metric_records:
-                metrics = dict(content.metric_records[METRICS_KEY])
-                content[METRICS_KEY] = MetricRecord({**metrics, NUM_EXAMPLES_KEY: int(attack.value)})
+            if DELTA_KEY in content.config_records:
+                content.config_records[DELTA_KEY][NUM_EXAMPLES_KEY] = int(attack.value)
             return reply
         try:
-            update = decode_update(record_update(content.array_records[DELTA_KEY]), self.shapes)
+            update = decode_update(update_blob(content), self.shapes)
         except (KeyError, ValueError):
             return reply  # malformed already: the server rejects it as it is
         altered = {name: (factor * value).astype(np.float32) for name, value in update.tensors.items()}
@@ -191,7 +189,7 @@ class AttackingGrid(ForwardingGrid):
             base_fingerprint=update.base_fingerprint,
             state_version=update.state_version,
         )
-        content[DELTA_KEY] = update_record(encoded.blob)
+        content.config_records[DELTA_KEY][UPDATE_KEY] = encoded.blob
         return reply
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:

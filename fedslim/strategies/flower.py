@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from fedslim.channel.protocol import METRICS_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE
+from fedslim.channel.protocol import NUM_EXAMPLES_KEY, TRAIN_TYPE
 from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.strategies.base import FastStrategy, Step
 
@@ -103,6 +103,7 @@ class FlowerStrategy(FastStrategy):
         """Each update as the reply of a Flower client that trained the fast state to ``x + Delta_i``."""
         array_key = getattr(self.strategy, "arrayrecord_key", "arrays")
         weight_key = getattr(self.strategy, "weighted_by_key", NUM_EXAMPLES_KEY)
+        metrics_key = "metrics"  # where Flower's strategies read a reply's metrics
         node_of = {client: node for node, client in self.federation.node_keys.items()}
         return [
             Message(
@@ -114,7 +115,7 @@ class FlowerStrategy(FastStrategy):
                                 for name, value in self.current.items()
                             }
                         ),
-                        METRICS_KEY: MetricRecord({weight_key: u.num_examples}),
+                        metrics_key: MetricRecord({weight_key: u.num_examples}),
                     }
                 ),
                 dst_node_id=node_of[u.client],
