@@ -79,19 +79,30 @@ def points_below(row: dict[str, Any]) -> list[float]:
     return [-100 * row[f"{measure}_gap_to_full"] for measure in ("final", "best", "last5_mean")]
 
 
+def where_against(below: list[float]) -> str:
+    """Gaps in points below the reference (negative: above) in words: ``1.4-1.6 points below``."""
+    low, high = min(below), max(below)
+    if low < 0 < high:
+        return f"between {-low:.1f} points above and {high:.1f} below"
+    near, far = sorted((f"{abs(low):.1f}", f"{abs(high):.1f}"), key=float)
+    if far == "0.0":
+        return "level with"
+    return f"{near if near == far else f'{near}-{far}'} points {'below' if high > 0 else 'above'}"
+
+
 def quoted_values(rows: list[dict[str, Any]]) -> dict[str, str]:
     """The numbers docs/results.md quotes, formatted once, here (after :func:`results_table` set the gaps).
 
     The LoRA row quoted is the one that stays closest to the reference: the smallest worst gap.
+    ``lora_gaps``: how far it ends from the reference over final, best and last-5 mean, as words.
     """
     quoted = {"base_accuracy": f"{rows[0]['base_accuracy']:.4f}"}
     lora_rows = [r for r in rows if r["fast"] == "lora"]
     if lora_rows:
         closest = min(lora_rows, key=lambda r: max(points_below(r)))
-        below = points_below(closest)
         quoted |= {
             "lora_row": f"lora@{closest['lr']:g}",
-            "lora_gaps": f"{min(below):.1f}-{max(below):.1f}",
+            "lora_gaps": where_against(points_below(closest)),
             "lora_x_fewer": f"{closest['byte_reduction_vs_full']:,.1f}x",
         }
     return quoted

@@ -146,6 +146,15 @@ def _cells(name: str, tally: Tally) -> list[str]:
     ]
 
 
+def quoted_values(setup: dict[str, Any], failures: list[dict[str, str]]) -> dict[str, str]:
+    """The numbers docs/results.md quotes, formatted once, here."""
+    return {
+        "cases": f"{setup['cases']:,}",
+        "pipelines": f"{len(setup['pipelines'])}",
+        "other": f"{len(failures):,}",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=100_000)
@@ -182,11 +191,7 @@ def main() -> None:
     ]
     failures = [failure for tally in tallies.values() for failure in tally.failures]
     report = {"setup": setup, "rows": rows, "failures": failures, "wall_s": wall_s}
-    quoted = {  # the numbers docs/results.md quotes, formatted once, here
-        "cases": f"{args.cases:,}",
-        "pipelines": f"{len(PIPELINES)}",
-        "other": f"{len(failures):,}",
-    }
+    quoted = quoted_values(setup, failures)
     write_results(args.results, args.name, provenance([args.seed], []), report, table, width=160, values=quoted)
     console.print(f"results written to {args.results}/{args.name}.{{json,md}}")
     if failures:

@@ -149,6 +149,28 @@ def quoted_values(rows: list[dict[str, Any]]) -> dict[str, str]:
             f"{key}_last{LAST}": f"{row[f'last{LAST}_mean_accuracy']:.4f}",
             f"{key}_last{LAST}_gap": f"{100 * row[f'last{LAST}_gap']:+.2f} points",
         }
+    return quoted | defence_values(rows)
+
+
+def defence_values(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Per defence, how it holds against the clean run (no attack, no defence) under every attack, on final accuracy.
+
+    Keys DEFENCE_worst_final_gap (the smallest gap over the attacks) and DEFENCE_against_clean, in words:
+    ``at or above the clean run's final accuracy under every attack``, or ``below it under ATTACKS``.
+    """
+    quoted: dict[str, str] = {}
+    for defence in dict.fromkeys(row["defence"] for row in rows):
+        attacked = [row for row in rows if row["defence"] == defence and row["attack"] != "none"]
+        if not attacked:
+            continue
+        key = re.sub(r"[^A-Za-z0-9]+", "-", defence).strip("-")
+        below = [row["attack"] for row in attacked if row["final_gap"] < 0]
+        quoted |= {
+            f"{key}_worst_final_gap": f"{100 * min(row['final_gap'] for row in attacked):+.2f} points",
+            f"{key}_against_clean": f"below the clean run's final accuracy under {', '.join(below)}"
+            if below
+            else "at or above the clean run's final accuracy under every attack",
+        }
     return quoted
 
 

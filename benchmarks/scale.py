@@ -299,9 +299,27 @@ def table(rows: list[Row], found: dict[str, dict[str, float]], title: str) -> Ta
 
 def quoted_values(rows: list[Row], found: dict[str, dict[str, float]]) -> dict[str, str]:
     """The numbers docs/results.md quotes, formatted once, here: BACKEND_QUANTITY_ratio (largest N over
-    smallest, :data:`RATIOS`) and BACKEND_N_checkpoint_s (the mean time of one checkpoint)."""
+    smallest, :data:`RATIOS`) and BACKEND_N_checkpoint_s (the mean time of one checkpoint).
+
+    ``reached``: the share of the clients expected to take part at least once in the run, 1 - (1 - f)^R;
+    ``run_time``: the rows' runs together; ``backends_accuracy``: how the backends' final accuracies at the
+    same N compare, in words.
+    """
     quoted = {f"{backend}_{name}_ratio": f"{ratio[name]:.2f}x" for backend, ratio in found.items() for name in RATIOS}
-    return quoted | {f"{r.backend}_{r.clients}_checkpoint_s": f"{r.checkpoint_s:.3f} s" for r in rows}
+    quoted |= {f"{r.backend}_{r.clients}_checkpoint_s": f"{r.checkpoint_s:.3f} s" for r in rows}
+    first = rows[0]
+    quoted["reached"] = f"{1 - (1 - first.sampled_per_round / first.clients) ** first.rounds:.0%}"
+    run_s = sum(r.run_s for r in rows)
+    quoted["run_time"] = f"{run_s / 60:.0f} minutes" if run_s >= 90 else f"{run_s:.0f} s"
+    finals: dict[int, set[str]] = {}
+    for r in rows:
+        finals.setdefault(r.clients, set()).add(f"{r.final_accuracy:.4f}")
+    if all(len(distinct) == 1 for distinct in finals.values()):
+        quoted["backends_accuracy"] = "equal to four digits"
+    else:
+        by_n = [[r.final_accuracy for r in rows if r.clients == n] for n in finals]
+        quoted["backends_accuracy"] = f"apart by up to {max(max(a) - min(a) for a in by_n):.4f}"
+    return quoted
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ and the bases.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 from dataclasses import replace
@@ -183,18 +184,85 @@ def headline(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return max(within or summaries[1:], key=lambda s: s["bytes_reduction"]["mean"])
 
 
-def quoted_values(best: dict[str, Any], reference: dict[str, Any]) -> dict[str, str]:
-    """The numbers the README and docs quote, formatted once, here."""
-    return {
+def quoted_values(summaries: list[dict[str, Any]], fraction: float) -> dict[str, str]:
+    """The numbers the README and docs quote, formatted once, here ({} without a row beside the reference).
+
+    The headline row against the reference (:func:`headline`); for every other row, keys OPTIONS_final,
+    OPTIONS_final_gap and OPTIONS_last5_gap, OPTIONS its options with punctuation as dashes
+    (``up-topk-0-01_ef-off_final_gap``); and, where rows differ only in error feedback, what it changes
+    (:func:`feedback_values`).
+    """
+    if len(summaries) < 2:
+        return {}
+    best, reference = headline(summaries), summaries[0]
+    quoted = {
         "headline_row": best["row"],
         "seeds": ", ".join(map(str, best["seeds"])),
         "x_fewer": f"{best['bytes_reduction']['mean']:,.1f}x",
         "x_fewer_min": f"{best['bytes_reduction']['min']:,.1f}x",
         "final": f"{best['final_accuracy']['mean']:.4f}",
         "reference_final": f"{reference['final_accuracy']['mean']:.4f}",
-        "final_gap": f"{100 * best['final_gap']['mean']:+.2f} points",
-        "last5_gap": f"{100 * best['last5_gap']['mean']:+.2f} points",
+        "final_gap": points(best["final_gap"]["mean"]),
+        "last5_gap": points(best["last5_gap"]["mean"]),
     }
+    for row in summaries[1:]:
+        key = "_".join(re.sub(r"[^A-Za-z0-9]+", "-", option).strip("-") for option in row["row"].split(",")[1:])
+        quoted |= {
+            f"{key}_final": f"{row['final_accuracy']['mean']:.4f}",
+            f"{key}_final_gap": points(row["final_gap"]["mean"]),
+            f"{key}_last5_gap": points(row["last5_gap"]["mean"]),
+        }
+    coded = [row for row in summaries[1:] if "up" in row_options(row["row"])]
+    if coded:
+        quoted["coded_last5_gap_max"] = points(max(abs(row["last5_gap"]["mean"]) for row in coded), sign=False)
+    return quoted | feedback_values(summaries, fraction)
+
+
+def points(gap: float, sign: bool = True) -> str:
+    """An accuracy gap (a fraction) in points: ``-0.65 points``."""
+    return f"{100 * gap:{'+' if sign else ''}.2f} points"
+
+
+def row_options(spec: str) -> dict[str, str]:
+    """A row's options by name (``biases`` -> ``""``); the FAST@LR head under ``head``."""
+    head, *options = spec.split(",")
+    return {"head": head} | {key: value for key, _, value in (option.partition("=") for option in options)}
+
+
+def feedback_values(summaries: list[dict[str, Any]], fraction: float) -> dict[str, str]:
+    """What error feedback changes, from the first rows that differ only in ``ef``: ``off``, ``1``, and a decay.
+
+    ``ef_final_gain``: final accuracy with feedback (no decay) minus without; ``ef_decay_final_gain``: the
+    same with the decay; ``decay_final_change`` and ``decay_last5_change``: with the decay minus without;
+    ``away_rounds``: rounds a client sampled with probability ``fraction`` misses between two rounds it
+    takes part in, on average (1/fraction - 1); ``decay_after_absence``: what the decay leaves after that many.
+    """
+
+    def change(row: dict[str, Any], against: dict[str, Any], measure: str) -> str:
+        return points(row[f"{measure}_accuracy"]["mean"] - against[f"{measure}_accuracy"]["mean"])
+
+    groups: dict[tuple[tuple[str, str], ...], dict[str, dict[str, Any]]] = {}
+    for row in summaries:
+        options = row_options(row["row"])
+        if "ef" in options:
+            rest = tuple(sorted((k, v) for k, v in options.items() if k != "ef"))
+            groups.setdefault(rest, {})[options["ef"]] = row
+    for by_ef in groups.values():
+        decays = [ef for ef in by_ef if ef not in ("off", "1")]
+        if "off" not in by_ef or "1" not in by_ef or not decays:
+            continue
+        off, plain, decayed = by_ef["off"], by_ef["1"], by_ef[decays[0]]
+        decay, away = float(decays[0]), round(1 / fraction) - 1
+        return {
+            "ef_final_gain": change(plain, off, "final"),
+            "ef_decay_final_gain": change(decayed, off, "final"),
+            "decay_final_change": change(decayed, plain, "final"),
+            "decay_last5_change": change(decayed, plain, "last5_mean"),
+            "decay": f"{decay:g}",
+            "away_rounds": f"{away}",
+            "decay_after_absence": f"{decay:g}^{away} = {decay**away:.2f}",
+        }
+    return {}
 
 
 def main() -> None:
@@ -226,7 +294,7 @@ def main() -> None:
     name = f"wire-{args.name or args.preset}"
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     record = {"setup": setup, "rows": summaries, "runs": [run for rows in runs for run in rows]}
-    values = quoted_values(headline(summaries), summaries[0]) if len(summaries) > 1 else {}
+    values = quoted_values(summaries, args.fraction)
     write_results(args.results, name, stamp, record, table, width=260, values=values)
     console.print(f"results written to {args.results}/{name}.{{json,md}}")
 
