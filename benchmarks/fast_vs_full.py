@@ -119,6 +119,7 @@ def main() -> None:
     console = Console(width=max(Console().width, 160))
     base = base_config(args)
     bases = [base_used(base)]  # every row trains on the same base
+    stamp = provenance([args.seed], bases)  # before the runs: the code that ran
     rows = []
     for row_spec in args.rows:
         kind, _, lr = row_spec.partition("@")
@@ -155,7 +156,6 @@ def main() -> None:
     console.print(table)
 
     record = {"setup": {**vars(args), "results": str(args.results)}, "rows": rows}
-    stamp = provenance([args.seed], bases)
     write_results(args.results, "fast_vs_full", stamp, record, table, width=160, values=quoted_values(rows))
     console.print(f"results written to {args.results}/fast_vs_full.{{json,md}}")
 

@@ -200,6 +200,7 @@ def main() -> None:
         seed=args.seed,
     )
     bases = [base_used(base)]  # attacks and defences leave the data alone: every run trains on this base
+    stamp = provenance([args.seed], bases)  # before the runs: the code that ran
     rows = [run_row(a, d, base, args.out, args.fresh, console) for a in args.attacks for d in args.defences]
     title = (
         f"Synthetic(1, 1), {args.clients} clients, {args.fraction:.0%}/round, {args.rounds} rounds, FedAvg, "
@@ -211,7 +212,6 @@ def main() -> None:
 
     setup = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     record = {"setup": setup, "rows": rows}
-    stamp = provenance([args.seed], bases)
     write_results(args.results, "robust", stamp, record, table, width=160, values=quoted_values(rows))
     console.print(f"results written to {args.results}/robust.{{json,md}}")
 
