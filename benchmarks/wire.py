@@ -18,6 +18,7 @@ A row is FAST@LR followed by comma-separated options:
 
     python benchmarks/wire.py --preset fast --seeds 0 1 2  # the headline: full-model FedAvg vs the best fast row
     python benchmarks/wire.py --preset codec-only    # full-model FedAvg under top-k, with and without EF
+    python benchmarks/wire.py --preset levers        # seed 0: the issue's row, then one lever at a time
     python benchmarks/wire.py --rows "full@0.1" "lora@0.1,up=topk:0.1+q8+zstd,down=topk:0.05+q8+zstd"
 
 With --seeds every row runs once per seed; the table gives mean ± sd over
@@ -49,6 +50,17 @@ PRESETS = {
     "fast": [
         "full@0.1",
         "lora@0.2,biases,lora-min=20000,strategy=fedvarp,epochs=3,up=topk:0.08+q4+lzma,down=topk:0.03+q4+lzma",
+    ],
+    # How the headline row was reached from the issue's row (FedAvg, q8), one lever per row, then two not kept.
+    "levers": [
+        "full@0.1",
+        "lora@0.2,biases,lora-min=20000,up=topk:0.1+q8+lzma,down=topk:0.05+q8+lzma",
+        "lora@0.2,biases,lora-min=20000,strategy=fedvarp,up=topk:0.1+q8+lzma,down=topk:0.05+q8+lzma",
+        "lora@0.2,biases,lora-min=20000,strategy=fedvarp,up=topk:0.1+q4+lzma,down=topk:0.03+q4+lzma",
+        "lora@0.2,biases,lora-min=20000,strategy=fedvarp,epochs=3,up=topk:0.1+q4+lzma,down=topk:0.03+q4+lzma",
+        "lora@0.2,biases,lora-min=20000,strategy=fedvarp,epochs=3,up=topk:0.08+q4+lzma,down=topk:0.03+q4+lzma",
+        "lora@0.2,biases,lora-min=20000,strategy=fedvarp,epochs=3,rank=8,up=topk:0.04+q4+lzma,down=topk:0.03+q4+lzma",
+        "lora@0.3,biases,lora-min=20000,strategy=fedvarp,epochs=3,up=topk:0.08+q4+lzma,down=topk:0.03+q4+lzma",
     ],
     "codec-only": [
         "full@0.1",
@@ -188,8 +200,9 @@ def quoted_values(summaries: list[dict[str, Any]], fraction: float) -> dict[str,
     """The numbers the README and docs quote, formatted once, here ({} without a row beside the reference).
 
     The headline row against the reference (:func:`headline`); for every other row, keys OPTIONS_final,
-    OPTIONS_final_gap and OPTIONS_last5_gap, OPTIONS its options with punctuation as dashes
-    (``up-topk-0-01_ef-off_final_gap``); and, where rows differ only in error feedback, what it changes
+    OPTIONS_final_gap, OPTIONS_last5, OPTIONS_last5_gap and OPTIONS_x_fewer, OPTIONS its options with
+    punctuation as dashes (``up-topk-0-01_ef-off_final_gap``), led by its FAST@LR where that is not the
+    reference's (``lora-0-2_biases_..._final``); and, where rows differ only in error feedback, what it changes
     (:func:`feedback_values`).
     """
     if len(summaries) < 2:
@@ -206,11 +219,16 @@ def quoted_values(summaries: list[dict[str, Any]], fraction: float) -> dict[str,
         "last5_gap": points(best["last5_gap"]["mean"]),
     }
     for row in summaries[1:]:
-        key = "_".join(re.sub(r"[^A-Za-z0-9]+", "-", option).strip("-") for option in row["row"].split(",")[1:])
+        fast, *options = row["row"].split(",")
+        if fast != reference["row"].split(",")[0]:
+            options.insert(0, fast)
+        key = "_".join(re.sub(r"[^A-Za-z0-9]+", "-", option).strip("-") for option in options)
         quoted |= {
             f"{key}_final": f"{row['final_accuracy']['mean']:.4f}",
             f"{key}_final_gap": points(row["final_gap"]["mean"]),
+            f"{key}_last5": f"{row['last5_mean_accuracy']['mean']:.4f}",
             f"{key}_last5_gap": points(row["last5_gap"]["mean"]),
+            f"{key}_x_fewer": f"{row['bytes_reduction']['mean']:,.1f}x",
         }
     coded = [row for row in summaries[1:] if "up" in row_options(row["row"])]
     if coded:
