@@ -67,8 +67,8 @@ def stamp_of(results_dir: Path, name: str) -> dict[str, object]:
 
 def provenance_caption(stamp: dict[str, object]) -> str:
     """One line saying what measured a table, for the line under it."""
-    if not stamp:
-        return "*Provenance not recorded.*"
+    if not stamp.get("commit"):
+        return "*Provenance not recorded: measured before results were stamped.*"
     seeds = ", ".join(str(s) for s in stamp.get("seeds", [])) or "none"  # type: ignore[attr-defined]
     bases = ", ".join(f"`{b['fingerprint'][:12]}`" for b in stamp.get("bases", [])) or "none"  # type: ignore[attr-defined]
     modified = " (with uncommitted changes)" if stamp.get("modified") else ""

@@ -95,7 +95,7 @@ def test_tables_are_included_verbatim(tmp_path: Path) -> None:
     assert "note for editors" not in page
     assert "setup line\n\n| a | b |\n|---|---|\n| 1 | 2 |\n" in page
     assert "```text\n  title  \n┏━━━┓\n┃ a ┃\n┗━━━┛\n```\n" in page
-    assert page.count("*Provenance not recorded.*") == 2
+    assert page.count("*Provenance not recorded: measured before results were stamped.*") == 2
 
 
 def stamped_results(folder: Path, superseded: str | None = None) -> None:
