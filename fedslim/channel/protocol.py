@@ -1,6 +1,6 @@
 """The contract between fedslim's server and clients: every record key, message type and refusal code, once.
 
-A message carries one record: every Flower record and array is an object of
+Train instructions and replies carry one record each: every Flower record and array is an object of
 its own in the message's object tree, named by a 64-hex-digit id in the tree,
 in its parent and in the push list (about 400 bytes each on the Fleet API),
 so fedslim's blobs travel as bytes entries beside the config rather than as
