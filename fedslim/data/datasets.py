@@ -232,7 +232,7 @@ class DataSpec:
     @classmethod
     def of(cls, config: RunConfig) -> DataSpec:
         return cls(
-            config.dataset,
+            config.task,
             config.num_clients,
             config.seed,
             config.dirichlet_alpha,
