@@ -39,7 +39,13 @@ class ResidentBase:
     def build(self, spec: FastSpec) -> FastSlowModel:
         """A fresh model with this base's weights and the fast layer ``spec`` attached."""
         module = self.task.build_base()
-        module.load_state_dict(self.state)
+        try:
+            module.load_state_dict(self.state)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"the base checkpoint {self.path} does not fit the task's architecture; delete it to make it anew "
+                f"({str(exc).splitlines()[0]})"
+            ) from exc
         return self.task.attach_fast(module, spec, self.fingerprint)
 
     def num_parameters(self) -> int:

@@ -497,6 +497,8 @@ class RunConfig:
 
         if self.task not in BUILTIN_TASKS and not TASK_REFERENCE.fullmatch(self.task):
             raise ConfigError(f"unknown task {self.task!r}; use {', '.join(BUILTIN_TASKS)} or module:object")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         check_ranges(self)
         if 0 < self.screen_factor <= 1:
             raise ConfigError(f"screen_factor must be > 1, or 0 to turn the screen off; got {self.screen_factor}")

@@ -52,7 +52,7 @@ class Task(ABC):
     """
 
     name: str = "task"
-    """Short name: in cache file names and the run's log."""
+    """Short name: it starts the base checkpoint's cache file name."""
 
     # ----------------------------------------------------------------- the resident base
 
@@ -61,8 +61,13 @@ class Task(ABC):
         """The base architecture, freshly built: the checkpoint's weights are loaded into it."""
 
     def base_identity(self, config: RunConfig) -> dict[str, Any]:
-        """What determines this task's base checkpoint: the key of its cache file (see :meth:`base_path`)."""
-        return {"task": self.name, "seed": config.seed}
+        """What determines this task's base checkpoint: the key of its cache file (see :meth:`base_path`).
+
+        By default the task's class and the run's seed; override it when your
+        base depends on more (a pretrained file, a setting), so that a change
+        makes a new checkpoint instead of reusing a cached one.
+        """
+        return {"task": f"{type(self).__module__}.{type(self).__qualname__}", "seed": config.seed}
 
     def base_path(self, config: RunConfig) -> Path:
         """Where this machine keeps the base checkpoint (a deployed node may name another with ``base-path``)."""
@@ -168,10 +173,14 @@ def load_task(reference: str) -> Task:
         found: Any = importlib.import_module(module_name)
         for part in attribute.split("."):
             found = getattr(found, part)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"task {reference!r} cannot be loaded: {exc}") from exc
-    if isinstance(found, type) and issubclass(found, Task):
-        found = found()
+        if isinstance(found, type) and issubclass(found, Task):
+            found = found()
+    except Exception as exc:  # the user's module may raise anything while it loads: one line naming it
+        raise ConfigError(f"task {reference!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
     if not isinstance(found, Task):
         raise ConfigError(f"task {reference!r} is a {type(found).__name__}, not a fedslim.task.Task")
+    try:
+        hash(found)
+    except TypeError as exc:
+        raise ConfigError(f"task {reference!r} must be hashable (a @dataclass task needs eq=False)") from exc
     return found

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -139,3 +141,60 @@ def test_asking_for_cuda_without_one_is_a_one_line_error(capsys: pytest.CaptureF
         main(["simulate", "--device", "cuda"])
     assert exit_info.value.code == 2
     assert "device cuda: torch sees no CUDA device on this machine" in capsys.readouterr().err
+
+
+def _node(**node_config: object) -> Any:
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=11, node_config=dict(node_config), state=RecordDict(), run_config={})
+
+
+def test_a_deployed_node_imports_only_the_tasks_it_agreed_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedslim.channel.protocol import Refusal, RefusalCode
+    from fedslim.client.app import node_task
+    from fedslim.deploy.commands import NodeSettings
+
+    (tmp_path / "agreed_task.py").write_text(
+        "from fedslim.tasks.benchmarks import BenchmarkTask\nclass Mine(BenchmarkTask):\n"
+        "    def __init__(self):\n        super().__init__('synthetic')\n",
+        encoding="utf-8",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = RunConfig(task="agreed_task:Mine")
+    with pytest.raises(Refusal) as refused:
+        node_task(config, _node(**{"node-name": "edge-1"}))
+    assert refused.value.code == RefusalCode.BAD_REQUEST and "--task agreed_task:Mine" in str(refused.value)
+    assert "agreed_task" not in sys.modules  # refused before anything was imported
+    agreed = NodeSettings("edge-1", tasks=("other:Task", "agreed_task:Mine")).node_config()
+    assert 'tasks="other:Task,agreed_task:Mine"' in agreed
+    assert (
+        type(node_task(config, _node(**{"node-name": "edge-1", "tasks": "other:Task,agreed_task:Mine"}))).__name__
+        == "Mine"
+    )
+    assert node_task(RunConfig(task="fmnist"), _node(**{"node-name": "edge-1"})).name == "fmnist"  # built in: no list
+    assert type(node_task(config, _node(**{"partition-id": 0}))).__name__ == "Mine"  # a simulated node
+
+
+def test_a_task_module_that_raises_or_an_unhashable_task_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_tasks.py").write_text(
+        "from dataclasses import dataclass\nfrom fedslim.task import Task\n"
+        "class Abstract(Task):\n    pass\n"
+        "@dataclass\nclass Unhashable(Task):\n    def build_base(self): ...\n"
+        "    def client_data(self, config, partition_id): ...\n    def test_data(self, config): ...\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "raising_task.py").write_text("raise RuntimeError('no GPU driver')\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="cannot be loaded: TypeError: Can't instantiate abstract class"):
+        load_task("broken_tasks:Abstract")
+    with pytest.raises(ConfigError, match="must be hashable"):
+        load_task("broken_tasks:Unhashable")
+    with pytest.raises(ConfigError, match="cannot be loaded: RuntimeError: no GPU driver"):
+        load_task("raising_task:Thing")
+
+
+def test_an_unknown_device_is_refused_by_the_config() -> None:
+    with pytest.raises(ConfigError, match="unknown device 'gpu'; choose one of cpu, cuda, auto"):
+        RunConfig(device="gpu")

@@ -44,6 +44,7 @@ from fedslim.channel.protocol import (
     ROLE_KEY,
     SERVER_ROUND_KEY,
     TASK_DIGEST_KEY,
+    TASKS_KEY,
     TOTAL_BYTES_KEY,
     TRAIN_LOSS_KEY,
     BaseReport,
@@ -60,7 +61,7 @@ from fedslim.channel.protocol import (
 )
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
-from fedslim.config import ConfigError, FastSpec, RunConfig
+from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
 from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
@@ -117,7 +118,7 @@ def base_report(msg: Message, context: Context) -> BaseReport:
     config, extras = task_config(msg, BASE_FINGERPRINT_KEY, BASE_BYTES_KEY)
     expected, total = str(extras[BASE_FINGERPRINT_KEY]), extras[BASE_BYTES_KEY]
     path = node_base_path(context, config)
-    task = node_task(config)
+    task = node_task(config, context)
     if not path.is_file() and isinstance(total, int):
         partial = PartialBase(path)
         held = partial.held(expected, total)
@@ -153,7 +154,7 @@ def provision(msg: Message, context: Context) -> Message:
     if held < total:
         return provision_reply(msg, held, verified=False)
     try:
-        finish_download(partial, expected, node_task(config))
+        finish_download(partial, expected, node_task(config, context))
     except ValueError as exc:
         raise Refusal(RefusalCode.BASE_MISMATCH, f"provisioned base rejected: {exc}") from exc
     return provision_reply(msg, total, verified=True)
@@ -196,6 +197,7 @@ class SyncedInstruction:
 
     config: RunConfig
     base: ResidentBase
+    device: str
     server_round: int
     role: Role
     replica: ClientReplica
@@ -229,6 +231,7 @@ def synced_instruction(msg: Message, context: Context) -> SyncedInstruction:
         raise Refusal(RefusalCode.BAD_REQUEST, "bad task config: server-round and replica-version must be integers")
 
     base = resident_base(context, config)
+    device = node_device(config)
     if base.fingerprint != expected_fingerprint:
         raise Refusal(
             RefusalCode.BASE_MISMATCH,
@@ -240,18 +243,18 @@ def synced_instruction(msg: Message, context: Context) -> SyncedInstruction:
         context,
         base.fingerprint,
         lambda: initial_fast_state(base, config.fast),
-        fast_model(base, config.fast).fast_shapes(),
+        fast_model(base, config.fast, device).fast_shapes(),
         target_version,
         target_digest,
     )
-    return SyncedInstruction(config, base, server_round, Role(role), replica, bool(extras[DROP_RESIDUAL_KEY]))
+    return SyncedInstruction(config, base, device, server_round, Role(role), replica, bool(extras[DROP_RESIDUAL_KEY]))
 
 
 def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int | float]]:
     """Sync the replica, do the work the instruction asks for from it, and return the update blob and its claims."""
     instruction = synced_instruction(msg, context)
     config, base, replica = instruction.config, instruction.base, instruction.replica
-    model = fast_model(base, config.fast, node_device(config))
+    model = fast_model(base, config.fast, instruction.device)
     model.load_fast_state(replica.state)
     data = local_data(context, config)
     seed = [config.seed, instruction.server_round, node_seed(context)]
@@ -315,8 +318,19 @@ def parse_task(config: dict[str, Any], *extra_keys: str) -> tuple[RunConfig, dic
         raise Refusal(RefusalCode.BAD_REQUEST, f"bad task config: {exc}") from exc
 
 
-def node_task(config: RunConfig) -> Task:
-    """The task the server's config names, as this node loads it (a Refusal if it cannot)."""
+def node_task(config: RunConfig, context: Context) -> Task:
+    """The task the server's config names, as this node loads it (a Refusal if it cannot or may not).
+
+    A deployed node imports a task of the form ``module:object`` only if its node config lists it under
+    ``tasks``: the server's run config must not make a device import whatever module it names.
+    """
+    agreed = str(context.node_config.get(TASKS_KEY, "")).split(",")
+    if config.task not in BUILTIN_TASKS and PARTITION_ID_KEY not in context.node_config and config.task not in agreed:
+        raise Refusal(
+            RefusalCode.BAD_REQUEST,
+            f"this node does not import task {config.task!r}: start it with --task {config.task} "
+            f"(node config {TASKS_KEY}) to agree to it",
+        )
     try:
         return task_for(config)
     except ConfigError as exc:
@@ -333,13 +347,13 @@ def node_device(config: RunConfig) -> str:
 
 def node_base_path(context: Context, config: RunConfig) -> Path:
     """Where this node keeps the base: ``base-path`` from the node config, else where the task caches it."""
-    return Path(str(context.node_config.get(BASE_PATH_KEY) or node_task(config).base_path(config)))
+    return Path(str(context.node_config.get(BASE_PATH_KEY) or node_task(config, context).base_path(config)))
 
 
 def resident_base(context: Context, config: RunConfig) -> ResidentBase:
     """The base checkpoint this node holds."""
     try:
-        return load_base(node_base_path(context, config), node_task(config))
+        return load_base(node_base_path(context, config), node_task(config, context))
     except FileNotFoundError as exc:
         raise Refusal(RefusalCode.BASE_MISSING, f"no resident base on this node: {exc}") from exc
     except ValueError as exc:
@@ -353,7 +367,7 @@ def initial_fast_state(base: ResidentBase, spec: FastSpec) -> dict[str, np.ndarr
 
 
 @lru_cache(maxsize=4)
-def fast_model(base: ResidentBase, spec: FastSpec, device: str = "cpu") -> FastSlowModel:
+def fast_model(base: ResidentBase, spec: FastSpec, device: str) -> FastSlowModel:
     """The base with the fast layer attached, on ``device``: built once per process and reused across rounds."""
     model = base.build(spec)
     model.module.to(device)
@@ -362,7 +376,7 @@ def fast_model(base: ResidentBase, spec: FastSpec, device: str = "cpu") -> FastS
 
 def local_data(context: Context, config: RunConfig) -> Sized:
     """This node's training data: its own file (``data-path``), else the simulated partition (``partition-id``)."""
-    task = node_task(config)
+    task = node_task(config, context)
     if DATA_PATH_KEY in context.node_config:
         try:
             return task.node_data(config, Path(str(context.node_config[DATA_PATH_KEY])))

@@ -41,6 +41,8 @@ class BenchmarkTask(Task):
     pretrained on the federation's public slice."""
 
     def __init__(self, name: str) -> None:
+        if name not in PRETRAIN_RECIPES:
+            raise ValueError(f"no built-in benchmark {name!r}; choose one of {', '.join(PRETRAIN_RECIPES)}")
         self.name = name
 
     @property

@@ -221,12 +221,12 @@ def read_fortunes(folder: Path = FORTUNES_DIR) -> tuple[list[str], np.ndarray]:
 
 
 @lru_cache(maxsize=1)
-def tokenizer(max_tokens: int = MAX_TOKENS) -> Any:
-    """The packaged WordPiece tokenizer (the fast ``tokenizers`` library), truncating at ``max_tokens``."""
+def tokenizer() -> Any:
+    """The packaged WordPiece tokenizer (the fast ``tokenizers`` library), truncating at ``MAX_TOKENS``."""
     from tokenizers import Tokenizer
 
     loaded = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
-    loaded.enable_truncation(max_tokens)
+    loaded.enable_truncation(MAX_TOKENS)
     loaded.no_padding()
     return loaded
 
@@ -253,6 +253,11 @@ def fortunes_split(seed: int, num_clients: int, alpha: float, folder: Path = FOR
     test, rest = every.subset(np.sort(order[:cut])), every.subset(np.sort(order[cut:]))
     parts = dirichlet_partition(rest.y, num_clients, alpha, seed)
     return TextSplit(test, tuple(rest.subset(part) for part in parts))
+
+
+def fortunes_dir(config: RunConfig) -> Path:
+    """The fortunes folder: ``--data-dir`` where given, else Debian's."""
+    return Path(config.data_dir) if config.data_dir else FORTUNES_DIR
 
 
 class FortunesTask(Task):
@@ -288,17 +293,17 @@ class FortunesTask(Task):
         return attach_fast_layer(base, spec, base_fingerprint, targets=targets)
 
     def client_data(self, config: RunConfig, partition_id: int) -> Texts:
-        clients = fortunes_split(config.seed, config.num_clients, config.dirichlet_alpha).clients
+        clients = fortunes_split(config.seed, config.num_clients, config.dirichlet_alpha, fortunes_dir(config)).clients
         if not 0 <= partition_id < len(clients):
             raise IndexError(f"partition-id {partition_id} out of range for {len(clients)} clients")
         return clients[partition_id]
 
     def test_data(self, config: RunConfig) -> Texts:
-        return fortunes_split(config.seed, config.num_clients, config.dirichlet_alpha).test
+        return fortunes_split(config.seed, config.num_clients, config.dirichlet_alpha, fortunes_dir(config)).test
 
     def batch(self, data: Texts, indices: np.ndarray | slice) -> Batch:
-        indices = np.arange(len(data))[indices]
-        chosen = [data.ids[i] for i in indices]
+        rows = np.arange(len(data))[indices]
+        chosen = [data.ids[i] for i in rows]
         longest = max(len(ids) for ids in chosen)
         input_ids = np.zeros((len(chosen), longest), dtype=np.int64)
         attention_mask = np.zeros((len(chosen), longest), dtype=np.int64)
@@ -306,7 +311,7 @@ class FortunesTask(Task):
             input_ids[row, : len(ids)] = ids
             attention_mask[row, : len(ids)] = 1
         inputs = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
-        return inputs, torch.from_numpy(data.y[np.asarray(indices, dtype=np.int64)])
+        return inputs, torch.from_numpy(data.y[rows])
 
     def optimizer(self, params: list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=config.lr)
