@@ -37,7 +37,6 @@ from provenance import base_used, provenance, write_results  # noqa: E402
 from rich.console import Console, Group  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from fedslim.base import ensure_pretrained_base, load_base  # noqa: E402
 from fedslim.codecs import decode_update, encode_update, parse_codec  # noqa: E402
 from fedslim.codecs.layouts import decode_varints  # noqa: E402
 from fedslim.codecs.pipeline import DELTA, Pipeline  # noqa: E402
@@ -45,6 +44,7 @@ from fedslim.codecs.values import unpack_bits  # noqa: E402
 from fedslim.config import FastSpec, RunConfig  # noqa: E402
 from fedslim.data.datasets import load_federation  # noqa: E402
 from fedslim.protos.fedslim.v1 import update_pb2 as pb  # noqa: E402
+from fedslim.task import prepared_base  # noqa: E402
 from fedslim.training import train_epochs  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,11 +67,12 @@ CNN, GAUSSIAN = "full CNN delta (417k)", "Gaussian 10M"
 
 def real_delta(kind: str, config: RunConfig) -> dict[str, np.ndarray]:
     """A client's 2-epoch delta from the pretrained base, for the ``kind`` fast layer."""
-    base = load_base(ensure_pretrained_base(config), config.dataset)
+    base = prepared_base(config)
     model = base.build(FastSpec(kind=kind, seed=config.seed))
     start = model.fast_state()
     data = load_federation(config).clients[0]
-    train_epochs(model.module, model.fast_parameters(), data, epochs=2, lr=0.1, batch_size=32, seed=[0])
+    optimizer = torch.optim.SGD(model.fast_parameters(), lr=0.1)
+    train_epochs(model.module, data, base.task, optimizer, epochs=2, batch_size=32, seed=[0])
     trained = model.fast_state()
     return {name: trained[name] - start[name] for name in start}
 
@@ -156,7 +157,7 @@ def main() -> None:
     torch.set_num_threads(1)
     console = Console(width=max(Console().width, 140))
 
-    config = RunConfig(dataset="fmnist", num_clients=50, dirichlet_alpha=0.3)
+    config = RunConfig(task="fmnist", num_clients=50, dirichlet_alpha=0.3)
     with console.status("training one client to get real deltas"):
         inputs = {
             CNN: real_delta("full", config),

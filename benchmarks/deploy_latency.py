@@ -166,7 +166,7 @@ def main() -> None:
         work = Path(tmp)
         config = RunConfig(
             overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
-            dataset="synthetic",
+            task="synthetic",
             num_clients=args.nodes,
             rounds=args.rounds,
             fraction=1.0,

@@ -27,7 +27,7 @@ def base_config(args: argparse.Namespace, seed: int | None = None) -> RunConfig:
     """The shared setup from the flags, with ``seed`` instead of --seed when given."""
     return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
-        dataset="fmnist",
+        task="fmnist",
         num_clients=args.clients,
         rounds=args.rounds,
         fraction=args.fraction,

@@ -118,7 +118,7 @@ def config_for(row: Row, model: str, seed: int, args: argparse.Namespace) -> Run
     return replace(
         RunConfig(
             overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
-            dataset="fmnist",
+            task="fmnist",
             num_clients=args.clients,
             rounds=args.rounds,
             fraction=1.0,

@@ -43,6 +43,7 @@ from fmnist_setup import RESULTS  # noqa: E402
 from provenance import base_used, provenance, write_results  # noqa: E402
 
 from fedslim.config import FastSpec, RunConfig  # noqa: E402
+from fedslim.task import prepared_base  # noqa: E402
 
 OBJECTIVES = {
     "balanced: sum_i n_i f_i (the test set)": "data",
@@ -64,7 +65,7 @@ def federation(seed: int) -> RunConfig:
     """The participation benchmark's label-correlated federation of ``seed``."""
     return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
-        dataset="fmnist",
+        task="fmnist",
         num_clients=100,
         rounds=1,
         dirichlet_alpha=0.1,
@@ -78,10 +79,8 @@ def federation(seed: int) -> RunConfig:
 def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any]:
     import torch
 
-    from fedslim.base import ensure_pretrained_base, load_base
     from fedslim.data.datasets import load_federation
     from fedslim.data.participation import participation_schedule
-    from fedslim.training import evaluate
 
     torch.set_num_threads(1)
     config = federation(seed)
@@ -92,7 +91,7 @@ def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any
     x = torch.from_numpy(np.concatenate([c.x for c in data.clients]))
     y = torch.from_numpy(np.concatenate([c.y for c in data.clients]))
     owner = np.repeat(np.arange(len(sizes)), sizes.astype(np.int64))
-    base = load_base(ensure_pretrained_base(config), config.dataset)
+    base = prepared_base(config)
 
     results: dict[str, Any] = {"seed": seed, "p_min": float(p.min()), "p_max": float(p.max())}
     for label, kind in OBJECTIVES.items():
@@ -111,7 +110,7 @@ def run_seed(seed: int, steps: int, lr: float, batch_size: int) -> dict[str, Any
             optimizer.zero_grad(set_to_none=True)
             torch.nn.functional.cross_entropy(model.module(x[batch]), y[batch]).backward()
             optimizer.step()
-        result = evaluate(model.module, data.test)
+        result = base.task.evaluate(model.module, data.test)
         with torch.no_grad():
             predicted = model.module(torch.from_numpy(data.test.x)).argmax(1).numpy()
         recall = [float((predicted[data.test.y == c] == c).mean()) for c in range(10)]

@@ -7,7 +7,7 @@ from the message's ArrayRecord, trains it and replies with the full model and
 ``num-examples``. What it shares with fedslim is the work both must do:
 
 - the model: the pretrained base checkpoint of the run
-  (:func:`fedslim.base.ensure_pretrained_base`), every parameter trained, as
+  (:func:`fedslim.task.prepared_base`), every parameter trained, as
   fedslim's ``--fast full``;
 - the data: ``load_federation(config).clients[partition_id]`` and the test set;
 - the local SGD: :func:`fedslim.training.train_epochs` seeded with
@@ -35,10 +35,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fedslim.base import ensure_pretrained_base, load_base
 from fedslim.config import FastSpec, RunConfig
 from fedslim.data.datasets import load_federation
-from fedslim.training import evaluate, train_epochs
+from fedslim.task import prepared_base, task_for
+from fedslim.training import train_epochs
 
 ARRAYS_KEY, CONFIG_KEY, METRICS_KEY = "arrays", "config", "metrics"  # FedAvg's default record keys
 IDENTITY_KEY = "identity"
@@ -51,7 +51,7 @@ def task_record(config: RunConfig) -> ConfigRecord:
     """What a plain client needs to find its data and train: sent as FedAvg's train config."""
     return ConfigRecord(
         {
-            "dataset": config.dataset,
+            "task": config.task,
             "num-clients": config.num_clients,
             "seed": config.seed,
             "dirichlet-alpha": config.dirichlet_alpha,
@@ -69,7 +69,7 @@ def config_of(task: ConfigRecord) -> RunConfig:
     """The run config a plain client rebuilds from :func:`task_record` (its data and SGD fields)."""
     return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
-        dataset=str(task["dataset"]),
+        task=str(task["task"]),
         num_clients=int(task["num-clients"]),  # type: ignore[arg-type]
         seed=int(task["seed"]),  # type: ignore[arg-type]
         dirichlet_alpha=float(task["dirichlet-alpha"]),  # type: ignore[arg-type]
@@ -86,7 +86,7 @@ def config_of(task: ConfigRecord) -> RunConfig:
 @lru_cache(maxsize=2)
 def full_model(config: RunConfig) -> nn.Module:
     """The network on the run's pretrained base, built once per process (its weights are overwritten each round)."""
-    return load_base(ensure_pretrained_base(config), config.dataset).build(config.fast).module
+    return prepared_base(config).build(config.fast).module
 
 
 @app.query()
@@ -106,12 +106,13 @@ def train(msg: Message, context: Context) -> Message:
     model = full_model(config)
     model.load_state_dict(msg.content.array_records[ARRAYS_KEY].to_torch_state_dict())
     data = load_federation(config).clients[partition_id]
+    objective = task_for(config)
     loss = train_epochs(
         model,
-        list(model.parameters()),
         data,
+        objective,
+        objective.optimizer(list(model.parameters()), config),
         epochs=config.local_epochs,
-        lr=config.lr,
         batch_size=config.batch_size,
         seed=[config.seed, server_round, partition_id],
     )
@@ -198,14 +199,14 @@ def run_plain(
     ``on_round(server_round, accuracy, loss)`` is called as each round's
     central evaluation ends (round 0: the initial model).
     """
-    base = load_base(ensure_pretrained_base(config), config.dataset)
+    base = prepared_base(config)
     test = load_federation(config).test
     server_model = base.build(FastSpec(kind="full", seed=config.seed)).module
     history: dict[int, tuple[float, float]] = {}
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         server_model.load_state_dict(arrays.to_torch_state_dict())
-        result = evaluate(server_model, test)
+        result = base.task.evaluate(server_model, test)
         history[server_round] = (result.accuracy, result.loss)
         if on_round:
             on_round(server_round, result.accuracy, result.loss)

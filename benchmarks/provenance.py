@@ -29,8 +29,9 @@ from typing import Any
 
 from rich.console import Console, ConsoleRenderable
 
-from fedslim.base import PRETRAIN_RECIPES, base_identity, checkpoint_fingerprint, ensure_pretrained_base
 from fedslim.config import RunConfig
+from fedslim.task import prepared_base, task_for
+from fedslim.tasks.benchmarks import PRETRAIN_RECIPES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,7 +44,7 @@ def git(*args: str) -> str:
 
 def base_used(config: RunConfig) -> dict[str, Any]:
     """The pretrained base a run of ``config`` trains on: its identity and fingerprint (pretrained if not cached)."""
-    return {"identity": base_identity(config), "fingerprint": checkpoint_fingerprint(ensure_pretrained_base(config))}
+    return {"identity": task_for(config).base_identity(config), "fingerprint": prepared_base(config).fingerprint}
 
 
 def provenance(seeds: Iterable[int], bases: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -91,8 +92,8 @@ def write_results(
 
 def run_config_of(identity: Mapping[str, Any]) -> RunConfig:
     """A configuration whose base has ``identity`` (its data fields; the recipe is the code's)."""
-    fields = {key: identity[key] for key in ("dataset", "seed", "synthetic_alpha", "synthetic_beta") if key in identity}
-    return RunConfig(**fields)
+    fields = {key: identity[key] for key in ("seed", "synthetic_alpha", "synthetic_beta") if key in identity}
+    return RunConfig(task=identity["dataset"], **fields)
 
 
 def stale_results(results: Path) -> list[str]:

@@ -194,11 +194,18 @@ def _adaptable_layers(module: nn.Module, exclude: str) -> list[tuple[str, nn.Lin
     ]
 
 
-def attach_fast_layer(base: nn.Module, spec: FastSpec, base_fingerprint: str | None = None) -> FastSlowModel:
+def attach_fast_layer(
+    base: nn.Module,
+    spec: FastSpec,
+    base_fingerprint: str | None = None,
+    targets: tuple[str, ...] | None = None,
+) -> FastSlowModel:
     """Attach the fast layer described by ``spec`` to ``base`` (modified in place).
 
     The fingerprint is taken from the base before anything is attached, so it
-    identifies the resident checkpoint alone.
+    identifies the resident checkpoint alone. ``targets``: in ``lora`` and
+    ``ffa-lora`` mode, only the layers whose names end with one of these get
+    LoRA factors (default: every Linear and Conv2d layer but the head).
     """
     base_fingerprint = base_fingerprint or fingerprint(base.state_dict())
     head = _last_linear_name(base)
@@ -210,6 +217,8 @@ def attach_fast_layer(base: nn.Module, spec: FastSpec, base_fingerprint: str | N
     elif spec.kind in ("lora", "ffa-lora"):
         small = []
         for name, layer in _adaptable_layers(base, exclude=head):
+            if targets is not None and not name.endswith(targets):
+                continue
             if layer.weight.numel() < spec.lora_min_params:
                 small.append(f"{name}.weight")
                 continue

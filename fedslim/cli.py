@@ -40,19 +40,20 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedslim.base import ensure_pretrained_base
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
-    from fedslim.data.datasets import DatasetMissingError, load_federation
     from fedslim.data.participation import check_trace
     from fedslim.report import round_table
     from fedslim.server.checkpoint import claim_run_dir
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
+    from fedslim.task import prepared_base, task_for
 
     config = resumed_config(args) if args.resume else RunConfig.from_args(args)
     # A bad strategy, trace or run directory fails here, before any node starts.
     strategy_for(config)
+    config.torch_device()
+    task = task_for(config)
     check_trace(config.participation, config.num_clients, config.rounds)
     config.check_run_dir()
     claim_run_dir(config)
@@ -65,27 +66,27 @@ def run_simulate(args: argparse.Namespace) -> int:
         TextColumn("{task.fields[status]}"),
         console=console,
     )
-    task = progress.add_task("rounds", total=config.rounds, status="starting nodes")
+    bar = progress.add_task("rounds", total=config.rounds, status="starting nodes")
 
     def on_round(totals: RoundTotals) -> None:
         status = f"round {totals.round}: {totals.accepted}/{totals.sampled} updates"
         if totals.accuracy is not None:
             status += f", accuracy {totals.accuracy:.4f}"
-        progress.update(task, completed=totals.round, status=status)
+        progress.update(bar, completed=totals.round, status=status)
 
     console.print(
-        f"fedslim: {config.dataset}, {config.num_clients} clients, {config.rounds} rounds, "
+        f"fedslim: task {config.task}, {config.num_clients} clients, {config.rounds} rounds, "
         f"fast layer {config.fast.kind}, strategy {config.strategy}, participation {config.participation}, "
         f"codec up {config.uplink.spec} / down {config.downlink.spec}, "
         f"run dir {config.run_dir}"
     )
     try:
-        with console.status(f"loading {config.dataset} and the resident base (pretrained once, then cached)"):
-            load_federation(config)
-            ensure_pretrained_base(config)
+        with console.status(f"loading {task.name}'s data and its resident base (made once, then cached)"):
+            task.test_data(config)
+            prepared_base(config)
         with progress:
             result = simulate(config, on_round=on_round, verbose=args.verbose, backend=args.backend)
-    except DatasetMissingError as exc:
+    except FileNotFoundError as exc:  # a dataset's files (DatasetMissingError) or a task's own
         console.print(f"[red]error:[/red] {exc}")
         return 2
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))

@@ -17,7 +17,8 @@ from typing import Any
 
 from fedslim.codecs.pipeline import CodecSpecError, Pipeline, parse_codec
 
-DATASETS = ("synthetic", "fmnist")
+BUILTIN_TASKS = ("synthetic", "fmnist", "text")
+TASK_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
 
 
@@ -83,8 +84,8 @@ class Setting:
     """The flag's default, computed from the other flags, where it is not given."""
     client: bool = False
     """Sent to clients in the task of every instruction."""
-    omit_empty: bool = False
-    """Left out of the client task while empty."""
+    omit_default: bool = False
+    """Left out of the client task while it has its default value (the client fills the default in)."""
     range: Range | None = None
     """The values a numeric setting accepts; ``__post_init__`` refuses others."""
 
@@ -159,6 +160,7 @@ def split_repeated(text: str) -> list[str]:
 
 
 FAULT_KINDS = ("drop", "error", "late")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass(frozen=True)
@@ -263,9 +265,12 @@ class RunConfig:
 
     Parameters
     ----------
-    dataset : str
-        ``synthetic`` (Synthetic(alpha, beta) from the FedProx paper, generated)
-        or ``fmnist`` (Fashion-MNIST from local IDX files).
+    task : str
+        The model and data (see :mod:`fedslim.task`): ``synthetic`` (an MLP on
+        Synthetic(alpha, beta) from the FedProx paper, generated), ``fmnist``
+        (a CNN on Fashion-MNIST from local IDX files), ``text``
+        (all-MiniLM-L6-v2 on eight categories of Debian's fortunes, see
+        :mod:`fedslim.tasks.text`), or ``module:object``, a task of your own.
     num_clients : int
         Number of clients (SuperNodes) in the federation.
     rounds : int
@@ -289,7 +294,13 @@ class RunConfig:
     synthetic_alpha, synthetic_beta : float
         Model and data heterogeneity of Synthetic(alpha, beta).
     data_dir : str
-        Folder holding the four Fashion-MNIST IDX ``.gz`` files.
+        The task's data folder; for ``fmnist``, the folder holding the four
+        Fashion-MNIST IDX ``.gz`` files.
+    device : str
+        Where local training and the server's evaluation run: ``cpu``,
+        ``cuda``, or ``auto`` (``cuda`` where there is one). Clients in
+        simulation use it too; the numbers of a seed are the same on CPU
+        runs only.
     out : str
         Run directory: the communication log and results go there.
     round_timeout : float
@@ -356,10 +367,11 @@ class RunConfig:
         (one message per chunk; 4 MiB stays under Flower's 5 MiB array chunks).
     """
 
-    dataset: str = setting(
+    task: str = setting(
         "synthetic",
-        "synthetic (Synthetic(alpha, beta) from the FedProx paper, generated) or fmnist (Fashion-MNIST from IDX files)",
-        choices=DATASETS,
+        "the model and data: synthetic (an MLP on Synthetic(1, 1)), fmnist (a CNN on Fashion-MNIST), "
+        "text (all-MiniLM-L6-v2 on fortunes), or module:object (a task of your own, see docs/tasks.md)",
+        metavar="NAME|MODULE:OBJECT",
         client=True,
     )
     num_clients: int = setting(
@@ -391,10 +403,17 @@ class RunConfig:
     )
     data_dir: str = setting(
         "",
-        "folder with the four Fashion-MNIST IDX .gz files "
+        "the task's data folder; fmnist: the four Fashion-MNIST IDX .gz files "
         "(default: $FEDSLIM_DATA_DIR or /usr/share/datasets/fashion-mnist)",
         client=True,
-        omit_empty=True,
+        omit_default=True,
+    )
+    device: str = setting(
+        "cpu",
+        "where local training and the server's evaluation run: cpu, cuda, or auto (cuda where there is one)",
+        choices=DEVICES,
+        client=True,
+        omit_default=True,
     )
     out: str = setting("runs/latest", "run directory (communication log goes here)")
     round_timeout: float = setting(600.0, "seconds the server waits for replies in one round", range=POSITIVE)
@@ -476,8 +495,10 @@ class RunConfig:
         # Imported here: the participation module's errors are ConfigErrors, so it imports this module.
         from fedslim.data.participation import check_participation_spec
 
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.task not in BUILTIN_TASKS and not TASK_REFERENCE.fullmatch(self.task):
+            raise ConfigError(f"unknown task {self.task!r}; use {', '.join(BUILTIN_TASKS)} or module:object")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         check_ranges(self)
         if 0 < self.screen_factor <= 1:
             raise ConfigError(f"screen_factor must be > 1, or 0 to turn the screen off; got {self.screen_factor}")
@@ -512,6 +533,16 @@ class RunConfig:
         except OSError as exc:
             raise ConfigError(f"--out {self.out} cannot be the run directory: {exc.strerror or exc}") from exc
 
+    def torch_device(self) -> str:
+        """The device ``device`` names on this machine (``auto``: cuda where torch sees one, else cpu)."""
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device cuda: torch sees no CUDA device on this machine; use --device auto or cpu")
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
     def local_step_count(self, num_examples: int) -> int:
         """K, the minibatch steps of a client with ``num_examples`` examples: ``local_steps`` or its epochs' batches."""
         return self.local_steps or self.local_epochs * -(-num_examples // self.batch_size)
@@ -528,7 +559,7 @@ class RunConfig:
         task: dict[str, Any] = {}
         for entry in CLIENT_TASK_KEYS:
             value = getattr(self.fast if entry.in_fast else self, entry.name)
-            if value or not entry.setting.omit_empty:
+            if not (entry.setting.omit_default and value == entry.default):
                 task[entry.key] = value
         return task
 

@@ -1,4 +1,4 @@
-"""The base architectures of the built-in benchmarks."""
+"""The base architectures of the built-in benchmark tasks."""
 
 from __future__ import annotations
 
@@ -36,12 +36,3 @@ class FashionCNN(nn.Module):
         x = torch.max_pool2d(torch.relu(self.conv2(x)), 2)
         x = torch.relu(self.fc1(x.flatten(1)))
         return self.head(x)
-
-
-def build_architecture(dataset: str) -> nn.Module:
-    """A freshly initialised base network for a built-in dataset."""
-    if dataset == "synthetic":
-        return SyntheticMLP()
-    if dataset == "fmnist":
-        return FashionCNN()
-    raise ValueError(f"no built-in architecture for dataset {dataset!r}")

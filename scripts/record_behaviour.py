@@ -35,7 +35,7 @@ COMPRESSED = "topk:0.1+q8+lzma"
 
 def scenarios() -> dict[str, RunConfig]:
     participation = RunConfig(
-        dataset="fmnist",
+        task="fmnist",
         num_clients=40,
         rounds=4,
         fraction=1.0,
@@ -51,7 +51,7 @@ def scenarios() -> dict[str, RunConfig]:
     return {
         "default": RunConfig(),
         "wire-compressed": RunConfig(
-            dataset="fmnist",
+            task="fmnist",
             num_clients=50,
             rounds=3,
             fraction=0.2,

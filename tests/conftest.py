@@ -22,7 +22,7 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def small_config(tmp_path: Path) -> RunConfig:
     return RunConfig(
-        dataset="synthetic",
+        task="synthetic",
         num_clients=4,
         rounds=2,
         fraction=0.5,

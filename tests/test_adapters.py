@@ -11,6 +11,7 @@ from fedslim.adapters import FastSlowModel, attach_fast_layer, fingerprint
 from fedslim.config import ConfigError, FastSpec
 from fedslim.data.datasets import ArrayDataset
 from fedslim.models import FashionCNN, SyntheticMLP
+from fedslim.task import load_task
 from fedslim.training import train_epochs
 
 
@@ -22,7 +23,8 @@ def _cnn(seed: int = 0) -> nn.Module:
 def _train_a_bit(model: FastSlowModel) -> None:
     rng = np.random.default_rng(0)
     data = ArrayDataset(rng.normal(size=(32, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 32))
-    train_epochs(model.module, model.fast_parameters(), data, epochs=1, lr=0.5, batch_size=8, seed=0)
+    optimizer = torch.optim.SGD(model.fast_parameters(), lr=0.5)
+    train_epochs(model.module, data, load_task("fmnist"), optimizer, epochs=1, batch_size=8, seed=0)
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedslim import base as base_module
-from fedslim.base import base_identity, default_base_path, ensure_pretrained_base, load_base
 from fedslim.config import RunConfig
+from fedslim.task import prepared_base, task_for
+from fedslim.tasks import benchmarks
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -18,15 +18,15 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 def test_pretrained_base_does_not_depend_on_the_callers_thread_count(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(base_module.PRETRAIN_RECIPES, "fmnist", base_module.PretrainRecipe(epochs=1))
-    config = RunConfig(dataset="fmnist", num_clients=10, out=str(tmp_path / "run"))
+    monkeypatch.setitem(benchmarks.PRETRAIN_RECIPES, "fmnist", benchmarks.PretrainRecipe(epochs=1))
+    config = RunConfig(task="fmnist", num_clients=10, out=str(tmp_path / "run"))
     fingerprints = []
     threads = torch.get_num_threads()
     try:
         for count in (1, 4):
             monkeypatch.setenv("FEDSLIM_CACHE", str(tmp_path / f"cache-{count}"))
             torch.set_num_threads(count)
-            fingerprints.append(load_base(ensure_pretrained_base(config), "fmnist").fingerprint)
+            fingerprints.append(prepared_base(config).fingerprint)
             assert torch.get_num_threads() == count  # the caller's setting is restored
     finally:
         torch.set_num_threads(threads)
@@ -36,7 +36,8 @@ def test_pretrained_base_does_not_depend_on_the_callers_thread_count(
 def test_a_changed_pretraining_recipe_is_not_served_from_the_cache(
     small_config: RunConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    before = default_base_path(small_config)
-    monkeypatch.setitem(base_module.PRETRAIN_RECIPES, "synthetic", base_module.PretrainRecipe(epochs=3))
-    assert default_base_path(small_config) != before
-    assert base_identity(small_config)["recipe"]["epochs"] == 3
+    task = task_for(small_config)
+    before = task.base_path(small_config)
+    monkeypatch.setitem(benchmarks.PRETRAIN_RECIPES, "synthetic", benchmarks.PretrainRecipe(epochs=3))
+    assert task.base_path(small_config) != before
+    assert task.base_identity(small_config)["recipe"]["epochs"] == 3

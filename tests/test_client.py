@@ -11,7 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fedslim.base import ensure_pretrained_base, load_base, save_base
+from fedslim.base import save_base
 from fedslim.channel.accounting import message_bytes
 from fedslim.channel.downlink import Downlink, ServerReplica
 from fedslim.channel.protocol import (
@@ -43,6 +43,7 @@ from fedslim.codecs.pipeline import DELTA, STATE
 from fedslim.config import RunConfig
 from fedslim.data.datasets import load_federation
 from fedslim.models import SyntheticMLP
+from fedslim.task import prepared_base
 from fedslim.training import full_gradient
 
 
@@ -79,7 +80,7 @@ def _wire_blob(message: Message) -> bytes:
 
 @pytest.fixture
 def resident(small_config: RunConfig):
-    base = load_base(ensure_pretrained_base(small_config), small_config.dataset)
+    base = prepared_base(small_config)
     return base, base.build(small_config.fast)
 
 
@@ -242,9 +243,10 @@ def test_a_diverged_local_update_is_refused_not_sent(
 ) -> None:
     base, model = resident
 
-    def diverge(module: torch.nn.Module, parameters, *args, **kwargs) -> float:
-        for parameter in parameters:
-            parameter.data.fill_(float("nan"))
+    def diverge(module: torch.nn.Module, data, objective, optimizer: torch.optim.Optimizer, *args) -> float:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                parameter.data.fill_(float("nan"))
         return float("nan")
 
     monkeypatch.setattr("fedslim.client.app.train_epochs", diverge)
@@ -282,7 +284,9 @@ def test_anchor_sends_its_full_local_gradient(small_config: RunConfig, resident)
     sent = decode_update(update_blob(reply.content), model.fast_shapes()).tensors
 
     model.load_fast_state(model.fast_state())
-    expected, _ = full_gradient(model.module, model.fast_parameters(), load_federation(small_config).clients[1])
+    expected, _ = full_gradient(
+        model.module, model.fast_parameters(), load_federation(small_config).clients[1], base.task
+    )
     for name, gradient in zip(model.fast_state(), expected):
         np.testing.assert_allclose(sent[name], gradient, rtol=1e-5, atol=1e-7)
 

@@ -28,7 +28,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
 # What a client needs to train; the order is irrelevant (a record's size does not depend on it).
 CLIENT_KEYS = [
-    "dataset",
+    "task",
     "num-clients",
     "seed",
     "local-epochs",
@@ -71,7 +71,7 @@ def test_pyproject_lists_every_flat_key_with_its_default() -> None:
 
 def test_flat_defaults_build_the_default_config() -> None:
     defaults = flat_defaults()
-    assert len(defaults) == 41 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
+    assert len(defaults) == 42 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
     assert RunConfig.from_flat(defaults) == RunConfig()
 
 
@@ -141,9 +141,10 @@ def test_client_task_keys_and_round_trip() -> None:
     assert rebuilt.fast == config.fast
     assert (rebuilt.rounds, rebuilt.strategy) == (RunConfig.rounds, RunConfig.strategy)  # not sent: defaults
 
-    with_dir = dataclasses.replace(config, data_dir="/data/fmnist").client_task()
-    assert sorted(with_dir) == sorted([*CLIENT_KEYS, "data-dir"]) and with_dir["data-dir"] == "/data/fmnist"
-    assert RunConfig.from_flat(with_dir).data_dir == "/data/fmnist"
+    # Settings whose default clients fill in themselves travel only when set otherwise.
+    with_dir = dataclasses.replace(config, data_dir="/data/fmnist", device="auto").client_task()
+    assert sorted(with_dir) == sorted([*CLIENT_KEYS, "data-dir", "device"]) and with_dir["data-dir"] == "/data/fmnist"
+    assert (RunConfig.from_flat(with_dir).data_dir, RunConfig.from_flat(with_dir).device) == ("/data/fmnist", "auto")
 
 
 def test_from_flat_takes_snake_case_and_the_run_seed_for_the_fast_layer() -> None:

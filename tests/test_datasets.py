@@ -87,7 +87,7 @@ def test_fashion_mnist_truncated_file_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
 def test_real_fashion_mnist_federation(tmp_path: Path) -> None:
-    data = load_federation(RunConfig(dataset="fmnist", num_clients=50, out=str(tmp_path)))
+    data = load_federation(RunConfig(task="fmnist", num_clients=50, out=str(tmp_path)))
     assert len(data.public) == 3000 and len(data.test) == 10000
     assert sum(len(c) for c in data.clients) == 57000
     assert min(len(c) for c in data.clients) >= 10

@@ -15,11 +15,12 @@ from pathlib import Path
 from fakes import other_base
 from flower_processes import flower_env, flwr_run, free_port, started, wait_until_healthy
 
-from fedslim.base import checkpoint_fingerprint, ensure_pretrained_base, load_base
+from fedslim.base import checkpoint_fingerprint
 from fedslim.channel.protocol import FINAL_SYNC_TYPE, PROVISION_TYPE
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
 from fedslim.data.datasets import load_federation, save_array_file
+from fedslim.task import prepared_base
 
 NODES = 4
 CONNECTION = "fedslim-tls"
@@ -31,8 +32,9 @@ def fedslim(*args: str) -> list[str]:
 
 def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: Path) -> None:
     env = flower_env(tmp_path / "flwr-home")
-    config = RunConfig(dataset="synthetic", num_clients=NODES)
-    base_path = ensure_pretrained_base(config)
+    config = RunConfig(task="synthetic", num_clients=NODES)
+    base = prepared_base(config)
+    base_path = base.path
     # node-0 and node-1 hold the base, node-2 holds nothing yet, node-3 holds another base.
     bases = {
         "node-0": base_path,
@@ -123,7 +125,7 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
         "SELECT SUM(payload_bytes) FROM messages WHERE message_type = ? AND direction = 'down'", (PROVISION_TYPE,)
     ).fetchone()
     assert sent == base_path.stat().st_size
-    assert checkpoint_fingerprint(bases["node-2"]) == load_base(base_path, "synthetic").fingerprint
+    assert checkpoint_fingerprint(bases["node-2"], base.task) == base.fingerprint
     trained = db.execute(
         "SELECT round, COUNT(*) FROM messages WHERE message_type = 'train' AND direction = 'up' AND status = 'ok' "
         "GROUP BY round"

@@ -17,6 +17,8 @@ LAYERS: list[set[str]] = [
         "fedslim",
         "fedslim.config",
         "fedslim.models",
+        "fedslim.task",
+        "fedslim.tasks",
         "fedslim.base",
         "fedslim.adapters",
         "fedslim.training",

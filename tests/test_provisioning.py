@@ -12,7 +12,7 @@ import pytest
 from fakes import other_base
 from flwr.app import Message
 
-from fedslim.base import checkpoint_fingerprint, ensure_pretrained_base, load_base
+from fedslim.base import checkpoint_fingerprint
 from fedslim.channel.protocol import PROVISION_TYPE
 from fedslim.client.app import app as client_app
 from fedslim.client.provisioning import PartialBase, ProvisioningError
@@ -22,6 +22,7 @@ from fedslim.logs.reader import PROVISION_TYPE as LOGGED_PROVISION_TYPE
 from fedslim.logs.reader import RunLog
 from fedslim.server.loop import run_federation
 from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
+from fedslim.task import prepared_base
 
 CHUNK = 48 * 1024  # the synthetic base (~330 KiB) spans 7 chunks; a dense fast layer (~17 KiB) fits in one
 
@@ -92,7 +93,7 @@ def test_a_node_without_the_base_gets_it_resumably_and_then_moves_only_the_fast_
     small_config: RunConfig, tmp_path: Path
 ) -> None:
     config = replace(small_config, num_clients=3, fraction=1.0, rounds=2, provision_chunk_bytes=CHUNK)
-    server_base = load_base(ensure_pretrained_base(config), config.dataset)
+    server_base = prepared_base(config)
     size = server_base.path.stat().st_size
     chunks = -(-size // CHUNK)
     assert chunks >= 4, "the base must span several chunks for the test to mean anything"
@@ -109,7 +110,7 @@ def test_a_node_without_the_base_gets_it_resumably_and_then_moves_only_the_fast_
     resumed = replace(config, out=str(tmp_path / "second"))
     result = run_federation(ProvisioningGrid(3, {2: node_base}), resumed)  # type: ignore[arg-type]
     assert [r.accepted for r in result.rounds[1:]] == [3, 3]
-    assert checkpoint_fingerprint(node_base) == server_base.fingerprint
+    assert checkpoint_fingerprint(node_base, server_base.task) == server_base.fingerprint
     assert not PartialBase(node_base).part.exists()
 
     chunk_rows = rows(resumed, "message_type = ? AND direction = 'down'", PROVISION_TYPE)
@@ -144,7 +145,7 @@ def test_a_download_complete_but_not_yet_verified_is_verified_at_the_next_start(
     small_config: RunConfig, tmp_path: Path
 ) -> None:
     config = replace(small_config, num_clients=2, fraction=1.0, rounds=1)
-    server_base = load_base(ensure_pretrained_base(config), config.dataset)
+    server_base = prepared_base(config)
     node_base = tmp_path / "edge" / "base.pt"
     data = server_base.path.read_bytes()
     PartialBase(node_base).write(server_base.fingerprint, len(data), 0, data)  # the node stopped right after this
@@ -152,4 +153,4 @@ def test_a_download_complete_but_not_yet_verified_is_verified_at_the_next_start(
     result = run_federation(ProvisioningGrid(2, {1: node_base}), config)  # type: ignore[arg-type]
     assert result.rounds[1].accepted == 2
     assert rows(config, "message_type = ?", PROVISION_TYPE) == []
-    assert checkpoint_fingerprint(node_base) == server_base.fingerprint
+    assert checkpoint_fingerprint(node_base, server_base.task) == server_base.fingerprint

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from provenance import RESULTS, base_used, provenance, stale_results, supersede  # noqa: E402
 
-SYNTHETIC = RunConfig(dataset="synthetic", seed=3)
+SYNTHETIC = RunConfig(task="synthetic", seed=3)
 
 
 def write(folder: Path, name: str, stamp: dict[str, object] | None) -> None:

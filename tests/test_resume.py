@@ -32,7 +32,7 @@ MODES = {
 def killable_config(mode: str, out: Path, marker: Path) -> RunConfig:
     strategy, codec, downstream = MODES[mode]
     return RunConfig(
-        dataset="synthetic",
+        task="synthetic",
         num_clients=8,
         rounds=6,
         fraction=0.5,
@@ -47,7 +47,7 @@ def killable_config(mode: str, out: Path, marker: Path) -> RunConfig:
 
 def cli_args(config: RunConfig) -> list[str]:
     return [
-        "--dataset", config.dataset,
+        "--task", config.task,
         "--clients", str(config.num_clients),
         "--rounds", str(config.rounds),
         "--fraction", str(config.fraction),

@@ -10,6 +10,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -289,12 +290,14 @@ def test_size_screen_rejects_only_updates_far_above_the_median_of_recent_ones() 
 def _diverging(train: Callable[..., float], node: int, server_round: int) -> Callable[..., float]:
     """Client training that blows up the fast parameters on one node in one round, as a diverged local run does."""
 
-    def diverged_train(module: object, params: list, *args: object, **kwargs: object) -> float:
-        loss = train(module, params, *args, **kwargs)
-        if list(kwargs["seed"])[1:] == [server_round, node]:  # seed = [run seed, round, partition id]
+    def diverged_train(*args: Any) -> float:
+        loss = train(*args)
+        optimizer, seed = args[3], args[-1]
+        if list(seed)[1:] == [server_round, node]:  # seed = [run seed, round, partition id]
             with torch.no_grad():
-                for p in params:
-                    p.mul_(1e3).add_(1.0)
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.mul_(1e3).add_(1.0)
         return loss
 
     return diverged_train

@@ -79,7 +79,7 @@ def test_cli_rejects_bad_flags(flags: list[str], message: str, capsys: pytest.Ca
 
 
 def test_cli_reports_missing_fashion_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["simulate", "--dataset", "fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
+    code = main(["simulate", "--task", "fmnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")])
     assert code == 2
     assert "dataset-fashion-mnist" in capsys.readouterr().out
 

@@ -6,7 +6,10 @@ import numpy as np
 import torch
 
 from fedslim.data.datasets import ArrayDataset
+from fedslim.task import load_task
 from fedslim.training import full_gradient, train_steps, train_variance_reduced
+
+ARRAYS = load_task("synthetic")  # the default batching and cross-entropy of a task
 
 
 def _softmax_regression() -> tuple[torch.nn.Module, list[torch.nn.Parameter], ArrayDataset]:
@@ -20,15 +23,15 @@ def _softmax_regression() -> tuple[torch.nn.Module, list[torch.nn.Parameter], Ar
 def test_fedamd_miner_with_v_equal_to_the_full_gradient_and_full_batches_is_gradient_descent() -> None:
     module, params, data = _softmax_regression()
     start = [p.detach().clone() for p in params]
-    gradient, _ = full_gradient(module, params, data)
-    train_variance_reduced(module, params, data, 4, 0.3, len(data), gradient, seed=0)
+    gradient, _ = full_gradient(module, params, data, ARRAYS)
+    train_variance_reduced(module, params, data, ARRAYS, 4, 0.3, len(data), gradient, seed=0)
     miner = [p.detach().clone() for p in params]
 
     with torch.no_grad():
         for p, s in zip(params, start):
             p.copy_(s)
     for _ in range(4):  # plain full-batch gradient descent
-        step, _ = full_gradient(module, params, data)
+        step, _ = full_gradient(module, params, data, ARRAYS)
         with torch.no_grad():
             for p, g in zip(params, step):
                 p -= 0.3 * torch.from_numpy(g)
@@ -40,7 +43,7 @@ def test_fedamd_miner_with_zero_direction_never_moves() -> None:
     module, params, data = _softmax_regression()
     start = [p.detach().clone() for p in params]
     zero = [np.zeros(tuple(p.shape), np.float32) for p in params]
-    train_variance_reduced(module, params, data, 5, 0.3, 8, zero, seed=0)
+    train_variance_reduced(module, params, data, ARRAYS, 5, 0.3, 8, zero, seed=0)
     for s, p in zip(start, params):
         torch.testing.assert_close(s, p.detach(), rtol=0, atol=0)
 
@@ -49,5 +52,5 @@ def test_train_steps_takes_exactly_k_steps() -> None:
     module, params, data = _softmax_regression()
     calls = []
     module.register_forward_hook(lambda *_: calls.append(1))
-    train_steps(module, params, data, steps=7, lr=0.1, batch_size=5, seed=0)
+    train_steps(module, data, ARRAYS, torch.optim.SGD(params, lr=0.1), steps=7, batch_size=5, seed=0)
     assert len(calls) == 7

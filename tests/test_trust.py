@@ -9,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from fedslim.base import ensure_pretrained_base, load_base
 from fedslim.channel.protocol import DELTA_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, UPDATE_KEY, update_blob
 from fedslim.client.app import app as client_app
 from fedslim.codecs import decode_update, encode_update
@@ -18,6 +17,7 @@ from fedslim.config import RunConfig
 from fedslim.server.loop import run_federation
 from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.strategies import FedVARP
+from fedslim.task import prepared_base
 
 Tamper = Callable[[Message, list[Message]], list[Message]]
 
@@ -89,7 +89,7 @@ def test_a_client_claiming_more_examples_than_it_declared_is_rejected(small_conf
 
 def test_an_outlier_in_round_one_of_a_small_federation_is_screened(small_config: RunConfig) -> None:
     config = replace(small_config, num_clients=4, rounds=2, fraction=0.5)
-    shapes = load_base(ensure_pretrained_base(config), config.dataset).build(config.fast).fast_shapes()
+    shapes = prepared_base(config).build(config.fast).fast_shapes()
 
     def blow_up(_: Message, replies: list[Message]) -> list[Message]:
         reply = replies[0]

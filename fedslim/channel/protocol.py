@@ -102,6 +102,7 @@ NUM_PARTITIONS_KEY = "num-partitions"
 NODE_NAME_KEY = "node-name"
 DATA_PATH_KEY = "data-path"
 BASE_PATH_KEY = "base-path"
+TASKS_KEY = "tasks"  # the module:object tasks a deployed node agrees to import, comma-separated
 
 # Keys of a node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).
 REPLICA_STATE_KEY = "fedslim-replica"

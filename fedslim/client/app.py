@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pickle
 import resource
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from functools import lru_cache, wraps
 from pathlib import Path
@@ -17,7 +16,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedslim.adapters import FastSlowModel
-from fedslim.base import ResidentBase, checkpoint_fingerprint, default_base_path, load_base
+from fedslim.base import ResidentBase, checkpoint_fingerprint, load_base
 from fedslim.channel.downlink import (
     ClientReplica,
     instruction_task,
@@ -45,6 +44,7 @@ from fedslim.channel.protocol import (
     ROLE_KEY,
     SERVER_ROUND_KEY,
     TASK_DIGEST_KEY,
+    TASKS_KEY,
     TOTAL_BYTES_KEY,
     TRAIN_LOSS_KEY,
     BaseReport,
@@ -61,8 +61,8 @@ from fedslim.channel.protocol import (
 )
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
-from fedslim.config import ConfigError, FastSpec, RunConfig
-from fedslim.data.datasets import ArrayDataset, DatasetMissingError, load_array_file, load_federation
+from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
+from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
 app = ClientApp()
@@ -118,20 +118,21 @@ def base_report(msg: Message, context: Context) -> BaseReport:
     config, extras = task_config(msg, BASE_FINGERPRINT_KEY, BASE_BYTES_KEY)
     expected, total = str(extras[BASE_FINGERPRINT_KEY]), extras[BASE_BYTES_KEY]
     path = node_base_path(context, config)
+    task = node_task(config, context)
     if not path.is_file() and isinstance(total, int):
         partial = PartialBase(path)
         held = partial.held(expected, total)
         if held < total:
             return BaseReport(BaseStatus.MISSING, partial_bytes=held)
         try:  # the last chunk arrived but the node stopped before verifying it
-            finish_download(partial, expected)
+            finish_download(partial, expected, task)
         except ValueError:
             return BaseReport(BaseStatus.MISSING)
     if not path.is_file():
         return BaseReport(BaseStatus.MISSING)
     try:
-        held_fingerprint = load_base(path, config.dataset).fingerprint
-    except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
+        held_fingerprint = load_base(path, task).fingerprint
+    except (OSError, ValueError) as exc:
         # Another file sits where the base belongs: refused, never overwritten.
         return BaseReport(BaseStatus.MISMATCH, f"unreadable ({exc})")
     return BaseReport(BaseStatus.OK if held_fingerprint == expected else BaseStatus.MISMATCH, held_fingerprint)
@@ -153,16 +154,16 @@ def provision(msg: Message, context: Context) -> Message:
     if held < total:
         return provision_reply(msg, held, verified=False)
     try:
-        finish_download(partial, expected)
+        finish_download(partial, expected, node_task(config, context))
     except ValueError as exc:
         raise Refusal(RefusalCode.BASE_MISMATCH, f"provisioned base rejected: {exc}") from exc
     return provision_reply(msg, total, verified=True)
 
 
-def finish_download(partial: PartialBase, expected: str) -> None:
-    """Keep a complete download if it is a checkpoint with the ``expected`` fingerprint, else discard it."""
+def finish_download(partial: PartialBase, expected: str, task: Task) -> None:
+    """Keep a complete download if it is a checkpoint of ``task`` with the ``expected`` fingerprint, else discard it."""
     try:
-        partial.finish(expected, checkpoint_fingerprint(partial.part))
+        partial.finish(expected, checkpoint_fingerprint(partial.part, task))
     except ValueError:
         partial.discard()
         raise
@@ -186,23 +187,24 @@ def node_seed(context: Context) -> int:
 @answers_refusals
 def final_sync(msg: Message, context: Context) -> Message:
     """The end-of-run sync: take the server's final fast state and confirm its digest."""
-    replica = synced_task(msg, context).replica
+    replica = synced_instruction(msg, context).replica
     return Message(replica_report(replica.version, state_digest(replica.state)), reply_to=msg)
 
 
 @dataclass(frozen=True)
-class SyncedTask:
+class SyncedInstruction:
     """A server instruction, checked, with this node's replica brought to the server's version."""
 
     config: RunConfig
     base: ResidentBase
+    device: str
     server_round: int
     role: Role
     replica: ClientReplica
     drop_residual: bool
 
 
-def synced_task(msg: Message, context: Context) -> SyncedTask:
+def synced_instruction(msg: Message, context: Context) -> SyncedInstruction:
     """Parse the task config, check the resident base against the server's, and sync the replica.
 
     Raises :class:`Refusal` when the request cannot be honoured: the resident
@@ -229,6 +231,7 @@ def synced_task(msg: Message, context: Context) -> SyncedTask:
         raise Refusal(RefusalCode.BAD_REQUEST, "bad task config: server-round and replica-version must be integers")
 
     base = resident_base(context, config)
+    device = node_device(config)
     if base.fingerprint != expected_fingerprint:
         raise Refusal(
             RefusalCode.BASE_MISMATCH,
@@ -240,68 +243,63 @@ def synced_task(msg: Message, context: Context) -> SyncedTask:
         context,
         base.fingerprint,
         lambda: initial_fast_state(base, config.fast),
-        fast_model(base, config.fast).fast_shapes(),
+        fast_model(base, config.fast, device).fast_shapes(),
         target_version,
         target_digest,
     )
-    return SyncedTask(config, base, server_round, Role(role), replica, bool(extras[DROP_RESIDUAL_KEY]))
+    return SyncedInstruction(config, base, device, server_round, Role(role), replica, bool(extras[DROP_RESIDUAL_KEY]))
 
 
 def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int | float]]:
     """Sync the replica, do the work the instruction asks for from it, and return the update blob and its claims."""
-    task = synced_task(msg, context)
-    config, base, replica = task.config, task.base, task.replica
-    model = fast_model(base, config.fast)
+    instruction = synced_instruction(msg, context)
+    config, base, replica = instruction.config, instruction.base, instruction.replica
+    model = fast_model(base, config.fast, instruction.device)
     model.load_fast_state(replica.state)
     data = local_data(context, config)
-    seed = [config.seed, task.server_round, node_seed(context)]
+    seed = [config.seed, instruction.server_round, node_seed(context)]
     codec_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     uplink = UplinkEncoder(context, config.uplink, config.error_feedback, config.error_feedback_decay)
     claims: dict[str, int | float] = {NUM_EXAMPLES_KEY: len(data)}
-    if task.role == Role.ANCHOR:
+    if instruction.role == Role.ANCHOR:
         # FedAMD anchor: the full local gradient at the synced state, sent as it is (no error feedback).
-        gradient, loss = full_gradient(model.module, model.fast_parameters(), data)
+        gradient, loss = full_gradient(model.module, model.fast_parameters(), data, instruction.base.task)
         upload = dict(zip(model.fast_state(), gradient))
         blob = uplink.encode_plain(upload, base.fingerprint, replica.version, codec_seed)
         claims[TRAIN_LOSS_KEY] = loss
         claims[ANCHOR_METRIC] = 1
     else:
-        loss = train_locally(msg, task, model, data, seed)
+        loss = train_locally(msg, instruction, model, data, seed)
         trained = model.fast_state()
         delta = {name: trained[name] - replica.state[name] for name in trained}
-        blob = uplink.encode_delta(delta, base.fingerprint, replica.version, codec_seed, task.drop_residual)
+        blob = uplink.encode_delta(delta, base.fingerprint, replica.version, codec_seed, instruction.drop_residual)
         claims[TRAIN_LOSS_KEY] = float(loss)
     return blob, claims
 
 
-def train_locally(msg: Message, task: SyncedTask, model: FastSlowModel, data: ArrayDataset, seed: list[int]) -> float:
-    """Local SGD on the fast layer: variance-reduced steps for a FedAMD miner, else steps or epochs."""
-    config = task.config
-    if task.role == Role.MINER:
+def train_locally(
+    msg: Message, instruction: SyncedInstruction, model: FastSlowModel, data: Sized, seed: list[int]
+) -> float:
+    """Local training of the fast layer: variance-reduced steps for a FedAMD miner, else the task's optimizer for
+    ``local_steps`` steps or ``local_epochs`` epochs."""
+    config, objective = instruction.config, instruction.base.task
+    if instruction.role == Role.MINER:
         direction = received_direction(msg, model.fast_shapes())
         return train_variance_reduced(
             model.module,
             model.fast_parameters(),
             data,
+            objective,
             config.local_step_count(len(data)),
             config.lr,
             config.batch_size,
             [direction[name] for name in model.fast_state()],
             seed,
         )
+    optimizer = objective.optimizer(model.fast_parameters(), config)
     if config.local_steps:
-        return train_steps(
-            model.module, model.fast_parameters(), data, config.local_steps, config.lr, config.batch_size, seed
-        )
-    return train_epochs(
-        model.module,
-        model.fast_parameters(),
-        data,
-        epochs=config.local_epochs,
-        lr=config.lr,
-        batch_size=config.batch_size,
-        seed=seed,
-    )
+        return train_steps(model.module, data, objective, optimizer, config.local_steps, config.batch_size, seed)
+    return train_epochs(model.module, data, objective, optimizer, config.local_epochs, config.batch_size, seed)
 
 
 def task_config(msg: Message, *extra_keys: str) -> tuple[RunConfig, dict[str, Any]]:
@@ -320,17 +318,46 @@ def parse_task(config: dict[str, Any], *extra_keys: str) -> tuple[RunConfig, dic
         raise Refusal(RefusalCode.BAD_REQUEST, f"bad task config: {exc}") from exc
 
 
+def node_task(config: RunConfig, context: Context) -> Task:
+    """The task the server's config names, as this node loads it (a Refusal if it cannot or may not).
+
+    A deployed node imports a task of the form ``module:object`` only if its node config lists it under
+    ``tasks``: the server's run config must not make a device import whatever module it names.
+    """
+    agreed = str(context.node_config.get(TASKS_KEY, "")).split(",")
+    if config.task not in BUILTIN_TASKS and PARTITION_ID_KEY not in context.node_config and config.task not in agreed:
+        raise Refusal(
+            RefusalCode.BAD_REQUEST,
+            f"this node does not import task {config.task!r}: start it with --task {config.task} "
+            f"(node config {TASKS_KEY}) to agree to it",
+        )
+    try:
+        return task_for(config)
+    except ConfigError as exc:
+        raise Refusal(RefusalCode.BAD_REQUEST, f"bad task config: {exc}") from exc
+
+
+def node_device(config: RunConfig) -> str:
+    """Where this node trains: the run's ``device`` on this machine (a Refusal if it has no such device)."""
+    try:
+        return config.torch_device()
+    except ConfigError as exc:
+        raise Refusal(RefusalCode.BAD_REQUEST, str(exc)) from exc
+
+
 def node_base_path(context: Context, config: RunConfig) -> Path:
-    """Where this node keeps the base: ``base-path`` from the node config, else the benchmark cache."""
-    return Path(str(context.node_config.get(BASE_PATH_KEY) or default_base_path(config)))
+    """Where this node keeps the base: ``base-path`` from the node config, else where the task caches it."""
+    return Path(str(context.node_config.get(BASE_PATH_KEY) or node_task(config, context).base_path(config)))
 
 
 def resident_base(context: Context, config: RunConfig) -> ResidentBase:
     """The base checkpoint this node holds."""
     try:
-        return load_base(node_base_path(context, config), config.dataset)
+        return load_base(node_base_path(context, config), node_task(config, context))
     except FileNotFoundError as exc:
         raise Refusal(RefusalCode.BASE_MISSING, f"no resident base on this node: {exc}") from exc
+    except ValueError as exc:
+        raise Refusal(RefusalCode.BASE_MISMATCH, f"this node's base is unreadable: {exc}") from exc
 
 
 @lru_cache(maxsize=4)
@@ -340,28 +367,35 @@ def initial_fast_state(base: ResidentBase, spec: FastSpec) -> dict[str, np.ndarr
 
 
 @lru_cache(maxsize=4)
-def fast_model(base: ResidentBase, spec: FastSpec) -> FastSlowModel:
-    """The base with the fast layer attached, built once per process and reused across rounds."""
-    return base.build(spec)
+def fast_model(base: ResidentBase, spec: FastSpec, device: str) -> FastSlowModel:
+    """The base with the fast layer attached, on ``device``: built once per process and reused across rounds."""
+    model = base.build(spec)
+    model.module.to(device)
+    return model
 
 
-def local_data(context: Context, config: RunConfig) -> ArrayDataset:
+def local_data(context: Context, config: RunConfig) -> Sized:
     """This node's training data: its own file (``data-path``), else the simulated partition (``partition-id``)."""
+    task = node_task(config, context)
     if DATA_PATH_KEY in context.node_config:
         try:
-            return load_array_file(Path(str(context.node_config[DATA_PATH_KEY])))
-        except (DatasetMissingError, ValueError) as exc:
+            return task.node_data(config, Path(str(context.node_config[DATA_PATH_KEY])))
+        except (FileNotFoundError, ValueError) as exc:
             raise Refusal(RefusalCode.BAD_REQUEST, str(exc)) from exc
     if PARTITION_ID_KEY not in context.node_config:
         raise Refusal(
             RefusalCode.BAD_REQUEST,
             "node_config has neither data-path nor partition-id: this node has no training data",
         )
-    partition_id = int(context.node_config[PARTITION_ID_KEY])
     try:
-        clients = load_federation(config).clients
-    except DatasetMissingError as exc:
-        raise Refusal(RefusalCode.BAD_REQUEST, str(exc)) from exc
-    if not 0 <= partition_id < len(clients):
-        raise Refusal(RefusalCode.BAD_REQUEST, f"partition-id {partition_id} out of range for {len(clients)} clients")
-    return clients[partition_id]
+        return partition_data(task, config, int(context.node_config[PARTITION_ID_KEY]))
+    except (FileNotFoundError, IndexError) as exc:
+        raise Refusal(
+            RefusalCode.BAD_REQUEST, f"no data for partition-id {context.node_config[PARTITION_ID_KEY]}: {exc}"
+        ) from exc
+
+
+@lru_cache(maxsize=1024)
+def partition_data(task: Task, config: RunConfig, partition_id: int) -> Sized:
+    """A simulated client's data, loaded once per process (every virtual node a process hosts asks each round)."""
+    return task.client_data(config, partition_id)

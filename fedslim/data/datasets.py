@@ -232,7 +232,7 @@ class DataSpec:
     @classmethod
     def of(cls, config: RunConfig) -> DataSpec:
         return cls(
-            config.dataset,
+            config.task,
             config.num_clients,
             config.seed,
             config.dirichlet_alpha,
@@ -246,4 +246,6 @@ class DataSpec:
 def _load_federation(spec: DataSpec) -> FederatedData:
     if spec.dataset == "fmnist":
         return fashion_mnist_federation(spec)
-    return synthetic_federation(spec)
+    if spec.dataset == "synthetic":
+        return synthetic_federation(spec)
+    raise ValueError(f"no built-in federation for task {spec.dataset!r}")

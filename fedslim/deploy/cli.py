@@ -58,6 +58,13 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     supernode.add_argument("--name", required=True, help="the node's stable name (its client key)")
     supernode.add_argument("--data", type=Path, help="the node's data: .npz with x and y")
     supernode.add_argument("--base", type=Path, help="the resident base checkpoint (provisioned there if absent)")
+    supernode.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="MODULE:OBJECT",
+        help="a task of your own this node agrees to import (repeatable; the built-in tasks need none)",
+    )
     supernode.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime API port")
     node_tls = supernode.add_mutually_exclusive_group(required=True)
     node_tls.add_argument("--ca", type=Path, help="the CA certificate (ca.crt)")
@@ -105,7 +112,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         node_auth = not (args.insecure or args.no_node_auth)
         argv = superlink_command(args.fleet_address, args.control_address, args.database, credentials, node_auth)
     else:
-        node = NodeSettings(args.name, args.data, args.base)
+        node = NodeSettings(args.name, args.data, args.base, tuple(args.task))
         argv = supernode_command(args.superlink, node, args.port, args.ca, args.key)
     if args.print:
         print(shlex.join(argv))

@@ -9,7 +9,7 @@ same processes:
   (gRPC) on one address and the HTTP control/runtime API on another;
 - :func:`supernode_command`: ``flower-supernode`` dialling the Fleet API
   with the CA certificate and its authentication key, and the node config a
-  fedslim ClientApp reads (``node-name``, ``data-path``, ``base-path``);
+  fedslim ClientApp reads (``node-name``, ``data-path``, ``base-path``, ``tasks``);
 - :func:`register_command`: ``flwr supernode register`` for a node's public key;
 - :func:`write_connection`: the ``[superlink.NAME]`` entry of
   ``$FLWR_HOME/config.toml`` that ``flwr run . NAME`` and ``flwr ls NAME`` use.
@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedslim.channel.protocol import BASE_PATH_KEY, DATA_PATH_KEY, NODE_NAME_KEY
+from fedslim.channel.protocol import BASE_PATH_KEY, DATA_PATH_KEY, NODE_NAME_KEY, TASKS_KEY
 from fedslim.deploy.credentials import ServerCredentials
 
 
@@ -90,6 +90,9 @@ class NodeSettings:
     base_path : Path, optional
         The resident base checkpoint; if absent, the node asks the server for
         it once (base provisioning) and keeps it there.
+    tasks : tuple of str
+        The ``module:object`` tasks the node agrees to import when the
+        server's run names one (the built-in tasks need no listing).
     extra : tuple of (str, str)
         Further node config entries (``partition-id`` for a node that reads a
         simulated partition).
@@ -98,12 +101,14 @@ class NodeSettings:
     name: str
     data_path: Path | None = None
     base_path: Path | None = None
+    tasks: tuple[str, ...] = ()
     extra: tuple[tuple[str, str], ...] = ()
 
     def node_config(self) -> str:
         entries = [(NODE_NAME_KEY, self.name)]
         entries += [(DATA_PATH_KEY, str(self.data_path))] if self.data_path else []
         entries += [(BASE_PATH_KEY, str(self.base_path))] if self.base_path else []
+        entries += [(TASKS_KEY, ",".join(self.tasks))] if self.tasks else []
         entries += list(self.extra)
         return " ".join(f"{key}={_node_config_value(value)}" for key, value in entries)
 

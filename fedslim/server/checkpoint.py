@@ -38,7 +38,7 @@ from fedslim.strategies.base import FastStrategy
 
 CHECKPOINT_FILENAME = "checkpoint.pkl"
 NODE_STATES_FILENAME = "node-states.sqlite"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the run config names its task (``task``), not its dataset
 
 
 class NodeStates(Protocol):

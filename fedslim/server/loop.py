@@ -15,7 +15,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedslim.adapters import FastSlowModel
-from fedslim.base import ResidentBase, ensure_pretrained_base, load_base
+from fedslim.base import ResidentBase, ensure_base, load_base
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink, ServerReplica, state_digest
 from fedslim.channel.protocol import (
@@ -29,7 +29,6 @@ from fedslim.channel.protocol import (
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
 from fedslim.config import ConfigError, RunConfig
-from fedslim.data.datasets import FederatedData, load_federation
 from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
 from fedslim.server.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -46,6 +45,7 @@ from fedslim.server.nodes import NODE_WAIT_TIMEOUT_S, NodesMissingError, Ordered
 from fedslim.server.round import ServerRun
 from fedslim.strategies.base import FastStrategy, Federation
 from fedslim.strategies.registry import strategy_for
+from fedslim.task import Task, task_for
 
 
 @dataclass(frozen=True)
@@ -165,10 +165,11 @@ def run_federation(
         config = resumable_config(resumed, config)
         strategy = resumed.strategy
     strategy = strategy or strategy_for(config)
-    base = load_base(ensure_pretrained_base(config), config.dataset)
+    task = task_for(config)
+    base = load_base(ensure_base(task, config), task)
     model = base.build(config.fast)
-    data = load_federation(config)
-    schedule = simulated_participation(config, data)
+    model.module.to(config.torch_device())
+    schedule = simulated_participation(config, task)
     first_round = resumed.completed_round + 1 if resumed is not None else 1
     wire = open_log(config, base, model, type(strategy).__name__, resumed)
     store = None
@@ -193,7 +194,8 @@ def run_federation(
             grid=grid,
             strategy=strategy,
             model=model,
-            test=data.test,
+            task=task,
+            test=task.test_data(config),
             fast_state=fast_state,
             downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}),
             uplink=UplinkReceiver(
@@ -346,12 +348,13 @@ def open_log(
     )
 
 
-def simulated_participation(config: RunConfig, data: FederatedData) -> Schedule | None:
+def simulated_participation(config: RunConfig, task: Task) -> Schedule | None:
     """The availability schedule of a simulated participation model (None for ``all``), saved as a trace."""
     if config.participation == "all":
         return None
-    num_classes = int(max(int(c.y.max()) for c in data.clients if len(c)) + 1)
-    label_counts = np.stack([np.bincount(c.y, minlength=num_classes) for c in data.clients])
+    labels = [task.labels(task.client_data(config, i)) for i in range(config.num_clients)]
+    num_classes = int(max(int(y.max()) for y in labels if len(y)) + 1)
+    label_counts = np.stack([np.bincount(y, minlength=num_classes) for y in labels])
     schedule = participation_schedule(
         config.participation, label_counts, config.rounds, config.participation_mean, config.seed
     )

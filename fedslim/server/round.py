@@ -19,7 +19,7 @@ aggregate); the client's next instruction brings it up to date.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -35,12 +35,12 @@ from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import Received, UplinkReceiver, state_norm
 from fedslim.commlog import RoundRow, RoundTotals
 from fedslim.config import RunConfig
-from fedslim.data.datasets import ArrayDataset
 from fedslim.data.participation import Schedule
 from fedslim.server.identity import IdentityQuery
 from fedslim.server.nodes import OrderedGrid
 from fedslim.strategies.base import FastStrategy
-from fedslim.training import EvalResult, evaluate
+from fedslim.task import Task
+from fedslim.training import EvalResult
 
 LATE_REPLY_ROUNDS = 3  # rounds after its own in which an unanswered instruction's reply is still pulled
 
@@ -68,8 +68,10 @@ class ServerRun:
         The aggregation rule, bound to the federation.
     model : FastSlowModel
         The base with the fast layer, for central evaluation.
-    test : ArrayDataset
-        The central test set.
+    task : Task
+        The run's task: it evaluates the model.
+    test : Sized
+        The task's central test data.
     fast_state : dict[str, np.ndarray]
         The exact fast state x.
     downlink : Downlink
@@ -91,7 +93,8 @@ class ServerRun:
     grid: OrderedGrid
     strategy: FastStrategy
     model: FastSlowModel
-    test: ArrayDataset
+    task: Task
+    test: Sized
     fast_state: dict[str, np.ndarray]
     downlink: Downlink
     uplink: UplinkReceiver
@@ -246,7 +249,7 @@ class ServerRun:
     def evaluate(self, server_round: int) -> EvalResult | None:
         """Central evaluation, every ``eval_every`` rounds and at the first and last."""
         if server_round % self.config.eval_every == 0 or server_round in (0, self.config.rounds):
-            return evaluate(self.model.module, self.test)
+            return self.task.evaluate(self.model.module, self.test)
         return None
 
     def finish_round(

@@ -34,7 +34,6 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedslim.base import ensure_pretrained_base, load_base
 from fedslim.channel.protocol import (
     DELTA_KEY,
     NUM_EXAMPLES_KEY,
@@ -47,6 +46,7 @@ from fedslim.channel.protocol import (
 from fedslim.codecs.pipeline import Pipeline, decode_update, encode_update
 from fedslim.config import ConfigError, RunConfig
 from fedslim.server.nodes import ForwardingGrid
+from fedslim.task import prepared_base
 
 ATTACK_KINDS = ("scale", "sign-flip", "lie-examples")
 DEFAULT_CLAIMED_EXAMPLES = 10**12
@@ -207,7 +207,7 @@ def attack_wrapper(config: RunConfig) -> Callable[[Grid], Grid] | None:
     attackers = assign_attackers(attacks, config.num_clients, config.seed)
 
     def wrap(grid: Grid) -> Grid:
-        model = load_base(ensure_pretrained_base(config), config.dataset).build(config.fast)
+        model = prepared_base(config).build(config.fast)
         return AttackingGrid(grid, attackers, model.fast_shapes(), config.uplink)
 
     return wrap

@@ -10,11 +10,10 @@ from collections.abc import Callable
 from flwr.app import ConfigRecordValues
 from flwr.serverapp import Grid
 
-from fedslim.base import ensure_pretrained_base
 from fedslim.commlog import RoundTotals
 from fedslim.config import RunConfig
-from fedslim.data.datasets import load_federation
 from fedslim.server.loop import RunResult
+from fedslim.task import prepared_base, task_for
 
 
 def _hide_run_simulation_deprecation(record: logging.LogRecord) -> bool:
@@ -48,7 +47,7 @@ def simulate(
     """Run ``config`` with one virtual SuperNode per client.
 
     The data is loaded and the base pretrained (once, cached) before any node
-    starts, so a missing dataset fails fast with its own message.
+    starts, so a missing dataset or task fails fast with its own message.
 
     ``backend="flower"`` runs Flower's simulation engine (Ray workers);
     ``"inline"`` delivers every message to the ClientApp in this process
@@ -65,8 +64,9 @@ def simulate(
         raise ValueError(f"unknown simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     strategy_for(config)  # a bad strategy or argument fails here, before any node starts
     wrap_grid = _composed(attack_wrapper(config), fault_wrapper(config))  # so does a bad attack spec
-    load_federation(config)
-    ensure_pretrained_base(config)
+    config.torch_device()  # so does a device this machine does not have
+    task_for(config).test_data(config)
+    prepared_base(config)
     if backend == "inline":
         from fedslim.simulation.inline import InlineGrid
 

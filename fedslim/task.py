@@ -1,0 +1,186 @@
+"""The task: the user's side of a federation, one Python object.
+
+A task says what the resident base is (its architecture, and where its
+checkpoint comes from), which of its tensors are fast, what data each client
+holds, how a client trains (batching, loss, optimizer) and how a model is
+evaluated. Everything else (the channel, the strategies, the log, simulation
+and deployment) is fedslim's. The built-in benchmarks
+(:mod:`fedslim.tasks.benchmarks`) are tasks written with this same API;
+docs/tasks.md writes one for a model and data of your own.
+
+A run names its task with ``--task`` (run config ``task``): a built-in name,
+or ``module:object`` where ``object`` is a :class:`Task` instance or a
+:class:`Task` subclass that takes no arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Sized
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedslim.adapters import FastSlowModel, attach_fast_layer
+from fedslim.base import ResidentBase, cache_dir, ensure_base, load_base, read_checkpoint_state
+from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
+from fedslim.data.datasets import load_array_file
+from fedslim.training import EvalResult, evaluate
+
+Batch = tuple[Any, torch.Tensor]
+"""What :meth:`Task.batch` returns: the model's inputs and the integer class targets."""
+
+
+class Task(ABC):
+    """The user's model and data, and how a client trains on them.
+
+    Subclass it and implement :meth:`build_base`, :meth:`client_data` and
+    :meth:`test_data`; every other method has a default that fits a
+    classifier trained by SGD on an :class:`~fedslim.data.datasets.ArrayDataset`
+    (features ``x``, integer labels ``y``). A task must build the same thing
+    in every process that loads it: the server and each client construct it
+    from its name.
+    """
+
+    name: str = "task"
+    """Short name: it starts the base checkpoint's cache file name."""
+
+    # ----------------------------------------------------------------- the resident base
+
+    @abstractmethod
+    def build_base(self) -> nn.Module:
+        """The base architecture, freshly built: the checkpoint's weights are loaded into it."""
+
+    def base_identity(self, config: RunConfig) -> dict[str, Any]:
+        """What determines this task's base checkpoint: the key of its cache file (see :meth:`base_path`).
+
+        By default the task's class and the run's seed; override it when your
+        base depends on more (a pretrained file, a setting), so that a change
+        makes a new checkpoint instead of reusing a cached one.
+        """
+        return {"task": f"{type(self).__module__}.{type(self).__qualname__}", "seed": config.seed}
+
+    def base_path(self, config: RunConfig) -> Path:
+        """Where this machine keeps the base checkpoint (a deployed node may name another with ``base-path``)."""
+        key = hashlib.sha256(json.dumps(self.base_identity(config), sort_keys=True).encode()).hexdigest()[:12]
+        return cache_dir() / "bases" / f"{self.name}-{key}.pt"
+
+    def pretrain(self, config: RunConfig) -> nn.Module:
+        """The base to save when this machine has no checkpoint yet (once, then it is cached).
+
+        By default the architecture as :meth:`build_base` initialises it under
+        the run's seed. Override it to load your pretrained weights or to
+        train on public data; it must give the same weights wherever it runs.
+        """
+        torch.manual_seed(config.seed)
+        return self.build_base()
+
+    def load_base_state(self, path: Path) -> dict[str, torch.Tensor]:
+        """The tensors of the checkpoint at ``path`` (ValueError if it is not one)."""
+        return read_checkpoint_state(path)
+
+    # ----------------------------------------------------------------- the fast layer
+
+    def attach_fast(self, base: nn.Module, spec: FastSpec, base_fingerprint: str) -> FastSlowModel:
+        """Attach the fast layer ``spec`` (``--fast`` and its settings) to ``base``, in place."""
+        return attach_fast_layer(base, spec, base_fingerprint)
+
+    # ----------------------------------------------------------------- data
+
+    @abstractmethod
+    def client_data(self, config: RunConfig, partition_id: int) -> Sized:
+        """The training data of simulated client ``partition_id`` (0 to ``config.num_clients`` - 1).
+
+        IndexError when there is no such partition. Called in every process
+        that hosts the client; fedslim keeps what it returns for the run.
+        """
+
+    def node_data(self, config: RunConfig, path: Path) -> Sized:
+        """A deployed node's training data, from the ``data-path`` of its node config (default: an ``.npz``)."""
+        return load_array_file(path)
+
+    @abstractmethod
+    def test_data(self, config: RunConfig) -> Sized:
+        """The server's held-out data for central evaluation."""
+
+    def labels(self, data: Any) -> np.ndarray:
+        """The class labels of ``data`` (label-correlated participation models read them)."""
+        return np.asarray(data.y)
+
+    # ----------------------------------------------------------------- local training
+
+    def batch(self, data: Any, indices: np.ndarray | slice) -> Batch:
+        """The examples ``indices`` (an index array, or a slice for a run of examples) as inputs and targets."""
+        # Indexed by torch, not numpy: torch's allocator aligns the batch as the pretrained bases were made with
+        # (a differently aligned input can change the last bits of a convolution, and so the base's fingerprint).
+        index = indices if isinstance(indices, slice) else torch.from_numpy(np.asarray(indices))
+        return torch.from_numpy(data.x)[index], torch.from_numpy(data.y)[index]
+
+    def logits(self, module: nn.Module, inputs: Any) -> torch.Tensor:
+        """The model's class scores for a batch's inputs."""
+        return module(inputs)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The training loss (default: cross-entropy); ``reduction`` is ``mean`` or ``sum``."""
+        return nn.functional.cross_entropy(logits, targets, reduction=reduction)
+
+    def optimizer(self, params: list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
+        """The client's optimizer for one round's local training (a fresh one each round)."""
+        return torch.optim.SGD(params, lr=config.lr)
+
+    def evaluate(self, module: nn.Module, data: Any) -> EvalResult:
+        """Loss and accuracy of ``module`` on ``data``."""
+        return evaluate(module, data, self)
+
+
+def task_for(config: RunConfig) -> Task:
+    """The task ``config.task`` names (ConfigError naming the problem if it names none)."""
+    return load_task(config.task)
+
+
+def prepared_base(config: RunConfig) -> ResidentBase:
+    """The run's base on this machine, loaded; made once by the task's :meth:`Task.pretrain` if it is missing."""
+    task = task_for(config)
+    return load_base(ensure_base(task, config), task)
+
+
+@lru_cache(maxsize=8)
+def load_task(reference: str) -> Task:
+    """The task a name refers to: a built-in one, or ``module:object`` (an instance or a no-argument subclass)."""
+    if reference == "text":
+        from fedslim.tasks.text import FortunesTask
+
+        return FortunesTask()
+    if reference in BUILTIN_TASKS:
+        from fedslim.tasks.benchmarks import BenchmarkTask
+
+        return BenchmarkTask(reference)
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"unknown task {reference!r}: use {', '.join(BUILTIN_TASKS)} or module:object")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # a task module next to where fedslim runs, as for `python -m`
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+        if isinstance(found, type) and issubclass(found, Task):
+            found = found()
+    except Exception as exc:  # the user's module may raise anything while it loads: one line naming it
+        raise ConfigError(f"task {reference!r} cannot be loaded: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(found, Task):
+        raise ConfigError(f"task {reference!r} is a {type(found).__name__}, not a fedslim.task.Task")
+    try:
+        hash(found)
+    except TypeError as exc:
+        raise ConfigError(f"task {reference!r} must be hashable (a @dataclass task needs eq=False)") from exc
+    return found
