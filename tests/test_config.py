@@ -142,9 +142,10 @@ def test_client_task_keys_and_round_trip() -> None:
     assert (rebuilt.rounds, rebuilt.strategy) == (RunConfig.rounds, RunConfig.strategy)  # not sent: defaults
 
     # Settings whose default clients fill in themselves travel only when set otherwise.
-    with_dir = dataclasses.replace(config, data_dir="/data/fmnist", device="auto").client_task()
-    assert sorted(with_dir) == sorted([*CLIENT_KEYS, "data-dir", "device"]) and with_dir["data-dir"] == "/data/fmnist"
-    assert (RunConfig.from_flat(with_dir).data_dir, RunConfig.from_flat(with_dir).device) == ("/data/fmnist", "auto")
+    with_dir = dataclasses.replace(config, data_dir="/data/fmnist", device="auto", client_holdout=0.2).client_task()
+    assert sorted(with_dir) == sorted([*CLIENT_KEYS, "data-dir", "device", "client-holdout"])
+    received = RunConfig.from_flat(with_dir)
+    assert (received.data_dir, received.device, received.client_holdout) == ("/data/fmnist", "auto", 0.2)
 
 
 def test_from_flat_takes_snake_case_and_the_run_seed_for_the_fast_layer() -> None:
