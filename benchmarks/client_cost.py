@@ -14,7 +14,7 @@ base (no fingerprint sidecar yet: the 91 MB are hashed) and every later one
 (the sidecar, keyed by the checkpoint's size and modification time, gives the
 fingerprint). The median of ``--repeats`` processes each.
 
-    python benchmarks/client_cost.py            # about a minute on 2 cores
+    python benchmarks/client_cost.py            # about two minutes on 2 cores
 
 Prints the table and writes benchmarks/results/client_cost.{json,md}.
 """
@@ -113,7 +113,7 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=152, help="texts on the node (152: the mean of 30 clients)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--name", default="client_cost")
     args = parser.parse_args()
