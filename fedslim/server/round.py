@@ -278,33 +278,36 @@ class ServerRun:
         wire = WireAccounting(self.wire, server_round)
         for client, message in zip(clients, messages):
             wire.record_down(message, held[client], replica.version)
-        asked = {message.metadata.dst_node_id: client for client, message in zip(clients, messages)}
-        answered = set()
-        for reply, (client, evaluation, reason) in zip(
-            replies, check_evaluations(replies, asked, self.uplink.declared, self.config.client_holdout)
-        ):
+        answered = self.settle_evaluations(server_round, wire, messages, replies)
+        for client, message in zip(clients, messages):
+            if client not in answered:
+                timeout = f"{self.config.round_timeout:g}"
+                wire.record_no_reply(message, f"no evaluation within the round timeout of {timeout} s")
+
+    def settle_evaluations(
+        self, server_round: int, wire: WireAccounting, messages: list[Message], replies: list[Message]
+    ) -> set[str]:
+        """Check and log each evaluate reply, keep the accepted evaluations, and track the replica each client
+        now holds; returns the clients that answered."""
+        asked = {message.metadata.dst_node_id: self.grid.keys[message.metadata.dst_node_id] for message in messages}
+        version = self.downlink.replica.version
+        answered: set[str] = set()
+        checks = check_evaluations(replies, asked, self.uplink.declared, self.config.client_holdout)
+        for reply, (client, evaluation, reason) in zip(replies, checks):
             wire.record_reply(reply, reason, footprint(reply))
             if reason is not None:
-                log(
-                    WARNING,
-                    "round %d: client-side evaluation from node %d: %s",
-                    server_round,
-                    reply.metadata.src_node_id,
-                    reason,
-                )
+                node = reply.metadata.src_node_id
+                log(WARNING, "round %d: client-side evaluation from node %d: %s", server_round, node, reason)
             if client is None:
                 continue
             answered.add(client)
             if evaluation is not None:
                 self.wire.commlog.record_client_evaluation(self.wire.run_id, server_round, evaluation)
             if not reply.has_error():
-                self.client_versions[client] = replica.version
+                self.client_versions[client] = version
             elif reply.error.code in (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN):
                 self.client_versions[client] = None
-        for client, message in zip(clients, messages):
-            if client not in answered:
-                timeout = f"{self.config.round_timeout:g}"
-                wire.record_no_reply(message, f"no evaluation within the round timeout of {timeout} s")
+        return answered
 
     def finish_round(
         self, server_round: int, sampled: int, accepted: int, available: int, started: float
