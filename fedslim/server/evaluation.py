@@ -78,7 +78,8 @@ def _claimed(
     client: str, claims: Mapping[str, object], declared: int | None, holdout: float
 ) -> tuple[ClientEvaluation | None, str | None]:
     examples, correct, loss = (claims.get(key) for key in (EVAL_EXAMPLES_KEY, EVAL_CORRECT_KEY, EVAL_LOSS_KEY))
-    if not isinstance(examples, int) or not isinstance(correct, int) or not isinstance(loss, int | float):
+    # type(), not isinstance: a bool is an int to Python, but not a count.
+    if type(examples) is not int or type(correct) is not int or type(loss) not in (int, float):
         return None, "malformed evaluation: examples and correct must be integers, loss a number"
     if examples < 1 or not 0 <= correct <= examples:
         return None, f"impossible evaluation: {correct} correct of {examples} examples"
