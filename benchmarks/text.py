@@ -14,6 +14,10 @@ inline backend. Rows:
   head, sent dense;
 - ``lora-codec``: the same fast layer, ``--codec`` up and ``--downstream-codec`` down.
 
+With ``--client-holdout H`` each client keeps H of its texts out of training
+and evaluates the global model on them at every evaluation (mean and worst
+decile over the clients as two more columns).
+
 Columns: final and best accuracy, the accuracy of every evaluation, bytes per
 round up + down (whole Flower messages, mean over the rounds), how many times
 fewer than the full row's, and the clients' CPU seconds and peak resident
@@ -78,6 +82,7 @@ def config_for(row: Row, args: argparse.Namespace) -> RunConfig:
         lr=row.lr,
         batch_size=16,
         eval_every=args.eval_every,
+        client_holdout=args.client_holdout,
         codec=args.codec if row.compressed else "none",
         downstream_codec=args.downstream_codec if row.compressed else "none",
         device=args.device,
@@ -108,7 +113,10 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     rounds = [r for r in result.rounds if r.round > 0]
     evaluated = [(r.round, r.accuracy) for r in result.rounds if r.accuracy is not None]
     cpu_s, peak_rss = client_costs(Path(result.log_path))
+    on_clients = [r for r in result.rounds if r.client_accuracy is not None]
     return {
+        "clients_final": on_clients[-1].client_accuracy if on_clients else None,
+        "clients_p10_final": on_clients[-1].client_accuracy_p10 if on_clients else None,
         "rounds": config.rounds,
         "final": evaluated[-1][1],
         "best": max(a for _, a in evaluated),
@@ -122,13 +130,18 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
 
 def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     full = results.get("full")
+    held_out = f"; each client holds out {args.client_holdout:.0%} of its texts" if args.client_holdout else ""
     lines = [
         f"fortunes-8, all-MiniLM-L6-v2, {args.clients} clients, Dir({args.alpha}), {args.fraction:.0%} per round, "
-        f"AdamW, 1 local epoch x 16, seed {args.seed}; compressed: up `{args.codec}`, down `{args.downstream_codec}`\n",
+        f"AdamW, 1 local epoch x 16, seed {args.seed}; compressed: up `{args.codec}`, down `{args.downstream_codec}`"
+        f"{held_out}\n",
         "| row | rounds | final | best | accuracy by round | KiB / round (up + down) | x fewer than full "
         "| client CPU s / reply | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if args.client_holdout:
+        lines[1] += " clients: final mean / worst 10% |"
+        lines[2] += "---|"
     for key, run in results.items():
         curve = ", ".join(f"{r}: {a:.3f}" for r, a in run["curve"])
         fewer = f"{full['bytes_per_round'] / run['bytes_per_round']:,.0f}x" if full else "-"
@@ -137,6 +150,8 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
             f"{run['bytes_per_round'] / 1024:,.1f} | {fewer} | {run['client_cpu_s']:.2f} | "
             f"{run['client_peak_rss_bytes'] / 2**20:,.0f} |"
         )
+        if args.client_holdout and run.get("clients_final") is not None:
+            lines[-1] += f" {run['clients_final']:.4f} / {run['clients_p10_final']:.4f} |"
     return "\n".join(lines)
 
 
@@ -167,6 +182,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.3)
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument(
+        "--client-holdout", type=float, default=0.0, help="each client's held-out share, to evaluate on clients too"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--codec", default="topk:0.1+q8+lzma")
     parser.add_argument("--downstream-codec", default="topk:0.05+q8+lzma")
