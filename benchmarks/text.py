@@ -91,6 +91,15 @@ def config_for(row: Row, args: argparse.Namespace) -> RunConfig:
     )
 
 
+def training_bytes_per_round(log: Path, rounds: int) -> float:
+    """Train instructions and replies per round, whole Flower messages both ways (no evaluation traffic)."""
+    with sqlite3.connect(f"file:{log}?mode=ro", uri=True) as db:
+        (total,) = db.execute(
+            "SELECT SUM(message_bytes) FROM messages WHERE round > 0 AND message_type = 'train'"
+        ).fetchone()
+    return float(total) / rounds
+
+
 def client_costs(log: Path) -> tuple[float, int]:
     """Mean CPU seconds and the largest peak resident memory over the run's accepted training replies."""
     with sqlite3.connect(f"file:{log}?mode=ro", uri=True) as db:
@@ -119,9 +128,9 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
         "clients_p10_final": on_clients[-1].client_accuracy_p10 if on_clients else None,
         "rounds": config.rounds,
         "final": evaluated[-1][1],
-        "best": max(a for _, a in evaluated),
+        "best": max(a for r, a in evaluated if r > 0),
         "curve": evaluated,
-        "bytes_per_round": statistics.mean(r.bytes_up + r.bytes_down for r in rounds),
+        "bytes_per_round": training_bytes_per_round(Path(result.log_path), len(rounds)),
         "client_cpu_s": cpu_s,
         "client_peak_rss_bytes": peak_rss,
         "wall_s": time.monotonic() - started,

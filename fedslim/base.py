@@ -118,7 +118,7 @@ def sidecar_path(path: Path) -> Path:
 
 def recorded_fingerprint(path: Path, task: Task, state: dict[str, torch.Tensor], mtime_ns: int, size: int) -> str:
     """The fingerprint of ``state``, the checkpoint at ``path``: read from its sidecar file while the checkpoint's
-    size and modification time are the ones recorded there, else computed and recorded.
+    size, modification and change times and inode are the ones recorded there, else computed and recorded.
 
     A deployed ClientApp runs in a new process for every message; hashing a
     large base (91 MB for MiniLM) each time would cost more than loading it.
@@ -127,7 +127,14 @@ def recorded_fingerprint(path: Path, task: Task, state: dict[str, torch.Tensor],
     read-only folder) only costs the hash.
     """
     sidecar = sidecar_path(path)
-    key = {"size": size, "mtime_ns": mtime_ns, "task": f"{type(task).__module__}.{type(task).__qualname__}"}
+    stat = path.stat()  # the file as loaded: its inode and change time catch a copy that kept the mtime
+    key = {
+        "size": size,
+        "mtime_ns": mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+        "task": f"{type(task).__module__}.{type(task).__qualname__}",
+    }
     try:
         recorded = json.loads(sidecar.read_text(encoding="utf-8"))
         if isinstance(recorded, dict) and {k: recorded.get(k) for k in key} == key:

@@ -73,7 +73,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         if totals.accuracy is not None:
             status += f", accuracy {totals.accuracy:.4f}"
         if totals.client_accuracy is not None:
-            status += f", on clients {totals.client_accuracy:.4f} (worst 10% {totals.client_accuracy_p10:.4f})"
+            status += f", on clients {totals.client_accuracy:.4f} (p10 {totals.client_accuracy_p10:.4f})"
         progress.update(bar, completed=totals.round, status=status)
 
     console.print(

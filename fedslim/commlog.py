@@ -95,8 +95,8 @@ CREATE TABLE IF NOT EXISTS client_evaluations (
     round INTEGER NOT NULL,
     client TEXT NOT NULL,
     examples INTEGER NOT NULL,      -- the client's held-out examples
-    correct INTEGER NOT NULL,       -- how many of them the global model classified correctly
-    loss REAL NOT NULL,             -- the mean loss over them
+    correct INTEGER NOT NULL,       -- how many of them the round's replica classified correctly
+    loss REAL,                      -- the mean loss over them (NULL: not finite, a diverged model)
     PRIMARY KEY (run_id, round, client)
 );
 CREATE TABLE IF NOT EXISTS memory_weights (
@@ -176,7 +176,8 @@ class RoundTotals:
     late: int = 0
     """Replies to earlier rounds' train instructions that arrived in this round, after their timeout (discarded)."""
     clients_evaluated: int = 0
-    """Clients whose client-side evaluation of the round's global model was accepted."""
+    """Clients whose client-side evaluation of the round's model was accepted (they evaluate the replica they
+    train from: with a lossy downstream codec it trails the exact state the server evaluates)."""
     client_accuracy: float | None = None
     """Mean over those clients of each one's accuracy on its held-out examples."""
     client_accuracy_p10: float | None = None
@@ -185,13 +186,13 @@ class RoundTotals:
 
 @dataclass(frozen=True)
 class ClientEvaluation:
-    """One client's accepted evaluation of the global model on its held-out examples (a row of
+    """One client's accepted evaluation of the round's replica on its held-out examples (a row of
     ``client_evaluations``)."""
 
     client: str
     examples: int
     correct: int
-    loss: float
+    loss: float | None
 
     @property
     def accuracy(self) -> float:

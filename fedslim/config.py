@@ -345,7 +345,7 @@ class RunConfig:
         Evaluate the global model every this many rounds (and after the last).
     client_holdout : float
         Share of each client's examples it keeps out of training, to evaluate
-        the global model on its own data (0: no client-side evaluation).
+        the round's model on its own data (0: no client-side evaluation).
     fraction_evaluate : float
         Share of the available clients asked to evaluate at each evaluation,
         with ``client_holdout`` (0: none, the examples are still held out).
@@ -492,7 +492,7 @@ class RunConfig:
     )
     fraction_evaluate: float = setting(
         1.0,
-        "share of the available clients that evaluate the global model on their held-out examples, "
+        "share of the available clients that evaluate the round's model on their held-out examples, "
         "at each evaluation (with --client-holdout)",
         range=NON_NEGATIVE_FRACTION,
     )

@@ -22,8 +22,9 @@ def _metric(value: float | None) -> str:
 def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | None = None) -> Table:
     """Accuracy, loss and bytes per round, with what full-model FedAvg would have moved.
 
-    With client-side evaluation, two columns show the global model's accuracy
-    on the evaluated clients' held-out examples: their mean and worst decile.
+    With client-side evaluation, two columns show the accuracy of the replica
+    the clients train from on their held-out examples: the mean over the
+    evaluated clients and the worst decile (the 10th percentile).
 
     When the strategy keeps per-client state on the server, a column shows
     what it holds (and, given ``num_clients``, how much that is per client).
@@ -31,9 +32,9 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
     table = Table(title=title or None)
     with_memory = any(r.strategy_memory_bytes for r in rounds)
     on_clients = any(r.clients_evaluated for r in rounds)
-    # "clients": the global model on the clients' held-out examples, their mean and worst decile.
+    # "clients": the replica clients train from, on their held-out examples: the mean, and the 10th percentile.
     # "full FedAvg": what full-model FedAvg would have moved for the same messages.
-    columns = ["round", "acc", "loss", *(["clients mean", "worst 10%"] if on_clients else [])]
+    columns = ["round", "acc", "loss", *(["clients mean", "clients p10"] if on_clients else [])]
     columns += ["updates", "KiB up", "KiB down", "full FedAvg KiB", "saving"]
     for column in columns + (["server KiB"] if with_memory else []):
         table.add_column(column, justify="right")

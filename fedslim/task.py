@@ -117,7 +117,9 @@ class Task(ABC):
 
         By default a seeded random share of the examples, each part in the
         data's own order, through the data's ``subset(indices)`` method. None
-        for the held-out part when the share rounds to none or to all.
+        for the held-out part when the share rounds to none or to all. An
+        override must hold out at most ``round(fraction * len(data))``
+        examples: the server rejects evaluations on more.
         """
         count = round(fraction * len(data))
         if count == 0 or count >= len(data):

@@ -85,6 +85,7 @@ def test_evaluators_are_a_seeded_share_of_the_available_clients() -> None:
     assert len(chosen) == 3 and chosen == [c for c in clients if c in chosen]
     assert chosen == evaluators(clients, 0.3, seed=0, server_round=4)
     assert evaluators(clients, 0.01, 0, 4) and len(evaluators(clients, 1.0, 0, 4)) == 10
+    assert len(evaluators([f"c{i}" for i in range(100)], 0.07, 0, 4)) == 7  # 0.07 * 100 is 7.000000000000001
     assert evaluators(clients, 0.0, 0, 4) == [] and evaluators([], 1.0, 0, 4) == []
 
 
@@ -123,7 +124,7 @@ def test_client_evaluation_is_logged_and_leaves_training_unchanged(tmp_path: Pat
 
     buffer = io.StringIO()
     Console(file=buffer, width=160).print(round_table(evaluated.rounds))
-    assert "clients mean" in buffer.getvalue() and "worst 10%" in buffer.getvalue()
+    assert "clients mean" in buffer.getvalue() and "clients p10" in buffer.getvalue()
     summary = RunLog(config.out).summary()
     assert summary.final_client_accuracy == evaluated.rounds[-1].client_accuracy
 
@@ -171,13 +172,15 @@ def test_each_impossible_evaluation_claim_is_named() -> None:
         2: ({**good, "correct": 21}, "impossible evaluation: 21 correct of 20 examples"),
         3: ({**good, "correct": -1}, "impossible evaluation: -1 correct of 20 examples"),
         4: ({**good, "examples": 0, "correct": 0}, "impossible evaluation: 0 correct of 0 examples"),
-        5: ({**good, "loss": math.nan}, "impossible evaluation: loss nan"),
+        5: ({**good, "loss": -math.inf}, "impossible evaluation: loss -inf"),
         6: ({**good, "loss": -0.1}, "impossible evaluation: loss -0.1"),
         7: ({**good, "examples": 2.0}, "malformed evaluation: examples and correct must be integers, loss a number"),
         8: ({**good, "examples": 60, "correct": 5}, "evaluation on 60 held-out examples: with client-holdout 0.2"),
     }
     replies = [_reply(node, claims) for node, (claims, _) in cases.items()]
     replies += [_reply(1, good), _reply(99, good)]  # a second reply, and one from a node never asked
+    diverged = check_evaluations([_reply(1, {**good, "loss": math.nan})], {1: "partition-1"}, {}, holdout=0.2)
+    assert diverged[0][1] is not None and diverged[0][1].loss is None  # its accuracy counts, the loss is unknown
     asked = {node: f"partition-{node}" for node in cases}
     checked = check_evaluations(replies, asked, {f"partition-{node}": 80 for node in cases}, holdout=0.2)
     for (node, (_, expected)), (client, evaluation, reason) in zip(cases.items(), checked):

@@ -133,7 +133,7 @@ def test_only_the_fast_tensors_leave_the_client_and_clients_evaluate_on_held_out
     )
     result = run_federation(InlineGrid(app, config.num_clients), config)  # type: ignore[arg-type]
     assert [r.clients_evaluated for r in result.rounds] == [3, 3]
-    assert all(0.0 <= (r.client_accuracy or -1) <= 1.0 for r in result.rounds)
+    assert all(r.client_accuracy is not None and 0.0 <= r.client_accuracy <= 1.0 for r in result.rounds)
 
     model = prepared_base(config).build(config.fast)
     shapes = model.fast_shapes()

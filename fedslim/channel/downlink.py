@@ -138,7 +138,7 @@ class ServerReplica:
     def publish_once(self, exact: Mapping[str, np.ndarray]) -> None:
         """:meth:`publish`, unless :meth:`publish_ahead` has just published towards this same ``exact``."""
         ahead, self._ahead = self._ahead, None
-        if ahead != state_digest(exact):
+        if ahead is None or ahead != state_digest(exact):
             self.publish(exact)
 
     def settle(self, exact: Mapping[str, np.ndarray]) -> None:

@@ -74,7 +74,7 @@ ANCHOR_METRIC = "anchor"  # 1 in a FedAMD anchor's reply; the server goes by the
 CPU_KEY = "cpu-s"
 PEAK_RSS_KEY = "peak-rss-bytes"
 
-# Entries of an evaluate reply's ``evaluation`` (claims too): the global model on the client's held-out examples.
+# Entries of an evaluate reply's ``evaluation`` (claims too): the round's replica on the client's held-out examples.
 EVAL_EXAMPLES_KEY = "examples"
 EVAL_CORRECT_KEY = "correct"
 EVAL_LOSS_KEY = "loss"

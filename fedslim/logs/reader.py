@@ -19,6 +19,7 @@ from fedslim.commlog import LOG_FILENAME, RoundTotals, open_log, read_round_tota
 
 # fedslim.channel.protocol.PROVISION_TYPE, spelled out: reading a log must not import Flower.
 PROVISION_TYPE = "query.provision"
+EVALUATE_TYPE = "evaluate"  # client-side evaluation: its failures are not counted among the training's
 # The log's tables, each with the order its rows are exported in.
 TABLES = {
     "runs": "",
@@ -191,10 +192,10 @@ class RunLog:
             " AVG(CASE WHEN message_type = 'train' THEN client_cpu_s END), MAX(client_peak_rss_bytes),"
             " COALESCE(SUM(CASE WHEN message_type = ? THEN message_bytes END), 0),"
             " COUNT(DISTINCT CASE WHEN message_type = ? THEN node_id END),"
-            " COALESCE(SUM(status = 'error'), 0), COALESCE(SUM(status = 'late'), 0),"
-            " COALESCE(SUM(status = 'no-reply'), 0)"
+            " COALESCE(SUM(status = 'error' AND message_type != ?), 0), COALESCE(SUM(status = 'late'), 0),"
+            " COALESCE(SUM(status = 'no-reply' AND message_type != ?), 0)"
             " FROM messages WHERE run_id = ?",
-            (PROVISION_TYPE, PROVISION_TYPE, self.run_id),
+            (PROVISION_TYPE, PROVISION_TYPE, EVALUATE_TYPE, EVALUATE_TYPE, self.run_id),
         ).fetchone()
         evaluated = [r for r in rounds if r.accuracy is not None]
         on_clients = [r for r in rounds if r.client_accuracy is not None]
@@ -254,12 +255,12 @@ class RunLog:
                    MAX(round),
                    AVG(CASE WHEN message_type = 'train' THEN client_cpu_s END),
                    MAX(client_peak_rss_bytes),
-                   SUM(status = 'error'),
+                   SUM(status = 'error' AND message_type != :evaluate),
                    SUM(status = 'late'),
-                   SUM(status = 'no-reply')
-            FROM messages WHERE run_id = ? GROUP BY who
+                   SUM(status = 'no-reply' AND message_type != :evaluate)
+            FROM messages WHERE run_id = :run GROUP BY who
             """,
-            (self.run_id,),
+            {"run": self.run_id, "evaluate": EVALUATE_TYPE},
         )
         stats = [ClientStats(*row) for row in rows]
         return sorted(stats, key=lambda s: natural_key(s.client))

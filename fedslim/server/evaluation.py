@@ -32,7 +32,7 @@ def evaluators(available: Sequence[str], fraction: float, seed: int, server_roun
     """The clients asked to evaluate this round: ``fraction`` of ``available`` (at least one), in their order."""
     if not available or fraction <= 0:
         return []
-    count = min(len(available), max(1, math.ceil(fraction * len(available))))
+    count = min(len(available), max(1, math.ceil(round(fraction * len(available), 9))))  # 0.07 * 100 is 7.000...1
     chosen = np.random.default_rng([seed, server_round, _SAMPLING_STREAM]).choice(len(available), count, replace=False)
     return [available[i] for i in sorted(chosen)]
 
@@ -53,8 +53,9 @@ def check_evaluations(
 
     A reply from a node that was not asked, a second reply, an error, a
     malformed record, or claims that cannot be true (more correct than
-    examples, a negative or non-finite loss, more held-out examples than the
-    client's declared training examples allow) give no evaluation.
+    examples, a negative loss, more held-out examples than the client's
+    declared training examples allow) give no evaluation. A loss that is not
+    finite is kept as unknown: a diverged model's accuracy still counts.
     """
     answered: set[int] = set()
     checked: list[tuple[str | None, ClientEvaluation | None, str | None]] = []
@@ -83,11 +84,11 @@ def _claimed(
         return None, "malformed evaluation: examples and correct must be integers, loss a number"
     if examples < 1 or not 0 <= correct <= examples:
         return None, f"impossible evaluation: {correct} correct of {examples} examples"
-    if not math.isfinite(loss) or loss < 0:
+    if loss < 0:  # a NaN or infinite loss passes: the honest loss of a diverged model, kept as unknown
         return None, f"impossible evaluation: loss {loss}"
     if declared is not None and examples > most_held_out(declared, holdout):
         return None, (
             f"evaluation on {examples:,} held-out examples: with client-holdout {holdout:g} and the {declared:,} "
             f"training examples {client} declared, it holds at most {most_held_out(declared, holdout):,}"
         )
-    return ClientEvaluation(client, examples, correct, float(loss)), None
+    return ClientEvaluation(client, examples, correct, float(loss) if math.isfinite(loss) else None), None
