@@ -93,7 +93,7 @@ def write_results(
 def run_config_of(identity: Mapping[str, Any]) -> RunConfig:
     """A configuration whose base has ``identity`` (its data fields; the recipe is the code's)."""
     fields = {key: identity[key] for key in ("seed", "synthetic_alpha", "synthetic_beta") if key in identity}
-    return RunConfig(task=identity["dataset"], **fields)
+    return RunConfig(task=identity.get("dataset") or identity["task"], **fields)
 
 
 def stale_results(results: Path) -> list[str]:
@@ -112,8 +112,8 @@ def stale_results(results: Path) -> list[str]:
             continue
         for base in stamp.get("bases", []):
             identity = base["identity"]
-            recipe = PRETRAIN_RECIPES.get(identity["dataset"])
-            if recipe is None or identity.get("recipe") != asdict(recipe):
+            recipe = PRETRAIN_RECIPES.get(identity.get("dataset", ""))
+            if "recipe" in identity and (recipe is None or identity["recipe"] != asdict(recipe)):
                 problems.append(
                     f"{path.name}: ran on a base pretrained by recipe {identity.get('recipe')}, the code's is "
                     f"{asdict(recipe) if recipe else 'none'}; re-measure with `{stamp.get('command')}` "
@@ -126,7 +126,7 @@ def stale_results(results: Path) -> list[str]:
             if pretrained[key] != base["fingerprint"]:
                 problems.append(
                     f"{path.name}: ran on base {base['fingerprint'][:16]} but the code now pretrains "
-                    f"{pretrained[key][:16]} for {identity['dataset']} seed {identity['seed']}; "
+                    f"{pretrained[key][:16]} for {run_config_of(identity).task} seed {identity['seed']}; "
                     f"re-measure with `{stamp.get('command')}` or mark it superseded"
                 )
     return problems

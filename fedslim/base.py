@@ -103,6 +103,51 @@ def checkpoint_fingerprint(path: Path, task: Task) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load_base(path: Path, task: Task, _mtime_ns: int, _size: int) -> ResidentBase:
+def _load_base(path: Path, task: Task, mtime_ns: int, size: int) -> ResidentBase:
     state = task.load_base_state(path)
-    return ResidentBase(task, state, fingerprint(state), path)
+    return ResidentBase(task, state, recorded_fingerprint(path, task, state, mtime_ns, size), path)
+
+
+SIDECAR_SUFFIX = ".fingerprint"
+
+
+def sidecar_path(path: Path) -> Path:
+    """Where the fingerprint of the checkpoint at ``path`` is recorded."""
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def recorded_fingerprint(path: Path, task: Task, state: dict[str, torch.Tensor], mtime_ns: int, size: int) -> str:
+    """The fingerprint of ``state``, the checkpoint at ``path``: read from its sidecar file while the checkpoint's
+    size, modification and change times and inode are the ones recorded there, else computed and recorded.
+
+    A deployed ClientApp runs in a new process for every message; hashing a
+    large base (91 MB for MiniLM) each time would cost more than loading it.
+    A checkpoint rewritten or replaced changes its size or time, and so its
+    fingerprint is computed anew. A sidecar that cannot be written (a
+    read-only folder) only costs the hash.
+    """
+    sidecar = sidecar_path(path)
+    stat = path.stat()  # the file as loaded: its inode and change time catch a copy that kept the mtime
+    key = {
+        "size": size,
+        "mtime_ns": mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+        "task": f"{type(task).__module__}.{type(task).__qualname__}",
+    }
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+        if isinstance(recorded, dict) and {k: recorded.get(k) for k in key} == key:
+            held = recorded.get("fingerprint")
+            if isinstance(held, str) and len(held) == 64:
+                return held
+    except (OSError, ValueError):
+        pass  # absent or unreadable: computed below
+    computed = fingerprint(state)
+    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({**key, "fingerprint": computed}), encoding="utf-8")
+        os.replace(tmp, sidecar)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return computed

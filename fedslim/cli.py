@@ -72,6 +72,8 @@ def run_simulate(args: argparse.Namespace) -> int:
         status = f"round {totals.round}: {totals.accepted}/{totals.sampled} updates"
         if totals.accuracy is not None:
             status += f", accuracy {totals.accuracy:.4f}"
+        if totals.client_accuracy is not None:
+            status += f", on clients {totals.client_accuracy:.4f} (p10 {totals.client_accuracy_p10:.4f})"
         progress.update(bar, completed=totals.round, status=status)
 
     console.print(

@@ -34,7 +34,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+READABLE_SCHEMAS = (4, 5)  # 5 added client_evaluations: a log of 4 reads as one without client-side evaluation
 LOG_FILENAME = "commlog.sqlite"
 
 SCHEMA = """
@@ -88,6 +89,15 @@ CREATE TABLE IF NOT EXISTS rounds (
     strategy_memory_bytes INTEGER,  -- per-client state the strategy holds on the server
     finished_at REAL NOT NULL,
     PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS client_evaluations (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    examples INTEGER NOT NULL,      -- the client's held-out examples
+    correct INTEGER NOT NULL,       -- how many of them the round's replica classified correctly
+    loss REAL,                      -- the mean loss over them (NULL: not finite, a diverged model)
+    PRIMARY KEY (run_id, round, client)
 );
 CREATE TABLE IF NOT EXISTS memory_weights (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -165,6 +175,49 @@ class RoundTotals:
     wall_time_s: float = 0.0
     late: int = 0
     """Replies to earlier rounds' train instructions that arrived in this round, after their timeout (discarded)."""
+    clients_evaluated: int = 0
+    """Clients whose client-side evaluation of the round's model was accepted (they evaluate the replica they
+    train from: with a lossy downstream codec it trails the exact state the server evaluates)."""
+    client_accuracy: float | None = None
+    """Mean over those clients of each one's accuracy on its held-out examples."""
+    client_accuracy_p10: float | None = None
+    """The worst decile: the 10th percentile of those accuracies (linear interpolation, as numpy's default)."""
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    """One client's accepted evaluation of the round's replica on its held-out examples (a row of
+    ``client_evaluations``)."""
+
+    client: str
+    examples: int
+    correct: int
+    loss: float | None
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.examples
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``values`` with linear interpolation between order statistics (numpy's default)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _client_accuracies(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> dict[int, list[float]]:
+    """Each round's accepted client-side accuracies (none in a log of schema 4, which has no such table)."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'client_evaluations'").fetchone():
+        return {}
+    accuracies: dict[int, list[float]] = {}
+    for server_round, examples, correct in db.execute(
+        f"SELECT round, examples, correct FROM client_evaluations WHERE {where} ORDER BY round, client", args
+    ):
+        accuracies.setdefault(server_round, []).append(correct / examples)
+    return accuracies
 
 
 def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | None = None) -> list[RoundTotals]:
@@ -189,6 +242,7 @@ def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | Non
         f" FROM rounds WHERE {where} ORDER BY round",
         args,
     )
+    evaluated = _client_accuracies(db, where, args)
     return [
         RoundTotals(
             round=server_round,
@@ -204,6 +258,11 @@ def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | Non
             available=available,
             wall_time_s=wall_time_s,
             late=traffic.get(server_round, empty)["late"],
+            clients_evaluated=len(evaluated.get(server_round, [])),
+            client_accuracy=sum(evaluated[server_round]) / len(evaluated[server_round])
+            if server_round in evaluated
+            else None,
+            client_accuracy_p10=percentile(evaluated[server_round], 10) if server_round in evaluated else None,
         )
         for server_round, accuracy, loss, sampled, accepted, available, wall_time_s, memory in rows
     ]
@@ -235,9 +294,11 @@ def open_log(path: Path, create: bool = False) -> sqlite3.Connection:
         db.close()
         raise SchemaVersionError(f"{path} is not a fedslim communication log ({exc})") from exc
     version = int(row[0]) if row else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         db.close()
         raise SchemaVersionError(f"{path} has log schema {version}; this fedslim reads schema {SCHEMA_VERSION}")
+    if create and version != SCHEMA_VERSION:  # the schema script has just added what the newer schema has
+        db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     return db
 
 
@@ -298,7 +359,7 @@ class CommLog:
             raise KeyError(f"run {run_id} is not in {self.path}")
         with self._db:
             self._db.execute("BEGIN")
-            for table in ("messages", "rounds", "memory_weights"):
+            for table in ("messages", "rounds", "memory_weights", "client_evaluations"):
                 self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
             self._db.execute(
                 "UPDATE runs SET finished_at = NULL, final_state_digest = NULL, resumes = resumes + 1 WHERE run_id = ?",
@@ -338,6 +399,12 @@ class CommLog:
             "INSERT OR REPLACE INTO rounds (run_id, round, sampled, accepted, available, accuracy, loss,"
             " wall_time_s, strategy_memory_bytes, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (run_id, *astuple(row), time.time()),
+        )
+
+    def record_client_evaluation(self, run_id: str, server_round: int, evaluation: ClientEvaluation) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO client_evaluations VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, server_round, evaluation.client, evaluation.examples, evaluation.correct, evaluation.loss),
         )
 
     def record_weights(

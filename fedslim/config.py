@@ -59,6 +59,8 @@ POSITIVE = Range(0.0, exclusive=True)
 NON_NEGATIVE = Range(0.0)
 AT_LEAST_ONE = Range(1.0)
 FRACTION = Range(0.0, 1.0, exclusive=True)
+NON_NEGATIVE_FRACTION = Range(0.0, 1.0)
+HOLDOUT = Range(0.0, 0.9)
 SEED_RANGE = Range(0.0, 2**32 - 1)  # 32-bit seeds: the per-layer seeds derived from them fit torch's 64 bits
 
 
@@ -341,6 +343,12 @@ class RunConfig:
         never see them and must estimate).
     eval_every : int
         Evaluate the global model every this many rounds (and after the last).
+    client_holdout : float
+        Share of each client's examples it keeps out of training, to evaluate
+        the round's model on its own data (0: no client-side evaluation).
+    fraction_evaluate : float
+        Share of the available clients asked to evaluate at each evaluation,
+        with ``client_holdout`` (0: none, the examples are still held out).
     robust : str
         Robust aggregation applied to the round's updates before the strategy
         sees them (see :mod:`fedslim.strategies.robust`).
@@ -475,6 +483,19 @@ class RunConfig:
     )
     p_known: bool = setting(False, "let the strategy read the true participation probabilities (p-estimate=known)")
     eval_every: int = setting(1, "evaluate every N rounds", range=AT_LEAST_ONE)
+    client_holdout: float = setting(
+        0.0,
+        "share of each client's examples held out for client-side evaluation (0: none, every example trains)",
+        client=True,
+        omit_default=True,
+        range=HOLDOUT,
+    )
+    fraction_evaluate: float = setting(
+        1.0,
+        "share of the available clients that evaluate the round's model on their held-out examples, "
+        "at each evaluation (with --client-holdout)",
+        range=NON_NEGATIVE_FRACTION,
+    )
     final_sync: bool = setting(
         False, "after the last round, send every node the exact final fast state and have it confirm the digest"
     )

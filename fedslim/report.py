@@ -15,24 +15,36 @@ def _kib(n: int) -> str:
     return f"{n / 1024:,.1f}"
 
 
+def _metric(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "-"
+
+
 def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | None = None) -> Table:
     """Accuracy, loss and bytes per round, with what full-model FedAvg would have moved.
+
+    With client-side evaluation, two columns show the accuracy of the replica
+    the clients train from on their held-out examples: the mean over the
+    evaluated clients and the worst decile (the 10th percentile).
 
     When the strategy keeps per-client state on the server, a column shows
     what it holds (and, given ``num_clients``, how much that is per client).
     """
     table = Table(title=title or None)
     with_memory = any(r.strategy_memory_bytes for r in rounds)
+    on_clients = any(r.clients_evaluated for r in rounds)
+    # "clients": the replica clients train from, on their held-out examples: the mean, and the 10th percentile.
     # "full FedAvg": what full-model FedAvg would have moved for the same messages.
-    columns = ["round", "acc", "loss", "updates", "KiB up", "KiB down", "full FedAvg KiB", "saving"]
+    columns = ["round", "acc", "loss", *(["clients mean", "clients p10"] if on_clients else [])]
+    columns += ["updates", "KiB up", "KiB down", "full FedAvg KiB", "saving"]
     for column in columns + (["server KiB"] if with_memory else []):
         table.add_column(column, justify="right")
     for r in rounds:
         moved = r.bytes_up + r.bytes_down
         cells = [
             str(r.round),
-            f"{r.accuracy:.4f}" if r.accuracy is not None else "-",
-            f"{r.loss:.4f}" if r.loss is not None else "-",
+            _metric(r.accuracy),
+            _metric(r.loss),
+            *([_metric(r.client_accuracy), _metric(r.client_accuracy_p10)] if on_clients else []),
             f"{r.accepted}/{r.sampled}",
             _kib(r.bytes_up),
             _kib(r.bytes_down),
@@ -43,7 +55,17 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
     up = sum(r.bytes_up for r in rounds)
     down = sum(r.bytes_down for r in rounds)
     full = sum(r.full_model_bytes for r in rounds)
-    total = ["total", "", "", "", _kib(up), _kib(down), _kib(full), f"{full / (up + down):,.1f}x" if up + down else "-"]
+    total = [
+        "total",
+        "",
+        "",
+        *(["", ""] if on_clients else []),
+        "",
+        _kib(up),
+        _kib(down),
+        _kib(full),
+        f"{full / (up + down):,.1f}x" if up + down else "-",
+    ]
     if with_memory:
         held = max(r.strategy_memory_bytes or 0 for r in rounds)
         total.append(f"{_kib(held)} ({held / num_clients:,.0f} B/client)" if num_clients else _kib(held))

@@ -112,6 +112,23 @@ class Task(ABC):
     def test_data(self, config: RunConfig) -> Sized:
         """The server's held-out data for central evaluation."""
 
+    def hold_out(self, data: Any, fraction: float, seed: list[int]) -> tuple[Sized, Sized | None]:
+        """A client's data split for client-side evaluation: what it trains on, and ``fraction`` of it held out.
+
+        By default a seeded random share of the examples, each part in the
+        data's own order, through the data's ``subset(indices)`` method. None
+        for the held-out part when the share rounds to none or to all. An
+        override must hold out at most ``round(fraction * len(data))``
+        examples: the server rejects evaluations on more.
+        """
+        count = round(fraction * len(data))
+        if count == 0 or count >= len(data):
+            return data, None
+        if not hasattr(data, "subset"):
+            raise TypeError(f"{type(data).__name__} has no subset(indices): override Task.hold_out to split it")
+        order = np.random.default_rng(seed).permutation(len(data))
+        return data.subset(np.sort(order[count:])), data.subset(np.sort(order[:count]))
+
     def labels(self, data: Any) -> np.ndarray:
         """The class labels of ``data`` (label-correlated participation models read them)."""
         return np.asarray(data.y)

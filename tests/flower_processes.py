@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -117,3 +118,69 @@ def flwr_run(
         text=True,
         timeout=timeout_s,
     )
+
+
+def fedslim(*args: str) -> list[str]:
+    """The ``fedslim`` command line of this interpreter."""
+    return [sys.executable, "-m", "fedslim.cli", *args]
+
+
+@dataclass
+class TlsFederation:
+    """A running TLS SuperLink with node authentication (see :func:`tls_federation`)."""
+
+    work: Path
+    env: dict[str, str]
+    fleet_port: int
+    stack: ExitStack
+
+    @property
+    def certs(self) -> Path:
+        return self.work / "certs"
+
+    @property
+    def keys(self) -> Path:
+        return self.work / "keys"
+
+    def supernode(self, name: str, data: Path, base: Path, *extra: str) -> subprocess.Popen[bytes]:
+        """Start `fedslim deploy supernode` ``name`` with its key, ``data`` and ``base`` (logged to NAME.log)."""
+        command = fedslim("deploy", "supernode", "--superlink", f"127.0.0.1:{self.fleet_port}", "--name", name)
+        command += ["--data", str(data), "--base", str(base), "--port", str(free_port()), *extra]
+        command += ["--ca", str(self.certs / "ca.crt"), "--key", str(self.keys / name)]
+        return self.stack.enter_context(started(command, self.env, self.work / f"{name}.log"))
+
+
+@contextmanager
+def tls_federation(
+    work: Path, registered: list[str], unregistered: list[str], connection: str
+) -> Iterator[TlsFederation]:
+    """`fedslim deploy` from zero on loopback: certificates, a node key per name, the flwr connection, the
+    SuperLink (TLS, node authentication; logged to superlink.log) and the ``registered`` keys registered.
+
+    SuperNodes are started with :meth:`TlsFederation.supernode`; every process stops on exit.
+    """
+    env = flower_env(work / "flwr-home")
+    certs, keys = work / "certs", work / "keys"
+    fleet_port, http_port = free_port(), free_port()
+    setup = [fedslim("deploy", "certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost")]
+    setup += [fedslim("deploy", "node-key", name, "--out", str(keys)) for name in (*registered, *unregistered)]
+    address = f"127.0.0.1:{http_port}"
+    setup.append(fedslim("deploy", "connection", connection, "--address", address, "--ca", str(certs / "ca.crt")))
+    for command in setup:
+        subprocess.run(command, env=env, check=True, capture_output=True, timeout=60)
+    with ExitStack() as stack:
+        log_file = work / "superlink.log"
+        command = fedslim("deploy", "superlink", "--certs", str(certs), "--fleet-address", f"127.0.0.1:{fleet_port}")
+        command += ["--control-address", address, "--database", str(work / "state.db")]
+        superlink = stack.enter_context(started(command, env, log_file))
+        wait_until_healthy(superlink, http_port, log_file, ca=certs / "ca.crt")
+        for name in registered:
+            done = subprocess.run(
+                fedslim("deploy", "register", str(keys / f"{name}.pub"), "--connection", connection),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+        yield TlsFederation(work, env, fleet_port, stack)

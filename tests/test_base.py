@@ -41,3 +41,41 @@ def test_a_changed_pretraining_recipe_is_not_served_from_the_cache(
     monkeypatch.setitem(benchmarks.PRETRAIN_RECIPES, "synthetic", benchmarks.PretrainRecipe(epochs=3))
     assert task.base_path(small_config) != before
     assert task.base_identity(small_config)["recipe"]["epochs"] == 3
+
+
+def test_the_fingerprint_sidecar_is_read_only_while_the_checkpoint_is_unchanged(tmp_path: Path) -> None:
+    import json
+    import os
+
+    from fedslim.adapters import fingerprint
+    from fedslim.base import _load_base, load_base, sidecar_path
+
+    config = RunConfig(task="synthetic")
+    task = task_for(config)
+    path = tmp_path / "base.pt"
+    path.write_bytes(prepared_base(config).path.read_bytes())
+    true = fingerprint(task.load_base_state(path))
+
+    assert load_base(path, task).fingerprint == true
+    sidecar = sidecar_path(path)
+    recorded = json.loads(sidecar.read_text())
+    assert recorded["fingerprint"] == true and recorded["size"] == path.stat().st_size
+
+    # A later process (the cache cleared) reads the recorded value instead of hashing: shown by a planted one.
+    sidecar.write_text(json.dumps({**recorded, "fingerprint": "0" * 64}))
+    _load_base.cache_clear()
+    assert load_base(path, task).fingerprint == "0" * 64
+    # The checkpoint rewritten (its time changes): the fingerprint is computed again, and recorded.
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert load_base(path, task).fingerprint == true
+    assert json.loads(sidecar.read_text())["fingerprint"] == true
+    # A corrupt sidecar, or one that cannot be read or written (here a folder in its place), costs only the hash.
+    sidecar.write_text("{not json")
+    _load_base.cache_clear()
+    assert load_base(path, task).fingerprint == true
+    sidecar.unlink()
+    sidecar.mkdir()
+    _load_base.cache_clear()
+    assert load_base(path, task).fingerprint == true
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.pt", sidecar.name]  # no temporary file left

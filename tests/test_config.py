@@ -71,7 +71,7 @@ def test_pyproject_lists_every_flat_key_with_its_default() -> None:
 
 def test_flat_defaults_build_the_default_config() -> None:
     defaults = flat_defaults()
-    assert len(defaults) == 42 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
+    assert len(defaults) == 44 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
     assert RunConfig.from_flat(defaults) == RunConfig()
 
 
@@ -142,9 +142,10 @@ def test_client_task_keys_and_round_trip() -> None:
     assert (rebuilt.rounds, rebuilt.strategy) == (RunConfig.rounds, RunConfig.strategy)  # not sent: defaults
 
     # Settings whose default clients fill in themselves travel only when set otherwise.
-    with_dir = dataclasses.replace(config, data_dir="/data/fmnist", device="auto").client_task()
-    assert sorted(with_dir) == sorted([*CLIENT_KEYS, "data-dir", "device"]) and with_dir["data-dir"] == "/data/fmnist"
-    assert (RunConfig.from_flat(with_dir).data_dir, RunConfig.from_flat(with_dir).device) == ("/data/fmnist", "auto")
+    with_dir = dataclasses.replace(config, data_dir="/data/fmnist", device="auto", client_holdout=0.2).client_task()
+    assert sorted(with_dir) == sorted([*CLIENT_KEYS, "data-dir", "device", "client-holdout"])
+    received = RunConfig.from_flat(with_dir)
+    assert (received.data_dir, received.device, received.client_holdout) == ("/data/fmnist", "auto", 0.2)
 
 
 def test_from_flat_takes_snake_case_and_the_run_seed_for_the_fast_layer() -> None:

@@ -7,13 +7,10 @@ node-3 holds another base and is refused. Three nodes train.
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 from fakes import other_base
-from flower_processes import flower_env, flwr_run, free_port, started, wait_until_healthy
+from flower_processes import flwr_run, tls_federation
 
 from fedslim.base import checkpoint_fingerprint
 from fedslim.channel.protocol import FINAL_SYNC_TYPE, PROVISION_TYPE
@@ -26,12 +23,7 @@ NODES = 4
 CONNECTION = "fedslim-tls"
 
 
-def fedslim(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedslim.cli", *args]
-
-
 def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: Path) -> None:
-    env = flower_env(tmp_path / "flwr-home")
     config = RunConfig(task="synthetic", num_clients=NODES)
     base = prepared_base(config)
     base_path = base.path
@@ -45,66 +37,17 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
     for node, data in enumerate(load_federation(config).clients):
         save_array_file(tmp_path / "data" / f"node-{node}.npz", data)
 
-    certs, keys = tmp_path / "certs", tmp_path / "keys"
-    fleet_port, http_port = free_port(), free_port()
-    setup = [fedslim("deploy", "certs", "--out", str(certs), "--host", "127.0.0.1", "--host", "localhost")]
-    setup += [fedslim("deploy", "node-key", name, "--out", str(keys)) for name in (*bases, "rogue")]
-    setup.append(
-        fedslim(
-            "deploy", "connection", CONNECTION, "--address", f"127.0.0.1:{http_port}", "--ca", str(certs / "ca.crt")
-        )
-    )
-    for command in setup:
-        subprocess.run(command, env=env, check=True, capture_output=True, timeout=60)
-
-    with ExitStack() as stack:
-        superlink_log = tmp_path / "superlink.log"
-        superlink = stack.enter_context(
-            started(
-                fedslim(
-                    "deploy",
-                    "superlink",
-                    "--certs",
-                    str(certs),
-                    "--fleet-address",
-                    f"127.0.0.1:{fleet_port}",
-                    "--control-address",
-                    f"127.0.0.1:{http_port}",
-                    "--database",
-                    str(tmp_path / "state.db"),
-                ),
-                env,
-                superlink_log,
-            )
-        )
-        wait_until_healthy(superlink, http_port, superlink_log, ca=certs / "ca.crt")
-        for node in range(NODES):
-            registered = subprocess.run(
-                fedslim("deploy", "register", str(keys / f"node-{node}.pub"), "--connection", CONNECTION),
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert registered.returncode == 0, registered.stdout + registered.stderr
-
-        def supernode(name: str, data: Path, base: Path, log_file: Path) -> subprocess.Popen[bytes]:
-            command = fedslim("deploy", "supernode", "--superlink", f"127.0.0.1:{fleet_port}", "--name", name)
-            command += ["--data", str(data), "--base", str(base), "--port", str(free_port())]
-            command += ["--ca", str(certs / "ca.crt"), "--key", str(keys / name)]
-            return stack.enter_context(started(command, env, log_file))
-
-        for name in (f"node-{node}" for node in range(NODES)):
-            supernode(name, tmp_path / "data" / f"{name}.npz", bases[name], tmp_path / f"{name}.log")
-        rogue_log = tmp_path / "rogue.log"
-        rogue = supernode("rogue", tmp_path / "data" / "node-0.npz", base_path, rogue_log)
+    with tls_federation(tmp_path, list(bases), ["rogue"], CONNECTION) as federation:
+        for name in bases:
+            federation.supernode(name, tmp_path / "data" / f"{name}.npz", bases[name])
+        rogue = federation.supernode("rogue", tmp_path / "data" / "node-0.npz", base_path)
         out = tmp_path / "run"
         run_config = f'rounds=3 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" final-sync=true out="{out}"'
-        completed = flwr_run(CONNECTION, run_config, env)
+        completed = flwr_run(CONNECTION, run_config, federation.env)
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
         assert rogue.wait(timeout=30) != 0  # the intruder gave up: its key is not registered
-    assert "Failed to activate SuperNode" in rogue_log.read_text()
-    assert "No SuperNode found with the given public key" in superlink_log.read_text()
+    assert "Failed to activate SuperNode" in (tmp_path / "rogue.log").read_text()
+    assert "No SuperNode found with the given public key" in (tmp_path / "superlink.log").read_text()
 
     db = sqlite3.connect(out / LOG_FILENAME)
     assert db.execute("SELECT COUNT(*), MAX(finished_at IS NOT NULL) FROM runs").fetchone() == (1, 1)

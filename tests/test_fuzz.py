@@ -14,6 +14,9 @@ plain seeds, by the hundred thousand:
   often than not so that every check is passed about as often as it is failed;
 - :func:`random_round`: a round's train replies as Flower Messages, with random records, random metrics
   (num-examples of every type a MetricRecord holds), error replies, unasked and repeated nodes.
+
+:func:`random_evaluations` does the same for client-side evaluation replies, whose claims
+``check_evaluations`` accepts only when they can be true.
 """
 
 from __future__ import annotations
@@ -34,13 +37,24 @@ from flwr.app.typing import ConfigRecordValues
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
-from fedslim.channel.protocol import DELTA_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, UPDATE_KEY, Role
+from fedslim.channel.protocol import (
+    DELTA_KEY,
+    EVAL_CORRECT_KEY,
+    EVAL_EXAMPLES_KEY,
+    EVAL_LOSS_KEY,
+    EVALUATION_RECORD,
+    NUM_EXAMPLES_KEY,
+    TRAIN_TYPE,
+    UPDATE_KEY,
+    Role,
+)
 from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import Received, SizeScreen, UplinkReceiver
 from fedslim.codecs import UpdateError, decode_update, encode_update, parse_codec
 from fedslim.codecs.layouts import encode_varints
 from fedslim.codecs.pipeline import DELTA, STATE, dense_update_limit
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
+from fedslim.server.evaluation import check_evaluations, most_held_out
 
 FINGERPRINT = "base"
 STATE_VERSION = 7
@@ -436,6 +450,30 @@ def random_round(rng: random.Random) -> Round:
     return Round(replies, asked, receiver, f"{len(replies)} replies, {len(asked)} of {len(nodes)} nodes asked")
 
 
+def random_evaluations(rng: random.Random) -> tuple[list[Message], dict[int, str], dict[str, int], float]:
+    """One to five evaluate replies with claims of every type a ConfigRecord holds, from asked, unasked and
+    repeated nodes, some of them errors or without an evaluation record; and what the server asked."""
+    nodes = list(range(1, rng.randint(2, 5)))
+    asked = {node: f"client-{node}" for node in nodes if rng.random() < 0.85}
+    declared = {client: rng.randint(0, 300) for client in asked.values() if rng.random() < 0.8}
+    replies = []
+    for _ in range(rng.randint(1, 5)):
+        request = Message(RecordDict(), dst_node_id=rng.choice([*nodes, 99]), message_type="evaluate")
+        if rng.random() < 0.1:
+            replies.append(Message(Error(code=rng.randint(0, 2000), reason="x"), reply_to=request))
+            continue
+        claims: dict[str, ConfigRecordValues] = {}
+        for key in (EVAL_EXAMPLES_KEY, EVAL_CORRECT_KEY, EVAL_LOSS_KEY, "cpu-s"):
+            if rng.random() < 0.9:
+                claims[key] = rng.choice(
+                    (rng.randint(0, 80), rng.randint(-5, 2**40), rng.uniform(-1, 10), rng.choice(ODD_FLOATS),
+                     rng.random() < 0.5, rng.randbytes(3), "7", [1, 2])
+                )  # fmt: skip
+        record = EVALUATION_RECORD if rng.random() < 0.9 else "metrics"
+        replies.append(Message(RecordDict({record: ConfigRecord(claims)}), reply_to=request))
+    return replies, asked, declared, rng.choice((0.1, 0.2, 0.5, 0.9))
+
+
 def receive_round(round_: Round) -> list[Received]:
     """What the receiver makes of the round: one Received per reply, accepted ones whole and finite."""
     received = round_.receiver.receive(round_.replies, round_.asked, STATE_VERSION)
@@ -475,6 +513,23 @@ def test_random_field_values_are_decoded_or_refused_with_update_error(rng: rando
 @given(randoms)
 def test_receive_never_raises_whatever_the_replies(rng: random.Random) -> None:
     receive_round(random_round(rng))
+
+
+@settings(max_examples=300, deadline=500, derandomize=True, database=None)
+@given(randoms)
+def test_evaluation_claims_are_accepted_only_when_they_can_be_true(rng: random.Random) -> None:
+    replies, asked, declared, holdout = random_evaluations(rng)
+    checked = check_evaluations(replies, asked, declared, holdout)
+    assert len(checked) == len(replies)
+    for reply, (client, evaluation, reason) in zip(replies, checked):
+        assert (evaluation is None) == (reason is not None)
+        if evaluation is not None:
+            assert client == asked[reply.metadata.src_node_id] == evaluation.client
+            assert type(evaluation.examples) is int and type(evaluation.correct) is int
+            assert 0 <= evaluation.correct <= evaluation.examples and 0.0 <= evaluation.accuracy <= 1.0
+            assert evaluation.loss is None or (math.isfinite(evaluation.loss) and evaluation.loss >= 0)
+            if client in declared:
+                assert evaluation.examples <= most_held_out(declared[client], holdout)
 
 
 def test_the_corpus_holds_every_pipeline_and_decodes() -> None:

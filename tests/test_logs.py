@@ -91,7 +91,8 @@ def test_export_round_trips_to_the_summary_totals(two_runs: tuple[Path, Path], t
             messages = list(csv.DictReader(handle))
         with (out / "rounds.csv").open() as handle:
             rounds = list(csv.DictReader(handle))
-        assert {p.name for p in out.iterdir()} == {"runs.csv", "rounds.csv", "messages.csv", "memory_weights.csv"}
+        tables = {"runs.csv", "rounds.csv", "messages.csv", "memory_weights.csv", "client_evaluations.csv"}
+        assert {p.name for p in out.iterdir()} == tables
     with RunLog(str(run)) as log:
         summary = log.summary()
     up = sum(int(m["message_bytes"]) for m in messages if m["direction"] == "up")

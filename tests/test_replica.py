@@ -89,3 +89,21 @@ def test_client_skips_steps_it_already_applied_and_refuses_gaps_and_foreign_base
         ClientReplica(dict(initial), 0).synced(chain, SHAPES, "other", 3, server.digest)
     with pytest.raises(ReplicaMismatch, match="digest"):
         ClientReplica(dict(initial), 0).synced(chain, SHAPES, "base", 3, "0" * 32)
+
+
+def test_a_step_published_ahead_is_not_published_again_and_only_once() -> None:
+    start = {"w": np.zeros(50, np.float32)}
+    target = {"w": np.linspace(-1.0, 1.0, 50, dtype=np.float32)}
+    ahead = ServerReplica(start, parse_codec("topk:0.2+q8"), "f" * 64)
+    plain = ServerReplica(start, parse_codec("topk:0.2+q8"), "f" * 64)
+    ahead.publish_ahead(target)  # the evaluation's early step
+    ahead.publish_once(target)  # the next round: nothing more
+    plain.publish_once(target)
+    assert (ahead.version, ahead.digest) == (plain.version, plain.digest) == (1, plain.digest)
+    ahead.publish_once(target)  # the round after: a lossy replica refines again, as without the early step
+    plain.publish_once(target)
+    assert (ahead.version, ahead.digest) == (plain.version, plain.digest) == (2, plain.digest)
+    ahead.publish_ahead(target)
+    moved = {"w": target["w"] + 0.5}
+    ahead.publish_once(moved)  # the state moved since the early step: it is published as usual
+    assert ahead.version == 4

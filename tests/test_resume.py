@@ -23,14 +23,14 @@ from fedslim.simulation.simulate import simulate
 
 TESTS = Path(__file__).resolve().parent
 PAUSE_ROUND = 3
-MODES = {
-    "fedavg": ("pausing:PausingFedAvg", "none", "none"),
-    "fedvarp-codec-ef": ("pausing:PausingFedVARP", "topk:0.2+q8", "topk:0.3+q8"),
+MODES = {  # strategy, codecs up and down, client-side evaluation's held-out share
+    "fedavg": ("pausing:PausingFedAvg", "none", "none", 0.0),
+    "fedvarp-codec-ef-client-eval": ("pausing:PausingFedVARP", "topk:0.2+q8", "topk:0.3+q8", 0.2),
 }
 
 
 def killable_config(mode: str, out: Path, marker: Path) -> RunConfig:
-    strategy, codec, downstream = MODES[mode]
+    strategy, codec, downstream, holdout = MODES[mode]
     return RunConfig(
         task="synthetic",
         num_clients=8,
@@ -41,6 +41,7 @@ def killable_config(mode: str, out: Path, marker: Path) -> RunConfig:
         strategy_args=f"pause-round={PAUSE_ROUND},marker={marker}",
         codec=codec,
         downstream_codec=downstream,
+        client_holdout=holdout,
         out=str(out),
     )
 
@@ -57,6 +58,7 @@ def cli_args(config: RunConfig) -> list[str]:
         *[a for arg in config.strategy_args.split(",") for a in ("--strategy-arg", arg)],
         "--codec", config.codec,
         "--downstream-codec", config.downstream_codec,
+        "--client-holdout", str(config.client_holdout),
         "--out", config.out,
     ]  # fmt: skip
 
@@ -126,6 +128,9 @@ def test_a_server_killed_mid_round_resumes_to_the_same_final_state(
     train = "SELECT round, client, direction, payload_bytes, message_bytes, status FROM messages"
     train += " WHERE message_type = 'train' ORDER BY round, client, direction"
     assert logged(run_dir, train) == logged(Path(reference.log_path).parent, train)
+    evaluations = "SELECT round, client, examples, correct, loss FROM client_evaluations ORDER BY round, client"
+    assert logged(run_dir, evaluations) == logged(Path(reference.log_path).parent, evaluations)
+    assert bool(logged(run_dir, evaluations)) == bool(config.client_holdout)
     counts = logged(run_dir, "SELECT r.round, r.sampled, COUNT(m.id) FROM rounds r JOIN messages m ON m.round = r.round"
                     " AND m.message_type = 'train' AND m.direction = 'up' GROUP BY r.round")  # fmt: skip
     assert all(sampled == replies for _, sampled, replies in counts)

@@ -100,3 +100,50 @@ def test_two_rounds_of_compressed_lora_on_the_text_task(text_config: RunConfig) 
     result = simulate(config, backend="inline")
     assert [r.accepted for r in result.rounds] == [0, 3, 3]
     assert all(r.accuracy is not None and 0.0 < r.accuracy < 1.0 for r in result.rounds)
+
+
+def test_only_the_fast_tensors_leave_the_client_and_clients_evaluate_on_held_out_texts(
+    text_config: RunConfig,
+) -> None:
+    from flwr.app import Context, Message
+
+    from fedslim.channel.protocol import CPU_KEY, NUM_EXAMPLES_KEY, PEAK_RSS_KEY, TRAIN_LOSS_KEY, UPDATE_KEY
+    from fedslim.client.app import app as client_app
+    from fedslim.codecs.pipeline import decode_update
+    from fedslim.server.loop import run_federation
+    from fedslim.simulation.inline import InlineGrid
+
+    replies: list[Message] = []
+
+    def app(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        if message.metadata.message_type == "train":
+            replies.append(reply)
+        return reply
+
+    config = replace(
+        text_config,
+        rounds=1,
+        fraction=0.07,
+        lr=5e-4,
+        batch_size=16,
+        codec="topk:0.1+q8+lzma",
+        client_holdout=0.2,
+        fraction_evaluate=0.1,
+    )
+    result = run_federation(InlineGrid(app, config.num_clients), config)  # type: ignore[arg-type]
+    assert [r.clients_evaluated for r in result.rounds] == [3, 3]
+    assert all(r.client_accuracy is not None and 0.0 <= r.client_accuracy <= 1.0 for r in result.rounds)
+
+    model = prepared_base(config).build(config.fast)
+    shapes = model.fast_shapes()
+    assert replies and all(not reply.has_error() for reply in replies)
+    for reply in replies:
+        assert not reply.content.array_records and list(reply.content.config_records) == ["delta"]
+        entries = dict(reply.content.config_records["delta"].items())
+        assert sorted(entries) == sorted([UPDATE_KEY, NUM_EXAMPLES_KEY, TRAIN_LOSS_KEY, CPU_KEY, PEAK_RSS_KEY])
+        assert all(not isinstance(value, bytes) for key, value in entries.items() if key != UPDATE_KEY)
+        update = decode_update(entries[UPDATE_KEY], shapes)  # type: ignore[arg-type]
+        assert {name: tuple(t.shape) for name, t in update.tensors.items()} == shapes  # the fast tensors, no other
+        assert len(entries[UPDATE_KEY]) < 4 * model.num_fast_parameters()  # type: ignore[arg-type]
+    assert model.num_fast_parameters() * 500 < prepared_base(config).num_parameters()

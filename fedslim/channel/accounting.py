@@ -123,12 +123,16 @@ class WireAccounting:
         """Log one chunk of base provisioning (a one-off cost: full-model FedAvg would need the base too)."""
         self._record(message, "down", chunk_bytes, 0, None, None)
 
-    def record_reply(self, reply: Message, reason: str | None) -> None:
-        """Log a reply without fast-layer data (identity, final-sync confirmation); a ``reason`` rejects it.
+    def record_reply(
+        self, reply: Message, reason: str | None, device: tuple[float | None, int | None] = (None, None)
+    ) -> None:
+        """Log a reply without fast-layer data (identity, evaluation, final-sync confirmation); a ``reason``
+        rejects it. ``device``: the client's reported CPU seconds and peak memory.
 
         An error reply (a refusal, a ClientApp that raised) is logged as an error.
         """
-        self._record(reply, "up", 0, 0, None, None, reason, status=Status.ERROR if reply.has_error() else None)
+        status = Status.ERROR if reply.has_error() else None
+        self._record(reply, "up", 0, 0, None, None, reason, device, status)
 
     def record_received(self, received: Received) -> None:
         """Log a train reply as the uplink received it: accepted, rejected (its reason), or the client's error."""

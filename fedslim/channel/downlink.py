@@ -32,6 +32,7 @@ from fedslim.channel.protocol import (
     BASE_META_KEY,
     CONFIG_KEY,
     DROP_RESIDUAL_KEY,
+    EVALUATE_TYPE,
     INSTRUCTION_KEYS,
     PAYLOAD_KEYS,
     REPLICA_DIGEST_KEY,
@@ -92,6 +93,8 @@ class ServerReplica:
         Seed for codecs that draw random numbers (random-k, PowerSGD).
     """
 
+    _ahead: str | None = None  # digest of the state publish_ahead published towards (a class default: old checkpoints)
+
     def __init__(
         self, initial: Mapping[str, np.ndarray], pipeline: Pipeline, base_fingerprint: str, seed: int = 0
     ) -> None:
@@ -124,6 +127,19 @@ class ServerReplica:
         self._steps[self.version] = step.blob
         self.version += 1
         self._prune()
+
+    def publish_ahead(self, exact: Mapping[str, np.ndarray]) -> None:
+        """Publish now the step the next round would publish towards ``exact`` (client-side evaluation sends it
+        early); that round's :meth:`publish_once` then adds none, so the replica's steps are those of a run
+        without evaluation."""
+        self.publish(exact)
+        self._ahead = state_digest(exact)
+
+    def publish_once(self, exact: Mapping[str, np.ndarray]) -> None:
+        """:meth:`publish`, unless :meth:`publish_ahead` has just published towards this same ``exact``."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead != state_digest(exact):
+            self.publish(exact)
 
     def settle(self, exact: Mapping[str, np.ndarray]) -> None:
         """Make the replica ``exact`` itself, as a new version reached only by a full-state sync (end of a run)."""
@@ -261,6 +277,17 @@ class Downlink:
             for instruction in instructions
         ]
 
+    def evaluate_messages(
+        self, server_round: int, clients: Sequence[str], nodes: Mapping[str, int], held: Mapping[str, int | None]
+    ) -> list[Message]:
+        """One evaluate message per client, to its node (``nodes``), which holds replica ``held``: the replica's
+        sync, so that the client evaluates the state it would train from."""
+        config = self.round_config(server_round)
+        return [
+            self._message(Instruction(client), nodes[client], config, held[client], set(), EVALUATE_TYPE)
+            for client in clients
+        ]
+
     def _message(
         self,
         instruction: Instruction,
@@ -268,6 +295,7 @@ class Downlink:
         config: Mapping[str, Any],
         held: int | None,
         drop_residual: set[str],
+        message_type: str = TRAIN_TYPE,
     ) -> Message:
         # A client past version 0 has answered an instruction since it last lost its replica, so it holds the task.
         task = {k: v for k, v in config.items() if not held or k not in self.task}
@@ -279,7 +307,7 @@ class Downlink:
             None if instruction.direction is None else self._direction_blob(instruction, config[SERVER_ROUND_KEY])
         )
         content = instruction_content(task, self.replica.sync_for(held), direction)
-        return Message(content=content, dst_node_id=node, message_type=TRAIN_TYPE)
+        return Message(content=content, dst_node_id=node, message_type=message_type)
 
     def _direction_blob(self, instruction: Instruction, server_round: int) -> bytes:
         """The instruction's direction, encoded once per round for every instruction sharing it."""

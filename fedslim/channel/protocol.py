@@ -53,6 +53,7 @@ IDENTITY_KEY = "identity"
 CHUNK_KEY = "chunk"
 PROVISION_RECORD = "provision"
 REPLICA_RECORD = "replica"
+EVALUATION_RECORD = "evaluation"
 
 # Entries of the task config (``config``) beyond the run config's client task.
 BASE_FINGERPRINT_KEY = "base-fingerprint"
@@ -73,6 +74,11 @@ ANCHOR_METRIC = "anchor"  # 1 in a FedAMD anchor's reply; the server goes by the
 CPU_KEY = "cpu-s"
 PEAK_RSS_KEY = "peak-rss-bytes"
 
+# Entries of an evaluate reply's ``evaluation`` (claims too): the round's replica on the client's held-out examples.
+EVAL_EXAMPLES_KEY = "examples"
+EVAL_CORRECT_KEY = "correct"
+EVAL_LOSS_KEY = "loss"
+
 # Entries of the identity, provisioning and final-sync replies.
 CLIENT_KEY = "client-key"
 BASE_STATUS_KEY = "base"
@@ -92,6 +98,7 @@ CHUNK_STYPE = "fedslim.base-chunk"
 
 # Message types beyond Flower's train and query: custom query actions.
 TRAIN_TYPE = MessageType.TRAIN
+EVALUATE_TYPE = MessageType.EVALUATE
 IDENTIFY_TYPE = MessageType.QUERY
 PROVISION_TYPE = f"{MessageType.QUERY}.provision"
 FINAL_SYNC_TYPE = f"{MessageType.QUERY}.sync"
@@ -300,6 +307,16 @@ def provision_progress(reply: Message) -> tuple[int, bool] | None:
 def replica_report(version: int, digest: str) -> RecordDict:
     """A node's answer to the final sync: the version and digest of the fast state it now holds."""
     return RecordDict({REPLICA_RECORD: ConfigRecord({VERSION_KEY: version, DIGEST_KEY: digest})})
+
+
+def evaluation_content(claims: Mapping[str, int | float]) -> RecordDict:
+    """An evaluate reply: held-out ``examples``, how many were ``correct``, their mean ``loss``, and the footprint."""
+    return RecordDict({EVALUATION_RECORD: ConfigRecord(dict(claims))})
+
+
+def evaluation_claims(reply: Message) -> dict[str, ConfigRecordValues]:
+    """The entries of an evaluate reply (KeyError if it has no ``evaluation``)."""
+    return dict(reply.content.config_records[EVALUATION_RECORD].items())
 
 
 def reported_digest(reply: Message) -> str | None:

@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from fedslim.channel.protocol import (
     CPU_KEY,
     DELTA_KEY,
+    EVALUATION_RECORD,
     NUM_EXAMPLES_KEY,
     PEAK_RSS_KEY,
     RESIDUAL_META_KEY,
@@ -377,10 +378,12 @@ def _client_update(reply: Message, instruction: Instruction, update: DecodedUpda
 
 
 def footprint(reply: Message) -> tuple[float | None, int | None]:
-    """The CPU seconds and peak memory a client reported with its reply (None where it did not)."""
-    if reply.has_error() or DELTA_KEY not in reply.content.config_records:
+    """The CPU seconds and peak memory a client reported with its train or evaluate reply (None where it did not)."""
+    records = reply.content.config_records if not reply.has_error() else {}
+    record = next((records[key] for key in (DELTA_KEY, EVALUATION_RECORD) if key in records), None)
+    if record is None:
         return None, None
-    claims = update_claims(reply.content)
+    claims = dict(record.items())
     cpu, rss = claims.get(CPU_KEY), claims.get(PEAK_RSS_KEY)
     return (
         float(cpu) if isinstance(cpu, int | float) else None,

@@ -34,6 +34,9 @@ from fedslim.channel.protocol import (
     CPU_KEY,
     DATA_PATH_KEY,
     DROP_RESIDUAL_KEY,
+    EVAL_CORRECT_KEY,
+    EVAL_EXAMPLES_KEY,
+    EVAL_LOSS_KEY,
     NODE_NAME_KEY,
     NUM_EXAMPLES_KEY,
     OFFSET_KEY,
@@ -52,6 +55,7 @@ from fedslim.channel.protocol import (
     Refusal,
     RefusalCode,
     Role,
+    evaluation_content,
     identity_reply,
     partition_key,
     provision_reply,
@@ -96,6 +100,31 @@ def train(msg: Message, context: Context) -> Message:
 def peak_rss_bytes() -> int:
     """The largest resident memory this process has had (in simulation every virtual node shares the process)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@app.evaluate()
+@answers_refusals
+def evaluate(msg: Message, context: Context) -> Message:
+    """Sync the replica and evaluate it on this node's held-out examples (client-side evaluation)."""
+    started = time.process_time()
+    instruction = synced_instruction(msg, context)
+    _, held_out = local_split(context, instruction.config)
+    if held_out is None:
+        raise Refusal(
+            RefusalCode.BAD_REQUEST,
+            f"no held-out examples to evaluate on (client-holdout {instruction.config.client_holdout:g})",
+        )
+    model = fast_model(instruction.base, instruction.config.fast, instruction.device)
+    model.load_fast_state(instruction.replica.state)
+    result = instruction.base.task.evaluate(model.module, held_out)
+    claims: dict[str, int | float] = {
+        EVAL_EXAMPLES_KEY: result.num_examples,
+        EVAL_CORRECT_KEY: round(result.accuracy * result.num_examples),
+        EVAL_LOSS_KEY: result.loss,
+        CPU_KEY: time.process_time() - started,
+        PEAK_RSS_KEY: peak_rss_bytes(),
+    }
+    return Message(evaluation_content(claims), reply_to=msg)
 
 
 @app.query()
@@ -375,20 +404,27 @@ def fast_model(base: ResidentBase, spec: FastSpec, device: str) -> FastSlowModel
 
 
 def local_data(context: Context, config: RunConfig) -> Sized:
-    """This node's training data: its own file (``data-path``), else the simulated partition (``partition-id``)."""
+    """This node's training examples (its held-out ones, with ``client-holdout``, are not among them)."""
+    return local_split(context, config)[0]
+
+
+def local_split(context: Context, config: RunConfig) -> tuple[Sized, Sized | None]:
+    """This node's data as training and held-out examples: its own file (``data-path``), else the simulated
+    partition (``partition-id``). No held-out part without ``client-holdout``."""
     task = node_task(config, context)
     if DATA_PATH_KEY in context.node_config:
         try:
-            return task.node_data(config, Path(str(context.node_config[DATA_PATH_KEY])))
+            data = task.node_data(config, Path(str(context.node_config[DATA_PATH_KEY])))
         except (FileNotFoundError, ValueError) as exc:
             raise Refusal(RefusalCode.BAD_REQUEST, str(exc)) from exc
+        return held_out_split(task, config, data, node_seed(context))
     if PARTITION_ID_KEY not in context.node_config:
         raise Refusal(
             RefusalCode.BAD_REQUEST,
             "node_config has neither data-path nor partition-id: this node has no training data",
         )
     try:
-        return partition_data(task, config, int(context.node_config[PARTITION_ID_KEY]))
+        return partition_split(task, config, int(context.node_config[PARTITION_ID_KEY]))
     except (FileNotFoundError, IndexError) as exc:
         raise Refusal(
             RefusalCode.BAD_REQUEST, f"no data for partition-id {context.node_config[PARTITION_ID_KEY]}: {exc}"
@@ -396,6 +432,17 @@ def local_data(context: Context, config: RunConfig) -> Sized:
 
 
 @lru_cache(maxsize=1024)
-def partition_data(task: Task, config: RunConfig, partition_id: int) -> Sized:
-    """A simulated client's data, loaded once per process (every virtual node a process hosts asks each round)."""
-    return task.client_data(config, partition_id)
+def partition_split(task: Task, config: RunConfig, partition_id: int) -> tuple[Sized, Sized | None]:
+    """A simulated client's data, loaded and split once per process (every virtual node a process hosts asks each
+    round)."""
+    return held_out_split(task, config, task.client_data(config, partition_id), partition_id)
+
+
+def held_out_split(task: Task, config: RunConfig, data: Sized, seed: int) -> tuple[Sized, Sized | None]:
+    """``data`` as the task splits it for ``client-holdout`` (all of it trains without one)."""
+    if not config.client_holdout:
+        return data, None
+    try:
+        return task.hold_out(data, config.client_holdout, [config.seed, seed])
+    except TypeError as exc:
+        raise Refusal(RefusalCode.BAD_REQUEST, f"cannot hold out examples for client-side evaluation: {exc}") from exc

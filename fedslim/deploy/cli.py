@@ -56,7 +56,11 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     supernode = commands.add_parser("supernode", help="start a SuperNode on this device (replaces this process)")
     supernode.add_argument("--superlink", required=True, help="the SuperLink's Fleet API, HOST:PORT")
     supernode.add_argument("--name", required=True, help="the node's stable name (its client key)")
-    supernode.add_argument("--data", type=Path, help="the node's data: .npz with x and y")
+    supernode.add_argument(
+        "--data",
+        type=Path,
+        help="the node's data file, as its task reads it (.npz with x and y; the text task: JSON Lines)",
+    )
     supernode.add_argument("--base", type=Path, help="the resident base checkpoint (provisioned there if absent)")
     supernode.add_argument(
         "--task",

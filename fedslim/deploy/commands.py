@@ -85,8 +85,9 @@ class NodeSettings:
     name : str
         The node's stable client key (the server orders and samples by it).
     data_path : Path, optional
-        The node's training data: an ``.npz`` with ``x`` (float32 features)
-        and ``y`` (int64 labels).
+        The node's training data, as its task's ``node_data`` reads it (by
+        default an ``.npz`` with ``x``, float32 features, and ``y``, int64
+        labels; the text task reads JSON Lines).
     base_path : Path, optional
         The resident base checkpoint; if absent, the node asks the server for
         it once (base provisioning) and keeps it there.

@@ -19,8 +19,15 @@ from fedslim.commlog import LOG_FILENAME, RoundTotals, open_log, read_round_tota
 
 # fedslim.channel.protocol.PROVISION_TYPE, spelled out: reading a log must not import Flower.
 PROVISION_TYPE = "query.provision"
+EVALUATE_TYPE = "evaluate"  # client-side evaluation: its failures are not counted among the training's
 # The log's tables, each with the order its rows are exported in.
-TABLES = {"runs": "", "rounds": " ORDER BY round", "messages": " ORDER BY id", "memory_weights": " ORDER BY round"}
+TABLES = {
+    "runs": "",
+    "rounds": " ORDER BY round",
+    "messages": " ORDER BY id",
+    "memory_weights": " ORDER BY round",
+    "client_evaluations": " ORDER BY round, client",
+}
 
 
 class RunNotFoundError(LookupError):
@@ -85,6 +92,9 @@ class Summary:
     final_accuracy: float | None
     best_accuracy: float | None
     best_round: int | None
+    final_client_accuracy: float | None
+    """Client-side evaluation of the last evaluated round: the mean over clients, and the worst decile."""
+    final_client_accuracy_p10: float | None
     strategy_memory_bytes: int | None
     wall_time_s: float
     client_cpu_s: float | None
@@ -179,15 +189,16 @@ class RunLog:
             " COALESCE(SUM(CASE WHEN direction = 'up' THEN message_bytes END), 0),"
             " COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),"
             " COALESCE(SUM(message_bytes - payload_bytes + raw_bytes), 0), COALESCE(SUM(full_model_bytes), 0),"
-            " AVG(client_cpu_s), MAX(client_peak_rss_bytes),"
+            " AVG(CASE WHEN message_type = 'train' THEN client_cpu_s END), MAX(client_peak_rss_bytes),"
             " COALESCE(SUM(CASE WHEN message_type = ? THEN message_bytes END), 0),"
             " COUNT(DISTINCT CASE WHEN message_type = ? THEN node_id END),"
-            " COALESCE(SUM(status = 'error'), 0), COALESCE(SUM(status = 'late'), 0),"
-            " COALESCE(SUM(status = 'no-reply'), 0)"
+            " COALESCE(SUM(status = 'error' AND message_type != ?), 0), COALESCE(SUM(status = 'late'), 0),"
+            " COALESCE(SUM(status = 'no-reply' AND message_type != ?), 0)"
             " FROM messages WHERE run_id = ?",
-            (PROVISION_TYPE, PROVISION_TYPE, self.run_id),
+            (PROVISION_TYPE, PROVISION_TYPE, EVALUATE_TYPE, EVALUATE_TYPE, self.run_id),
         ).fetchone()
         evaluated = [r for r in rounds if r.accuracy is not None]
+        on_clients = [r for r in rounds if r.client_accuracy is not None]
         trained = [r for r in evaluated if r.round > 0]
         best = max(trained, key=lambda r: r.accuracy or 0.0) if trained else None
         memory = [r.strategy_memory_bytes for r in rounds if r.strategy_memory_bytes is not None]
@@ -217,6 +228,8 @@ class RunLog:
             final_accuracy=evaluated[-1].accuracy if evaluated else None,
             best_accuracy=best.accuracy if best else None,
             best_round=best.round if best else None,
+            final_client_accuracy=on_clients[-1].client_accuracy if on_clients else None,
+            final_client_accuracy_p10=on_clients[-1].client_accuracy_p10 if on_clients else None,
             strategy_memory_bytes=max(memory) if memory else None,
             wall_time_s=sum(r.wall_time_s for r in rounds),
             client_cpu_s=totals[6],
@@ -240,14 +253,14 @@ class RunLog:
                    COALESCE(SUM(CASE WHEN direction = 'down' THEN message_bytes END), 0),
                    AVG(weight),
                    MAX(round),
-                   AVG(client_cpu_s),
+                   AVG(CASE WHEN message_type = 'train' THEN client_cpu_s END),
                    MAX(client_peak_rss_bytes),
-                   SUM(status = 'error'),
+                   SUM(status = 'error' AND message_type != :evaluate),
                    SUM(status = 'late'),
-                   SUM(status = 'no-reply')
-            FROM messages WHERE run_id = ? GROUP BY who
+                   SUM(status = 'no-reply' AND message_type != :evaluate)
+            FROM messages WHERE run_id = :run GROUP BY who
             """,
-            (self.run_id,),
+            {"run": self.run_id, "evaluate": EVALUATE_TYPE},
         )
         stats = [ClientStats(*row) for row in rows]
         return sorted(stats, key=lambda s: natural_key(s.client))
@@ -275,6 +288,8 @@ class RunLog:
         """Column names and rows of one of the log's tables, for this run only."""
         if name not in TABLES:
             raise ValueError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone():
+            return [], []  # client_evaluations, in a log of schema 4
         cursor = self.db.execute(f"SELECT * FROM {name} WHERE run_id = ?{TABLES[name]}", (self.run_id,))
         return [c[0] for c in cursor.description], [tuple(row) for row in cursor]
 

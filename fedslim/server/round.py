@@ -32,10 +32,11 @@ from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink
 from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
 from fedslim.channel.updates import Instruction
-from fedslim.channel.uplink import Received, UplinkReceiver, state_norm
+from fedslim.channel.uplink import Received, UplinkReceiver, footprint, state_norm
 from fedslim.commlog import RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.data.participation import Schedule
+from fedslim.server.evaluation import check_evaluations, evaluators
 from fedslim.server.identity import IdentityQuery
 from fedslim.server.nodes import OrderedGrid
 from fedslim.strategies.base import FastStrategy
@@ -145,7 +146,7 @@ class ServerRun:
 
     def sync_down(self, server_round: int, instructions: list[Instruction]) -> list[Message]:
         """Publish the replica's step towards x; one train message per instruction, with its node's sync."""
-        self.downlink.replica.publish(self.fast_state)
+        self.downlink.replica.publish_once(self.fast_state)
         nodes = self.grid.nodes_of()
         held = {i.client: self.client_versions.get(i.client) for i in instructions}
         return self.downlink.train_messages(server_round, instructions, nodes, held, self.rejected)
@@ -246,17 +247,74 @@ class ServerRun:
             self.client_versions[client] = None if client in self.client_versions else 0
             self.strategy.add_client(node, client)
 
+    def evaluation_due(self, server_round: int) -> bool:
+        """Every ``eval_every`` rounds, and at the first and last."""
+        return server_round % self.config.eval_every == 0 or server_round in (0, self.config.rounds)
+
     def evaluate(self, server_round: int) -> EvalResult | None:
-        """Central evaluation, every ``eval_every`` rounds and at the first and last."""
-        if server_round % self.config.eval_every == 0 or server_round in (0, self.config.rounds):
-            return self.task.evaluate(self.model.module, self.test)
-        return None
+        """Central evaluation, when due."""
+        return self.task.evaluate(self.model.module, self.test) if self.evaluation_due(server_round) else None
+
+    def evaluate_on_clients(self, server_round: int) -> None:
+        """Client-side evaluation, when due and asked for (``client-holdout``, ``fraction-evaluate``).
+
+        The sampled clients sync to the replica of the round's fast state and
+        evaluate it on their held-out examples; each reply is logged, and each
+        accepted evaluation with it. The replica step this publishes is the one
+        the next round would have published, so training is that of a run
+        without client-side evaluation; only the bytes differ.
+        """
+        if not (self.config.client_holdout and self.evaluation_due(server_round)):
+            return
+        candidates = self.available(server_round) if server_round else self.grid.clients()
+        clients = evaluators(candidates, self.config.fraction_evaluate, self.config.seed, server_round)
+        if not clients:
+            return
+        replica = self.downlink.replica
+        replica.publish_ahead(self.fast_state)
+        held = {client: self.client_versions.get(client) for client in clients}
+        messages = self.downlink.evaluate_messages(server_round, clients, self.grid.nodes_of(), held)
+        replies = self.collect(messages)
+        wire = WireAccounting(self.wire, server_round)
+        for client, message in zip(clients, messages):
+            wire.record_down(message, held[client], replica.version)
+        answered = self.settle_evaluations(server_round, wire, messages, replies)
+        for client, message in zip(clients, messages):
+            if client not in answered:
+                timeout = f"{self.config.round_timeout:g}"
+                wire.record_no_reply(message, f"no evaluation within the round timeout of {timeout} s")
+
+    def settle_evaluations(
+        self, server_round: int, wire: WireAccounting, messages: list[Message], replies: list[Message]
+    ) -> set[str]:
+        """Check and log each evaluate reply, keep the accepted evaluations, and track the replica each client
+        now holds; returns the clients that answered."""
+        asked = {message.metadata.dst_node_id: self.grid.keys[message.metadata.dst_node_id] for message in messages}
+        version = self.downlink.replica.version
+        answered: set[str] = set()
+        checks = check_evaluations(replies, asked, self.uplink.declared, self.config.client_holdout)
+        for reply, (client, evaluation, reason) in zip(replies, checks):
+            wire.record_reply(reply, reason, footprint(reply))
+            if reason is not None:
+                node = reply.metadata.src_node_id
+                log(WARNING, "round %d: client-side evaluation from node %d: %s", server_round, node, reason)
+            if client is None:
+                continue
+            answered.add(client)
+            if evaluation is not None:
+                self.wire.commlog.record_client_evaluation(self.wire.run_id, server_round, evaluation)
+            if not reply.has_error():
+                self.client_versions[client] = version
+            elif reply.error.code in (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN):
+                self.client_versions[client] = None
+        return answered
 
     def finish_round(
         self, server_round: int, sampled: int, accepted: int, available: int, started: float
     ) -> RoundTotals:
         """Evaluate and log the round; report it to ``on_round``."""
         result = self.evaluate(server_round)
+        self.evaluate_on_clients(server_round)
         self.wire.commlog.record_round(
             self.wire.run_id,
             RoundRow(

@@ -21,6 +21,7 @@ Each client's texts are tokenised once per process and padded per batch.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -235,6 +236,38 @@ def tokenize(texts: Sequence[str]) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(e.ids, dtype=np.int64) for e in tokenizer().encode_batch(list(texts)))
 
 
+def read_node_texts(path: Path) -> tuple[list[str], np.ndarray]:
+    """The texts and labels of a node's JSON Lines file (ValueError naming the first bad line)."""
+    if not path.is_file():
+        raise DatasetMissingError(f"node data {path} does not exist")
+    texts: list[str] = []
+    labels: list[int] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            text, label = entry["text"], CATEGORIES.index(entry["label"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(
+                f'node data {path}, line {number}: not {{"text": ..., "label": one of {", ".join(CATEGORIES)}}}'
+            ) from exc
+        if not isinstance(text, str):
+            raise ValueError(f"node data {path}, line {number}: the text is not a string")
+        texts.append(text)
+        labels.append(label)
+    if not texts:
+        raise ValueError(f"node data {path} holds no texts")
+    return texts, np.asarray(labels, dtype=np.int64)
+
+
+def write_node_texts(path: Path, texts: Sequence[str], labels: Sequence[int]) -> None:
+    """A node's data file for the text task: JSON Lines of texts and their category names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (json.dumps({"text": text, "label": CATEGORIES[label]}) for text, label in zip(texts, labels, strict=True))
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+
 @dataclass(frozen=True)
 class TextSplit:
     """The test set and the clients' texts, tokenised."""
@@ -297,6 +330,12 @@ class FortunesTask(Task):
         if not 0 <= partition_id < len(clients):
             raise IndexError(f"partition-id {partition_id} out of range for {len(clients)} clients")
         return clients[partition_id]
+
+    def node_data(self, config: RunConfig, path: Path) -> Texts:
+        """A deployed node's texts: JSON Lines, one ``{"text": ..., "label": CATEGORY}`` per line (see
+        :func:`write_node_texts`), tokenised here."""
+        texts, labels = read_node_texts(path)
+        return Texts(tokenize(texts), labels)
 
     def test_data(self, config: RunConfig) -> Texts:
         return fortunes_split(config.seed, config.num_clients, config.dirichlet_alpha, fortunes_dir(config)).test
