@@ -15,7 +15,7 @@ import pickle
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -94,7 +94,7 @@ def load_base(path: Path, task: Task) -> ResidentBase:
     if not path.is_file():
         raise FileNotFoundError(f"base checkpoint {path} does not exist")
     stat = path.stat()
-    return _load_base(path.resolve(), task, stat.st_mtime_ns, stat.st_size)
+    return _load_base(path.resolve(), task, FileIdentity(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
 
 
 def checkpoint_fingerprint(path: Path, task: Task) -> str:
@@ -103,9 +103,18 @@ def checkpoint_fingerprint(path: Path, task: Task) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load_base(path: Path, task: Task, mtime_ns: int, size: int) -> ResidentBase:
+def _load_base(path: Path, task: Task, identity: FileIdentity) -> ResidentBase:
     state = task.load_base_state(path)
-    return ResidentBase(task, state, recorded_fingerprint(path, task, state, mtime_ns, size), path)
+    return ResidentBase(task, state, recorded_fingerprint(path, task, state, identity), path)
+
+
+class FileIdentity(NamedTuple):
+    """What changes when a file is rewritten, replaced or copied over: the key of cached loads and fingerprints."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
 
 
 SIDECAR_SUFFIX = ".fingerprint"
@@ -116,7 +125,7 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def recorded_fingerprint(path: Path, task: Task, state: dict[str, torch.Tensor], mtime_ns: int, size: int) -> str:
+def recorded_fingerprint(path: Path, task: Task, state: dict[str, torch.Tensor], identity: FileIdentity) -> str:
     """The fingerprint of ``state``, the checkpoint at ``path``: read from its sidecar file while the checkpoint's
     size, modification and change times and inode are the ones recorded there, else computed and recorded.
 
@@ -127,14 +136,8 @@ def recorded_fingerprint(path: Path, task: Task, state: dict[str, torch.Tensor],
     read-only folder) only costs the hash.
     """
     sidecar = sidecar_path(path)
-    stat = path.stat()  # the file as loaded: its inode and change time catch a copy that kept the mtime
-    key = {
-        "size": size,
-        "mtime_ns": mtime_ns,
-        "ctime_ns": stat.st_ctime_ns,
-        "inode": stat.st_ino,
-        "task": f"{type(task).__module__}.{type(task).__qualname__}",
-    }
+    # The change time and inode catch a copy that kept the modification time.
+    key = {**identity._asdict(), "task": f"{type(task).__module__}.{type(task).__qualname__}"}
     try:
         recorded = json.loads(sidecar.read_text(encoding="utf-8"))
         if isinstance(recorded, dict) and {k: recorded.get(k) for k in key} == key:
