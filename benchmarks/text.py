@@ -151,7 +151,7 @@ def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     if args.client_holdout:
         lines[1] += " clients: final mean / worst 10% |"
         lines[2] += "---|"
-    for key, run in results.items():
+    for key, run in sorted(results.items(), key=lambda item: list(ROWS).index(item[0])):
         curve = ", ".join(f"{r}: {a:.3f}" for r, a in run["curve"])
         fewer = f"{full['bytes_per_round'] / run['bytes_per_round']:,.0f}x" if full else "-"
         lines.append(
