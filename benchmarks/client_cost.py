@@ -118,7 +118,9 @@ def main() -> None:
     parser.add_argument("--name", default="client_cost")
     args = parser.parse_args()
 
-    config = RunConfig(task="text", fast=FastSpec("lora", rank=4), lr=5e-4, batch_size=16)
+    config = RunConfig(
+        task="text", fast=FastSpec("lora", rank=4), lr=5e-4, batch_size=16, codec="none", downstream_codec="none"
+    )
     stamp = provenance([config.seed], [base_used(config)])
     with tempfile.TemporaryDirectory() as folder:
         node = Path(folder)

@@ -66,6 +66,8 @@ def federation(seed: int) -> RunConfig:
     return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         task="fmnist",
+        codec="none",
+        downstream_codec="none",
         num_clients=100,
         rounds=1,
         dirichlet_alpha=0.1,

@@ -193,6 +193,9 @@ def main() -> None:
     console = Console(width=max(Console().width, 140))
     base = RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
+        task="synthetic",
+        codec="none",
+        downstream_codec="none",
         num_clients=args.clients,
         rounds=args.rounds,
         fraction=args.fraction,

@@ -173,6 +173,7 @@ def row_config(backend: str, clients: int, rounds: int, out: str, seed: int) -> 
     """The run of one configuration."""
     return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
+        task="synthetic",
         num_clients=clients,
         rounds=rounds,
         fraction=0.1,

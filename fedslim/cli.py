@@ -43,7 +43,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.data.participation import check_trace
-    from fedslim.report import round_table
+    from fedslim.report import round_table, saving_summary
     from fedslim.server.checkpoint import claim_run_dir
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
@@ -92,6 +92,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
+    console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)
     console.print(f"communication log: {result.log_path} (fedslim logs summary {config.run_dir})")
     return 0

@@ -74,6 +74,27 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
     return table
 
 
+def saving_summary(rounds: list[RoundTotals]) -> str:
+    """One sentence under the table: where accuracy started and ended, and the bytes against full-model FedAvg."""
+    moved = sum(r.bytes_up + r.bytes_down for r in rounds)
+    full = sum(r.full_model_bytes for r in rounds)
+    evaluated = [r for r in rounds if r.accuracy is not None]
+    parts = []
+    if len(evaluated) > 1:
+        first, last = evaluated[0], evaluated[-1]
+        gain = 100 * (last.accuracy - first.accuracy)  # type: ignore[operator]
+        parts.append(
+            f"accuracy {first.accuracy:.4f} at round {first.round} -> {last.accuracy:.4f} at round {last.round} "
+            f"({gain:+.1f} points)"
+        )
+    if moved:
+        parts.append(
+            f"moved {moved / 2**20:,.2f} MiB where full-model FedAvg would have moved {full / 2**20:,.2f} MiB: "
+            f"{full / moved:,.1f}x fewer bytes"
+        )
+    return "; ".join(parts)
+
+
 def log_round_table(run_id: str, rounds: list[RoundTotals], num_clients: int | None = None) -> None:
     """Write the table through Flower's logger (for `flwr run`, where stdout is the log)."""
     from flwr.common.logger import log
@@ -82,3 +103,4 @@ def log_round_table(run_id: str, rounds: list[RoundTotals], num_clients: int | N
     Console(file=buffer, width=140, color_system=None).print(round_table(rounds, f"run {run_id}", num_clients))
     for line in buffer.getvalue().splitlines():
         log(INFO, "%s", line)
+    log(INFO, "%s", saving_summary(rounds))

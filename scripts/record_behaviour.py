@@ -2,7 +2,10 @@
 
 A refactor must leave these numbers bit for bit as they were. The scenarios:
 
-- ``default``: ``fedslim simulate`` as it comes (Synthetic(1,1), 30 clients, 10 rounds, LoRA);
+- ``synthetic-lora``: what ``fedslim simulate`` ran by default until the first-run default changed
+  (Synthetic(1,1), 30 clients, 10 rounds, LoRA, no codec);
+- ``first-run``: ``fedslim simulate`` as it comes (Synthetic transfer, 30 clients, 10 rounds, LoRA,
+  ``topk:0.1+q8+lzma`` up, ``topk:0.05+q8+lzma`` down), recorded when it became the default;
 - ``wire-compressed``: the first 3 rounds of ``benchmarks/wire.py --preset fast``'s compressed row
   (Fashion-MNIST, LoRA r=4 + biases, ``topk:0.1+q8+lzma`` up, ``topk:0.05+q8+lzma`` down);
 - ``fedvarp-label`` and ``fedamd-label``: FedVARP and FedAMD under label-correlated participation
@@ -11,7 +14,7 @@ A refactor must leave these numbers bit for bit as they were. The scenarios:
 Runs use the inline backend: Flower's engine draws random node ids, whose varint lengths change the
 byte count of a message by a byte from run to run.
 
-    python scripts/record_behaviour.py --write    # record into tests/data/behaviour.json
+    python scripts/record_behaviour.py --write    # record into tests/data/behaviour.json (--only: just those)
     python scripts/record_behaviour.py            # compare the current code against the record
 """
 
@@ -49,7 +52,8 @@ def scenarios() -> dict[str, RunConfig]:
         downstream_codec=COMPRESSED,
     )
     return {
-        "default": RunConfig(),
+        "synthetic-lora": RunConfig(task="synthetic", codec="none", downstream_codec="none"),
+        "first-run": RunConfig(),
         "wire-compressed": RunConfig(
             task="fmnist",
             num_clients=50,
@@ -119,8 +123,9 @@ def main() -> int:
     args = parser.parse_args()
     observed = record(args.only)
     if args.write:
+        kept = json.loads(RECORD.read_text()) if RECORD.exists() else {}
         RECORD.parent.mkdir(parents=True, exist_ok=True)
-        RECORD.write_text(json.dumps(observed, indent=1) + "\n")
+        RECORD.write_text(json.dumps(kept | observed, indent=1) + "\n")
         print(f"recorded {', '.join(observed)} in {RECORD}")
         return 0
     recorded = json.loads(RECORD.read_text())

@@ -11,6 +11,10 @@ import pytest
 
 from fedslim.config import RunConfig
 from fedslim.data.datasets import (
+    TRANSFER_EXAMPLES_PER_CLIENT,
+    TRANSFER_PUBLIC_EXAMPLES,
+    TRANSFER_TEST_EXAMPLES,
+    ArrayDataset,
     DatasetMissingError,
     dirichlet_partition,
     load_fashion_mnist,
@@ -49,11 +53,44 @@ def test_synthetic_is_deterministic_and_follows_the_generator() -> None:
     assert 0.6 < first_var < 1.4 and 0.004 < last_var < 0.012
 
 
-def test_synthetic_public_slice_does_not_depend_on_the_client_count(tmp_path: Path) -> None:
+@pytest.mark.parametrize("task", ["synthetic", "synthetic-transfer"])
+def test_synthetic_public_slice_does_not_depend_on_the_client_count(task: str, tmp_path: Path) -> None:
+    few = load_federation(RunConfig(task=task, num_clients=3, out=str(tmp_path)))
+    many = load_federation(RunConfig(task=task, num_clients=8, out=str(tmp_path)))
+    np.testing.assert_array_equal(few.public.x, many.public.x)
+    np.testing.assert_array_equal(few.public.y, many.public.y)
+    assert len(few.clients) == 3 and len(many.clients) == 8
+
+
+def test_synthetic_transfer_splits_its_pool_and_keeps_its_test_set_fixed(tmp_path: Path) -> None:
     few = load_federation(RunConfig(num_clients=3, out=str(tmp_path)))
     many = load_federation(RunConfig(num_clients=8, out=str(tmp_path)))
-    np.testing.assert_array_equal(few.public.x, many.public.x)
-    assert len(few.clients) == 3 and len(many.clients) == 8
+    np.testing.assert_array_equal(few.test.x, many.test.x)
+    assert len(few.public) == TRANSFER_PUBLIC_EXAMPLES and len(few.test) == TRANSFER_TEST_EXAMPLES
+    # Every pooled example is on exactly one client: 200 per client in all, no row twice.
+    pooled = np.concatenate([c.x for c in many.clients])
+    assert len(pooled) == 8 * TRANSFER_EXAMPLES_PER_CLIENT == len(np.unique(pooled, axis=0))
+    # Dirichlet over labels: the clients' label mixes differ.
+    mixes = np.array([np.bincount(c.y, minlength=10) / len(c) for c in many.clients])
+    assert np.abs(mixes - mixes.mean(axis=0)).max() > 0.2
+
+
+def test_synthetic_transfer_base_transfers_but_the_clients_task_is_another(tmp_path: Path) -> None:
+    import torch
+
+    from fedslim.task import load_task
+
+    config = RunConfig(out=str(tmp_path))
+    federation = load_federation(config)
+    base = load_task(config.task).pretrain(config)
+
+    def accuracy(data: ArrayDataset) -> float:
+        with torch.no_grad():
+            return float((base(torch.from_numpy(data.x)).argmax(1).numpy() == data.y).mean())
+
+    on_public, on_clients = accuracy(federation.public), accuracy(federation.test)
+    # Well above chance (0.1) on the clients' task, and clearly below its score on the public task it learnt.
+    assert 0.35 < on_clients < on_public - 0.1, (on_public, on_clients)
 
 
 def test_dirichlet_partition_covers_every_index_once() -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from fedslim.cli import main
-from fedslim.commlog import LOG_FILENAME
+from fedslim.commlog import LOG_FILENAME, RoundTotals
 from fedslim.config import RunConfig
+from fedslim.report import saving_summary
 from fedslim.simulation.simulate import simulate
 
 
@@ -93,6 +94,7 @@ def test_cli_simulate_prints_the_round_table(tmp_path: Path, capsys: pytest.Capt
     assert code == 0
     assert "full FedAvg" in printed and "total" in printed
     assert str(out / LOG_FILENAME) in printed.replace("\n", "")
+    assert "fewer bytes" in printed and "at round 0 ->" in printed.replace("\n", " ")
     rows = sqlite3.connect(out / LOG_FILENAME).execute(
         "SELECT message_type, direction, COUNT(*) FROM messages GROUP BY 1, 2"
     )
@@ -124,3 +126,15 @@ def test_cli_strategy_and_participation_flags(
     assert [(r, evaluated) for r, evaluated, _ in rounds] == [(0, 1), (1, 0), (2, 1), (3, 1)]
     trace = (out / "participation.trace").read_text().splitlines()[1:]
     assert [available for _, _, available in rounds[1:]] == [len(line.split()) for line in trace]
+
+
+def test_saving_summary_names_the_accuracy_gain_and_the_byte_saving() -> None:
+    def totals(round_: int, accuracy: float | None, moved: int, full: int) -> RoundTotals:
+        return RoundTotals(round_, accuracy, None, 2, 2, moved // 2, moved - moved // 2, full)
+
+    rounds = [totals(0, 0.5, 2048, 4096), totals(1, None, 2**20, 100 * 2**20), totals(2, 0.625, 2**20, 100 * 2**20)]
+    assert saving_summary(rounds) == (
+        "accuracy 0.5000 at round 0 -> 0.6250 at round 2 (+12.5 points); moved 2.00 MiB where full-model "
+        "FedAvg would have moved 200.00 MiB: 99.9x fewer bytes"
+    )
+    assert saving_summary([totals(0, 0.5, 0, 0)]) == ""  # nothing moved, one evaluation: nothing to say

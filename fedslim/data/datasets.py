@@ -25,6 +25,10 @@ FMNIST_FILES = {
 FMNIST_PUBLIC_FRACTION = 0.05
 SYNTHETIC_PUBLIC_DEVICES = 10
 SYNTHETIC_TEST_FRACTION = 0.2
+TRANSFER_SHIFT = 0.5
+TRANSFER_PUBLIC_EXAMPLES = 2000
+TRANSFER_EXAMPLES_PER_CLIENT = 200
+TRANSFER_TEST_EXAMPLES = 2000
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -212,6 +216,42 @@ def synthetic_federation(config: DataSpec) -> FederatedData:
     return FederatedData(public, clients, test)
 
 
+# ----------------------------------------------------------------- Synthetic transfer
+
+
+def synthetic_transfer_federation(config: DataSpec, dimension: int = 60, num_classes: int = 10) -> FederatedData:
+    """A public task and a related federated one, so that a base pretrained on the first transfers to the second.
+
+    Features are those of the FedProx paper's Synthetic IID, x ~ N(0, Sigma)
+    with Sigma_jj = j^-1.2. The public slice (2,000 examples) is labelled by a
+    linear model y = argmax(W_0^T x + b_0), (W_0, b_0) ~ N(0, 1); the clients'
+    data by (W_0 + s D, b_0 + s d) with (D, d) ~ N(0, 1) and s =
+    ``TRANSFER_SHIFT``: a related task (correlation 1/sqrt(1 + s^2) per entry),
+    not the same one, so the base starts well above chance and the fast layer
+    has something to learn. The clients' 200 examples each are split
+    Dirichlet(``dirichlet_alpha``) over labels; the test set is 2,000 examples
+    of the clients' task. Public slice, clients' pool and test set are drawn
+    from separate streams, so neither the base nor the test set depends on the
+    number of clients.
+    """
+    models = np.random.default_rng([config.seed, 2])
+    public_weights = models.normal(0, 1, (dimension, num_classes))
+    public_bias = models.normal(0, 1, num_classes)
+    client_weights = public_weights + TRANSFER_SHIFT * models.normal(0, 1, (dimension, num_classes))
+    client_bias = public_bias + TRANSFER_SHIFT * models.normal(0, 1, num_classes)
+    feature_std = np.power(np.arange(1, dimension + 1, dtype=np.float64), -1.2 / 2)
+
+    def labelled(count: int, weights: np.ndarray, bias: np.ndarray, stream: int) -> ArrayDataset:
+        x = np.random.default_rng([config.seed, stream]).normal(0, feature_std, (count, dimension))
+        return ArrayDataset(x.astype(np.float32), np.argmax(x @ weights + bias, axis=1).astype(np.int64))
+
+    public = labelled(TRANSFER_PUBLIC_EXAMPLES, public_weights, public_bias, stream=0)
+    pool = labelled(TRANSFER_EXAMPLES_PER_CLIENT * config.num_clients, client_weights, client_bias, stream=1)
+    test = labelled(TRANSFER_TEST_EXAMPLES, client_weights, client_bias, stream=3)
+    parts = dirichlet_partition(pool.y, config.num_clients, config.dirichlet_alpha, config.seed)
+    return FederatedData(public, [pool.subset(p) for p in parts], test)
+
+
 def load_federation(config: RunConfig) -> FederatedData:
     """The federation for ``config``; cached per process (Ray actors reuse it across rounds)."""
     return _load_federation(DataSpec.of(config))
@@ -248,4 +288,6 @@ def _load_federation(spec: DataSpec) -> FederatedData:
         return fashion_mnist_federation(spec)
     if spec.dataset == "synthetic":
         return synthetic_federation(spec)
+    if spec.dataset == "synthetic-transfer":
+        return synthetic_transfer_federation(spec)
     raise ValueError(f"no built-in federation for task {spec.dataset!r}")

@@ -1,4 +1,4 @@
-"""The built-in benchmark tasks: Synthetic(1, 1) with an MLP, Fashion-MNIST with a small CNN.
+"""The built-in benchmark tasks: Synthetic transfer and Synthetic(1, 1) with an MLP, Fashion-MNIST with a small CNN.
 
 Each pretrains its base centrally on the public slice of its data (data the
 server may use), once per machine, and caches it keyed by
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedslim.config import RunConfig
-from fedslim.data.datasets import ArrayDataset, DataSpec, load_federation
+from fedslim.data.datasets import TRANSFER_PUBLIC_EXAMPLES, TRANSFER_SHIFT, ArrayDataset, DataSpec, load_federation
 from fedslim.models import FashionCNN, SyntheticMLP
 from fedslim.task import Task
 from fedslim.training import train_epochs
@@ -33,7 +33,11 @@ class PretrainRecipe:
     momentum: float = 0.9
 
 
-PRETRAIN_RECIPES = {"synthetic": PretrainRecipe(epochs=2), "fmnist": PretrainRecipe(epochs=10)}
+PRETRAIN_RECIPES = {
+    "synthetic-transfer": PretrainRecipe(epochs=2),
+    "synthetic": PretrainRecipe(epochs=2),
+    "fmnist": PretrainRecipe(epochs=10),
+}
 
 
 class BenchmarkTask(Task):
@@ -50,13 +54,15 @@ class BenchmarkTask(Task):
         return PRETRAIN_RECIPES[self.name]
 
     def build_base(self) -> nn.Module:
-        return SyntheticMLP() if self.name == "synthetic" else FashionCNN()
+        return FashionCNN() if self.name == "fmnist" else SyntheticMLP()
 
     def base_identity(self, config: RunConfig) -> dict[str, Any]:
         spec = DataSpec.of(config)
         identity: dict[str, Any] = {"dataset": spec.dataset, "seed": spec.seed}
         if spec.dataset == "synthetic":
             identity |= {"synthetic_alpha": spec.synthetic_alpha, "synthetic_beta": spec.synthetic_beta}
+        if spec.dataset == "synthetic-transfer":
+            identity |= {"transfer_shift": TRANSFER_SHIFT, "public_examples": TRANSFER_PUBLIC_EXAMPLES}
         return identity | {"recipe": asdict(self.recipe)}
 
     def pretrain(self, config: RunConfig) -> nn.Module:
