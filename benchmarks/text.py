@@ -63,8 +63,8 @@ ROWS = {
     for row in (
         Row("full", "full fine-tuning, FedAvg", "full", 5e-5),
         Row("head", "head only", "head", 2e-3),
-        Row("lora", "LoRA r=4 query/value + head, dense", "lora", 5e-4),
-        Row("lora-codec", "LoRA r=4 query/value + head, compressed both ways", "lora", 5e-4, compressed=True),
+        Row("lora", "LoRA r=4 query/value + head, dense", "lora", 2e-3),
+        Row("lora-codec", "LoRA r=4 query/value + head, compressed both ways", "lora", 2e-3, compressed=True),
     )
 }
 
