@@ -89,7 +89,7 @@ def simulated(config: RunConfig, backend: str) -> dict[str, Any]:
 def deployed(config: RunConfig, work: Path) -> dict[str, Any]:
     """The same run over a loopback SuperLink and ``config.num_clients`` SuperNodes; every process stopped."""
     run_config = (
-        f'rounds={config.rounds} num-clients={config.num_clients} fraction=1.0 codec="{CODEC}" '
+        f'task="{config.task}" rounds={config.rounds} num-clients={config.num_clients} fraction=1.0 codec="{CODEC}" '
         f'downstream-codec="{CODEC}" out="{config.out}" overwrite=true'
     )
     with insecure_federation(work, config.num_clients, CONNECTION) as (env, _superlink):

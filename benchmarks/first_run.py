@@ -108,6 +108,8 @@ def quoted_values(rows: dict[str, dict[str, list[float]]]) -> dict[str, str]:
     """The README's numbers, means over the seeds: the default row's base and final accuracy, gain, byte ratio."""
     default = rows["default"]
     quoted = {m: f"{statistics.mean(default[m]):,.{DIGITS[m]}f}" for m in MEASURES if default[m]}
+    if "x_fewer" in quoted:
+        quoted["x_fewer"] += "x"
     if "full" in rows:
         quoted["full_final"] = f"{statistics.mean(rows['full']['final']):.4f}"
     return quoted

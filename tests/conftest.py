@@ -27,6 +27,8 @@ def small_config(tmp_path: Path) -> RunConfig:
         rounds=2,
         fraction=0.5,
         fast=FastSpec("lora", rank=2),
+        codec="none",
+        downstream_codec="none",
         out=str(tmp_path / "run"),
     )
 
