@@ -42,7 +42,8 @@ def test_tls_federation_with_node_authentication(tmp_path: Path, private_cache: 
             federation.supernode(name, tmp_path / "data" / f"{name}.npz", bases[name])
         rogue = federation.supernode("rogue", tmp_path / "data" / "node-0.npz", base_path)
         out = tmp_path / "run"
-        run_config = f'rounds=3 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" final-sync=true out="{out}"'
+        run_config = f'task="synthetic" rounds=3 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" '
+        run_config += f'final-sync=true out="{out}"'
         completed = flwr_run(CONNECTION, run_config, federation.env)
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
         assert rogue.wait(timeout=30) != 0  # the intruder gave up: its key is not registered

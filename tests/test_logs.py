@@ -36,7 +36,9 @@ from fedslim.simulation.inline import InlineGrid
 def two_runs(tmp_path_factory: pytest.TempPathFactory, private_cache: Path) -> tuple[Path, Path]:
     """Two short inline runs: FedAvg with a compressed uplink, FedVARP under Bernoulli participation."""
     root = tmp_path_factory.mktemp("logs")
-    base = RunConfig(task="synthetic", num_clients=5, rounds=4, fraction=0.6, eval_every=2)
+    base = RunConfig(
+        task="synthetic", num_clients=5, rounds=4, fraction=0.6, eval_every=2, codec="none", downstream_codec="none"
+    )
     first = replace(base, codec="topk:0.2+q8+zlib", out=str(root / "fedavg-topk"))
     second = replace(
         base,
@@ -186,7 +188,7 @@ def test_plot_puts_bytes_on_log_axes_and_names_runs_by_short_labels(
 
 
 def test_short_labels_name_what_differs() -> None:
-    base = RunConfig(task="synthetic", out="runs/a")
+    base = RunConfig(task="synthetic", codec="none", downstream_codec="none", out="runs/a")
     full = replace(base, fast=replace(base.fast, kind="full"), out="runs/b")
     compressed = replace(base, codec="topk:0.1+q8+lzma", out="runs/c")
     assert short_labels([full.to_dict(), base.to_dict()], ["b", "a"]) == ["fast=full", "fast=lora"]
