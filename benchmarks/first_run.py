@@ -24,7 +24,6 @@ the commit, command, seeds and base.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -52,17 +51,11 @@ def config_for(row: str, seed: int, out: Path) -> RunConfig:
     return default
 
 
-def bytes_moved(log: Path) -> int:
-    """Every message of the run, both directions, whole Flower messages."""
-    with sqlite3.connect(f"file:{log}?mode=ro", uri=True) as db:
-        (total,) = db.execute("SELECT SUM(message_bytes) FROM messages").fetchone()
-    return int(total)
-
-
 def run_row(config: RunConfig) -> dict[str, Any]:
     result = simulate(config, backend="inline")
     evaluated = [r.accuracy for r in result.rounds if r.accuracy is not None]
-    return {"base": evaluated[0], "final": evaluated[-1], "bytes": bytes_moved(Path(result.log_path))}
+    moved = sum(r.bytes_up + r.bytes_down for r in result.rounds)  # every message, both directions
+    return {"base": evaluated[0], "final": evaluated[-1], "bytes": moved}
 
 
 MEASURES = ("base", "final", "gain", "mib", "x_fewer")
