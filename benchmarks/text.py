@@ -13,6 +13,13 @@ inline backend. Rows:
 - ``lora``: LoRA r=4 on the attention query and value projections, plus the
   head, sent dense;
 - ``lora-codec``: the same fast layer, ``--codec`` up and ``--downstream-codec`` down.
+  The default pipeline suits AdamW: its steps have nearly the same size on
+  every entry, so one sign bit and a per-tensor scale keep most of a local
+  update (top-k keeps a few entries and loses the rest). Downstream, a client
+  that missed rounds receives every step since its version, so a step must be
+  small: a seeded random 35% of entries, signs only, positions regenerated
+  from the seed instead of sent. Both ends keep what they drop as
+  error feedback.
 
 With ``--client-holdout H`` each client keeps H of its texts out of training
 and evaluates the global model on them at every evaluation (mean and worst
@@ -195,8 +202,8 @@ def main() -> None:
         "--client-holdout", type=float, default=0.0, help="each client's held-out share, to evaluate on clients too"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--codec", default="topk:0.1+q8+lzma")
-    parser.add_argument("--downstream-codec", default="topk:0.05+q8+lzma")
+    parser.add_argument("--codec", default="sign+lzma")
+    parser.add_argument("--downstream-codec", default="randk:0.35+sign+lzma")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--out", default="runs/bench-text")
     parser.add_argument("--results", type=Path, default=RESULTS)
