@@ -28,8 +28,9 @@ decile over the clients as two more columns).
 Columns: final and best accuracy, the accuracy of every evaluation, bytes per
 round up + down (whole Flower messages, mean over the rounds), how many times
 fewer than the full row's, and the clients' CPU seconds and peak resident
-memory per training reply (in the inline backend every client shares one
-process, so the peak is the process's).
+memory per training reply. Each row runs in a fresh process, in which every
+client of the inline backend runs: the peak is that process's, the server's
+evaluation included, and no other row's.
 
     python benchmarks/text.py                                   # every row (about an hour on 2 cores)
     python benchmarks/text.py --rows lora lora-codec --rounds 10
@@ -42,9 +43,11 @@ commit, command, seed and base before the first run.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sqlite3
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +147,12 @@ def run_row(row: Row, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_row_alone(row: Row, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_row` in a fresh process, so that the peak memory its clients claim is this row's alone."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_row, row, args).result()
+
+
 def table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     full = results.get("full")
     held_out = f"; each client holds out {args.client_holdout:.0%} of its texts" if args.client_holdout else ""
@@ -215,7 +224,7 @@ def main() -> None:
     results: dict[str, dict[str, Any]] = {}
     for row in rows:
         print(f"{row.key}: {row.label}", flush=True)
-        results[row.key] = run_row(row, args)
+        results[row.key] = run_row_alone(row, args)
         text = table(results, args)
         write_results(
             args.results,
