@@ -95,32 +95,45 @@ class DeltaAdapted(nn.Module):
 
 
 class FastSlowModel:
-    """A model split into a slow base and the fast tensors that train and travel.
+    """A model split into a slow base and the fast tensors that train: shared ones that travel, personal ones that
+    stay on the client.
 
     Parameters
     ----------
     module : nn.Module
         The whole model (base plus any adapter modules already attached).
     fast_names : Iterable[str]
-        Names (as in ``module.named_parameters()``) of the fast parameters.
-        Every other parameter is frozen.
+        Names (as in ``module.named_parameters()``) of the shared fast
+        parameters: they train on the client and travel. Every parameter that
+        is neither fast nor personal is frozen.
     base_fingerprint : str
         Fingerprint of the resident base. Defaults to the fingerprint of every
-        state entry that is not fast.
+        state entry that does not train.
+    personal_names : Iterable[str]
+        Fast parameters that train on the client and never leave it (a
+        client's own head, say): no message carries them and the server never
+        sees them.
     """
 
-    def __init__(self, module: nn.Module, fast_names: Iterable[str], base_fingerprint: str | None = None) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        fast_names: Iterable[str],
+        base_fingerprint: str | None = None,
+        personal_names: Iterable[str] = (),
+    ) -> None:
         self.module = module
         params = dict(module.named_parameters())
-        self.fast_names: list[str] = sorted(fast_names)
-        unknown = [n for n in self.fast_names if n not in params]
+        self.personal_names: list[str] = sorted(personal_names)
+        self.fast_names: list[str] = sorted(set(fast_names) - set(self.personal_names))
+        unknown = [n for n in self.fast_names + self.personal_names if n not in params]
         if unknown:
             raise ValueError(f"fast tensors not found among the model's parameters: {unknown}")
         if not self.fast_names:
-            raise ValueError("the fast layer is empty: no parameter was selected as fast")
-        fast = set(self.fast_names)
+            raise ValueError("the fast layer is empty: no parameter was selected as fast and shared")
+        trained = set(self.fast_names) | set(self.personal_names)
         for name, param in params.items():
-            param.requires_grad_(name in fast)
+            param.requires_grad_(name in trained)
         self.base_fingerprint = base_fingerprint or fingerprint(self.base_state())
 
     @classmethod
@@ -130,33 +143,61 @@ class FastSlowModel:
         return cls(peft_model, trainable)
 
     def fast_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that trains on the client: the shared fast ones, then the personal ones."""
+        params = dict(self.module.named_parameters())
+        return [params[n] for n in self.fast_names + self.personal_names]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The fast parameters that travel, in the order of :meth:`fast_state`."""
         params = dict(self.module.named_parameters())
         return [params[n] for n in self.fast_names]
 
     def base_state(self) -> dict[str, torch.Tensor]:
-        """Every state entry (parameters and persistent buffers) that is not fast."""
-        fast = set(self.fast_names)
-        return {k: v for k, v in self.module.state_dict().items() if k not in fast}
+        """Every state entry (parameters and persistent buffers) that does not train."""
+        trained = set(self.fast_names) | set(self.personal_names)
+        return {k: v for k, v in self.module.state_dict().items() if k not in trained}
 
     def fast_state(self) -> dict[str, np.ndarray]:
-        """Copies of the fast tensors as float32 numpy arrays, in name order."""
-        params = dict(self.module.named_parameters())
-        return {n: params[n].detach().cpu().numpy().astype(np.float32, copy=True) for n in self.fast_names}
+        """Copies of the shared fast tensors (what travels) as float32 numpy arrays, in name order."""
+        return self._state(self.fast_names)
 
     def load_fast_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Overwrite the fast tensors; names and shapes must match exactly."""
+        """Overwrite the shared fast tensors; names and shapes must match exactly."""
         check_fast_state(state, self.fast_shapes())
-        params = dict(self.module.named_parameters())
-        with torch.no_grad():
-            for name in self.fast_names:
-                params[name].copy_(torch.from_numpy(np.asarray(state[name])))
+        self._load(state, self.fast_names)
 
     def fast_shapes(self) -> dict[str, tuple[int, ...]]:
-        params = dict(self.module.named_parameters())
-        return {n: tuple(params[n].shape) for n in self.fast_names}
+        return self._shapes(self.fast_names)
+
+    def personal_state(self) -> dict[str, np.ndarray]:
+        """Copies of the personal tensors as float32 numpy arrays, in name order (empty without any)."""
+        return self._state(self.personal_names)
+
+    def load_personal_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Overwrite the personal tensors; names and shapes must match exactly."""
+        check_fast_state(state, self.personal_shapes())
+        self._load(state, self.personal_names)
+
+    def personal_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._shapes(self.personal_names)
 
     def num_fast_parameters(self) -> int:
+        """How many numbers the shared fast layer holds (personal tensors not counted: they do not travel)."""
         return sum(math.prod(s) for s in self.fast_shapes().values())
+
+    def _state(self, names: list[str]) -> dict[str, np.ndarray]:
+        params = dict(self.module.named_parameters())
+        return {n: params[n].detach().cpu().numpy().astype(np.float32, copy=True) for n in names}
+
+    def _load(self, state: Mapping[str, np.ndarray], names: list[str]) -> None:
+        params = dict(self.module.named_parameters())
+        with torch.no_grad():
+            for name in names:
+                params[name].copy_(torch.from_numpy(np.asarray(state[name])))
+
+    def _shapes(self, names: list[str]) -> dict[str, tuple[int, ...]]:
+        params = dict(self.module.named_parameters())
+        return {n: tuple(params[n].shape) for n in names}
 
 
 def check_fast_state(state: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -234,4 +275,5 @@ def attach_fast_layer(
         fast_names = [n for n, _ in base.named_parameters() if n.endswith(".delta.values")]
     if spec.biases and spec.kind not in ("full", "head"):
         fast_names += [n for n, _ in base.named_parameters() if n.endswith(".bias") and n not in fast_names]
-    return FastSlowModel(base, fast_names, base_fingerprint)
+    personal_names = head_names if spec.personal == "head" else []
+    return FastSlowModel(base, fast_names + personal_names, base_fingerprint, personal_names)

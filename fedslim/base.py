@@ -46,7 +46,13 @@ class ResidentBase:
                 f"the base checkpoint {self.path} does not fit the task's architecture; delete it to make it anew "
                 f"({str(exc).splitlines()[0]})"
             ) from exc
-        return self.task.attach_fast(module, spec, self.fingerprint)
+        model = self.task.attach_fast(module, spec, self.fingerprint)
+        if spec.personal != "none" and not model.personal_names:
+            raise ValueError(
+                f"--personal {spec.personal}: task {self.task.name!r} declared no personal tensors "
+                "(its attach_fast must pass personal_names to FastSlowModel)"
+            )
+        return model
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.state.values())

@@ -22,6 +22,7 @@ RECOMMENDED_UPLINK_CODEC = "topk:0.1+q8+lzma"
 RECOMMENDED_DOWNLINK_CODEC = "topk:0.05+q8+lzma"
 TASK_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
+PERSONAL_KINDS = ("none", "head")
 
 
 class ConfigError(ValueError):
@@ -242,6 +243,12 @@ class FastSpec:
         In ``lora``/``ffa-lora`` mode, a layer whose weight has fewer entries
         than this is fast as a whole instead of getting LoRA factors (LoRA
         saves little on small layers and costs them expressiveness).
+    personal : str
+        Fast tensors that train on each client and never leave it: ``none``,
+        or ``head`` (every client keeps a head of its own, in its Flower
+        context; the rest of the fast layer is shared and averaged). The
+        server's model keeps the base's head, so its central accuracy is not
+        the clients': evaluate on the clients (``client_holdout``).
     """
 
     kind: str = setting("lora", "which tensors train and travel", key="fast", choices=FAST_KINDS, client=True)
@@ -256,10 +263,24 @@ class FastSpec:
         client=True,
         range=NON_NEGATIVE,
     )
+    personal: str = setting(
+        "none",
+        "fast tensors that train on each client and never leave it",
+        choices=PERSONAL_KINDS,
+        client=True,
+        omit_default=True,
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in FAST_KINDS:
             raise ConfigError(f"unknown fast layer {self.kind!r}; choose one of {', '.join(FAST_KINDS)}")
+        if self.personal not in PERSONAL_KINDS:
+            raise ConfigError(f"unknown personal tensors {self.personal!r}; choose one of {', '.join(PERSONAL_KINDS)}")
+        if self.personal == "head" and self.kind == "head":
+            raise ConfigError(
+                "--personal head with --fast head leaves nothing to share: choose a lora, ffa-lora, "
+                "sparse or full fast layer"
+            )
         check_ranges(self)
 
 
@@ -539,6 +560,11 @@ class RunConfig:
         if 0 < self.screen_factor <= 1:
             raise ConfigError(f"screen_factor must be > 1, or 0 to turn the screen off; got {self.screen_factor}")
         check_participation_spec(self.participation, self.participation_mean)
+        if self.fast.personal != "none" and self.strategy == "fedamd":
+            raise ConfigError(
+                "--personal with --strategy fedamd: FedAMD's anchors and miners work on the shared "
+                "fast layer alone; use another strategy or --personal none"
+            )
         parse_faults(self.faults)
         for name in ("codec", "downstream_codec"):
             try:

@@ -91,7 +91,13 @@ class Task(ABC):
     # ----------------------------------------------------------------- the fast layer
 
     def attach_fast(self, base: nn.Module, spec: FastSpec, base_fingerprint: str) -> FastSlowModel:
-        """Attach the fast layer ``spec`` (``--fast`` and its settings) to ``base``, in place."""
+        """Attach the fast layer ``spec`` (``--fast`` and its settings) to ``base``, in place.
+
+        Override it to choose the fast tensors yourself: return a
+        :class:`~fedslim.adapters.FastSlowModel` naming them, and any that each
+        client keeps to itself as ``personal_names`` (they train but never
+        travel); ``spec.personal`` says what the run asked for.
+        """
         return attach_fast_layer(base, spec, base_fingerprint)
 
     # ----------------------------------------------------------------- data

@@ -116,6 +116,8 @@ REPLICA_STATE_KEY = "fedslim-replica"
 REPLICA_META_KEY = "fedslim-replica-meta"
 RESIDUAL_STATE_KEY = "fedslim-ef-residual"
 RESIDUAL_META_KEY = "fedslim-ef-residual-meta"
+PERSONAL_STATE_KEY = "fedslim-personal"  # the node's personal fast tensors: trained here, never sent
+PERSONAL_META_KEY = "fedslim-personal-meta"
 BASE_META_KEY = "base"
 TASK_STATE_KEY = "fedslim-task"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedslim.adapters import FastSlowModel
@@ -28,6 +28,7 @@ from fedslim.channel.protocol import (
     ANCHOR_METRIC,
     BASE_BYTES_KEY,
     BASE_FINGERPRINT_KEY,
+    BASE_META_KEY,
     BASE_PATH_KEY,
     CHUNK_KEY,
     CONFIG_KEY,
@@ -42,6 +43,8 @@ from fedslim.channel.protocol import (
     OFFSET_KEY,
     PARTITION_ID_KEY,
     PEAK_RSS_KEY,
+    PERSONAL_META_KEY,
+    PERSONAL_STATE_KEY,
     REPLICA_DIGEST_KEY,
     REPLICA_VERSION_KEY,
     ROLE_KEY,
@@ -116,6 +119,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
     model = fast_model(instruction.base, instruction.config.fast, instruction.device)
     model.load_fast_state(instruction.replica.state)
+    load_personal(model, context, instruction.base, instruction.config.fast)
     result = instruction.base.task.evaluate(model.module, held_out)
     claims: dict[str, int | float] = {
         EVAL_EXAMPLES_KEY: result.num_examples,
@@ -285,6 +289,7 @@ def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int |
     config, base, replica = instruction.config, instruction.base, instruction.replica
     model = fast_model(base, config.fast, instruction.device)
     model.load_fast_state(replica.state)
+    load_personal(model, context, base, config.fast)
     data = local_data(context, config)
     seed = [config.seed, instruction.server_round, node_seed(context)]
     codec_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
@@ -292,13 +297,14 @@ def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int |
     claims: dict[str, int | float] = {NUM_EXAMPLES_KEY: len(data)}
     if instruction.role == Role.ANCHOR:
         # FedAMD anchor: the full local gradient at the synced state, sent as it is (no error feedback).
-        gradient, loss = full_gradient(model.module, model.fast_parameters(), data, instruction.base.task)
+        gradient, loss = full_gradient(model.module, model.shared_parameters(), data, instruction.base.task)
         upload = dict(zip(model.fast_state(), gradient))
         blob = uplink.encode_plain(upload, base.fingerprint, replica.version, codec_seed)
         claims[TRAIN_LOSS_KEY] = loss
         claims[ANCHOR_METRIC] = 1
     else:
         loss = train_locally(msg, instruction, model, data, seed)
+        keep_personal(model, context, base)
         trained = model.fast_state()
         delta = {name: trained[name] - replica.state[name] for name in trained}
         blob = uplink.encode_delta(delta, base.fingerprint, replica.version, codec_seed, instruction.drop_residual)
@@ -316,7 +322,7 @@ def train_locally(
         direction = received_direction(msg, model.fast_shapes())
         return train_variance_reduced(
             model.module,
-            model.fast_parameters(),
+            model.shared_parameters(),
             data,
             objective,
             config.local_step_count(len(data)),
@@ -393,6 +399,35 @@ def resident_base(context: Context, config: RunConfig) -> ResidentBase:
 def initial_fast_state(base: ResidentBase, spec: FastSpec) -> dict[str, np.ndarray]:
     """Version 0 of the replica: the fast layer as attached to the base, before any training."""
     return {name: value.copy() for name, value in base.build(spec).fast_state().items()}
+
+
+@lru_cache(maxsize=4)
+def initial_personal_state(base: ResidentBase, spec: FastSpec) -> dict[str, np.ndarray]:
+    """A node's personal tensors before its first training: as the base holds them."""
+    return {name: value.copy() for name, value in base.build(spec).personal_state().items()}
+
+
+def load_personal(model: FastSlowModel, context: Context, base: ResidentBase, spec: FastSpec) -> None:
+    """Put this node's personal tensors into ``model`` (shared by the nodes of a process): the ones it trained on
+    this base, else the base's own."""
+    if not model.personal_names:
+        return
+    held = context.state.array_records.get(PERSONAL_STATE_KEY)
+    meta = context.state.config_records.get(PERSONAL_META_KEY)
+    if held is not None and meta is not None and meta.get(BASE_META_KEY) == base.fingerprint:
+        try:
+            model.load_personal_state({name: array.numpy() for name, array in held.items()})
+            return
+        except ValueError:
+            pass  # kept for another fast layer on this base: start again from the base's
+    model.load_personal_state(initial_personal_state(base, spec))
+
+
+def keep_personal(model: FastSlowModel, context: Context, base: ResidentBase) -> None:
+    """Keep the personal tensors ``model`` has just trained in this node's context, for its next rounds."""
+    if model.personal_names:
+        context.state[PERSONAL_STATE_KEY] = ArrayRecord({n: Array(v) for n, v in model.personal_state().items()})
+        context.state[PERSONAL_META_KEY] = ConfigRecord({BASE_META_KEY: base.fingerprint})
 
 
 @lru_cache(maxsize=4)

@@ -330,7 +330,8 @@ def open_log(
         f" (resumed after round {resumed.completed_round})" if resumed is not None else "",
         fast_parameters,
         base.num_parameters(),
-        config.fast.kind,
+        config.fast.kind
+        + (f", personal {config.fast.personal} kept on each client" if config.fast.personal != "none" else ""),
         strategy,
         config.participation,
         config.uplink.spec,
