@@ -275,7 +275,7 @@ def synced_instruction(msg: Message, context: Context) -> SyncedInstruction:
         msg,
         context,
         base.fingerprint,
-        lambda: initial_fast_state(base, config.fast),
+        lambda: initial_states(base, config.fast)[0],
         fast_model(base, config.fast, device).fast_shapes(),
         target_version,
         target_digest,
@@ -396,15 +396,11 @@ def resident_base(context: Context, config: RunConfig) -> ResidentBase:
 
 
 @lru_cache(maxsize=4)
-def initial_fast_state(base: ResidentBase, spec: FastSpec) -> dict[str, np.ndarray]:
-    """Version 0 of the replica: the fast layer as attached to the base, before any training."""
-    return {name: value.copy() for name, value in base.build(spec).fast_state().items()}
-
-
-@lru_cache(maxsize=4)
-def initial_personal_state(base: ResidentBase, spec: FastSpec) -> dict[str, np.ndarray]:
-    """A node's personal tensors before its first training: as the base holds them."""
-    return {name: value.copy() for name, value in base.build(spec).personal_state().items()}
+def initial_states(base: ResidentBase, spec: FastSpec) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The fast layer as attached to the base, before any training, from one build: version 0 of the replica, and
+    the personal tensors a node starts from."""
+    model = base.build(spec)
+    return model.fast_state(), model.personal_state()
 
 
 def load_personal(model: FastSlowModel, context: Context, base: ResidentBase, spec: FastSpec) -> None:
@@ -420,7 +416,7 @@ def load_personal(model: FastSlowModel, context: Context, base: ResidentBase, sp
             return
         except ValueError:
             pass  # kept for another fast layer on this base: start again from the base's
-    model.load_personal_state(initial_personal_state(base, spec))
+    model.load_personal_state(initial_states(base, spec)[1])
 
 
 def keep_personal(model: FastSlowModel, context: Context, base: ResidentBase) -> None:
