@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,17 +28,39 @@ if TYPE_CHECKING:
     from fedslim.task import Task
 
 
+def generation_seed(seed: int, generation: int) -> int:
+    """The seed of the fast layer attached after ``generation`` consolidations (0: the run's own seed)."""
+    if generation == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, generation]).generate_state(1)[0])
+
+
 @dataclass(frozen=True, eq=False)
 class ResidentBase:
-    """A loaded base checkpoint of a task and its fingerprint (hashable by identity: loads are cached)."""
+    """A loaded base checkpoint of a task and its fingerprint (hashable by identity: loads are cached).
+
+    After ``generation`` consolidations (:mod:`fedslim.consolidation`) the
+    state is the checkpoint's with the merged fast layers added, its
+    fingerprint the chain's, and ``root`` the checkpoint's own fingerprint.
+    """
 
     task: Task
     state: dict[str, torch.Tensor]
     fingerprint: str
     path: Path
+    generation: int = 0
+    root: str = ""
+
+    @property
+    def root_fingerprint(self) -> str:
+        """The fingerprint of the checkpoint on disk this base was made from."""
+        return self.root or self.fingerprint
 
     def build(self, spec: FastSpec) -> FastSlowModel:
-        """A fresh model with this base's weights and the fast layer ``spec`` attached."""
+        """A fresh model with this base's weights and the fast layer ``spec`` attached (its adapters drawn anew
+        for each generation)."""
+        if self.generation:
+            spec = replace(spec, seed=generation_seed(spec.seed, self.generation))
         module = self.task.build_base()
         try:
             module.load_state_dict(self.state)

@@ -23,6 +23,7 @@ RECOMMENDED_DOWNLINK_CODEC = "topk:0.05+q8+lzma"
 TASK_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
 PERSONAL_KINDS = ("none", "head")
+MERGEABLE_KINDS = ("lora", "ffa-lora", "sparse")  # fast layers whose adapters can be merged into the base
 
 
 class ConfigError(ValueError):
@@ -306,6 +307,11 @@ class RunConfig:
         Fraction of clients sampled each round (at least one is sampled).
     fast : FastSpec
         The fast layer.
+    consolidate_every : int
+        Every N rounds the server merges the shared fast layer (as clients
+        hold it) into the base and starts it again: fresh adapters, the base
+        fingerprint advanced along a chain that clients replay (see
+        :mod:`fedslim.consolidation`). 0: the base never changes.
     seed : int
         Seed for data generation, partitioning, sampling and initialisation.
     local_epochs : int
@@ -423,6 +429,12 @@ class RunConfig:
         range=FRACTION,
     )
     fast: FastSpec = FastSpec()
+    consolidate_every: int = setting(
+        0,
+        "every N rounds, merge the shared fast layer into the base and start it again (0: never); "
+        "clients replay each merge from its fast state",
+        range=NON_NEGATIVE,
+    )
     seed: int = setting(
         0, "seed for data generation, partitioning, sampling and initialisation", client=True, range=SEED_RANGE
     )
@@ -560,6 +572,11 @@ class RunConfig:
         if 0 < self.screen_factor <= 1:
             raise ConfigError(f"screen_factor must be > 1, or 0 to turn the screen off; got {self.screen_factor}")
         check_participation_spec(self.participation, self.participation_mean)
+        if self.consolidate_every and self.fast.kind not in MERGEABLE_KINDS:
+            raise ConfigError(
+                f"--consolidate-every with --fast {self.fast.kind}: only a lora, ffa-lora or sparse fast layer "
+                "has adapters to merge into the base"
+            )
         if self.fast.personal != "none" and self.strategy == "fedamd":
             raise ConfigError(
                 "--personal with --strategy fedamd: FedAMD's anchors and miners work on the shared "

@@ -9,7 +9,10 @@ the whole replica when that is smaller; both sides apply steps with the same
 float32 addition, and the client checks the result against the server's digest.
 
 Version 0 is the initial fast state, which every client builds from the
-resident base and the shared seed, so it never needs to be sent.
+resident base and the shared seed, so it never needs to be sent. A
+consolidation (:mod:`fedslim.consolidation`) starts the replica again from
+the fresh fast layer on the merged base, a version every client builds the
+same way once it holds the merge: its *origin*. No step leads across a merge.
 
 Server end: :class:`ServerReplica` and :class:`Downlink`, which turns a
 strategy's :class:`~fedslim.channel.updates.Instruction` into the train message
@@ -29,6 +32,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedslim.channel.protocol import (
+    BASE_CHAIN_KEY,
     BASE_META_KEY,
     CONFIG_KEY,
     DROP_RESIDUAL_KEY,
@@ -61,6 +65,7 @@ from fedslim.codecs.pipeline import (
     encode_update,
     parse_codec,
 )
+from fedslim.consolidation import BaseChain
 
 
 def state_digest(state: Mapping[str, np.ndarray], length: int = 32) -> str:
@@ -94,6 +99,7 @@ class ServerReplica:
     """
 
     _ahead: str | None = None  # digest of the state publish_ahead published towards (a class default: old checkpoints)
+    origin = 0  # the version clients build from the base themselves, 0 until a consolidation
 
     def __init__(
         self, initial: Mapping[str, np.ndarray], pipeline: Pipeline, base_fingerprint: str, seed: int = 0
@@ -149,6 +155,15 @@ class ServerReplica:
         self.version += 1
         self._steps.clear()  # no step leads to this version: everyone gets the full state
 
+    def rebase(self, initial: Mapping[str, np.ndarray], base_fingerprint: str) -> None:
+        """Start again from ``initial`` on a consolidated base: a new version, the origin clients build themselves."""
+        self.state = {name: np.array(value, dtype=np.float32) for name, value in initial.items()}
+        self.base_fingerprint = base_fingerprint
+        self.version += 1
+        self.origin = self.version
+        self._steps.clear()
+        self._ahead = None
+
     @property
     def full_state_pipeline(self) -> Pipeline:
         """How a full-state sync is encoded: exact float32, then the downstream codec's lossless stage."""
@@ -171,6 +186,10 @@ class ServerReplica:
         if client_version == self.version:
             return []
         full = self.full_state_blob()
+        if client_version is not None and client_version < self.origin:
+            client_version = self.origin  # it builds the origin from the consolidated base
+            if client_version == self.version:
+                return []
         if client_version is None or client_version not in self._steps:
             return [full]
         chain = [self._steps[v] for v in range(client_version, self.version)]
@@ -240,23 +259,35 @@ class Downlink:
         The client task and base fingerprint: static for the run, so an
         instruction carries them in full only to a client that may not hold
         them yet, and their digest always.
+    chain : BaseChain, optional
+        The run's consolidations: once there is one, every instruction names
+        the consolidated base, and carries the merges its client lacks.
     """
 
-    def __init__(self, replica: ServerReplica, task: Mapping[str, Any]) -> None:
+    def __init__(self, replica: ServerReplica, task: Mapping[str, Any], chain: BaseChain | None = None) -> None:
         self.replica = replica
+        self.chain = chain
         self.task = dict(task)
         self.task_digest = hashlib.sha256(json.dumps(self.task, sort_keys=True).encode()).hexdigest()[:16]
         self._directions: dict[int, bytes] = {}
 
     def round_config(self, server_round: int) -> dict[str, Any]:
-        """The task config of this round's instructions: the task, the replica to reach, the round."""
-        return {
+        """The task config of this round's instructions: the task, the replica to reach, the round (and the
+        consolidated base, once there is one)."""
+        config = {
             **self.task,
             TASK_DIGEST_KEY: self.task_digest,
             REPLICA_VERSION_KEY: self.replica.version,
             REPLICA_DIGEST_KEY: self.replica.digest,
             SERVER_ROUND_KEY: server_round,
         }
+        if self.chain is not None and self.chain.merges:
+            config[BASE_CHAIN_KEY] = self.chain.base.fingerprint
+        return config
+
+    def merges_for(self, held: int | None) -> list[bytes]:
+        """The consolidations a client holding replica version ``held`` lacks."""
+        return self.chain.missing(held) if self.chain is not None else []
 
     def train_messages(
         self,
@@ -306,7 +337,7 @@ class Downlink:
         direction = (
             None if instruction.direction is None else self._direction_blob(instruction, config[SERVER_ROUND_KEY])
         )
-        content = instruction_content(task, self.replica.sync_for(held), direction)
+        content = instruction_content(task, self.replica.sync_for(held), direction, self.merges_for(held))
         return Message(content=content, dst_node_id=node, message_type=message_type)
 
     def _direction_blob(self, instruction: Instruction, server_round: int) -> bytes:
@@ -352,10 +383,12 @@ def sync_replica(
     shapes: Mapping[str, tuple[int, ...]],
     target_version: int,
     target_digest: str,
+    origin: int = 0,
 ) -> ClientReplica:
     """The client end: bring this node's replica (kept in its Flower context) to the server's version.
 
-    ``initial`` builds version 0 when the node holds no replica of this base.
+    ``initial`` builds version ``origin`` (0, or the version a consolidation
+    started the fast layer at) when the node holds no replica of this base.
     Raises :class:`~fedslim.channel.protocol.Refusal` when the sync cannot be
     applied; a node that cannot reach the server's version forgets its replica
     (the server then sends the full state).
@@ -366,7 +399,7 @@ def sync_replica(
         tensors = {name: array.numpy() for name, array in state.array_records[REPLICA_STATE_KEY].items()}
         replica = ClientReplica(tensors, int(held[VERSION_KEY]))  # type: ignore[arg-type]
     else:
-        replica = ClientReplica(initial(), 0)
+        replica = ClientReplica(initial(), origin)
     try:
         blobs = instruction_sync(msg.content)
         replica = replica.synced(blobs, shapes, base_fingerprint, target_version, target_digest)

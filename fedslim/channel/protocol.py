@@ -13,7 +13,10 @@ clients different work, ``drop-residual`` after a rejected update, and the
 ``task-digest`` of the run's task: the client task and the base fingerprint,
 which are static, so they are sent in full only to a client that may not hold
 them yet; a client keeps them in its context and refuses with ``TASK_UNKNOWN``
-when it holds no task of that digest. FedAMD's miners also get ``direction``:
+when it holds no task of that digest. After a consolidation every instruction
+names the consolidated base (``base-chain``) and carries the merges its client
+lacks (``merges``, one fedslim.v1.Chain); a client whose merges do not lead to
+that base refuses with ``CHAIN_BROKEN``. FedAMD's miners also get ``direction``:
 the global direction as one fedslim.v1 blob. A train reply carries ``delta``
 (ConfigRecord): ``update`` (the client's compressed delta, one fedslim.v1
 blob), ``num-examples``, ``train-loss``, and the device's footprint:
@@ -64,6 +67,7 @@ REPLICA_DIGEST_KEY = "replica-digest"
 ROLE_KEY = "role"
 DROP_RESIDUAL_KEY = "drop-residual"
 TASK_DIGEST_KEY = "task-digest"
+BASE_CHAIN_KEY = "base-chain"  # the consolidated base's fingerprint; absent until the first consolidation
 OFFSET_KEY = "offset"
 TOTAL_BYTES_KEY = "total-bytes"
 
@@ -92,6 +96,7 @@ DIGEST_KEY = "digest"
 UPDATE_KEY = "update"
 SYNC_KEY = "sync"
 DIRECTION_KEY = "direction"
+MERGES_KEY = "merges"  # an instruction's consolidations the client lacks (fedslim.v1.Chain); a node's kept ones
 
 # A base chunk travels as one uint8 Array of this stype.
 CHUNK_STYPE = "fedslim.base-chunk"
@@ -120,11 +125,14 @@ PERSONAL_STATE_KEY = "fedslim-personal"  # the node's personal fast tensors: tra
 PERSONAL_META_KEY = "fedslim-personal-meta"
 BASE_META_KEY = "base"
 TASK_STATE_KEY = "fedslim-task"
+CHAIN_STATE_KEY = "fedslim-chain"  # the consolidations this node holds: its root base and each merge (bytes)
 
 # Keys of a train instruction's config that change from one instruction to the next; the rest is the static task.
-INSTRUCTION_KEYS = frozenset({SERVER_ROUND_KEY, REPLICA_VERSION_KEY, REPLICA_DIGEST_KEY, ROLE_KEY, DROP_RESIDUAL_KEY})
+INSTRUCTION_KEYS = frozenset(
+    {SERVER_ROUND_KEY, REPLICA_VERSION_KEY, REPLICA_DIGEST_KEY, ROLE_KEY, DROP_RESIDUAL_KEY, BASE_CHAIN_KEY}
+)
 # Keys of an instruction's config that hold its payload (bytes), not config.
-PAYLOAD_KEYS = frozenset({SYNC_KEY, DIRECTION_KEY})
+PAYLOAD_KEYS = frozenset({SYNC_KEY, DIRECTION_KEY, MERGES_KEY})
 
 
 class Role(StrEnum):
@@ -152,6 +160,7 @@ class RefusalCode(IntEnum):
     REPLICA_MISMATCH = 1004
     NON_FINITE_UPDATE = 1005
     TASK_UNKNOWN = 1006
+    CHAIN_BROKEN = 1007  # the node's consolidations do not lead to the server's base: it drops them
 
 
 class Refusal(Exception):
@@ -166,13 +175,30 @@ class Refusal(Exception):
 
 
 def instruction_content(
-    config: Mapping[str, ConfigRecordValues], sync: Sequence[bytes], direction: bytes | None = None
+    config: Mapping[str, ConfigRecordValues],
+    sync: Sequence[bytes],
+    direction: bytes | None = None,
+    merges: Sequence[bytes] = (),
 ) -> RecordDict:
-    """A train or final-sync instruction: ``config`` with the replica sync (and FedAMD's direction) beside it."""
+    """A train or final-sync instruction: ``config`` with the replica sync (and FedAMD's direction, and the
+    consolidations the client lacks) beside it."""
     record = ConfigRecord({**config, SYNC_KEY: pb.Sync(steps=sync).SerializeToString()})
     if direction is not None:
         record[DIRECTION_KEY] = direction
+    if merges:
+        record[MERGES_KEY] = pb.Chain(merges=merges).SerializeToString()
     return RecordDict({CONFIG_KEY: record})
+
+
+def instruction_merges(content: RecordDict) -> list[bytes]:
+    """The consolidations an :func:`instruction_content` carries (none: empty); ValueError if they are corrupt."""
+    if MERGES_KEY not in content.config_records.get(CONFIG_KEY, {}):
+        return []
+    data = _bytes_entry(content, CONFIG_KEY, MERGES_KEY)
+    try:
+        return list(pb.Chain.FromString(data).merges)
+    except DecodeError as exc:
+        raise ValueError(f"corrupt merges: {exc}") from exc
 
 
 def instruction_sync(content: RecordDict) -> list[bytes]:

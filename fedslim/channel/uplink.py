@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedslim.channel.protocol import (
+    BASE_META_KEY,
     CPU_KEY,
     DELTA_KEY,
     EVALUATION_RECORD,
@@ -75,12 +76,14 @@ class UplinkEncoder:
 
         ``drop_residual``: the server rejected this node's last update, so the
         residual left from it (part of a diverged run, say) is discarded, not sent.
+        A residual left on another base (before a consolidation) is discarded
+        too: its coordinates are those of a fast layer that no longer exists.
         """
-        residual = self._residual() if self.use_feedback and not drop_residual else None
+        residual = self._residual(base_fingerprint) if self.use_feedback and not drop_residual else None
         sent = compensate(delta, residual, version, self.decay)
         encoded = self._encode(sent, base_fingerprint, version, seed, "local update")
         if self.use_feedback:
-            self._store(new_residual(sent, encoded.decoded, version))
+            self._store(new_residual(sent, encoded.decoded, version), base_fingerprint)
         return encoded.blob
 
     def encode_plain(self, tensors: Mapping[str, np.ndarray], base_fingerprint: str, version: int, seed: int) -> bytes:
@@ -95,16 +98,20 @@ class UplinkEncoder:
         except ValueError as exc:
             raise Refusal(RefusalCode.NON_FINITE_UPDATE, f"cannot encode the {what}: {exc}") from exc
 
-    def _residual(self) -> Residual | None:
+    def _residual(self, base_fingerprint: str) -> Residual | None:
         state = self.context.state
         if RESIDUAL_STATE_KEY not in state.array_records:
+            return None
+        if state.config_records[RESIDUAL_META_KEY].get(BASE_META_KEY, base_fingerprint) != base_fingerprint:
             return None
         tensors = {name: array.numpy() for name, array in state.array_records[RESIDUAL_STATE_KEY].items()}
         return Residual(tensors, int(state.config_records[RESIDUAL_META_KEY][VERSION_KEY]))  # type: ignore[arg-type]
 
-    def _store(self, residual: Residual) -> None:
+    def _store(self, residual: Residual, base_fingerprint: str) -> None:
         self.context.state[RESIDUAL_STATE_KEY] = ArrayRecord({n: Array(v) for n, v in residual.tensors.items()})
-        self.context.state[RESIDUAL_META_KEY] = ConfigRecord({VERSION_KEY: residual.version})
+        self.context.state[RESIDUAL_META_KEY] = ConfigRecord(
+            {VERSION_KEY: residual.version, BASE_META_KEY: base_fingerprint}
+        )
 
 
 # ----------------------------------------------------------------------------------------------- server end

@@ -27,9 +27,11 @@ from fedslim.channel.downlink import (
 from fedslim.channel.protocol import (
     ANCHOR_METRIC,
     BASE_BYTES_KEY,
+    BASE_CHAIN_KEY,
     BASE_FINGERPRINT_KEY,
     BASE_META_KEY,
     BASE_PATH_KEY,
+    CHAIN_STATE_KEY,
     CHUNK_KEY,
     CONFIG_KEY,
     CPU_KEY,
@@ -38,6 +40,7 @@ from fedslim.channel.protocol import (
     EVAL_CORRECT_KEY,
     EVAL_EXAMPLES_KEY,
     EVAL_LOSS_KEY,
+    MERGES_KEY,
     NODE_NAME_KEY,
     NUM_EXAMPLES_KEY,
     OFFSET_KEY,
@@ -60,6 +63,7 @@ from fedslim.channel.protocol import (
     Role,
     evaluation_content,
     identity_reply,
+    instruction_merges,
     partition_key,
     provision_reply,
     record_chunk,
@@ -69,6 +73,7 @@ from fedslim.channel.protocol import (
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
+from fedslim.consolidation import Merge, advance
 from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
@@ -252,6 +257,7 @@ def synced_instruction(msg: Message, context: Context) -> SyncedInstruction:
         REPLICA_DIGEST_KEY,
         ROLE_KEY,
         DROP_RESIDUAL_KEY,
+        BASE_CHAIN_KEY,
     )
     expected_fingerprint = str(extras[BASE_FINGERPRINT_KEY] or "")
     server_round = extras[SERVER_ROUND_KEY] or 0
@@ -263,14 +269,15 @@ def synced_instruction(msg: Message, context: Context) -> SyncedInstruction:
     if not isinstance(server_round, int) or not isinstance(target_version, int):
         raise Refusal(RefusalCode.BAD_REQUEST, "bad task config: server-round and replica-version must be integers")
 
-    base = resident_base(context, config)
+    root = resident_base(context, config)
     device = node_device(config)
-    if base.fingerprint != expected_fingerprint:
+    if root.fingerprint != expected_fingerprint:
         raise Refusal(
             RefusalCode.BASE_MISMATCH,
             f"base fingerprint mismatch: the server expects {expected_fingerprint[:16]}..., "
-            f"this node's base {base.path} is {base.fingerprint[:16]}...; refusing to train on a different base",
+            f"this node's base {root.path} is {root.fingerprint[:16]}...; refusing to train on a different base",
         )
+    base, origin = consolidated_base(msg, context, root, config.fast, str(extras[BASE_CHAIN_KEY] or ""))
     replica = sync_replica(
         msg,
         context,
@@ -279,8 +286,49 @@ def synced_instruction(msg: Message, context: Context) -> SyncedInstruction:
         fast_model(base, config.fast, device).fast_shapes(),
         target_version,
         target_digest,
+        origin,
     )
     return SyncedInstruction(config, base, device, server_round, Role(role), replica, bool(extras[DROP_RESIDUAL_KEY]))
+
+
+def consolidated_base(
+    msg: Message, context: Context, root: ResidentBase, spec: FastSpec, head: str
+) -> tuple[ResidentBase, int]:
+    """The base the server trains on (fingerprint ``head``; none: the resident checkpoint ``root``), made from
+    ``root`` by the consolidations this node keeps and those the instruction carries, checked link by link; and
+    the replica version its fresh fast layer started as.
+
+    A merge this node holds already is skipped. Raises :class:`Refusal` (``CHAIN_BROKEN``) when the merges do not
+    lead to ``head``, and forgets the ones it kept: the server then sends them all again, with the full state.
+    """
+    if not head:
+        return root, 0
+    kept = context.state.config_records.get(CHAIN_STATE_KEY)
+    held = list(kept[MERGES_KEY]) if kept is not None and kept.get(BASE_META_KEY) == root.fingerprint else []
+    try:
+        sent = instruction_merges(msg.content)
+    except ValueError as exc:
+        raise Refusal(RefusalCode.BAD_REQUEST, f"bad consolidations from the server: {exc}") from exc
+    base, chain, origin = root, [], 0
+    try:
+        for blob in held + sent:
+            if blob in chain:
+                continue  # sent again: this node held it, or the server did not hear that it applied it
+            base = advance(base, spec, blob)
+            chain.append(blob)
+            origin = Merge.version_of(blob)
+    except ValueError as exc:
+        context.state.pop(CHAIN_STATE_KEY, None)
+        raise Refusal(RefusalCode.CHAIN_BROKEN, f"cannot rebuild the server's base: {exc}") from exc
+    if base.fingerprint != head:
+        context.state.pop(CHAIN_STATE_KEY, None)
+        raise Refusal(
+            RefusalCode.CHAIN_BROKEN,
+            f"this node's consolidations lead to base {base.fingerprint[:16]}..., the server's is {head[:16]}...",
+        )
+    if chain != held:
+        context.state[CHAIN_STATE_KEY] = ConfigRecord({BASE_META_KEY: root.fingerprint, MERGES_KEY: chain})
+    return base, origin
 
 
 def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int | float]]:
@@ -410,7 +458,7 @@ def load_personal(model: FastSlowModel, context: Context, base: ResidentBase, sp
         return
     held = context.state.array_records.get(PERSONAL_STATE_KEY)
     meta = context.state.config_records.get(PERSONAL_META_KEY)
-    if held is not None and meta is not None and meta.get(BASE_META_KEY) == base.fingerprint:
+    if held is not None and meta is not None and meta.get(BASE_META_KEY) == base.root_fingerprint:
         try:
             model.load_personal_state({name: array.numpy() for name, array in held.items()})
             return
@@ -423,7 +471,7 @@ def keep_personal(model: FastSlowModel, context: Context, base: ResidentBase) ->
     """Keep the personal tensors ``model`` has just trained in this node's context, for its next rounds."""
     if model.personal_names:
         context.state[PERSONAL_STATE_KEY] = ArrayRecord({n: Array(v) for n, v in model.personal_state().items()})
-        context.state[PERSONAL_META_KEY] = ConfigRecord({BASE_META_KEY: base.fingerprint})
+        context.state[PERSONAL_META_KEY] = ConfigRecord({BASE_META_KEY: base.root_fingerprint})
 
 
 @lru_cache(maxsize=4)

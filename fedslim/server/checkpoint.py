@@ -2,7 +2,7 @@
 
 A checkpoint holds the server side of a run after round ``completed_round``:
 the exact fast state, the replica (its versions and the steps clients may
-still need), the replica version each client holds, the clients told to drop
+still need), the consolidations merged into the base, the replica version each client holds, the clients told to drop
 their error-feedback residual, the strategy with its per-client memory and
 1/p estimates, the size screen's history, and, where the nodes run in the
 server's process (the inline backend), which saved Flower context state of
@@ -71,6 +71,9 @@ class Checkpoint:
     """Where the server could read the nodes' context states: the round of each client's saved state in the
     run's :class:`NodeStateStore`; None otherwise."""
     finished: bool = False
+    merges: tuple[bytes, ...] = ()
+    """The run's consolidations, oldest first (:class:`~fedslim.consolidation.Merge` blobs): the base is the
+    resident checkpoint with each merged into it."""
 
 
 def checkpoint_path(run_dir: Path) -> Path:

@@ -29,6 +29,7 @@ from fedslim.channel.protocol import (
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
 from fedslim.config import ConfigError, RunConfig
+from fedslim.consolidation import BaseChain
 from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
 from fedslim.server.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -101,7 +102,7 @@ def final_sync(run: ServerRun) -> int:
     held = {node: run.client_versions.get(key) for node, key in run.grid.admitted.items()}
     messages = [
         Message(
-            instruction_content(task, replica.sync_for(version)),
+            instruction_content(task, replica.sync_for(version), merges=run.downlink.merges_for(version)),
             dst_node_id=node,
             message_type=FINAL_SYNC_TYPE,
         )
@@ -165,9 +166,15 @@ def run_federation(
         config = resumable_config(resumed, config)
         strategy = resumed.strategy
     strategy = strategy or strategy_for(config)
+    if config.consolidate_every and not strategy.consolidates:
+        raise ConfigError(
+            f"--consolidate-every with strategy {type(strategy).__name__}: it cannot forget its state at a "
+            "consolidation; use a fedslim strategy"
+        )
     task = task_for(config)
     base = load_base(ensure_base(task, config), task)
-    model = base.build(config.fast)
+    chain = BaseChain.replayed(base, config.fast, list(resumed.merges) if resumed is not None else [])
+    model = chain.base.build(config.fast)
     model.module.to(config.torch_device())
     schedule = simulated_participation(config, task)
     first_round = resumed.completed_round + 1 if resumed is not None else 1
@@ -197,9 +204,9 @@ def run_federation(
             task=task,
             test=task.test_data(config),
             fast_state=fast_state,
-            downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}),
+            downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}, chain),
             uplink=UplinkReceiver(
-                model.fast_shapes(), base.fingerprint, screen, config.local_step_count, grid.declared_by_client()
+                model.fast_shapes(), chain.base.fingerprint, screen, config.local_step_count, grid.declared_by_client()
             ),
             wire=wire,
             schedule=schedule,
@@ -261,6 +268,7 @@ def save_checkpoint(
         screen=run.uplink.screen,
         node_states=index,
         finished=finished,
+        merges=tuple(run.downlink.chain.blobs) if run.downlink.chain is not None else (),
     )
     try:
         write_checkpoint(checkpoint, run.config.run_dir)

@@ -44,6 +44,9 @@ from fedslim.task import Task
 from fedslim.training import EvalResult
 
 LATE_REPLY_ROUNDS = 3  # rounds after its own in which an unanswered instruction's reply is still pulled
+# Refusals after which the server no longer knows what the client holds: its next instruction carries the task,
+# every consolidation and the full fast state.
+RESYNC_CODES = (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN, RefusalCode.CHAIN_BROKEN)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,44 @@ class ServerRun:
         if outcome.state is not None:
             self.fast_state = outcome.state
             self.model.load_fast_state(self.fast_state)
-        return self.finish_round(server_round, len(messages), len(accepted), len(available), started)
+        totals = self.finish_round(server_round, len(messages), len(accepted), len(available), started)
+        if self.consolidation_due(server_round):
+            self.consolidate(server_round)
+        return totals
+
+    def consolidation_due(self, server_round: int) -> bool:
+        """Every ``consolidate_every`` rounds, but not after the last (the run's fast state is its result)."""
+        every = self.config.consolidate_every
+        return bool(every) and server_round % every == 0 and server_round < self.config.rounds
+
+    def consolidate(self, server_round: int) -> None:
+        """Merge the fast state clients can hold (the replica, once it has this round's step) into the base, and
+        start the fast layer again on the merged base (see :mod:`fedslim.consolidation`).
+
+        The server's exact state differs from the replica only by what the
+        downstream codec has not sent yet; that remainder is expressed in the
+        old adapters and is dropped with them. Clients drop their
+        error-feedback residuals for the same reason (they are kept per
+        base), and the strategy forgets its stored updates.
+        """
+        chain, replica = self.downlink.chain, self.downlink.replica
+        assert chain is not None
+        replica.publish_once(self.fast_state)
+        merged = chain.consolidate(server_round, replica.state, replica.version + 1, replica.full_state_pipeline)
+        self.model = merged.build(self.config.fast)
+        self.model.module.to(self.config.torch_device())
+        self.fast_state = self.model.fast_state()
+        replica.rebase(self.fast_state, merged.fingerprint)
+        self.uplink.base_fingerprint = merged.fingerprint
+        self.strategy.forget_memory()
+        log(
+            INFO,
+            "round %d: fast layer merged into the base (consolidation %d): base %s..., replica version %d",
+            server_round,
+            merged.generation,
+            merged.fingerprint[:16],
+            replica.version,
+        )
 
     def sync_down(self, server_round: int, instructions: list[Instruction]) -> list[Message]:
         """Publish the replica's step towards x; one train message per instruction, with its node's sync."""
@@ -194,7 +234,7 @@ class ServerRun:
                 continue
             if not item.reply.has_error():
                 self.rejected.add(client)
-            elif item.reply.error.code in (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN):
+            elif item.reply.error.code in RESYNC_CODES:
                 self.client_versions[client] = None  # unknown: the next instruction carries the state and the task
         return received
 
@@ -305,7 +345,7 @@ class ServerRun:
                 self.wire.commlog.record_client_evaluation(self.wire.run_id, server_round, evaluation)
             if not reply.has_error():
                 self.client_versions[client] = version
-            elif reply.error.code in (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN):
+            elif reply.error.code in RESYNC_CODES:
                 self.client_versions[client] = None
         return answered
 

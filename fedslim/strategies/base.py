@@ -126,6 +126,8 @@ class FastStrategy(ABC):
     memory_form: str | None = None
     p_estimate: str | None = None
     cutoff: float = float("inf")
+    consolidates: bool = True
+    """Whether the strategy can go on after a consolidation (:meth:`forget_memory` forgets all it must)."""
 
     def __init__(
         self, fraction_train: float = 1.0, min_train_nodes: int = 1, server_lr: float = 1.0, seed: int = 0
@@ -166,6 +168,20 @@ class FastStrategy(ABC):
         self._federation = replace(federation, node_keys={**node_keys, node: client})
         if self._estimator is not None and not known:
             self._estimator.add_client(client)
+
+    def forget_memory(self) -> None:
+        """The fast layer was merged into the base and starts again (a consolidation): forget every stored update.
+
+        A stored update is a step of adapters that no longer exist: after a
+        merge A is drawn anew and B is zero, so an old step of B would move
+        the new layer along the old A's directions, and the merged product
+        of rank r cannot be written back in the new factors. Participation
+        statistics (the 1/p estimates) are about clients, not coordinates,
+        and are kept. A subclass with more state in fast-layer coordinates
+        extends this.
+        """
+        if self._stored is not None:
+            self._stored = ClientMemory(self.federation.shapes, self._stored.form)
 
     @property
     def federation(self) -> Federation:

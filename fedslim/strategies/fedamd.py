@@ -78,6 +78,12 @@ class FedAMD(FastStrategy):
         self.direction_codec = parse_codec(direction_codec).spec
         self._round_direction: dict[str, np.ndarray] | None = None
 
+    def forget_memory(self) -> None:
+        """As the base class; the anchors' gradients go, so the next round's sampled clients are anchors again
+        (``anchor-first``) or train plainly."""
+        super().forget_memory()
+        self._round_direction = None
+
     def direction(self) -> dict[str, np.ndarray]:
         """v = (1/N) sum_i g_i."""
         return {name: (total / self.num_clients).astype(np.float32) for name, total in self.stored.total().items()}

@@ -54,6 +54,8 @@ class FlowerStrategy(FastStrategy):
         Seed of the strategy's node sampling, per round.
     """
 
+    consolidates = False  # a Flower strategy's own state (FedAdam's moments) cannot be told of a consolidation
+
     def __init__(self, strategy: Strategy, seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.strategy = strategy

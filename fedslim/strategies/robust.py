@@ -237,6 +237,13 @@ class RobustStrategy(FastStrategy):
         self.inner.rebind(federation)
 
     @property
+    def consolidates(self) -> bool:  # type: ignore[override]
+        return self.inner.consolidates
+
+    def forget_memory(self) -> None:
+        self.inner.forget_memory()
+
+    @property
     def stored(self) -> ClientMemory:
         return self.inner.stored
 

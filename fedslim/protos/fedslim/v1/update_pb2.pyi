@@ -45,6 +45,24 @@ class Sync(_message.Message):
     steps: _containers.RepeatedScalarFieldContainer[bytes]
     def __init__(self, steps: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
+class Merge(_message.Message):
+    __slots__ = ("parent", "round", "version", "state")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    round: int
+    version: int
+    state: bytes
+    def __init__(self, parent: _Optional[str] = ..., round: _Optional[int] = ..., version: _Optional[int] = ..., state: _Optional[bytes] = ...) -> None: ...
+
+class Chain(_message.Message):
+    __slots__ = ("merges",)
+    MERGES_FIELD_NUMBER: _ClassVar[int]
+    merges: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, merges: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class FastUpdate(_message.Message):
     __slots__ = ("kind", "base_fingerprint", "state_version", "tensors")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):

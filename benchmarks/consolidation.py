@@ -1,0 +1,194 @@
+"""Two timescales: rank-r LoRA consolidated into the base every K rounds, against plain LoRA, by the bytes moved.
+
+Rows, one run each, same federation and seed:
+
+- ``LoRA r``: plain rank-r LoRA (+ the head), never merged;
+- ``LoRA r, consolidated every K``: the same layer merged into the base every
+  K rounds and started again (``--consolidate-every K``), so the base takes
+  a rank-r step each time: rank r x (merges + 1) in all, at the per-round
+  cost of rank r (each client also receives each merge once: a fast state);
+- ``LoRA r x rounds/K``: plain LoRA of the rank consolidation reaches by the
+  end, which pays that rank's bytes every round.
+
+Every round is evaluated centrally and its bytes (train instructions and
+replies, whole Flower messages) are summed, so each row is a curve of
+accuracy against cumulative bytes. The "at equal bytes" columns take each
+row within the bytes plain rank-r LoRA moves in the whole run: the last round
+it reaches, and its mean accuracy over its last three evaluations there (one
+evaluation swings by a point from round to round). The target is that
+consolidation beats plain LoRA there.
+
+    python benchmarks/consolidation.py                # Fashion-MNIST, about 20 minutes on 2 cores
+    python benchmarks/consolidation.py --task text --device cuda   # fortunes + MiniLM (an hour a row on 2 cores)
+
+Prints a table and writes benchmarks/results/consolidation[-TASK].{json,md},
+stamped with the commit, command, seed and base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fmnist_setup import RESULTS
+from provenance import base_used, provenance, write_results
+
+from fedslim.config import FastSpec, RunConfig
+from fedslim.simulation.simulate import simulate
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    rank: int
+    every: int  # consolidate every this many rounds (0: never)
+
+
+def rows_for(args: argparse.Namespace) -> list[Row]:
+    rows = [Row(f"lora-r{args.rank}", f"LoRA r={args.rank}", args.rank, 0)]
+    for every in args.every:
+        rows.append(Row(f"consolidate-{every}", f"LoRA r={args.rank}, consolidated every {every}", args.rank, every))
+    for rank in sorted({args.rank * -(-args.rounds // every) for every in args.every}):
+        rows.append(Row(f"lora-r{rank}", f"LoRA r={rank} (= r x rounds/K)", rank, 0))
+    return rows
+
+
+def config_for(row: Row, args: argparse.Namespace) -> RunConfig:
+    text = args.task == "text"
+    return RunConfig(
+        task=args.task,
+        num_clients=args.clients,
+        rounds=args.rounds,
+        fraction=args.fraction,
+        dirichlet_alpha=args.alpha,
+        local_epochs=args.local_epochs,
+        fast=FastSpec("lora", rank=row.rank, seed=args.seed),
+        consolidate_every=row.every,
+        seed=args.seed,
+        lr=2e-3 if text else RunConfig.lr,
+        batch_size=16 if text else RunConfig.batch_size,
+        codec=args.codec,
+        downstream_codec=args.downstream_codec,
+        eval_every=args.eval_every,
+        device=args.device,
+        overwrite=True,
+        out=str(Path(args.out) / row.key),
+    )
+
+
+def cumulative_bytes(log: Path) -> dict[int, int]:
+    """Train instructions and replies up to and including each round, whole Flower messages both ways."""
+    with sqlite3.connect(f"file:{log}?mode=ro", uri=True) as db:
+        per_round = dict(
+            db.execute(
+                "SELECT round, SUM(message_bytes) FROM messages WHERE message_type = 'train' GROUP BY round"
+            ).fetchall()
+        )
+    total, running = 0, {}
+    for server_round in range(max(per_round, default=0) + 1):
+        total += per_round.get(server_round, 0)
+        running[server_round] = total
+    return running
+
+
+def run_row(config: RunConfig) -> dict[str, Any]:
+    result = simulate(config, backend="inline")
+    spent = cumulative_bytes(Path(result.log_path))
+    curve = [(r.round, r.accuracy, spent.get(r.round, 0)) for r in result.rounds if r.accuracy is not None]
+    merges = (config.rounds - 1) // config.consolidate_every if config.consolidate_every else 0
+    return {
+        "final": curve[-1][1],
+        "best": max(accuracy for _, accuracy, _ in curve),
+        "curve": curve,
+        "total_bytes": curve[-1][2],
+        "merges": merges,
+        "effective_rank": config.fast.rank * (merges + 1),
+    }
+
+
+LATE_EVALUATIONS = 3
+
+
+def at_budget(curve: list[tuple[int, float, int]], budget: int) -> tuple[int, float]:
+    """The last round evaluated within ``budget`` bytes, and the mean accuracy of the last evaluations there."""
+    within = [(server_round, accuracy) for server_round, accuracy, spent in curve if spent <= budget]
+    late = [accuracy for _, accuracy in within[-LATE_EVALUATIONS:]]
+    return within[-1][0], sum(late) / len(late)
+
+
+def table(rows: list[Row], results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    baseline = results.get(rows[0].key)
+    budget = baseline["total_bytes"] if baseline else None
+    reference = at_budget(baseline["curve"], budget)[1] if baseline else None
+    lines = [
+        f"{args.task}, {args.clients} clients, Dir({args.alpha}), {args.fraction:.0%} per round, {args.rounds} rounds, "
+        f"{args.local_epochs} local epoch(s), codecs up {args.codec} / down {args.downstream_codec}, seed {args.seed}; "
+        f"equal bytes: what plain LoRA r={args.rank} moves in {args.rounds} rounds\n",
+        f"| row | rank in the end | final | best | MiB moved | at equal bytes: round | mean of last {LATE_EVALUATIONS} "
+        "evaluations | vs plain r |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.key not in results:
+            continue
+        run = results[row.key]
+        if budget is not None and reference is not None:
+            budget_round, accuracy = at_budget(run["curve"], budget)
+            equal = f"{budget_round} | {accuracy:.4f} | {100 * (accuracy - reference):+.2f} pts"
+        else:
+            equal = "- | - | -"
+        lines.append(
+            f"| {row.label} | {run['effective_rank']} | {run['final']:.4f} | {run['best']:.4f} | "
+            f"{run['total_bytes'] / 2**20:,.2f} | {equal} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="fmnist", choices=("fmnist", "text"))
+    parser.add_argument("--every", type=int, nargs="+", default=[5, 10], help="values of K")
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=None, help="default: 50 (fmnist), 30 (text)")
+    parser.add_argument("--fraction", type=float, default=None, help="default: 0.2 (fmnist), 0.3 (text)")
+    parser.add_argument("--alpha", type=float, default=None, help="default: 0.3 (fmnist), 0.5 (text)")
+    parser.add_argument("--local-epochs", type=int, default=None, help="default: 2 (fmnist), 1 (text)")
+    parser.add_argument("--codec", default="none")
+    parser.add_argument("--downstream-codec", default="none")
+    parser.add_argument("--eval-every", type=int, default=None, help="default: 1 (fmnist), 5 (text)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--out", default="runs/bench-consolidation")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    text = args.task == "text"
+    for name, fmnist, fortunes in (
+        ("clients", 50, 30),
+        ("fraction", 0.2, 0.3),
+        ("alpha", 0.3, 0.5),
+        ("local_epochs", 2, 1),
+        ("eval_every", 1, 5),
+    ):
+        if getattr(args, name) is None:
+            setattr(args, name, fortunes if text else fmnist)
+
+    rows = rows_for(args)
+    name = "consolidation" if args.task == "fmnist" else f"consolidation-{args.task}"
+    stamp = provenance([args.seed], [base_used(config_for(rows[0], args))])
+    results: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        print(f"{row.key}: {row.label}", flush=True)
+        results[row.key] = run_row(config_for(row, args))
+        text_table = table(rows, results, args)
+        record = {"setup": vars(args) | {"results": str(args.results)}, "runs": results}
+        write_results(args.results, name, stamp, record, text_table)
+    print(text_table)
+
+
+if __name__ == "__main__":
+    main()

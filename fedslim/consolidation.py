@@ -1,0 +1,209 @@
+"""Slow consolidation: every K rounds the shared fast layer is merged into the base and starts again.
+
+The two timescales of fedslim: the fast layer moves every round; the base
+moves every ``consolidate_every`` rounds, when the replica's fast state (what
+every client can hold, not the server's exact state) is merged into it:
+
+- a LoRA-adapted weight takes its low-rank delta, ``W <- W + (alpha / r) B A``;
+- a sparse-adapted weight takes its values at their positions;
+- every other shared fast tensor (the head, small layers, biases) is written
+  into the base as it stands.
+
+The fresh fast layer is then attached to the merged base as at the start of
+a run, with adapters drawn from ``(seed, generation)``: a new A, B = 0, so the
+model is unchanged by the merge up to float rounding. The merged base is named
+by a chain of fingerprints, ``new = H(old, round, digest of the merged state)``:
+a client that holds the resident checkpoint and the merges (a fast state each)
+rebuilds the same base, bit for bit, and checks each link as it goes. No base
+tensor crosses the network.
+
+The arithmetic is elementwise float32 in a fixed order (one rank-one term at
+a time), never a BLAS product whose blocking may differ between machines, so
+every machine computes the same merged base. :class:`Merge` is one link;
+:class:`BaseChain` is the server's chain; :func:`advance` applies a link.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from fedslim.adapters import DeltaAdapted, FastSlowModel, LoRADelta, SparseDelta
+from fedslim.base import ResidentBase
+from fedslim.codecs.pipeline import STATE, Pipeline, decode_update, encode_update
+from fedslim.config import FastSpec
+from fedslim.protos.fedslim.v1 import update_pb2 as pb
+
+
+def merged_fingerprint(parent: str, server_round: int, state: Mapping[str, np.ndarray]) -> str:
+    """The fingerprint of the base ``parent`` with ``state`` merged into it after ``server_round``."""
+    digest = hashlib.sha256(b"fedslim.merge\0")
+    digest.update(f"{parent}\0{server_round}\0".encode())
+    for name in sorted(state):
+        tensor = np.ascontiguousarray(state[name], dtype=np.float32)
+        digest.update(f"{name}\0{tensor.shape}\0".encode())
+        digest.update(tensor.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Merge:
+    """One link of the chain: the shared fast ``state`` merged into base ``parent`` after ``round``; the fresh fast
+    layer starts as replica ``version``."""
+
+    parent: str
+    round: int
+    version: int
+    state: dict[str, np.ndarray]
+
+    @property
+    def fingerprint(self) -> str:
+        """The merged base's fingerprint."""
+        return merged_fingerprint(self.parent, self.round, self.state)
+
+    def encode(self, lossless: Pipeline) -> bytes:
+        """The link as it travels and is kept: exact float32 tensors, then ``lossless``'s lossless stage."""
+        state = encode_update(
+            self.state,
+            Pipeline(lossless=lossless.lossless),
+            kind=STATE,
+            base_fingerprint=self.parent,
+            state_version=self.version,
+        )
+        message = pb.Merge(parent=self.parent, round=self.round, version=self.version, state=state.blob)
+        return message.SerializeToString()
+
+    @staticmethod
+    def version_of(blob: bytes) -> int:
+        """The replica version a merge's fresh fast layer starts as (the blob is one :func:`advance` accepted)."""
+        return int(pb.Merge.FromString(blob).version)
+
+    @classmethod
+    def decode(cls, blob: bytes, shapes: Mapping[str, tuple[int, ...]]) -> Merge:
+        """A link from its bytes, checked against the shared fast tensors' shapes (ValueError naming the problem)."""
+        message = pb.Merge()
+        try:
+            message.ParseFromString(blob)
+        except DecodeError as exc:
+            raise ValueError(f"corrupt merge: {exc}") from exc
+        update = decode_update(message.state, shapes)
+        if update.kind != STATE or update.base_fingerprint != message.parent or update.state_version != message.version:
+            raise ValueError("corrupt merge: its fast state does not belong to it")
+        return cls(message.parent, int(message.round), int(message.version), update.tensors)
+
+
+def merge_into_base(model: FastSlowModel) -> dict[str, torch.Tensor]:
+    """The base state with ``model``'s fast layer merged into it (``model`` is consumed: its adapters are removed).
+
+    Raises ValueError if the model's fast layer was not attached by
+    :func:`~fedslim.adapters.attach_fast_layer` (nothing to merge into).
+    """
+    module = model.module.cpu()
+    adapted = [(name, m) for name, m in module.named_modules() if isinstance(m, DeltaAdapted)]
+    if not adapted:
+        raise ValueError("the fast layer has no LoRA or sparse adapters to merge into the base")
+    with torch.no_grad():
+        for name, layer in adapted:
+            weight = layer.base.weight
+            merged = merged_weight(weight.detach().numpy(), layer.delta)
+            weight.copy_(torch.from_numpy(merged))
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, child, layer.base)
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def merged_weight(weight: np.ndarray, delta: torch.nn.Module) -> np.ndarray:
+    """``weight + delta``, in float32, one elementwise operation at a time (the same bits on every machine)."""
+    base = np.asarray(weight, dtype=np.float32)
+    if isinstance(delta, LoRADelta):
+        scaled_b = np.float32(delta.scaling) * delta.lora_B.detach().numpy().astype(np.float32)
+        factor_a = delta.lora_A.detach().numpy().astype(np.float32)
+        product = np.zeros((scaled_b.shape[0], factor_a.shape[1]), dtype=np.float32)
+        for k in range(factor_a.shape[0]):  # rank-one terms in order: no BLAS blocking, no fused multiply-add
+            product = np.add(product, np.multiply(scaled_b[:, k : k + 1], factor_a[k : k + 1, :]), dtype=np.float32)
+        return np.add(base, product.reshape(base.shape), dtype=np.float32)
+    if isinstance(delta, SparseDelta):
+        flat = base.reshape(-1).copy()
+        indices = delta.get_buffer("indices").numpy()
+        flat[indices] = np.add(flat[indices], delta.values.detach().numpy(), dtype=np.float32)
+        return flat.reshape(base.shape)
+    raise ValueError(f"cannot merge a {type(delta).__name__} into the base")
+
+
+@lru_cache(maxsize=4)
+def advance(base: ResidentBase, spec: FastSpec, blob: bytes) -> ResidentBase:
+    """The base after the merge ``blob`` (a :class:`Merge`), checked link by link: ValueError if the merge is
+    corrupt or was not made on ``base``. Cached: the nodes of a process share each merged base."""
+    model = base.build(spec)
+    merge = Merge.decode(blob, model.fast_shapes())
+    if merge.parent != base.fingerprint:
+        raise ValueError(
+            f"the merge of round {merge.round} was made on base {merge.parent[:16]}..., "
+            f"not on {base.fingerprint[:16]}..."
+        )
+    model.load_fast_state(merge.state)
+    state = merge_into_base(model)
+    if set(state) != set(base.state):
+        raise ValueError("the merged model does not have the base's tensors: its task attaches more than adapters")
+    return ResidentBase(
+        base.task, state, merge.fingerprint, base.path, generation=base.generation + 1, root=base.root_fingerprint
+    )
+
+
+@dataclass
+class BaseChain:
+    """The server's base: the resident checkpoint and each merge made on it since, oldest first.
+
+    Parameters
+    ----------
+    root : ResidentBase
+        The checkpoint every client holds (and is provisioned with).
+    spec : FastSpec
+        The run's fast layer.
+    """
+
+    root: ResidentBase
+    spec: FastSpec
+    merges: list[Merge] = field(default_factory=list)
+    blobs: list[bytes] = field(default_factory=list)
+    head: ResidentBase | None = None
+
+    @property
+    def base(self) -> ResidentBase:
+        """The base the run trains on now."""
+        return self.head or self.root
+
+    def consolidate(
+        self, server_round: int, state: Mapping[str, np.ndarray], version: int, lossless: Pipeline
+    ) -> ResidentBase:
+        """Merge the shared fast ``state`` into the base after ``server_round``; the fresh layer is replica
+        ``version``. Returns the merged base."""
+        merge = Merge(self.base.fingerprint, server_round, version, {k: np.asarray(v) for k, v in state.items()})
+        blob = merge.encode(lossless)
+        self.head = advance(self.base, self.spec, blob)
+        self.merges.append(merge)
+        self.blobs.append(blob)
+        return self.head
+
+    def missing(self, client_version: int | None) -> list[bytes]:
+        """The merges a client holding replica ``client_version`` lacks (None: unknown, every merge)."""
+        merges = zip(self.merges, self.blobs)
+        return [blob for merge, blob in merges if client_version is None or merge.version > client_version]
+
+    @classmethod
+    def replayed(cls, root: ResidentBase, spec: FastSpec, blobs: list[bytes]) -> BaseChain:
+        """The chain a checkpoint kept, rebuilt from its merges."""
+        chain = cls(root, spec)
+        shapes = root.build(spec).fast_shapes()  # the same at every generation
+        for blob in blobs:
+            chain.head = advance(chain.base, spec, blob)
+            chain.merges.append(Merge.decode(blob, shapes))
+            chain.blobs.append(blob)
+        return chain
