@@ -10,7 +10,7 @@ Rows, one run each, same federation and seed:
 - ``LoRA r x rounds/K``: plain LoRA of the rank consolidation reaches by the
   end, which pays that rank's bytes every round.
 
-Every round is evaluated centrally and its bytes (train instructions and
+Every few rounds (``--eval-every``) the model is evaluated centrally; every round's bytes (train instructions and
 replies, whole Flower messages) are summed, so each row is a curve of
 accuracy against cumulative bytes. The "at equal bytes" columns take each
 row within the bytes plain rank-r LoRA moves in the whole run: the last round
@@ -18,7 +18,7 @@ it reaches, and its mean accuracy over its last three evaluations there (one
 evaluation swings by a point from round to round). The target is that
 consolidation beats plain LoRA there.
 
-    python benchmarks/consolidation.py                # Fashion-MNIST, about 20 minutes on 2 cores
+    python benchmarks/consolidation.py                # Fashion-MNIST, about 40 minutes on 2 cores
     python benchmarks/consolidation.py --task text --device cuda   # fortunes + MiniLM (an hour a row on 2 cores)
 
 Prints a table and writes benchmarks/results/consolidation[-TASK].{json,md},
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=None, help="default: 2 (fmnist), 1 (text)")
     parser.add_argument("--codec", default="none")
     parser.add_argument("--downstream-codec", default="none")
-    parser.add_argument("--eval-every", type=int, default=None, help="default: 1 (fmnist), 5 (text)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default: 3 (fmnist), 5 (text)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--out", default="runs/bench-consolidation")
@@ -172,7 +172,7 @@ def main() -> None:
         ("fraction", 0.2, 0.3),
         ("alpha", 0.3, 0.5),
         ("local_epochs", 2, 1),
-        ("eval_every", 1, 5),
+        ("eval_every", 3, 5),
     ):
         if getattr(args, name) is None:
             setattr(args, name, fortunes if text else fmnist)
