@@ -23,6 +23,8 @@ from fedslim.channel.protocol import (
     CHAIN_STATE_KEY,
     CONFIG_KEY,
     MERGES_KEY,
+    PERSONAL_META_KEY,
+    PERSONAL_STATE_KEY,
     RefusalCode,
     instruction_merges,
 )
@@ -213,7 +215,9 @@ def test_a_merge_blob_is_decoded_or_refused_with_value_error(small_config: RunCo
 # ------------------------------------------------------------------------------------------------ in a run
 
 
-def test_after_consolidations_every_client_holds_the_servers_base(merging_config: RunConfig) -> None:
+@pytest.mark.parametrize("strategy", ["fedavg", "mifa", "fedamd"])
+def test_after_consolidations_every_client_holds_the_servers_base(merging_config: RunConfig, strategy: str) -> None:
+    merging_config = replace(merging_config, strategy=strategy)
     grid, exchanges = recording_grid(merging_config)
     result = run_federation(grid, merging_config)  # type: ignore[arg-type]
     assert [r.accepted for r in result.rounds] == [0, 3, 3, 3, 3, 3, 3]
@@ -340,6 +344,25 @@ def test_a_run_with_consolidations_resumes_to_the_same_final_state(small_config:
     result = run_federation(InlineGrid(client_app, config.num_clients), replace(config, resume=True))  # type: ignore[arg-type]
     assert result.final_state_digest == reference.final_state_digest
     assert len(load_checkpoint(Path(config.out)).merges) == 2
+
+
+def test_personal_heads_stay_with_their_clients_across_merges(merging_config: RunConfig) -> None:
+    config = replace(merging_config, fast=FastSpec("lora", rank=2, personal="head"), consolidate_every=1, rounds=4)
+    grid, exchanges = recording_grid(config)
+    result = run_federation(grid, config)  # type: ignore[arg-type]
+    assert all(r.accepted == r.sampled for r in result.rounds)
+    root = prepared_base(config)
+    model = root.build(config.fast)
+    chain = server_chain(config)
+    assert len(chain.merges) == 3 and not set(model.personal_names) & set(chain.merges[0].state)
+    head = model.personal_names[0]
+    assert torch.equal(chain.base.state[head], root.state[head])  # the shared layer was merged, not the heads
+    trained = {m.metadata.dst_node_id for m, r, _ in exchanges if m.metadata.message_type == "train"}
+    for node in trained:  # each kept its own head through the merges (it is kept per resident checkpoint)
+        meta = grid.contexts[node].state.config_records[PERSONAL_META_KEY]
+        assert meta[BASE_META_KEY] == root.fingerprint
+        kept = grid.contexts[node].state.array_records[PERSONAL_STATE_KEY][head].numpy()
+        assert not np.array_equal(kept, root.state[head].numpy())
 
 
 # ------------------------------------------------------------------------------------------------ the pieces

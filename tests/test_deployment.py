@@ -40,7 +40,8 @@ def deployed(tmp_path: Path, private_cache: Path) -> Iterator[Federation]:
 
 def test_logged_bytes_agree_with_the_superlinks_traffic_count(deployed: Federation) -> None:
     out = deployed.tmp / "run"
-    config = f'rounds=2 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" out="{out}"'
+    # With a consolidation after round 1: the merge rides in round 2's instructions, and is counted with them.
+    config = f'rounds=2 num-clients={NODES} fraction=1.0 codec="topk:0.2+q8+lzma" consolidate-every=1 out="{out}"'
     completed = flwr_run(CONNECTION, config, deployed.env)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     listed = subprocess.run(
@@ -56,6 +57,13 @@ def test_logged_bytes_agree_with_the_superlinks_traffic_count(deployed: Federati
     with RunLog(str(out)) as log:
         summary = log.summary()
         types = log.db.execute("SELECT message_type, direction, COUNT(*) FROM messages GROUP BY 1, 2").fetchall()
+        down = dict(
+            log.db.execute(
+                "SELECT round, SUM(message_bytes) FROM messages WHERE message_type = 'train' AND direction = 'down' "
+                "GROUP BY round"
+            ).fetchall()
+        )
+    assert down[2] > 2 * down[1]  # round 2 carries the merge of round 1 (a fast state) to every node
     assert sorted(types) == [("query", "down", 3), ("query", "up", 3), ("train", "down", 6), ("train", "up", 6)]
     assert summary.finished and summary.rounds_done == 2 and summary.rejected == 0
     residual = (summary.total_bytes - counted) / counted
@@ -93,7 +101,8 @@ def test_a_killed_serverapp_resumes_on_the_same_supernodes(deployed: Federation)
     # Dense both ways: a resumed deployment restarts every client without its error-feedback residual
     # (docs/operations.md), so only a run that keeps none matches the uninterrupted reference bit for bit.
     flat = {"task": "synthetic", "codec": "none", "downstream-codec": "none", "rounds": 3, "num-clients": NODES}
-    flat |= {"fraction": 1.0, "seed": 3}
+    # Merged into the base after rounds 1 and 2: each SuperNode replays the merges, and the resumed server too.
+    flat |= {"fraction": 1.0, "seed": 3, "consolidate-every": 1}
     config = " ".join(f"{key}={json.dumps(value)}" for key, value in flat.items())
     # The same run on the inline backend reaches the deployment's final state (same seeds, same client keys).
     expected = simulate(RunConfig.from_flat({**flat, "out": str(deployed.tmp / "reference")}), backend="inline")
