@@ -21,6 +21,7 @@ LAYERS: list[set[str]] = [
         "fedslim.tasks",
         "fedslim.base",
         "fedslim.adapters",
+        "fedslim.consolidation",
         "fedslim.training",
         "fedslim.data",
         "fedslim.codecs",
