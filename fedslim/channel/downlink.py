@@ -183,13 +183,11 @@ class ServerReplica:
 
     def sync_for(self, client_version: int | None) -> list[bytes]:
         """Blobs that bring a client at ``client_version`` (None: unknown) to the current version."""
+        if client_version is not None and client_version < self.origin:
+            client_version = self.origin  # it builds the origin from the consolidated base
         if client_version == self.version:
             return []
         full = self.full_state_blob()
-        if client_version is not None and client_version < self.origin:
-            client_version = self.origin  # it builds the origin from the consolidated base
-            if client_version == self.version:
-                return []
         if client_version is None or client_version not in self._steps:
             return [full]
         chain = [self._steps[v] for v in range(client_version, self.version)]
