@@ -34,8 +34,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 5
-READABLE_SCHEMAS = (4, 5)  # 5 added client_evaluations: a log of 4 reads as one without client-side evaluation
+SCHEMA_VERSION = 6
+# 5 added client_evaluations, 6 consolidations: an older log reads as one without client-side evaluation or merges.
+READABLE_SCHEMAS = (4, 5, 6)
 LOG_FILENAME = "commlog.sqlite"
 
 SCHEMA = """
@@ -99,6 +100,16 @@ CREATE TABLE IF NOT EXISTS client_evaluations (
     loss REAL,                      -- the mean loss over them (NULL: not finite, a diverged model)
     PRIMARY KEY (run_id, round, client)
 );
+CREATE TABLE IF NOT EXISTS consolidations (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,         -- the round after which the fast layer was merged into the base
+    generation INTEGER NOT NULL,    -- merges in the base's chain, this one included
+    parent TEXT NOT NULL,           -- fingerprint of the base merged into
+    fingerprint TEXT NOT NULL,      -- fingerprint of the merged base
+    replica_version INTEGER NOT NULL,  -- the version the fresh fast layer starts as
+    merge_bytes INTEGER NOT NULL,   -- the merge as it travels: each client lacking it receives it once
+    PRIMARY KEY (run_id, round)
+);
 CREATE TABLE IF NOT EXISTS memory_weights (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     round INTEGER NOT NULL,
@@ -154,6 +165,18 @@ class RoundRow:
     loss: float | None
     wall_time_s: float
     strategy_memory_bytes: int | None
+
+
+@dataclass(frozen=True)
+class ConsolidationRow:
+    """One row of ``consolidations``."""
+
+    round: int
+    generation: int
+    parent: str
+    fingerprint: str
+    replica_version: int
+    merge_bytes: int
 
 
 @dataclass(frozen=True)
@@ -359,7 +382,7 @@ class CommLog:
             raise KeyError(f"run {run_id} is not in {self.path}")
         with self._db:
             self._db.execute("BEGIN")
-            for table in ("messages", "rounds", "memory_weights", "client_evaluations"):
+            for table in ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations"):
                 self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
             self._db.execute(
                 "UPDATE runs SET finished_at = NULL, final_state_digest = NULL, resumes = resumes + 1 WHERE run_id = ?",
@@ -406,6 +429,9 @@ class CommLog:
             "INSERT OR REPLACE INTO client_evaluations VALUES (?, ?, ?, ?, ?, ?)",
             (run_id, server_round, evaluation.client, evaluation.examples, evaluation.correct, evaluation.loss),
         )
+
+    def record_consolidation(self, run_id: str, row: ConsolidationRow) -> None:
+        self._db.execute("INSERT OR REPLACE INTO consolidations VALUES (?, ?, ?, ?, ?, ?, ?)", (run_id, *astuple(row)))
 
     def record_weights(
         self, run_id: str, server_round: int, weights: dict[str, float], memory_weights: dict[str, float]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message
+from rich.console import Console
 
 from fedslim.adapters import LoRADelta, SparseDelta
 from fedslim.base import ResidentBase
@@ -27,12 +28,15 @@ from fedslim.channel.protocol import (
     PERSONAL_STATE_KEY,
     RefusalCode,
     instruction_merges,
+    instruction_sync,
 )
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.app import app as client_app
 from fedslim.codecs.pipeline import parse_codec
 from fedslim.config import ConfigError, FastSpec, RunConfig
 from fedslim.consolidation import BaseChain, Merge, advance, merged_weight
+from fedslim.logs.reader import RunLog
+from fedslim.logs.views import UNBOUNDED, kib, summary_table
 from fedslim.server.checkpoint import load_checkpoint
 from fedslim.server.loop import run_federation
 from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
@@ -235,6 +239,41 @@ def test_after_consolidations_every_client_holds_the_servers_base(merging_config
             )
         if message.metadata.message_type == "train" and round_of(message) <= 2:
             assert BASE_CHAIN_KEY not in message.content.config_records[CONFIG_KEY]
+
+
+def test_the_log_records_each_merge_and_counts_it_in_the_payload_of_the_message_carrying_it(
+    merging_config: RunConfig,
+) -> None:
+    grid, exchanges = recording_grid(merging_config)
+    run_federation(grid, merging_config)  # type: ignore[arg-type]
+    chain = server_chain(merging_config)
+    with RunLog(merging_config.out) as log:
+        _, rows = log.table("consolidations")
+        summary = log.summary()
+        logged = log.db.execute(
+            "SELECT round, node_id, payload_bytes FROM messages WHERE direction = 'down' AND message_type = 'train'"
+        ).fetchall()
+    assert [row[1:] for row in rows] == [
+        (2, 1, chain.root.fingerprint, chain.merges[0].fingerprint, chain.merges[0].version, len(chain.blobs[0])),
+        (4, 2, chain.merges[0].fingerprint, chain.merges[1].fingerprint, chain.merges[1].version, len(chain.blobs[1])),
+    ]
+    assert (summary.consolidations, summary.merge_bytes) == (2, sum(map(len, chain.blobs)))
+    console = Console(width=UNBOUNDED, record=True)
+    console.print(summary_table(summary, 0.5, None))
+    (line,) = [line for line in console.export_text().splitlines() if "base consolidations" in line]
+    assert f"2 ({kib(sum(map(len, chain.blobs)) / 2)} KiB each)" in line
+    carried = {
+        (round_of(m), str(m.metadata.dst_node_id)): (
+            sum(map(len, instruction_sync(m.content))),
+            sum(map(len, instruction_merges(m.content))),
+        )
+        for m, _, _ in exchanges
+        if m.metadata.message_type == "train"
+    }
+    assert {(r, node): payload for r, node, payload in logged} == {
+        k: sync + merges for k, (sync, merges) in carried.items()
+    }
+    assert sum(merges > 0 for _, merges in carried.values()) > 0
 
 
 class Absent(FastFedAvg):

@@ -93,7 +93,8 @@ def test_export_round_trips_to_the_summary_totals(two_runs: tuple[Path, Path], t
             messages = list(csv.DictReader(handle))
         with (out / "rounds.csv").open() as handle:
             rounds = list(csv.DictReader(handle))
-        tables = {"runs.csv", "rounds.csv", "messages.csv", "memory_weights.csv", "client_evaluations.csv"}
+        tables = {f"{name}.csv" for name in ("runs", "rounds", "messages", "memory_weights", "client_evaluations")}
+        tables.add("consolidations.csv")
         assert {p.name for p in out.iterdir()} == tables
     with RunLog(str(run)) as log:
         summary = log.summary()

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
-from fedslim.channel.protocol import CONFIG_KEY, DIRECTION_KEY, SYNC_KEY, instruction_direction, instruction_sync
+from fedslim.channel.protocol import (
+    CONFIG_KEY,
+    DIRECTION_KEY,
+    SYNC_KEY,
+    instruction_direction,
+    instruction_merges,
+    instruction_sync,
+)
 from fedslim.channel.uplink import Received, footprint, payload_bytes
 from fedslim.commlog import CommLog, MessageRow, Status
 
@@ -115,9 +122,11 @@ class WireAccounting:
         syncs = SYNC_KEY in config  # the identity query carries the task but no fast state
         sync = sum(len(b) for b in instruction_sync(message.content)) if syncs else 0
         steer = len(instruction_direction(message.content)) if DIRECTION_KEY in config else 0
-        raw = self.run.fast_raw_bytes * ((sync > 0) + (steer > 0))  # FedAMD's direction v is a second fast state
+        merges = instruction_merges(message.content)  # each a fast state, like FedAMD's direction v
+        raw = self.run.fast_raw_bytes * ((sync > 0) + (steer > 0) + len(merges))
         lag = current_version - held_version if held_version is not None and syncs else None
-        self._record(message, "down", sync + steer, raw, codec or self.run.downlink, lag)
+        payload = sync + steer + sum(map(len, merges))
+        self._record(message, "down", payload, raw, codec or self.run.downlink, lag)
 
     def record_chunk(self, message: Message, chunk_bytes: int) -> None:
         """Log one chunk of base provisioning (a one-off cost: full-model FedAvg would need the base too)."""

@@ -27,6 +27,7 @@ TABLES = {
     "messages": " ORDER BY id",
     "memory_weights": " ORDER BY round",
     "client_evaluations": " ORDER BY round, client",
+    "consolidations": " ORDER BY round",
 }
 
 
@@ -102,13 +103,17 @@ class Summary:
     final_state_digest: str | None = None
     """SHA-256 of the final fast state (hex); None until the run finishes."""
     resumes: int = 0
+    """Times the run was continued from its checkpoint after it was killed."""
     errors: int = 0
     """Error replies: a client's refusal, or its ClientApp raised."""
     late: int = 0
     """Replies that came after their round's timeout (discarded)."""
     no_reply: int = 0
     """Instructions without any reply by the round timeout."""
-    """Times the run was continued from its checkpoint after it was killed."""
+    consolidations: int = 0
+    """Merges of the fast layer into the base (``--consolidate-every``)."""
+    merge_bytes: int = 0
+    """Their sizes as they travel, summed (each goes once to each client that lacks it)."""
 
     @property
     def total_bytes(self) -> int:
@@ -203,6 +208,7 @@ class RunLog:
         best = max(trained, key=lambda r: r.accuracy or 0.0) if trained else None
         memory = [r.strategy_memory_bytes for r in rounds if r.strategy_memory_bytes is not None]
         fast = self.config.get("fast", {})
+        _, merges = self.table("consolidations")
         return Summary(
             run_id=self.run_id,
             label=self.label,
@@ -239,6 +245,8 @@ class RunLog:
             errors=totals[10],
             late=totals[11],
             no_reply=totals[12],
+            consolidations=len(merges),
+            merge_bytes=sum(row[-1] for row in merges),
         )
 
     def clients(self) -> list[ClientStats]:
@@ -289,7 +297,7 @@ class RunLog:
         if name not in TABLES:
             raise ValueError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone():
-            return [], []  # client_evaluations, in a log of schema 4
+            return [], []  # a table a log of an older schema does not have
         cursor = self.db.execute(f"SELECT * FROM {name} WHERE run_id = ?{TABLES[name]}", (self.run_id,))
         return [c[0] for c in cursor.description], [tuple(row) for row in cursor]
 

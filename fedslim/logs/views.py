@@ -57,6 +57,9 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
     if summary.provisioning_bytes:
         provisioned = f"{kib(summary.provisioning_bytes)} KiB to {summary.provisioned_nodes} node(s)"
         rows.insert(9, ("base provisioning (one-off)", provisioned))
+    if summary.consolidations:
+        each = summary.merge_bytes / summary.consolidations
+        rows.append(("base consolidations", f"{summary.consolidations} ({kib(each)} KiB each)"))
     if summary.final_client_accuracy is not None:
         on_clients = f"{accuracy(summary.final_client_accuracy)} / {accuracy(summary.final_client_accuracy_p10)}"
         rows.append(("client-side accuracy, final: mean / worst decile", on_clients))

@@ -33,7 +33,7 @@ from fedslim.channel.downlink import Downlink
 from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
 from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import Received, UplinkReceiver, footprint, state_norm
-from fedslim.commlog import RoundRow, RoundTotals
+from fedslim.commlog import ConsolidationRow, RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.data.participation import Schedule
 from fedslim.server.evaluation import check_evaluations, evaluators
@@ -173,6 +173,15 @@ class ServerRun:
         self.model.module.to(self.config.torch_device())
         self.fast_state = self.model.fast_state()
         replica.rebase(self.fast_state, merged.fingerprint)
+        merge = ConsolidationRow(
+            server_round,
+            merged.generation,
+            chain.merges[-1].parent,
+            merged.fingerprint,
+            replica.version,
+            len(chain.blobs[-1]),
+        )
+        self.wire.commlog.record_consolidation(self.wire.run_id, merge)
         self.uplink.base_fingerprint = merged.fingerprint
         self.strategy.forget_memory()
         log(
