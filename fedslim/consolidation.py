@@ -20,21 +20,26 @@ tensor crosses the network.
 The arithmetic is elementwise float32 in a fixed order (one rank-one term at
 a time), never a BLAS product whose blocking may differ between machines, so
 every machine computes the same merged base. :class:`Merge` is one link;
-:class:`BaseChain` is the server's chain; :func:`advance` applies a link.
+:class:`BaseChain` is the server's chain; :func:`advance` applies a link and
+:func:`replayed_base` a node's whole chain.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from google.protobuf.message import DecodeError
 
-from fedslim.adapters import DeltaAdapted, FastSlowModel, LoRADelta, SparseDelta
+from fedslim.adapters import DeltaAdapted, FastSlowModel, LoRADelta, SparseDelta, fingerprint
 from fedslim.base import ResidentBase
 from fedslim.codecs.pipeline import STATE, Pipeline, decode_update, encode_update
 from fedslim.config import FastSpec
@@ -137,17 +142,21 @@ def merged_weight(weight: np.ndarray, delta: torch.nn.Module) -> np.ndarray:
     raise ValueError(f"cannot merge a {type(delta).__name__} into the base")
 
 
+def check_parent(merge: Merge, fingerprint: str) -> None:
+    """ValueError unless ``merge`` was made on the base of ``fingerprint``."""
+    if merge.parent != fingerprint:
+        raise ValueError(
+            f"the merge of round {merge.round} was made on base {merge.parent[:16]}..., not on {fingerprint[:16]}..."
+        )
+
+
 @lru_cache(maxsize=4)
 def advance(base: ResidentBase, spec: FastSpec, blob: bytes) -> ResidentBase:
     """The base after the merge ``blob`` (a :class:`Merge`), checked link by link: ValueError if the merge is
     corrupt or was not made on ``base``. Cached: the nodes of a process share each merged base."""
     model = base.build(spec)
     merge = Merge.decode(blob, model.fast_shapes())
-    if merge.parent != base.fingerprint:
-        raise ValueError(
-            f"the merge of round {merge.round} was made on base {merge.parent[:16]}..., "
-            f"not on {base.fingerprint[:16]}..."
-        )
+    check_parent(merge, base.fingerprint)
     model.load_fast_state(merge.state)
     state = merge_into_base(model)
     if set(state) != set(base.state):
@@ -155,6 +164,71 @@ def advance(base: ResidentBase, spec: FastSpec, blob: bytes) -> ResidentBase:
     return ResidentBase(
         base.task, state, merge.fingerprint, base.path, generation=base.generation + 1, root=base.root_fingerprint
     )
+
+
+@lru_cache(maxsize=2)
+def replayed_base(root: ResidentBase, spec: FastSpec, blobs: tuple[bytes, ...]) -> ResidentBase:
+    """The base the merges ``blobs`` (oldest first) make of the resident checkpoint ``root``, checked link by
+    link: ValueError naming the first that is corrupt or does not fit.
+
+    A deployed ClientApp starts a process for each message, so the base the
+    chain last led to is kept on disk next to the checkpoint, with a digest of
+    its tensors, and loaded instead of replaying the chain when the links
+    lead to it again (the links are checked all the same).
+    """
+    if not blobs:
+        return root
+    shapes = root.build(spec).fast_shapes()  # the same at every generation
+    head = root.fingerprint
+    for blob in blobs:
+        merge = Merge.decode(blob, shapes)
+        check_parent(merge, head)
+        head = merge.fingerprint
+    kept = _load_merged(root, head, len(blobs))
+    if kept is not None:
+        return kept
+    base = root
+    for blob in blobs:
+        base = advance(base, spec, blob)
+    _keep_merged(root, base)
+    return base
+
+
+def merged_base_path(root: ResidentBase, fingerprint: str) -> Path:
+    """Where a node keeps the base of ``fingerprint`` that consolidations made of its checkpoint ``root``."""
+    return root.path.with_name(f"{root.path.stem}.merged-{fingerprint[:16]}{root.path.suffix}")
+
+
+def _keep_merged(root: ResidentBase, base: ResidentBase) -> None:
+    """Write ``base`` next to ``root``'s checkpoint, replacing the one kept before (best effort: a node whose base
+    directory is read-only replays its chain each time)."""
+    path = merged_base_path(root, base.fingerprint)
+    meta = {"fingerprint": base.fingerprint, "generation": base.generation, "content": fingerprint(base.state)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"state_dict": base.state, "meta": json.dumps(meta)}, tmp)
+        os.replace(tmp, path)
+        for old in path.parent.glob(f"{root.path.stem}.merged-*{root.path.suffix}"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _load_merged(root: ResidentBase, head: str, generation: int) -> ResidentBase | None:
+    """The kept base of fingerprint ``head``, if there is one whose tensors are intact (None otherwise)."""
+    path = merged_base_path(root, head)
+    if not path.is_file():
+        return None
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        meta, state = json.loads(kept["meta"]), kept["state_dict"]
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
+        return None
+    intact = isinstance(state, dict) and set(state) == set(root.state) and fingerprint(state) == meta.get("content")
+    if not intact or meta.get("fingerprint") != head or meta.get("generation") != generation:
+        return None
+    return ResidentBase(root.task, state, head, root.path, generation=generation, root=root.root_fingerprint)
 
 
 @dataclass

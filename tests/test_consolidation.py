@@ -15,6 +15,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message
 from rich.console import Console
 
+from fedslim import consolidation
 from fedslim.adapters import LoRADelta, SparseDelta
 from fedslim.base import ResidentBase
 from fedslim.channel.downlink import ServerReplica
@@ -34,7 +35,7 @@ from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.app import app as client_app
 from fedslim.codecs.pipeline import parse_codec
 from fedslim.config import ConfigError, FastSpec, RunConfig
-from fedslim.consolidation import BaseChain, Merge, advance, merged_weight
+from fedslim.consolidation import BaseChain, Merge, advance, merged_base_path, merged_weight, replayed_base
 from fedslim.logs.reader import RunLog
 from fedslim.logs.views import UNBOUNDED, kib, summary_table
 from fedslim.server.checkpoint import load_checkpoint
@@ -195,6 +196,56 @@ print(merged.fingerprint, digest.hexdigest())
     for name in sorted(here.state):
         digest.update(here.state[name].numpy().tobytes())
     assert (fingerprint, tensors) == (here.fingerprint, digest.hexdigest())
+
+
+def test_a_node_keeps_the_base_its_chain_made_and_a_new_process_loads_it_instead_of_replaying(
+    small_config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, spec = prepared_base(small_config), small_config.fast
+    rng = np.random.default_rng(2)
+    chain = BaseChain(root, spec)
+    for server_round in (2, 4):
+        trained = {
+            name: rng.normal(size=v.shape).astype(np.float32) for name, v in root.build(spec).fast_state().items()
+        }
+        chain.consolidate(server_round, trained, server_round + 1, parse_codec("none"))
+    blobs = tuple(chain.blobs)
+    replayed_base.cache_clear()
+    made = replayed_base(root, spec, blobs)
+    assert_same_base(made, chain.base)
+    kept = merged_base_path(root, chain.base.fingerprint)
+    assert [p.name for p in root.path.parent.glob(f"{root.path.stem}.merged-*")] == [kept.name]
+
+    replayed: list[int] = []
+
+    def counted(base: ResidentBase, spec: FastSpec, blob: bytes) -> ResidentBase:
+        replayed.append(base.generation)
+        return advance(base, spec, blob)
+
+    monkeypatch.setattr(consolidation, "advance", counted)
+    # A new process (nothing in memory): the kept base is loaded, no merge is replayed; the links are still checked.
+    replayed_base.cache_clear()
+    advance.cache_clear()
+    loaded = replayed_base(root, spec, blobs)
+    assert loaded is not made and replayed == []
+    assert_same_base(loaded, chain.base)
+    with pytest.raises(ValueError, match="the merge of round 4 was made on base"):
+        replayed_base(root, spec, blobs[1:])
+    # A kept base with one number changed is not used: the chain is replayed, and its base kept again.
+    saved = torch.load(kept, weights_only=True)
+    name = sorted(saved["state_dict"])[0]
+    saved["state_dict"][name] = saved["state_dict"][name] + 1
+    torch.save(saved, kept)
+    replayed_base.cache_clear()
+    assert_same_base(replayed_base(root, spec, blobs), chain.base)
+    assert replayed == [0, 1]
+    replayed_base.cache_clear()
+    assert_same_base(replayed_base(root, spec, blobs), chain.base)
+    assert replayed == [0, 1]  # the base kept again is loaded
+    # Another chain end replaces the kept base: one file per checkpoint.
+    replayed_base(root, spec, blobs[:1])
+    only = merged_base_path(root, chain.merges[0].fingerprint)
+    assert [p.name for p in root.path.parent.glob(f"{root.path.stem}.merged-*")] == [only.name]
 
 
 def test_a_merge_blob_is_decoded_or_refused_with_value_error(small_config: RunConfig) -> None:

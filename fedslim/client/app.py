@@ -73,7 +73,7 @@ from fedslim.channel.protocol import (
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
-from fedslim.consolidation import Merge, advance
+from fedslim.consolidation import Merge, replayed_base
 from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
@@ -309,14 +309,10 @@ def consolidated_base(
         sent = instruction_merges(msg.content)
     except ValueError as exc:
         raise Refusal(RefusalCode.BAD_REQUEST, f"bad consolidations from the server: {exc}") from exc
-    base, chain, origin = root, [], 0
+    # A merge sent again (this node held it, or the server did not hear that it applied it) is applied once.
+    chain = list(dict.fromkeys(held + sent))
     try:
-        for blob in held + sent:
-            if blob in chain:
-                continue  # sent again: this node held it, or the server did not hear that it applied it
-            base = advance(base, spec, blob)
-            chain.append(blob)
-            origin = Merge.version_of(blob)
+        base = replayed_base(root, spec, tuple(chain))
     except ValueError as exc:
         context.state.pop(CHAIN_STATE_KEY, None)
         raise Refusal(RefusalCode.CHAIN_BROKEN, f"cannot rebuild the server's base: {exc}") from exc
@@ -328,7 +324,7 @@ def consolidated_base(
         )
     if chain != held:
         context.state[CHAIN_STATE_KEY] = ConfigRecord({BASE_META_KEY: root.fingerprint, MERGES_KEY: chain})
-    return base, origin
+    return base, Merge.version_of(chain[-1]) if chain else 0
 
 
 def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int | float]]:
