@@ -6,7 +6,7 @@ Rows, one run each, same federation and seed:
 - ``LoRA r, consolidated every K``: the same layer merged into the base every
   K rounds and started again (``--consolidate-every K``), so the base takes
   a rank-r step each time: rank r x (merges + 1) in all, at the per-round
-  cost of rank r (each client also receives each merge once: a fast state);
+  cost of rank r (each client also receives each merge once);
 - ``LoRA r x rounds/K``: plain LoRA of the rank consolidation reaches by the
   end, which pays that rank's bytes every round.
 

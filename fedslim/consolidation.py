@@ -13,9 +13,13 @@ The fresh fast layer is then attached to the merged base as at the start of
 a run, with adapters drawn from ``(seed, generation)``: a new A, B = 0, so the
 model is unchanged by the merge up to float rounding. The merged base is named
 by a chain of fingerprints, ``new = H(old, round, digest of the merged state)``:
-a client that holds the resident checkpoint and the merges (a fast state each)
-rebuilds the same base, bit for bit, and checks each link as it goes. No base
-tensor crosses the network.
+a client that holds the resident checkpoint and the merges rebuilds the same
+base, bit for bit, and checks each link as it goes. No base tensor crosses
+the network. A merge travels as the merged fast state (exact float32), or,
+when they cost less (a compressing downstream codec), as the replica's steps
+that led to it from the fast layer the parent base starts with: the steps
+clients applied as the replica moved, which any client rebuilds the merged
+state from.
 
 The arithmetic is elementwise float32 in a fixed order (one rank-one term at
 a time), never a BLAS product whose blocking may differ between machines, so
@@ -30,7 +34,7 @@ import hashlib
 import json
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -41,7 +45,7 @@ from google.protobuf.message import DecodeError
 
 from fedslim.adapters import DeltaAdapted, FastSlowModel, LoRADelta, SparseDelta, fingerprint
 from fedslim.base import ResidentBase
-from fedslim.codecs.pipeline import STATE, Pipeline, decode_update, encode_update
+from fedslim.codecs.pipeline import DELTA, STATE, Pipeline, apply_step, decode_update, encode_update
 from fedslim.config import FastSpec
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
 
@@ -72,8 +76,10 @@ class Merge:
         """The merged base's fingerprint."""
         return merged_fingerprint(self.parent, self.round, self.state)
 
-    def encode(self, lossless: Pipeline) -> bytes:
-        """The link as it travels and is kept: exact float32 tensors, then ``lossless``'s lossless stage."""
+    def encode(self, lossless: Pipeline, steps: Sequence[bytes] | None = None, origin: int = 0) -> bytes:
+        """The link as it travels and is kept: the state as exact float32 tensors under ``lossless``'s lossless
+        stage; or, when ``steps`` are given and cost less, the replica's steps that lead to the state from
+        version ``origin``, the fast layer the base ``parent`` starts with (the receiver builds it itself)."""
         state = encode_update(
             self.state,
             Pipeline(lossless=lossless.lossless),
@@ -81,26 +87,56 @@ class Merge:
             base_fingerprint=self.parent,
             state_version=self.version,
         )
-        message = pb.Merge(parent=self.parent, round=self.round, version=self.version, state=state.blob)
-        return message.SerializeToString()
-
-    @staticmethod
-    def version_of(blob: bytes) -> int:
-        """The replica version a merge's fresh fast layer starts as (the blob is one :func:`advance` accepted)."""
-        return int(pb.Merge.FromString(blob).version)
+        header = {"parent": self.parent, "round": self.round, "version": self.version, "merged": self.fingerprint}
+        full = pb.Merge(**header, state=state.blob).SerializeToString()
+        if steps is None:
+            return full
+        compact = pb.Merge(**header, origin=origin, steps=list(steps)).SerializeToString()
+        return compact if len(compact) < len(full) else full
 
     @classmethod
-    def decode(cls, blob: bytes, shapes: Mapping[str, tuple[int, ...]]) -> Merge:
-        """A link from its bytes, checked against the shared fast tensors' shapes (ValueError naming the problem)."""
-        message = pb.Merge()
-        try:
-            message.ParseFromString(blob)
-        except DecodeError as exc:
-            raise ValueError(f"corrupt merge: {exc}") from exc
-        update = decode_update(message.state, shapes)
-        if update.kind != STATE or update.base_fingerprint != message.parent or update.state_version != message.version:
-            raise ValueError("corrupt merge: its fast state does not belong to it")
-        return cls(message.parent, int(message.round), int(message.version), update.tensors)
+    def decode(
+        cls, blob: bytes, shapes: Mapping[str, tuple[int, ...]], start: Mapping[str, np.ndarray] | None = None
+    ) -> Merge:
+        """A link from its bytes, checked against the shared fast tensors' shapes and its merged fingerprint
+        (ValueError naming the problem). A link sent as steps needs ``start``: the fast layer as the base
+        ``parent`` starts it."""
+        message = header(blob)
+        if message.state:
+            update = decode_update(message.state, shapes)
+            if update.kind != STATE or (update.base_fingerprint, update.state_version) != (
+                message.parent,
+                message.version,
+            ):
+                raise ValueError("corrupt merge: its fast state does not belong to it")
+            state = update.tensors
+        elif start is None:
+            raise ValueError("a merge sent as replica steps needs the fast layer they start from")
+        else:
+            state = {name: np.asarray(value, dtype=np.float32) for name, value in start.items()}
+            version = int(message.origin)
+            for step in message.steps:  # as the replica moved: step v turns version v into v + 1
+                update = decode_update(step, shapes)
+                if update.kind != DELTA or (update.base_fingerprint, update.state_version) != (message.parent, version):
+                    raise ValueError(f"corrupt merge: its step from version {version} does not belong to it")
+                state, version = apply_step(state, update.tensors), version + 1
+            if version + 1 != message.version:
+                raise ValueError(f"corrupt merge: its steps end at version {version}, not {message.version - 1}")
+        merge = cls(message.parent, int(message.round), int(message.version), state)
+        if merge.fingerprint != message.merged:
+            raise ValueError(f"corrupt merge: its state does not make the base {message.merged[:16]}... it names")
+        return merge
+
+
+def header(blob: bytes) -> pb.Merge:
+    """A merge's proto (ValueError if it does not parse): its links are checked from ``parent`` and ``merged``
+    before any state is rebuilt."""
+    message = pb.Merge()
+    try:
+        message.ParseFromString(blob)
+    except DecodeError as exc:
+        raise ValueError(f"corrupt merge: {exc}") from exc
+    return message
 
 
 def merge_into_base(model: FastSlowModel) -> dict[str, torch.Tensor]:
@@ -142,11 +178,11 @@ def merged_weight(weight: np.ndarray, delta: torch.nn.Module) -> np.ndarray:
     raise ValueError(f"cannot merge a {type(delta).__name__} into the base")
 
 
-def check_parent(merge: Merge, fingerprint: str) -> None:
-    """ValueError unless ``merge`` was made on the base of ``fingerprint``."""
-    if merge.parent != fingerprint:
+def check_parent(link: pb.Merge, fingerprint: str) -> None:
+    """ValueError unless the merge ``link`` was made on the base of ``fingerprint``."""
+    if link.parent != fingerprint:
         raise ValueError(
-            f"the merge of round {merge.round} was made on base {merge.parent[:16]}..., not on {fingerprint[:16]}..."
+            f"the merge of round {link.round} was made on base {link.parent[:16]}..., not on {fingerprint[:16]}..."
         )
 
 
@@ -154,9 +190,9 @@ def check_parent(merge: Merge, fingerprint: str) -> None:
 def advance(base: ResidentBase, spec: FastSpec, blob: bytes) -> ResidentBase:
     """The base after the merge ``blob`` (a :class:`Merge`), checked link by link: ValueError if the merge is
     corrupt or was not made on ``base``. Cached: the nodes of a process share each merged base."""
+    check_parent(header(blob), base.fingerprint)
     model = base.build(spec)
-    merge = Merge.decode(blob, model.fast_shapes())
-    check_parent(merge, base.fingerprint)
+    merge = Merge.decode(blob, model.fast_shapes(), model.fast_state())
     model.load_fast_state(merge.state)
     state = merge_into_base(model)
     if set(state) != set(base.state):
@@ -174,16 +210,15 @@ def replayed_base(root: ResidentBase, spec: FastSpec, blobs: tuple[bytes, ...]) 
     A deployed ClientApp starts a process for each message, so the base the
     chain last led to is kept on disk next to the checkpoint, with a digest of
     its tensors, and loaded instead of replaying the chain when the links
-    lead to it again (the links are checked all the same).
+    lead to it again.
     """
-    if not blobs:
-        return root
-    shapes = root.build(spec).fast_shapes()  # the same at every generation
     head = root.fingerprint
     for blob in blobs:
-        merge = Merge.decode(blob, shapes)
-        check_parent(merge, head)
-        head = merge.fingerprint
+        link = header(blob)
+        check_parent(link, head)
+        head = link.merged
+    if not blobs:
+        return root
     kept = _load_merged(root, head, len(blobs))
     if kept is not None:
         return kept
@@ -255,13 +290,20 @@ class BaseChain:
         return self.head or self.root
 
     def consolidate(
-        self, server_round: int, state: Mapping[str, np.ndarray], version: int, lossless: Pipeline
+        self,
+        server_round: int,
+        state: Mapping[str, np.ndarray],
+        version: int,
+        lossless: Pipeline,
+        steps: Sequence[bytes] | None = None,
+        origin: int = 0,
     ) -> ResidentBase:
         """Merge the shared fast ``state`` into the base after ``server_round``; the fresh layer is replica
-        ``version``. Returns the merged base."""
+        ``version``. ``steps`` (if known) are the replica's steps from version ``origin`` to ``state``: the merge
+        travels as them when they cost less than the state. Returns the merged base."""
         merge = Merge(self.base.fingerprint, server_round, version, {k: np.asarray(v) for k, v in state.items()})
-        blob = merge.encode(lossless)
-        self.head = advance(self.base, self.spec, blob)
+        blob = merge.encode(lossless, steps, origin)
+        self.head = advance(self.base, self.spec, blob)  # a merge sent as steps is rebuilt here as clients will
         self.merges.append(merge)
         self.blobs.append(blob)
         return self.head
@@ -275,9 +317,9 @@ class BaseChain:
     def replayed(cls, root: ResidentBase, spec: FastSpec, blobs: list[bytes]) -> BaseChain:
         """The chain a checkpoint kept, rebuilt from its merges."""
         chain = cls(root, spec)
-        shapes = root.build(spec).fast_shapes()  # the same at every generation
         for blob in blobs:
+            model = chain.base.build(spec)
+            chain.merges.append(Merge.decode(blob, model.fast_shapes(), model.fast_state()))
             chain.head = advance(chain.base, spec, blob)
-            chain.merges.append(Merge.decode(blob, shapes))
             chain.blobs.append(blob)
         return chain

@@ -35,7 +35,15 @@ from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.app import app as client_app
 from fedslim.codecs.pipeline import parse_codec
 from fedslim.config import ConfigError, FastSpec, RunConfig
-from fedslim.consolidation import BaseChain, Merge, advance, merged_base_path, merged_weight, replayed_base
+from fedslim.consolidation import (
+    BaseChain,
+    Merge,
+    advance,
+    header,
+    merged_base_path,
+    merged_weight,
+    replayed_base,
+)
 from fedslim.logs.reader import RunLog
 from fedslim.logs.views import UNBOUNDED, kib, summary_table
 from fedslim.server.checkpoint import load_checkpoint
@@ -248,21 +256,84 @@ def test_a_node_keeps_the_base_its_chain_made_and_a_new_process_loads_it_instead
     assert [p.name for p in root.path.parent.glob(f"{root.path.stem}.merged-*")] == [only.name]
 
 
+def replica_steps(small_config: RunConfig, codec: str, rounds: int) -> tuple[ServerReplica, list[bytes], dict]:
+    """A replica of the fresh fast layer moved ``rounds`` times towards random states under ``codec``."""
+    root = prepared_base(small_config)
+    start = root.build(small_config.fast).fast_state()
+    replica = ServerReplica(start, parse_codec(codec), root.fingerprint)
+    rng = np.random.default_rng(3)
+    for _ in range(rounds):
+        replica.publish({name: rng.normal(size=v.shape).astype(np.float32) for name, v in start.items()})
+    steps = replica.steps_from_origin()
+    assert steps is not None and len(steps) == rounds
+    return replica, steps, start
+
+
+def test_a_merge_travels_as_the_replica_steps_that_lead_to_it_when_they_cost_less(small_config: RunConfig) -> None:
+    root, spec = prepared_base(small_config), small_config.fast
+    replica, steps, start = replica_steps(small_config, "topk:0.2+q8", 3)
+    merge = Merge(root.fingerprint, 3, replica.version + 1, replica.state)
+    full, compact = merge.encode(parse_codec("none")), merge.encode(parse_codec("none"), steps, origin=0)
+    assert len(compact) < len(full) and header(compact).steps == steps and not header(compact).state
+    rebuilt = Merge.decode(compact, root.build(spec).fast_shapes(), start)
+    assert rebuilt.fingerprint == merge.fingerprint == header(full).merged
+    assert all(np.array_equal(rebuilt.state[name], replica.state[name]) for name in replica.state)  # bit for bit
+    assert_same_base(advance(root, spec, compact), advance(root, spec, full))
+    # Steps that cost more than the state: the merge travels as the state.
+    as_state = merge.encode(parse_codec("none"), [bytes(len(full))], origin=0)
+    assert as_state == full
+    # Dense float32 steps each cost as much as the state: the replica prunes them, and the merge goes as the state.
+    dense = ServerReplica(start, parse_codec("none"), root.fingerprint)
+    for scale in (1.0, 2.0, 3.0):
+        dense.publish({name: np.full(v.shape, scale, np.float32) for name, v in start.items()})
+    assert dense.steps_from_origin() is None
+    # Steps that do not lead to the state the merge names are refused.
+    shapes = root.build(spec).fast_shapes()
+    broken = {
+        "does not belong to it": header(compact).__class__(**{**fields(compact), "steps": steps[1:]}),
+        "steps end at version 2": header(compact).__class__(**{**fields(compact), "steps": steps[:2]}),
+        "does not make the base": header(compact).__class__(**{**fields(compact), "merged": "0" * 64}),
+    }
+    for reason, message in broken.items():
+        with pytest.raises(ValueError, match=reason):
+            Merge.decode(message.SerializeToString(), shapes, start)
+    with pytest.raises(ValueError, match="needs the fast layer they start from"):
+        Merge.decode(compact, shapes)
+
+
+def fields(blob: bytes) -> dict:
+    """A merge's proto fields, to build altered copies."""
+    message = header(blob)
+    return {
+        "parent": message.parent,
+        "round": message.round,
+        "version": message.version,
+        "state": message.state,
+        "merged": message.merged,
+        "origin": message.origin,
+        "steps": list(message.steps),
+    }
+
+
 def test_a_merge_blob_is_decoded_or_refused_with_value_error(small_config: RunConfig) -> None:
     root = prepared_base(small_config)
     shapes = root.build(small_config.fast).fast_shapes()
     state = {name: np.ones(shape, np.float32) for name, shape in shapes.items()}
     blob = Merge(root.fingerprint, 2, 3, state).encode(parse_codec("lzma"))
+    replica, steps, start = replica_steps(small_config, "topk:0.2+q8", 2)
+    compact = Merge(root.fingerprint, 2, replica.version + 1, replica.state).encode(parse_codec("none"), steps)
+    assert header(compact).steps
     rng = random.Random(0)
-    for _ in range(300):
-        mutated = bytearray(blob)
-        for _ in range(rng.randint(1, 4)):
-            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
-        cut = bytes(mutated[: rng.randint(0, len(mutated))]) if rng.random() < 0.3 else bytes(mutated)
-        try:
-            Merge.decode(cut, shapes)
-        except ValueError:
-            pass
+    for original in (blob, compact):
+        for _ in range(300):
+            mutated = bytearray(original)
+            for _ in range(rng.randint(1, 4)):
+                mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            cut = bytes(mutated[: rng.randint(0, len(mutated))]) if rng.random() < 0.3 else bytes(mutated)
+            try:
+                Merge.decode(cut, shapes, start)
+            except ValueError:
+                pass
     with pytest.raises(ValueError, match="not on"):
         advance(root, small_config.fast, Merge("0" * 64, 2, 3, state).encode(parse_codec("none")))
 
@@ -325,6 +396,9 @@ def test_the_log_records_each_merge_and_counts_it_in_the_payload_of_the_message_
         k: sync + merges for k, (sync, merges) in carried.items()
     }
     assert sum(merges > 0 for _, merges in carried.values()) > 0
+    # Under a compressing downstream codec each merge travels as the replica's steps that lead to it: smaller.
+    as_states = [merge.encode(parse_codec(merging_config.downstream_codec)) for merge in chain.merges]
+    assert all(header(blob).steps and len(blob) < len(full) for blob, full in zip(chain.blobs, as_states))
 
 
 class Absent(FastFedAvg):
@@ -373,7 +447,7 @@ def test_a_broken_chain_is_refused_and_the_client_is_given_the_whole_chain_again
     merging_config: RunConfig, every: int, rounds: int, reason: str
 ) -> None:
     config = replace(merging_config, rounds=rounds, fraction=1.0, consolidate_every=every, final_sync=False)
-    shapes = prepared_base(config).build(config.fast).fast_shapes()
+    fresh = prepared_base(config).build(config.fast)  # the fast layer the first merge's steps start from
     node, broken_round = FIRST_NODE_ID, rounds - 1
     dropped: list[bool] = []
 
@@ -387,7 +461,7 @@ def test_a_broken_chain_is_refused_and_the_client_is_given_the_whole_chain_again
             return
         kept = context.state.config_records[CHAIN_STATE_KEY]
         (blob,) = kept[MERGES_KEY]  # type: ignore[misc]
-        merge = Merge.decode(blob, shapes)  # type: ignore[arg-type]
+        merge = Merge.decode(blob, fresh.fast_shapes(), fresh.fast_state())  # type: ignore[arg-type]
         name = sorted(merge.state)[0]
         changed = replace(merge, state={**merge.state, name: merge.state[name] + np.float32(1.0)})
         context.state[CHAIN_STATE_KEY] = ConfigRecord(

@@ -61,6 +61,7 @@ from fedslim.codecs.pipeline import (
     STATE,
     Pipeline,
     UpdateError,
+    apply_step,
     decode_update,
     encode_update,
     parse_codec,
@@ -75,11 +76,6 @@ def state_digest(state: Mapping[str, np.ndarray], length: int = 32) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(state[name], dtype=np.float32).tobytes())
     return digest.hexdigest()[:length]
-
-
-def apply_step(state: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """state + step in float32, tensor by tensor: the one addition server and clients both perform."""
-    return {name: np.add(value, step[name], dtype=np.float32) for name, value in state.items()}
 
 
 class ServerReplica:
@@ -163,6 +159,13 @@ class ServerReplica:
         self.origin = self.version
         self._steps.clear()
         self._ahead = None
+
+    def steps_from_origin(self) -> list[bytes] | None:
+        """The steps from the origin to the current version, None if some were pruned (they cost more than the
+        full state)."""
+        if any(version not in self._steps for version in range(self.origin, self.version)):
+            return None
+        return [self._steps[version] for version in range(self.origin, self.version)]
 
     @property
     def full_state_pipeline(self) -> Pipeline:

@@ -73,7 +73,7 @@ from fedslim.channel.protocol import (
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
-from fedslim.consolidation import Merge, replayed_base
+from fedslim.consolidation import header, replayed_base
 from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
@@ -324,7 +324,7 @@ def consolidated_base(
         )
     if chain != held:
         context.state[CHAIN_STATE_KEY] = ConfigRecord({BASE_META_KEY: root.fingerprint, MERGES_KEY: chain})
-    return base, Merge.version_of(chain[-1]) if chain else 0
+    return base, int(header(chain[-1]).version) if chain else 0
 
 
 def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int | float]]:

@@ -184,6 +184,11 @@ def encode_update(
     return EncodedUpdate(envelope.SerializeToString(), len(raw), decoded)
 
 
+def apply_step(state: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """state + step in float32, tensor by tensor: the one addition that moves a replica, wherever it is held."""
+    return {name: np.add(value, step[name], dtype=np.float32) for name, value in state.items()}
+
+
 def dense_update_limit(shapes: Mapping[str, tuple[int, ...]]) -> int:
     """Largest serialized FastUpdate accepted for these shapes: any encoding of them fits well within it."""
     entries = sum(int(np.prod(shape, dtype=np.int64)) for shape in shapes.values())

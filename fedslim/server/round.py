@@ -168,7 +168,14 @@ class ServerRun:
         chain, replica = self.downlink.chain, self.downlink.replica
         assert chain is not None
         replica.publish_once(self.fast_state)
-        merged = chain.consolidate(server_round, replica.state, replica.version + 1, replica.full_state_pipeline)
+        merged = chain.consolidate(
+            server_round,
+            replica.state,
+            replica.version + 1,
+            replica.full_state_pipeline,
+            replica.steps_from_origin(),
+            replica.origin,
+        )
         self.model = merged.build(self.config.fast)
         self.model.module.to(self.config.torch_device())
         self.fast_state = self.model.fast_state()

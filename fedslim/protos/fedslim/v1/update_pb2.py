@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64slim/v1/update.proto\x12\nfedslim.v1\"d\n\x08\x45nvelope\x12&\n\x08lossless\x18\x01 \x01(\x0e\x32\x14.fedslim.v1.Lossless\x12\x10\n\x08raw_size\x18\x02 \x01(\x04\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\"\x15\n\x04Sync\x12\r\n\x05steps\x18\x01 \x03(\x0c\"F\n\x05Merge\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\x0c\"\x17\n\x05\x43hain\x12\x0e\n\x06merges\x18\x01 \x03(\x0c\"\xb5\x01\n\nFastUpdate\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.fedslim.v1.FastUpdate.Kind\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x15\n\rstate_version\x18\x03 \x01(\x04\x12#\n\x07tensors\x18\x04 \x03(\x0b\x32\x12.fedslim.v1.Tensor\"&\n\x04Kind\x12\x0e\n\nKIND_DELTA\x10\x00\x12\x0e\n\nKIND_STATE\x10\x01\"\xa5\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12#\n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x12.fedslim.v1.ValuesH\x00\x12$\n\x06sparse\x18\x04 \x01(\x0b\x32\x12.fedslim.v1.SparseH\x00\x12\'\n\x08low_rank\x18\x05 \x01(\x0b\x32\x13.fedslim.v1.LowRankH\x00\x42\n\n\x08\x65ncoding\"q\n\x06Values\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12$\n\x06\x66loats\x18\x02 \x01(\x0b\x32\x12.fedslim.v1.FloatsH\x00\x12*\n\tquantized\x18\x03 \x01(\x0b\x32\x15.fedslim.v1.QuantizedH\x00\x42\x06\n\x04kind\";\n\x06\x46loats\x12#\n\x04type\x18\x01 \x01(\x0e\x32\x15.fedslim.v1.FloatType\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"G\n\tQuantized\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x02\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\"\x85\x01\n\x06Sparse\x12\x0b\n\x03nnz\x18\x01 \x01(\x04\x12\x15\n\x0bgaps_varint\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07\x62itmask\x18\x03 \x01(\x0cH\x00\x12\x15\n\x0brandom_seed\x18\x04 \x01(\x04H\x00\x12\"\n\x06values\x18\x05 \x01(\x0b\x32\x12.fedslim.v1.ValuesB\t\n\x07indices\"\\\n\x07LowRank\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12 \n\x04left\x18\x02 \x01(\x0b\x32\x12.fedslim.v1.Values\x12!\n\x05right\x18\x03 \x01(\x0b\x32\x12.fedslim.v1.Values*V\n\x08Lossless\x12\x11\n\rLOSSLESS_NONE\x10\x00\x12\x11\n\rLOSSLESS_ZLIB\x10\x01\x12\x11\n\rLOSSLESS_LZMA\x10\x02\x12\x11\n\rLOSSLESS_ZSTD\x10\x03*T\n\tFloatType\x12\x16\n\x12\x46LOAT_TYPE_FLOAT32\x10\x00\x12\x16\n\x12\x46LOAT_TYPE_FLOAT16\x10\x01\x12\x17\n\x13\x46LOAT_TYPE_BFLOAT16\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64slim/v1/update.proto\x12\nfedslim.v1\"d\n\x08\x45nvelope\x12&\n\x08lossless\x18\x01 \x01(\x0e\x32\x14.fedslim.v1.Lossless\x12\x10\n\x08raw_size\x18\x02 \x01(\x04\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\x07\"\x15\n\x04Sync\x12\r\n\x05steps\x18\x01 \x03(\x0c\"u\n\x05Merge\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\r\n\x05state\x18\x04 \x01(\x0c\x12\x0e\n\x06merged\x18\x05 \x01(\t\x12\x0e\n\x06origin\x18\x06 \x01(\x04\x12\r\n\x05steps\x18\x07 \x03(\x0c\"\x17\n\x05\x43hain\x12\x0e\n\x06merges\x18\x01 \x03(\x0c\"\xb5\x01\n\nFastUpdate\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.fedslim.v1.FastUpdate.Kind\x12\x18\n\x10\x62\x61se_fingerprint\x18\x02 \x01(\t\x12\x15\n\rstate_version\x18\x03 \x01(\x04\x12#\n\x07tensors\x18\x04 \x03(\x0b\x32\x12.fedslim.v1.Tensor\"&\n\x04Kind\x12\x0e\n\nKIND_DELTA\x10\x00\x12\x0e\n\nKIND_STATE\x10\x01\"\xa5\x01\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x04\x12#\n\x05\x64\x65nse\x18\x03 \x01(\x0b\x32\x12.fedslim.v1.ValuesH\x00\x12$\n\x06sparse\x18\x04 \x01(\x0b\x32\x12.fedslim.v1.SparseH\x00\x12\'\n\x08low_rank\x18\x05 \x01(\x0b\x32\x13.fedslim.v1.LowRankH\x00\x42\n\n\x08\x65ncoding\"q\n\x06Values\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12$\n\x06\x66loats\x18\x02 \x01(\x0b\x32\x12.fedslim.v1.FloatsH\x00\x12*\n\tquantized\x18\x03 \x01(\x0b\x32\x15.fedslim.v1.QuantizedH\x00\x42\x06\n\x04kind\";\n\x06\x46loats\x12#\n\x04type\x18\x01 \x01(\x0e\x32\x15.fedslim.v1.FloatType\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"G\n\tQuantized\x12\x0c\n\x04\x62its\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x02\x12\r\n\x05scale\x18\x03 \x01(\x02\x12\r\n\x05\x63odes\x18\x04 \x01(\x0c\"\x85\x01\n\x06Sparse\x12\x0b\n\x03nnz\x18\x01 \x01(\x04\x12\x15\n\x0bgaps_varint\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07\x62itmask\x18\x03 \x01(\x0cH\x00\x12\x15\n\x0brandom_seed\x18\x04 \x01(\x04H\x00\x12\"\n\x06values\x18\x05 \x01(\x0b\x32\x12.fedslim.v1.ValuesB\t\n\x07indices\"\\\n\x07LowRank\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12 \n\x04left\x18\x02 \x01(\x0b\x32\x12.fedslim.v1.Values\x12!\n\x05right\x18\x03 \x01(\x0b\x32\x12.fedslim.v1.Values*V\n\x08Lossless\x12\x11\n\rLOSSLESS_NONE\x10\x00\x12\x11\n\rLOSSLESS_ZLIB\x10\x01\x12\x11\n\rLOSSLESS_LZMA\x10\x02\x12\x11\n\rLOSSLESS_ZSTD\x10\x03*T\n\tFloatType\x12\x16\n\x12\x46LOAT_TYPE_FLOAT32\x10\x00\x12\x16\n\x12\x46LOAT_TYPE_FLOAT16\x10\x01\x12\x17\n\x13\x46LOAT_TYPE_BFLOAT16\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedslim.v1.update_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LOSSLESS']._serialized_start=1092
-  _globals['_LOSSLESS']._serialized_end=1178
-  _globals['_FLOATTYPE']._serialized_start=1180
-  _globals['_FLOATTYPE']._serialized_end=1264
+  _globals['_LOSSLESS']._serialized_start=1139
+  _globals['_LOSSLESS']._serialized_end=1225
+  _globals['_FLOATTYPE']._serialized_start=1227
+  _globals['_FLOATTYPE']._serialized_end=1311
   _globals['_ENVELOPE']._serialized_start=39
   _globals['_ENVELOPE']._serialized_end=139
   _globals['_SYNC']._serialized_start=141
   _globals['_SYNC']._serialized_end=162
   _globals['_MERGE']._serialized_start=164
-  _globals['_MERGE']._serialized_end=234
-  _globals['_CHAIN']._serialized_start=236
-  _globals['_CHAIN']._serialized_end=259
-  _globals['_FASTUPDATE']._serialized_start=262
-  _globals['_FASTUPDATE']._serialized_end=443
-  _globals['_FASTUPDATE_KIND']._serialized_start=405
-  _globals['_FASTUPDATE_KIND']._serialized_end=443
-  _globals['_TENSOR']._serialized_start=446
-  _globals['_TENSOR']._serialized_end=611
-  _globals['_VALUES']._serialized_start=613
-  _globals['_VALUES']._serialized_end=726
-  _globals['_FLOATS']._serialized_start=728
-  _globals['_FLOATS']._serialized_end=787
-  _globals['_QUANTIZED']._serialized_start=789
-  _globals['_QUANTIZED']._serialized_end=860
-  _globals['_SPARSE']._serialized_start=863
-  _globals['_SPARSE']._serialized_end=996
-  _globals['_LOWRANK']._serialized_start=998
-  _globals['_LOWRANK']._serialized_end=1090
+  _globals['_MERGE']._serialized_end=281
+  _globals['_CHAIN']._serialized_start=283
+  _globals['_CHAIN']._serialized_end=306
+  _globals['_FASTUPDATE']._serialized_start=309
+  _globals['_FASTUPDATE']._serialized_end=490
+  _globals['_FASTUPDATE_KIND']._serialized_start=452
+  _globals['_FASTUPDATE_KIND']._serialized_end=490
+  _globals['_TENSOR']._serialized_start=493
+  _globals['_TENSOR']._serialized_end=658
+  _globals['_VALUES']._serialized_start=660
+  _globals['_VALUES']._serialized_end=773
+  _globals['_FLOATS']._serialized_start=775
+  _globals['_FLOATS']._serialized_end=834
+  _globals['_QUANTIZED']._serialized_start=836
+  _globals['_QUANTIZED']._serialized_end=907
+  _globals['_SPARSE']._serialized_start=910
+  _globals['_SPARSE']._serialized_end=1043
+  _globals['_LOWRANK']._serialized_start=1045
+  _globals['_LOWRANK']._serialized_end=1137
 # @@protoc_insertion_point(module_scope)

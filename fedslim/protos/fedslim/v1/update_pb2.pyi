@@ -46,16 +46,22 @@ class Sync(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Merge(_message.Message):
-    __slots__ = ("parent", "round", "version", "state")
+    __slots__ = ("parent", "round", "version", "state", "merged", "origin", "steps")
     PARENT_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     parent: str
     round: int
     version: int
     state: bytes
-    def __init__(self, parent: _Optional[str] = ..., round: _Optional[int] = ..., version: _Optional[int] = ..., state: _Optional[bytes] = ...) -> None: ...
+    merged: str
+    origin: int
+    steps: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, parent: _Optional[str] = ..., round: _Optional[int] = ..., version: _Optional[int] = ..., state: _Optional[bytes] = ..., merged: _Optional[str] = ..., origin: _Optional[int] = ..., steps: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Chain(_message.Message):
     __slots__ = ("merges",)
