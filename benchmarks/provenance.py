@@ -8,6 +8,12 @@ below pretrains each named base again with the current code: a different
 fingerprint means the published numbers were measured on a base this code no
 longer builds, and the file must be re-measured or marked superseded.
 
+Deterministic means on one kind of machine: CPUs differ in the kernels torch
+runs, and so in the last bits of every product. The stamp names the
+measuring machine's float arithmetic (:func:`fedslim.base.float_arithmetic`);
+a pretrained base measured on a machine that computes otherwise cannot be
+rebuilt bit for bit here, and the check lists it as a note instead.
+
     python benchmarks/provenance.py --check                      # exit 1 naming every stale results file
     python benchmarks/provenance.py --supersede NAME --reason R  # keep a file, marked as no longer holding
 """
@@ -29,6 +35,7 @@ from typing import Any
 
 from rich.console import Console, ConsoleRenderable
 
+from fedslim.base import UNLIKE_UNNAMED, float_arithmetic
 from fedslim.config import RunConfig
 from fedslim.task import prepared_base, task_for
 from fedslim.tasks.benchmarks import PRETRAIN_RECIPES
@@ -62,7 +69,12 @@ def provenance(seeds: Iterable[int], bases: Iterable[Mapping[str, Any]]) -> dict
         "seeds": sorted(set(seeds)),
         "bases": list(distinct.values()),
         "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "float_arithmetic": float_arithmetic(),
+        },
     }
 
 
@@ -96,10 +108,17 @@ def run_config_of(identity: Mapping[str, Any]) -> RunConfig:
     return RunConfig(task=identity.get("dataset") or identity["task"], **fields)
 
 
+def same_arithmetic(stamp: Mapping[str, Any]) -> bool:
+    """Whether the machine that measured a results file computes floats as this one does (so pretrains alike)."""
+    named = stamp.get("machine", {}).get("float_arithmetic")
+    return named == float_arithmetic() if named else float_arithmetic() not in UNLIKE_UNNAMED
+
+
 def stale_results(results: Path) -> list[str]:
     """One line per results file that does not hold on the current code: no stamp, or a base it no longer pretrains.
 
-    Files marked superseded are skipped (they say so where they are published).
+    Files marked superseded are skipped (they say so where they are published), and so are pretrained bases
+    measured on a machine whose float arithmetic differs from this one's (:func:`unverifiable_results`).
     """
     problems: list[str] = []
     pretrained: dict[str, str] = {}
@@ -112,6 +131,8 @@ def stale_results(results: Path) -> list[str]:
             continue
         for base in stamp.get("bases", []):
             identity = base["identity"]
+            if "recipe" in identity and not same_arithmetic(stamp):
+                continue
             recipe = PRETRAIN_RECIPES.get(identity.get("dataset", ""))
             if "recipe" in identity and (recipe is None or identity["recipe"] != asdict(recipe)):
                 problems.append(
@@ -130,6 +151,23 @@ def stale_results(results: Path) -> list[str]:
                     f"re-measure with `{stamp.get('command')}` or mark it superseded"
                 )
     return problems
+
+
+def unverifiable_results(results: Path) -> list[str]:
+    """One line per results file that ran on pretrained bases this machine cannot rebuild bit for bit: it was
+    measured on a machine whose float arithmetic differs (its numbers hold here within run-to-run noise only)."""
+    lines = []
+    for path in sorted(results.glob("*.json")):
+        stamp = json.loads(path.read_text(encoding="utf-8")).get("provenance")
+        if not isinstance(stamp, dict) or stamp.get("superseded") or same_arithmetic(stamp):
+            continue
+        if any("recipe" in base["identity"] for base in stamp.get("bases", [])):
+            named = stamp.get("machine", {}).get("float_arithmetic") or "unnamed"
+            lines.append(
+                f"{path.name}: measured on a machine of float arithmetic {named}, this one's is "
+                f"{float_arithmetic()}: its pretrained bases cannot be rebuilt bit for bit here"
+            )
+    return lines
 
 
 def supersede(results: Path, name: str, reason: str) -> None:
@@ -153,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--supersede needs --reason")
         supersede(args.results, args.supersede, args.reason)
         return 0
+    for line in unverifiable_results(args.results):
+        print(f"note: {line}")
     problems = stale_results(args.results)
     for line in problems:
         print(line)

@@ -81,6 +81,43 @@ class ResidentBase:
         return sum(t.numel() for t in self.state.values())
 
 
+UNLIKE_UNNAMED = frozenset({"5b73e0cf631f27e1"})
+"""Float arithmetics (:func:`float_arithmetic`) known to differ from that of the machine that measured the
+results and behaviour records made before they named theirs: such a machine pretrains every base to other bits.
+Found 2026-11-27 on an AMD EPYC with AVX-512: fmnist seed 0 pretrains there to dc237f4c095b21e7 (recorded:
+402c4f166d30fda0), synthetic seed 0 to 653997a9fa67e667 (recorded: c82ef7f6744d115d)."""
+
+
+@lru_cache(maxsize=1)
+def float_arithmetic() -> str:
+    """A digest of how this machine's torch computes float32 training steps, on one thread: a few SGD steps of a
+    small convolutional network on fixed numbers (16 hex digits).
+
+    Pretraining is deterministic on a machine, but CPUs differ in the kernels
+    torch runs (AVX2 or AVX-512, MKL's paths for each vendor) and so in the
+    last bits of products and sums. Machines with the same digest pretrain
+    every base bit for bit alike; machines with different digests do not.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        network = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 14 * 14, 64))
+        with torch.no_grad():
+            for parameter in network.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        inputs = torch.randn(32, 3, 16, 16, generator=generator)
+        labels = torch.randint(0, 64, (32,), generator=generator)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(3):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(network(inputs), labels).backward()
+            optimizer.step()
+        return fingerprint(network.state_dict())[:16]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FEDSLIM_CACHE", Path.home() / ".cache" / "fedslim"))
 

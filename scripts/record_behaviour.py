@@ -14,8 +14,13 @@ A refactor must leave these numbers bit for bit as they were. The scenarios:
 Runs use the inline backend: Flower's engine draws random node ids, whose varint lengths change the
 byte count of a message by a byte from run to run.
 
-    python scripts/record_behaviour.py --write    # record into tests/data/behaviour.json (--only: just those)
-    python scripts/record_behaviour.py            # compare the current code against the record
+Bit for bit holds between machines of one float arithmetic (``fedslim.base.float_arithmetic``: CPUs
+differ in the kernels torch runs), so each kind of machine has its record,
+``tests/data/behaviour-ARITHMETIC.json``; ``tests/data/behaviour.json`` was recorded before records named
+theirs, and is used by machines not known to compute otherwise (``fedslim.base.UNLIKE_UNNAMED``).
+
+    python scripts/record_behaviour.py --write    # record this machine's (--only: just those scenarios)
+    python scripts/record_behaviour.py            # compare the current code against this machine's record
 """
 
 from __future__ import annotations
@@ -29,9 +34,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedslim.base import UNLIKE_UNNAMED, float_arithmetic
 from fedslim.config import FastSpec, RunConfig
 
-RECORD = Path(__file__).resolve().parent.parent / "tests" / "data" / "behaviour.json"
+RECORDS = Path(__file__).resolve().parent.parent / "tests" / "data"
+UNNAMED = RECORDS / "behaviour.json"  # recorded before records named their machine's float arithmetic
+
+
+def record_path() -> Path | None:
+    """This machine's record: the one of its float arithmetic, else the unnamed one unless this machine is known to
+    compute otherwise (None: there is no record for this machine yet)."""
+    own = RECORDS / f"behaviour-{float_arithmetic()}.json"
+    if own.exists():
+        return own
+    return None if float_arithmetic() in UNLIKE_UNNAMED else UNNAMED
+
 
 COMPRESSED = "topk:0.1+q8+lzma"
 
@@ -121,14 +138,19 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="record the current behaviour")
     parser.add_argument("--only", nargs="*", default=list(scenarios()), help="scenarios to run")
     args = parser.parse_args()
+    path = record_path()
+    if path is None and not args.write:
+        parser.error(f"no record for this machine's float arithmetic {float_arithmetic()}; record one with --write")
     observed = record(args.only)
     if args.write:
-        kept = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-        RECORD.parent.mkdir(parents=True, exist_ok=True)
-        RECORD.write_text(json.dumps(kept | observed, indent=1) + "\n")
-        print(f"recorded {', '.join(observed)} in {RECORD}")
+        path = path or RECORDS / f"behaviour-{float_arithmetic()}.json"
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(kept | observed, indent=1) + "\n")
+        print(f"recorded {', '.join(observed)} in {path}")
         return 0
-    recorded = json.loads(RECORD.read_text())
+    assert path is not None
+    recorded = json.loads(path.read_text())
     failed = False
     for name, seen in observed.items():
         lines = differences(recorded[name], seen)

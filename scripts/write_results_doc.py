@@ -72,9 +72,12 @@ def provenance_caption(stamp: dict[str, object]) -> str:
     seeds = ", ".join(str(s) for s in stamp.get("seeds", [])) or "none"  # type: ignore[attr-defined]
     bases = ", ".join(f"`{b['fingerprint'][:12]}`" for b in stamp.get("bases", [])) or "none"  # type: ignore[attr-defined]
     modified = " (with uncommitted changes)" if stamp.get("modified") else ""
+    machine = stamp.get("machine")
+    arithmetic = machine.get("float_arithmetic") if isinstance(machine, dict) else None
+    named = f"; float arithmetic `{arithmetic}`" if arithmetic else ""
     return (
         f"*Measured by `{stamp.get('command')}` at commit `{str(stamp.get('commit'))[:10]}`{modified}, "
-        f"{str(stamp.get('measured_at', ''))[:10]}; seeds {seeds}; bases {bases}.*"
+        f"{str(stamp.get('measured_at', ''))[:10]}; seeds {seeds}; bases {bases}{named}.*"
     )
 
 

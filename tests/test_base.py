@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from fedslim.base import float_arithmetic
 from fedslim.config import RunConfig
 from fedslim.task import prepared_base, task_for
 from fedslim.tasks import benchmarks
@@ -79,3 +83,19 @@ def test_the_fingerprint_sidecar_is_read_only_while_the_checkpoint_is_unchanged(
     _load_base.cache_clear()
     assert load_base(path, task).fingerprint == true
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.pt", sidecar.name]  # no temporary file left
+
+
+def test_float_arithmetic_tells_apart_machines_whose_kernels_round_otherwise() -> None:
+    """The same digest in a fresh process; another with torch's portable kernels (as on a CPU without AVX)."""
+    script = "from fedslim.base import float_arithmetic; print(float_arithmetic())"
+
+    def digest(**env: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    here = float_arithmetic()
+    assert len(here) == 16 and digest() == here
+    assert digest(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41") != here

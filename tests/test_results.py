@@ -12,7 +12,16 @@ from fedslim.config import RunConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from provenance import RESULTS, base_used, provenance, stale_results, supersede  # noqa: E402
+from provenance import (  # noqa: E402
+    RESULTS,
+    base_used,
+    provenance,
+    stale_results,
+    supersede,
+    unverifiable_results,
+)
+
+from fedslim.base import float_arithmetic  # noqa: E402
 
 SYNTHETIC = RunConfig(task="synthetic", seed=3)
 
@@ -25,6 +34,28 @@ def write(folder: Path, name: str, stamp: dict[str, object] | None) -> None:
 def test_every_published_results_file_holds_on_the_current_code() -> None:
     """Re-pretrains every base a results file names (deterministic) and compares fingerprints."""
     assert stale_results(RESULTS) == []
+
+
+def test_a_pretrained_base_measured_on_other_float_arithmetic_is_noted_not_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stamp = provenance([3], [{**base_used(SYNTHETIC), "fingerprint": "0" * 64}])
+    assert stamp["machine"]["float_arithmetic"] == float_arithmetic()
+    write(tmp_path, "here", stamp)
+    assert len(stale_results(tmp_path)) == 1 and unverifiable_results(tmp_path) == []
+    # Measured where products round otherwise: this machine cannot rebuild that base, so it says so.
+    elsewhere = {**stamp, "machine": {**stamp["machine"], "float_arithmetic": "f" * 16}}
+    write(tmp_path, "here", elsewhere)
+    assert stale_results(tmp_path) == []
+    (note,) = unverifiable_results(tmp_path)
+    assert note.startswith(f"here.json: measured on a machine of float arithmetic {'f' * 16}, this one's is")
+    # Stamped before stamps named it: checked, unless this machine is known to compute otherwise.
+    unnamed = {**stamp, "machine": {k: v for k, v in stamp["machine"].items() if k != "float_arithmetic"}}
+    write(tmp_path, "here", unnamed)
+    monkeypatch.setattr(sys.modules["provenance"], "UNLIKE_UNNAMED", set())
+    assert len(stale_results(tmp_path)) == 1 and unverifiable_results(tmp_path) == []
+    monkeypatch.setattr(sys.modules["provenance"], "UNLIKE_UNNAMED", {float_arithmetic()})
+    assert stale_results(tmp_path) == [] and len(unverifiable_results(tmp_path)) == 1
 
 
 def test_a_results_file_on_another_base_is_stale(tmp_path: Path) -> None:
