@@ -95,8 +95,10 @@ def float_arithmetic() -> str:
 
     Pretraining is deterministic on a machine, but CPUs differ in the kernels
     torch runs (AVX2 or AVX-512, MKL's paths for each vendor) and so in the
-    last bits of products and sums. Machines with the same digest pretrain
-    every base bit for bit alike; machines with different digests do not.
+    last bits of products and sums. Machines with different digests pretrain
+    the convolutional and MLP bases to other bits; the same digest is the
+    evidence that they compute those kernels alike (not a proof for kernels it
+    does not run, nor for another thread count).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -24,8 +24,9 @@ state from.
 The arithmetic is elementwise float32 in a fixed order (one rank-one term at
 a time), never a BLAS product whose blocking may differ between machines, so
 every machine computes the same merged base. :class:`Merge` is one link;
-:class:`BaseChain` is the server's chain; :func:`advance` applies a link and
-:func:`replayed_base` a node's whole chain.
+:class:`BaseChain` is the server's chain; :func:`advance` applies a link,
+:func:`replayed_base` a node's whole chain, and :func:`keep_merged` keeps its
+result on the node's disk.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ class Merge:
             ):
                 raise ValueError("corrupt merge: its fast state does not belong to it")
             state = update.tensors
+        elif not message.merged:
+            raise ValueError("corrupt merge: sent as replica steps without the base they make")
         elif start is None:
             raise ValueError("a merge sent as replica steps needs the fast layer they start from")
         else:
@@ -123,7 +126,7 @@ class Merge:
             if version + 1 != message.version:
                 raise ValueError(f"corrupt merge: its steps end at version {version}, not {message.version - 1}")
         merge = cls(message.parent, int(message.round), int(message.version), state)
-        if merge.fingerprint != message.merged:
+        if message.merged and merge.fingerprint != message.merged:  # unnamed: a merge kept before links named it
             raise ValueError(f"corrupt merge: its state does not make the base {message.merged[:16]}... it names")
         return merge
 
@@ -207,16 +210,17 @@ def replayed_base(root: ResidentBase, spec: FastSpec, blobs: tuple[bytes, ...]) 
     """The base the merges ``blobs`` (oldest first) make of the resident checkpoint ``root``, checked link by
     link: ValueError naming the first that is corrupt or does not fit.
 
-    A deployed ClientApp starts a process for each message, so the base the
-    chain last led to is kept on disk next to the checkpoint, with a digest of
-    its tensors, and loaded instead of replaying the chain when the links
-    lead to it again.
+    A deployed ClientApp starts a process for each message, so a node keeps the
+    bases its chain led to on disk (:func:`keep_merged`), and one of them is
+    loaded instead of replaying the chain when the links lead to it again.
     """
     head = root.fingerprint
     for blob in blobs:
         link = header(blob)
         check_parent(link, head)
-        head = link.merged
+        head = (
+            link.merged or Merge.decode(blob, root.build(spec).fast_shapes()).fingerprint
+        )  # kept before links named it
     if not blobs:
         return root
     kept = _load_merged(root, head, len(blobs))
@@ -225,7 +229,6 @@ def replayed_base(root: ResidentBase, spec: FastSpec, blobs: tuple[bytes, ...]) 
     base = root
     for blob in blobs:
         base = advance(base, spec, blob)
-    _keep_merged(root, base)
     return base
 
 
@@ -234,34 +237,44 @@ def merged_base_path(root: ResidentBase, fingerprint: str) -> Path:
     return root.path.with_name(f"{root.path.stem}.merged-{fingerprint[:16]}{root.path.suffix}")
 
 
-def _keep_merged(root: ResidentBase, base: ResidentBase) -> None:
-    """Write ``base`` next to ``root``'s checkpoint, replacing the one kept before (best effort: a node whose base
-    directory is read-only replays its chain each time)."""
+KEPT_MERGED_BASES = 2  # per checkpoint: nodes of one machine a merge apart do not evict each other's each message
+
+
+def keep_merged(root: ResidentBase, base: ResidentBase) -> None:
+    """Keep ``base``, which consolidations made of ``root`` and the server named, next to ``root``'s checkpoint
+    with a digest of its tensors; the oldest beyond :data:`KEPT_MERGED_BASES` go. Best effort: a node whose base
+    directory cannot be written replays its chain in each process."""
     path = merged_base_path(root, base.fingerprint)
+    if base is root or path.is_file():
+        return
     meta = {"fingerprint": base.fingerprint, "generation": base.generation, "content": fingerprint(base.state)}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save({"state_dict": base.state, "meta": json.dumps(meta)}, tmp)
         os.replace(tmp, path)
-        for old in path.parent.glob(f"{root.path.stem}.merged-*{root.path.suffix}"):
-            if old != path:
-                old.unlink(missing_ok=True)
-    except OSError:
+        kept = sorted(path.parent.glob(f"{root.path.stem}.merged-*{root.path.suffix}"), key=os.path.getmtime)
+        for old in kept[:-KEPT_MERGED_BASES]:
+            old.unlink(missing_ok=True)
+    except (OSError, RuntimeError):  # torch.save reports an unwritable file as RuntimeError
+        pass
+    finally:
         tmp.unlink(missing_ok=True)
 
 
 def _load_merged(root: ResidentBase, head: str, generation: int) -> ResidentBase | None:
-    """The kept base of fingerprint ``head``, if there is one whose tensors are intact (None otherwise)."""
+    """The kept base of fingerprint ``head``, if there is one whose tensors are intact (None otherwise: a damaged
+    file is removed, so that :func:`keep_merged` writes it again)."""
     path = merged_base_path(root, head)
     if not path.is_file():
         return None
     try:
         kept = torch.load(path, map_location="cpu", weights_only=True)
         meta, state = json.loads(kept["meta"]), kept["state_dict"]
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
-        return None
-    intact = isinstance(state, dict) and set(state) == set(root.state) and fingerprint(state) == meta.get("content")
+        intact = set(state) == set(root.state) and fingerprint(state) == meta.get("content")
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError, EOFError, pickle.UnpicklingError):
+        intact = False
     if not intact or meta.get("fingerprint") != head or meta.get("generation") != generation:
+        path.unlink(missing_ok=True)
         return None
     return ResidentBase(root.task, state, head, root.path, generation=generation, root=root.root_fingerprint)
 

@@ -15,9 +15,10 @@ Runs use the inline backend: Flower's engine draws random node ids, whose varint
 byte count of a message by a byte from run to run.
 
 Bit for bit holds between machines of one float arithmetic (``fedslim.base.float_arithmetic``: CPUs
-differ in the kernels torch runs), so each kind of machine has its record,
-``tests/data/behaviour-ARITHMETIC.json``; ``tests/data/behaviour.json`` was recorded before records named
-theirs, and is used by machines not known to compute otherwise (``fedslim.base.UNLIKE_UNNAMED``).
+differ in the kernels torch runs) and one thread count (sums run in another order with more threads), so
+each kind of machine has its record, ``tests/data/behaviour-ARITHMETIC-Nthreads.json``;
+``tests/data/behaviour.json`` was recorded before records named theirs, and is used by machines not
+known to compute otherwise (``fedslim.base.UNLIKE_UNNAMED``).
 
     python scripts/record_behaviour.py --write    # record this machine's (--only: just those scenarios)
     python scripts/record_behaviour.py            # compare the current code against this machine's record
@@ -34,6 +35,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedslim.base import UNLIKE_UNNAMED, float_arithmetic
 from fedslim.config import FastSpec, RunConfig
 
@@ -41,12 +44,17 @@ RECORDS = Path(__file__).resolve().parent.parent / "tests" / "data"
 UNNAMED = RECORDS / "behaviour.json"  # recorded before records named their machine's float arithmetic
 
 
+def own_record() -> Path:
+    """The record of machines like this one: its float arithmetic, and torch's thread count (training sums in
+    another order with more threads)."""
+    return RECORDS / f"behaviour-{float_arithmetic()}-{torch.get_num_threads()}threads.json"
+
+
 def record_path() -> Path | None:
-    """This machine's record: the one of its float arithmetic, else the unnamed one unless this machine is known to
-    compute otherwise (None: there is no record for this machine yet)."""
-    own = RECORDS / f"behaviour-{float_arithmetic()}.json"
-    if own.exists():
-        return own
+    """This machine's record: its own, else the unnamed one unless this machine is known to compute otherwise
+    (None: there is no record for this machine yet)."""
+    if own_record().exists():
+        return own_record()
     return None if float_arithmetic() in UNLIKE_UNNAMED else UNNAMED
 
 
@@ -138,12 +146,11 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="record the current behaviour")
     parser.add_argument("--only", nargs="*", default=list(scenarios()), help="scenarios to run")
     args = parser.parse_args()
-    path = record_path()
-    if path is None and not args.write:
+    path = own_record() if args.write else record_path()
+    if path is None:
         parser.error(f"no record for this machine's float arithmetic {float_arithmetic()}; record one with --write")
     observed = record(args.only)
     if args.write:
-        path = path or RECORDS / f"behaviour-{float_arithmetic()}.json"
         kept = json.loads(path.read_text()) if path.exists() else {}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(kept | observed, indent=1) + "\n")

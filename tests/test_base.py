@@ -98,4 +98,6 @@ def test_float_arithmetic_tells_apart_machines_whose_kernels_round_otherwise() -
 
     here = float_arithmetic()
     assert len(here) == 16 and digest() == here
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("torch runs its portable kernels here already")
     assert digest(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41") != here

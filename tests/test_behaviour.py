@@ -25,8 +25,8 @@ RECORD = record_behaviour.record_path()
 def test_seeded_run_matches_the_record(name: str, tmp_path: Path) -> None:
     if RECORD is None:
         pytest.skip(
-            f"no behaviour record for this machine's float arithmetic {float_arithmetic()} (its products round "
-            "otherwise than the recording machine's): python scripts/record_behaviour.py --write"
+            f"no behaviour record for this machine's float arithmetic {float_arithmetic()} and thread count (its "
+            "products round otherwise than the recording machine's): python scripts/record_behaviour.py --write"
         )
     recorded = json.loads(RECORD.read_text())
     observed = record_behaviour.observe(replace(record_behaviour.scenarios()[name], out=str(tmp_path)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from fedslim.consolidation import (
     Merge,
     advance,
     header,
+    keep_merged,
     merged_base_path,
     merged_weight,
     replayed_base,
@@ -222,7 +224,9 @@ def test_a_node_keeps_the_base_its_chain_made_and_a_new_process_loads_it_instead
     made = replayed_base(root, spec, blobs)
     assert_same_base(made, chain.base)
     kept = merged_base_path(root, chain.base.fingerprint)
-    assert [p.name for p in root.path.parent.glob(f"{root.path.stem}.merged-*")] == [kept.name]
+    assert not kept.exists()  # kept only once the server has named it (the client checks the head first)
+    keep_merged(root, made)
+    assert kept.is_file()
 
     replayed: list[int] = []
 
@@ -239,21 +243,53 @@ def test_a_node_keeps_the_base_its_chain_made_and_a_new_process_loads_it_instead
     assert_same_base(loaded, chain.base)
     with pytest.raises(ValueError, match="the merge of round 4 was made on base"):
         replayed_base(root, spec, blobs[1:])
-    # A kept base with one number changed is not used: the chain is replayed, and its base kept again.
+    # A kept base with one number changed is not used: it is removed, the chain replayed, and the base kept again.
     saved = torch.load(kept, weights_only=True)
     name = sorted(saved["state_dict"])[0]
     saved["state_dict"][name] = saved["state_dict"][name] + 1
     torch.save(saved, kept)
     replayed_base.cache_clear()
-    assert_same_base(replayed_base(root, spec, blobs), chain.base)
-    assert replayed == [0, 1]
+    again = replayed_base(root, spec, blobs)
+    assert_same_base(again, chain.base)
+    assert replayed == [0, 1] and not kept.exists()
+    keep_merged(root, again)
     replayed_base.cache_clear()
     assert_same_base(replayed_base(root, spec, blobs), chain.base)
     assert replayed == [0, 1]  # the base kept again is loaded
-    # Another chain end replaces the kept base: one file per checkpoint.
-    replayed_base(root, spec, blobs[:1])
-    only = merged_base_path(root, chain.merges[0].fingerprint)
-    assert [p.name for p in root.path.parent.glob(f"{root.path.stem}.merged-*")] == [only.name]
+    # A directory that cannot be written: nothing kept, nothing left behind, no error.
+    first = advance(root, spec, blobs[0])
+
+    def unwritable(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("File cannot be opened.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", unwritable)
+        keep_merged(root, first)
+    assert sorted(p.name for p in root.path.parent.glob(f"{root.path.stem}.merged-*")) == [kept.name]
+    assert not list(root.path.parent.glob(f".{root.path.stem}.merged-*"))
+    # The newest two are kept per checkpoint.
+    other = advance(root, spec, Merge(root.fingerprint, 7, 8, chain.merges[0].state).encode(parse_codec("none")))
+    start = kept.stat().st_mtime
+    for later, base in enumerate((first, other), start=1):
+        keep_merged(root, base)
+        os.utime(merged_base_path(root, base.fingerprint), (start + later, start + later))
+    names = {p.name for p in root.path.parent.glob(f"{root.path.stem}.merged-*")}
+    assert names == {merged_base_path(root, b.fingerprint).name for b in (first, other)}
+
+
+def test_a_merge_kept_before_links_named_their_base_is_still_replayed(small_config: RunConfig) -> None:
+    root, spec = prepared_base(small_config), small_config.fast
+    state = {name: np.full(v.shape, 0.5, np.float32) for name, v in root.build(spec).fast_state().items()}
+    merge = Merge(root.fingerprint, 2, 3, state)
+    unnamed = header(merge.encode(parse_codec("none")))
+    unnamed.ClearField("merged")
+    blob = unnamed.SerializeToString()
+    replayed_base.cache_clear()
+    assert replayed_base(root, spec, (blob,)).fingerprint == merge.fingerprint == advance(root, spec, blob).fingerprint
+    unnamed_steps = header(merge.encode(parse_codec("none"), [b""], origin=0))
+    unnamed_steps.ClearField("merged")
+    with pytest.raises(ValueError, match="without the base they make"):
+        Merge.decode(unnamed_steps.SerializeToString(), root.build(spec).fast_shapes(), state)
 
 
 def replica_steps(small_config: RunConfig, codec: str, rounds: int) -> tuple[ServerReplica, list[bytes], dict]:

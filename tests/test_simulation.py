@@ -51,11 +51,12 @@ def test_short_simulation_logs_one_row_per_message(small_config: RunConfig) -> N
     assert all(r.accepted == sampled for r in result.rounds[1:])
     assert all(0.0 <= r.accuracy <= 1.0 for r in result.rounds)
 
-    # The inline backend runs the same loop and client code: the same run, number for number.
+    # The inline backend runs the same loop and client code: the same run. Ray's actors train with one thread (one
+    # CPU each), the inline backend with the process's; on some CPUs (an AMD EPYC with AVX-512) products then round
+    # otherwise in the last bits, so the loss is compared to float rounding.
     inline = simulate(replace(config, out=config.out + "-inline"), backend="inline")
-    assert [(r.accuracy, r.loss, r.accepted) for r in inline.rounds] == [
-        (r.accuracy, r.loss, r.accepted) for r in result.rounds
-    ]
+    assert [(r.accuracy, r.accepted) for r in inline.rounds] == [(r.accuracy, r.accepted) for r in result.rounds]
+    assert [r.loss for r in inline.rounds] == pytest.approx([r.loss for r in result.rounds], rel=1e-5)
     inline_payloads = sqlite3.connect(inline.log_path).execute(
         "SELECT round, direction, SUM(payload_bytes) FROM messages GROUP BY 1, 2 ORDER BY 1, 2"
     )

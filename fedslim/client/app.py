@@ -73,7 +73,7 @@ from fedslim.channel.protocol import (
 from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
-from fedslim.consolidation import header, replayed_base
+from fedslim.consolidation import header, keep_merged, replayed_base
 from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
@@ -322,6 +322,7 @@ def consolidated_base(
             RefusalCode.CHAIN_BROKEN,
             f"this node's consolidations lead to base {base.fingerprint[:16]}..., the server's is {head[:16]}...",
         )
+    keep_merged(root, base)
     if chain != held:
         context.state[CHAIN_STATE_KEY] = ConfigRecord({BASE_META_KEY: root.fingerprint, MERGES_KEY: chain})
     return base, int(header(chain[-1]).version) if chain else 0

@@ -113,7 +113,7 @@ class Summary:
     consolidations: int = 0
     """Merges of the fast layer into the base (``--consolidate-every``)."""
     merge_bytes: int = 0
-    """Their sizes as they travel, summed (each goes once to each client that lacks it)."""
+    """Their sizes as they travel, summed (each goes to every client that lacks it, in its next instruction)."""
 
     @property
     def total_bytes(self) -> int:
