@@ -107,7 +107,7 @@ CREATE TABLE IF NOT EXISTS consolidations (
     parent TEXT NOT NULL,           -- fingerprint of the base merged into
     fingerprint TEXT NOT NULL,      -- fingerprint of the merged base
     replica_version INTEGER NOT NULL,  -- the version the fresh fast layer starts as
-    merge_bytes INTEGER NOT NULL,   -- the merge as it travels: each client lacking it receives it once
+    merge_bytes INTEGER NOT NULL,   -- the merge as it travels, in the next instruction of each client lacking it
     PRIMARY KEY (run_id, round)
 );
 CREATE TABLE IF NOT EXISTS memory_weights (

@@ -218,9 +218,8 @@ def replayed_base(root: ResidentBase, spec: FastSpec, blobs: tuple[bytes, ...]) 
     for blob in blobs:
         link = header(blob)
         check_parent(link, head)
-        head = (
-            link.merged or Merge.decode(blob, root.build(spec).fast_shapes()).fingerprint
-        )  # kept before links named it
+        # A merge kept before links named their base is decoded for its fingerprint.
+        head = link.merged or Merge.decode(blob, root.build(spec).fast_shapes()).fingerprint
     if not blobs:
         return root
     kept = _load_merged(root, head, len(blobs))
