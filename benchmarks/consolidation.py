@@ -20,6 +20,11 @@ consolidation beats plain LoRA there.
 
     python benchmarks/consolidation.py                # Fashion-MNIST, about 40 minutes on 2 cores
     python benchmarks/consolidation.py --task text --device cuda   # fortunes + MiniLM (an hour a row on 2 cores)
+    python benchmarks/consolidation.py --task text --rows lora-r12 lora-r24   # some rows: processes side by side
+
+Rows can be measured by separate processes, at once or one after another:
+each adds its rows to the results file, which keeps the rows measured
+before by the same commit, setup and kind of machine.
 
 Prints a table and writes benchmarks/results/consolidation[-TASK].{json,md},
 stamped with the commit, command, seed and base.
@@ -28,6 +33,9 @@ stamped with the commit, command, seed and base.
 from __future__ import annotations
 
 import argparse
+import fcntl
+import json
+import shlex
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +156,56 @@ def table(rows: list[Row], results: dict[str, dict[str, Any]], args: argparse.Na
     return "\n".join(lines)
 
 
+NOT_SETUP = ("rows", "out", "results")
+
+
+def earlier_rows(path: Path, stamp: dict[str, Any], setup: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows in results file ``path`` measured by the same commit, setup and kind of machine (else none)."""
+    if not path.is_file() or stamp["modified"]:
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError:  # just created to be locked, or cut short
+        return {}
+    before = earlier.get("provenance", {})
+    same = (
+        before.get("commit") == stamp["commit"]
+        and not before.get("modified")
+        and before.get("machine", {}).get("float_arithmetic") == stamp["machine"]["float_arithmetic"]
+        and before.get("machine", {}).get("accelerator") == stamp["machine"].get("accelerator")
+        and {k: v for k, v in earlier.get("setup", {}).items() if k not in NOT_SETUP} == setup
+    )
+    return earlier["runs"] if same else {}
+
+
+def command_of_every_row(command: str) -> str:
+    """``command`` without ``--rows``: the command that measures every row of the file."""
+    kept: list[str] = []
+    skipping = False
+    for token in shlex.split(command):
+        skipping = token == "--rows" or (skipping and not token.startswith("--"))
+        if not skipping:
+            kept.append(token)
+    return shlex.join(kept)
+
+
+def record_rows(
+    rows: list[Row], measured: dict[str, dict[str, Any]], stamp: dict[str, Any], args: argparse.Namespace, name: str
+) -> str:
+    """Add ``measured`` to the results file (under a lock: processes may share it) and return its table."""
+    setup = {k: v for k, v in vars(args).items() if k not in NOT_SETUP}
+    path = args.results / f"{name}.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        runs = earlier_rows(path, stamp, setup) | measured
+        runs = {row.key: runs[row.key] for row in rows_for(args) if row.key in runs}
+        text_table = table(rows_for(args), runs, args)
+        record = {"setup": setup | {"results": str(args.results)}, "runs": runs}
+        write_results(args.results, name, stamp, record, text_table)
+    return text_table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="fmnist", choices=("fmnist", "text"))
@@ -163,6 +221,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="default: 3 (fmnist), 5 (text)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--rows", nargs="+", metavar="KEY", help="measure only these rows (default: all)")
     parser.add_argument("--out", default="runs/bench-consolidation")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -178,15 +237,19 @@ def main() -> None:
             setattr(args, name, fortunes if text else fmnist)
 
     rows = rows_for(args)
+    if args.rows:
+        unknown = sorted(set(args.rows) - {row.key for row in rows})
+        if unknown:
+            parser.error(f"unknown rows {', '.join(unknown)}; the rows are {', '.join(row.key for row in rows)}")
+        rows = [row for row in rows if row.key in args.rows]
     name = "consolidation" if args.task == "fmnist" else f"consolidation-{args.task}"
     stamp = provenance([args.seed], [base_used(config_for(rows[0], args))])
-    results: dict[str, dict[str, Any]] = {}
+    stamp["command"] = command_of_every_row(stamp["command"])
+    measured: dict[str, dict[str, Any]] = {}
     for row in rows:
         print(f"{row.key}: {row.label}", flush=True)
-        results[row.key] = run_row(config_for(row, args))
-        text_table = table(rows, results, args)
-        record = {"setup": vars(args) | {"results": str(args.results)}, "runs": results}
-        write_results(args.results, name, stamp, record, text_table)
+        measured[row.key] = run_row(config_for(row, args))
+        text_table = record_rows(rows, measured, stamp, args, name)
     print(text_table)
 
 

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console, ConsoleRenderable
 
 from fedslim.base import UNLIKE_UNNAMED, float_arithmetic
@@ -45,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def git(*args: str) -> str:
+    """``git ARGS`` in the checkout, or "unknown" where it fails."""
     done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
@@ -62,19 +64,23 @@ def provenance(seeds: Iterable[int], bases: Iterable[Mapping[str, Any]]) -> dict
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
     modified = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+    machine = {
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "float_arithmetic": float_arithmetic(),
+    }
+    if torch.cuda.is_available():
+        machine["accelerator"] = torch.cuda.get_device_name()
     return {
-        "commit": git("rev-parse", "HEAD"),
+        # A copy of the tree without its history (a lent GPU machine) is told its commit in FEDSLIM_COMMIT.
+        "commit": os.environ.get("FEDSLIM_COMMIT") or git("rev-parse", "HEAD"),
         "modified": bool(modified) and modified != "unknown",
         "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
         "seeds": sorted(set(seeds)),
         "bases": list(distinct.values()),
         "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "float_arithmetic": float_arithmetic(),
-        },
+        "machine": machine,
     }
 
 

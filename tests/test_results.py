@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -99,3 +100,35 @@ def test_the_stamp_names_the_commit_the_command_and_the_seeds() -> None:
 def test_every_results_file_says_what_measured_it(path: Path) -> None:
     stamp = json.loads(path.read_text(encoding="utf-8"))["provenance"]
     assert stamp.get("superseded") or {"commit", "command", "seeds", "bases"} <= set(stamp)
+
+
+def test_rows_measured_apart_join_one_results_file_only_from_the_same_commit_setup_and_machine(
+    tmp_path: Path,
+) -> None:
+    from consolidation import command_of_every_row, earlier_rows, record_rows, rows_for
+
+    args = argparse.Namespace(
+        task="fmnist", every=[10], rank=2, rounds=20, clients=4, fraction=0.5, alpha=0.3, local_epochs=1,
+        codec="none", downstream_codec="none", eval_every=5, seed=0, device="cpu", rows=None, out="o",
+        results=tmp_path,
+    )  # fmt: skip
+    stamp = {"commit": "c" * 40, "modified": False, "machine": {"float_arithmetic": float_arithmetic()}}
+    run = {"final": 0.5, "best": 0.5, "curve": [[20, 0.5, 100]], "total_bytes": 100, "effective_rank": 2}
+    rows = rows_for(args)
+    record_rows(rows[:1], {"lora-r2": run}, stamp, args, "c")
+    # A second process of the same commit and setup adds its row: the file holds both, in the table's order.
+    text = record_rows(rows[2:], {"lora-r4": {**run, "final": 0.6}}, stamp, args, "c")
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert list(saved["runs"]) == ["lora-r2", "lora-r4"] and "| LoRA r=4 (= r x rounds/K) | 2 | 0.6000" in text
+    setup = {k: v for k, v in vars(args).items() if k not in ("rows", "out", "results")}
+    assert list(earlier_rows(tmp_path / "c.json", stamp, setup)) == ["lora-r2", "lora-r4"]
+    # Another commit, a modified tree, another setup or another kind of machine starts the file again.
+    assert earlier_rows(tmp_path / "c.json", {**stamp, "commit": "d" * 40}, setup) == {}
+    assert earlier_rows(tmp_path / "c.json", {**stamp, "modified": True}, setup) == {}
+    assert earlier_rows(tmp_path / "c.json", stamp, {**setup, "rounds": 30}) == {}
+    gpu = {**stamp, "machine": {**stamp["machine"], "accelerator": "NVIDIA H200"}}
+    assert earlier_rows(tmp_path / "c.json", gpu, setup) == {}
+    assert (
+        command_of_every_row("python benchmarks/consolidation.py --rows lora-r4 consolidate-5 --task text")
+        == "python benchmarks/consolidation.py --task text"
+    )
