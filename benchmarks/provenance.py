@@ -72,10 +72,12 @@ def provenance(seeds: Iterable[int], bases: Iterable[Mapping[str, Any]]) -> dict
     }
     if torch.cuda.is_available():
         machine["accelerator"] = torch.cuda.get_device_name()
+    # A copy of a clean checkout on another machine (a lent GPU) is told its commit in FEDSLIM_COMMIT:
+    # whatever git state travelled with the copy does not describe it.
+    copied_from = os.environ.get("FEDSLIM_COMMIT")
     return {
-        # A copy of the tree without its history (a lent GPU machine) is told its commit in FEDSLIM_COMMIT.
-        "commit": os.environ.get("FEDSLIM_COMMIT") or git("rev-parse", "HEAD"),
-        "modified": bool(modified) and modified != "unknown",
+        "commit": copied_from or git("rev-parse", "HEAD"),
+        "modified": not copied_from and bool(modified) and modified != "unknown",
         "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
         "seeds": sorted(set(seeds)),
         "bases": list(distinct.values()),
