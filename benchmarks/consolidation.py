@@ -26,7 +26,7 @@ Rows can be measured by separate processes, at once or one after another:
 each adds its rows to the results file, which keeps the rows measured
 before by the same commit, setup and kind of machine.
 
-Prints a table and writes benchmarks/results/consolidation[-TASK].{json,md},
+Prints a table and writes benchmarks/results/consolidation[-TASK][-rRANK].{json,md},
 stamped with the commit, command, seed and base.
 """
 
@@ -242,7 +242,8 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown rows {', '.join(unknown)}; the rows are {', '.join(row.key for row in rows)}")
         rows = [row for row in rows if row.key in args.rows]
-    name = "consolidation" if args.task == "fmnist" else f"consolidation-{args.task}"
+    name = "consolidation" + ("" if args.task == "fmnist" else f"-{args.task}")
+    name += "" if args.rank == parser.get_default("rank") else f"-r{args.rank}"
     stamp = provenance([args.seed], [base_used(config_for(rows[0], args))])
     stamp["command"] = command_of_every_row(stamp["command"])
     measured: dict[str, dict[str, Any]] = {}
