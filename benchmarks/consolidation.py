@@ -18,15 +18,18 @@ it reaches, and its mean accuracy over its last three evaluations there (one
 evaluation swings by a point from round to round). The target is that
 consolidation beats plain LoRA there.
 
-    python benchmarks/consolidation.py                # Fashion-MNIST, about 40 minutes on 2 cores
-    python benchmarks/consolidation.py --task text --device cuda   # fortunes + MiniLM (an hour a row on 2 cores)
-    python benchmarks/consolidation.py --task text --rows lora-r12 lora-r24   # some rows: processes side by side
+    python benchmarks/consolidation.py                # Fashion-MNIST, about 3 minutes a row on 2 cores
+    python benchmarks/consolidation.py --task text    # fortunes + MiniLM, about 35 minutes a row on 2 cores
+    python benchmarks/consolidation.py --task text --device cuda --rows lora-r12   # one row (one process each)
+
+On a GPU the text rows run side by side, one process per row (all five in
+about 90 seconds on an H200).
 
 Rows can be measured by separate processes, at once or one after another:
 each adds its rows to the results file, which keeps the rows measured
 before by the same commit, setup and kind of machine.
 
-Prints a table and writes benchmarks/results/consolidation[-TASK][-rRANK].{json,md},
+Prints a table and writes benchmarks/results/consolidation[-TASK][-rRANK][-codecs].{json,md},
 stamped with the commit, command, seed and base.
 """
 
@@ -244,6 +247,7 @@ def main() -> None:
         rows = [row for row in rows if row.key in args.rows]
     name = "consolidation" + ("" if args.task == "fmnist" else f"-{args.task}")
     name += "" if args.rank == parser.get_default("rank") else f"-r{args.rank}"
+    name += "" if args.codec == args.downstream_codec == "none" else "-codecs"
     stamp = provenance([args.seed], [base_used(config_for(rows[0], args))])
     stamp["command"] = command_of_every_row(stamp["command"])
     measured: dict[str, dict[str, Any]] = {}

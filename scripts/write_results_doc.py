@@ -75,8 +75,10 @@ def provenance_caption(stamp: dict[str, object]) -> str:
     machine = stamp.get("machine")
     arithmetic = machine.get("float_arithmetic") if isinstance(machine, dict) else None
     named = f"; float arithmetic `{arithmetic}`" if arithmetic else ""
+    accelerator = machine.get("accelerator") if isinstance(machine, dict) else None
+    on = f" on an {accelerator}" if accelerator else ""
     return (
-        f"*Measured by `{stamp.get('command')}` at commit `{str(stamp.get('commit'))[:10]}`{modified}, "
+        f"*Measured by `{stamp.get('command')}` at commit `{str(stamp.get('commit'))[:10]}`{modified}{on}, "
         f"{str(stamp.get('measured_at', ''))[:10]}; seeds {seeds}; bases {bases}{named}.*"
     )
 

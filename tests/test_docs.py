@@ -143,6 +143,19 @@ def test_numbers_in_prose_come_from_the_results_files(tmp_path: Path) -> None:
     assert done.returncode == 2 and "has no value 'nothing'" in done.stderr
 
 
+def test_a_caption_names_the_accelerator_that_measured_a_table(tmp_path: Path) -> None:
+    stamped_results(tmp_path / "results")
+    path = tmp_path / "results" / "wire.json"
+    record = json.loads(path.read_text())
+    record["provenance"]["machine"] = {"float_arithmetic": "20fe8115097e7594", "accelerator": "NVIDIA H200"}
+    path.write_text(json.dumps(record))
+    args, out, _ = site(tmp_path, "# T\n\n{{table: wire}}\n", "# R\n")
+    assert run_script(*args).returncode == 0
+    page = out.read_text(encoding="utf-8")
+    assert "at commit `0123456789` on an NVIDIA H200, 2026-11-26;" in page
+    assert "float arithmetic `20fe8115097e7594`.*" in page
+
+
 def test_a_superseded_table_is_published_with_its_reason(tmp_path: Path) -> None:
     stamped_results(tmp_path / "results", superseded="measured on an earlier base")
     args, out, _ = site(tmp_path, "# T\n\n{{table: wire}}\n", "# R\n")
