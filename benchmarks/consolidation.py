@@ -192,18 +192,17 @@ def command_of_every_row(command: str) -> str:
     return shlex.join(kept)
 
 
-def record_rows(
-    rows: list[Row], measured: dict[str, dict[str, Any]], stamp: dict[str, Any], args: argparse.Namespace, name: str
-) -> str:
+def record_rows(measured: dict[str, dict[str, Any]], stamp: dict[str, Any], args: argparse.Namespace, name: str) -> str:
     """Add ``measured`` to the results file (under a lock: processes may share it) and return its table."""
     setup = {k: v for k, v in vars(args).items() if k not in NOT_SETUP}
     path = args.results / f"{name}.json"
     args.results.mkdir(parents=True, exist_ok=True)
+    every_row = rows_for(args)
     with path.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         runs = earlier_rows(path, stamp, setup) | measured
-        runs = {row.key: runs[row.key] for row in rows_for(args) if row.key in runs}
-        text_table = table(rows_for(args), runs, args)
+        runs = {row.key: runs[row.key] for row in every_row if row.key in runs}
+        text_table = table(every_row, runs, args)
         record = {"setup": setup | {"results": str(args.results)}, "runs": runs}
         write_results(args.results, name, stamp, record, text_table)
     return text_table
@@ -254,7 +253,7 @@ def main() -> None:
     for row in rows:
         print(f"{row.key}: {row.label}", flush=True)
         measured[row.key] = run_row(config_for(row, args))
-        text_table = record_rows(rows, measured, stamp, args, name)
+        text_table = record_rows(measured, stamp, args, name)
     print(text_table)
 
 

@@ -114,10 +114,10 @@ def test_rows_measured_apart_join_one_results_file_only_from_the_same_commit_set
     )  # fmt: skip
     stamp = {"commit": "c" * 40, "modified": False, "machine": {"float_arithmetic": float_arithmetic()}}
     run = {"final": 0.5, "best": 0.5, "curve": [[20, 0.5, 100]], "total_bytes": 100, "effective_rank": 2}
-    rows = rows_for(args)
-    record_rows(rows[:1], {"lora-r2": run}, stamp, args, "c")
+    assert [row.key for row in rows_for(args)] == ["lora-r2", "consolidate-10", "lora-r4"]
+    record_rows({"lora-r2": run}, stamp, args, "c")
     # A second process of the same commit and setup adds its row: the file holds both, in the table's order.
-    text = record_rows(rows[2:], {"lora-r4": {**run, "final": 0.6}}, stamp, args, "c")
+    text = record_rows({"lora-r4": {**run, "final": 0.6}}, stamp, args, "c")
     saved = json.loads((tmp_path / "c.json").read_text())
     assert list(saved["runs"]) == ["lora-r2", "lora-r4"] and "| LoRA r=4 (= r x rounds/K) | 2 | 0.6000" in text
     setup = {k: v for k, v in vars(args).items() if k not in ("rows", "out", "results")}
