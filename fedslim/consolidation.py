@@ -193,6 +193,11 @@ def check_parent(link: pb.Merge, fingerprint: str) -> None:
 def advance(base: ResidentBase, spec: FastSpec, blob: bytes) -> ResidentBase:
     """The base after the merge ``blob`` (a :class:`Merge`), checked link by link: ValueError if the merge is
     corrupt or was not made on ``base``. Cached: the nodes of a process share each merged base."""
+    return _link(base, spec, blob)[1]
+
+
+def _link(base: ResidentBase, spec: FastSpec, blob: bytes) -> tuple[Merge, ResidentBase]:
+    """The merge ``blob`` decoded on ``base``, and the base it makes (see :func:`advance`)."""
     check_parent(header(blob), base.fingerprint)
     model = base.build(spec)
     merge = Merge.decode(blob, model.fast_shapes(), model.fast_state())
@@ -200,9 +205,10 @@ def advance(base: ResidentBase, spec: FastSpec, blob: bytes) -> ResidentBase:
     state = merge_into_base(model)
     if set(state) != set(base.state):
         raise ValueError("the merged model does not have the base's tensors: its task attaches more than adapters")
-    return ResidentBase(
+    merged = ResidentBase(
         base.task, state, merge.fingerprint, base.path, generation=base.generation + 1, root=base.root_fingerprint
     )
+    return merge, merged
 
 
 @lru_cache(maxsize=2)
@@ -330,8 +336,7 @@ class BaseChain:
         """The chain a checkpoint kept, rebuilt from its merges."""
         chain = cls(root, spec)
         for blob in blobs:
-            model = chain.base.build(spec)
-            chain.merges.append(Merge.decode(blob, model.fast_shapes(), model.fast_state()))
-            chain.head = advance(chain.base, spec, blob)
+            merge, chain.head = _link(chain.base, spec, blob)
+            chain.merges.append(merge)
             chain.blobs.append(blob)
         return chain

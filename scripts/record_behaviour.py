@@ -156,7 +156,6 @@ def main() -> int:
         path.write_text(json.dumps(kept | observed, indent=1) + "\n")
         print(f"recorded {', '.join(observed)} in {path}")
         return 0
-    assert path is not None
     recorded = json.loads(path.read_text())
     failed = False
     for name, seen in observed.items():
