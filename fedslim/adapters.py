@@ -31,8 +31,20 @@ def fingerprint(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
+        digest.update(numpy_bits(tensor).tobytes())
     return digest.hexdigest()
+
+
+def numpy_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array holding its bits: itself where numpy has its dtype, else (bfloat16, float8)
+    its bytes reinterpreted as integers of the same width."""
+    if tensor.dtype.is_floating_point and tensor.dtype not in NUMPY_FLOATS:
+        return tensor.view(SAME_WIDTH_INTEGER[tensor.element_size()]).numpy()
+    return tensor.numpy()
+
+
+NUMPY_FLOATS = frozenset({torch.float16, torch.float32, torch.float64})
+SAME_WIDTH_INTEGER = {1: torch.uint8, 2: torch.int16}
 
 
 def _seeded_generator(seed: int, name: str) -> torch.Generator:
@@ -88,10 +100,17 @@ class DeltaAdapted(nn.Module):
         self.delta = delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base.weight + self.delta()
+        weight = self.base.weight
+        if weight.dtype != torch.float32:
+            # A half-precision base: the float32 delta as a layer of its own in the base's dtype, so that the
+            # delta is not rounded away against the larger base weight it would be added to.
+            return self._layer(x, weight, self.base.bias) + self._layer(x, self.delta().to(weight.dtype), None)
+        return self._layer(x, weight + self.delta(), self.base.bias)
+
+    def _layer(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if isinstance(self.base, nn.Linear):
-            return F.linear(x, weight, self.base.bias)
-        return self.base._conv_forward(x, weight, self.base.bias)
+            return F.linear(x, weight, bias)
+        return self.base._conv_forward(x, weight, bias)
 
 
 class FastSlowModel:
@@ -187,7 +206,7 @@ class FastSlowModel:
 
     def _state(self, names: list[str]) -> dict[str, np.ndarray]:
         params = dict(self.module.named_parameters())
-        return {n: params[n].detach().cpu().numpy().astype(np.float32, copy=True) for n in names}
+        return {n: params[n].detach().cpu().float().numpy().astype(np.float32, copy=True) for n in names}
 
     def _load(self, state: Mapping[str, np.ndarray], names: list[str]) -> None:
         params = dict(self.module.named_parameters())

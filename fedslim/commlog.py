@@ -27,16 +27,18 @@ quick; what a message costs is measured in :mod:`fedslim.channel.accounting`.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 6
-# 5 added client_evaluations, 6 consolidations: an older log reads as one without client-side evaluation or merges.
-READABLE_SCHEMAS = (4, 5, 6)
+SCHEMA_VERSION = 7
+# 5 added client_evaluations, 6 consolidations, 7 round_metrics: an older log reads as one without client-side
+# evaluation, merges or task-defined metrics.
+READABLE_SCHEMAS = (4, 5, 6, 7)
 LOG_FILENAME = "commlog.sqlite"
 
 SCHEMA = """
@@ -110,6 +112,13 @@ CREATE TABLE IF NOT EXISTS consolidations (
     merge_bytes INTEGER NOT NULL,   -- the merge as it travels, in the next instruction of each client lacking it
     PRIMARY KEY (run_id, round)
 );
+CREATE TABLE IF NOT EXISTS round_metrics (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,
+    name TEXT NOT NULL,             -- a metric the task's evaluate returned besides loss and accuracy
+    value REAL,                     -- NULL if it was not finite
+    PRIMARY KEY (run_id, round, name)
+);
 CREATE TABLE IF NOT EXISTS memory_weights (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
     round INTEGER NOT NULL,
@@ -165,6 +174,8 @@ class RoundRow:
     loss: float | None
     wall_time_s: float
     strategy_memory_bytes: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The task's own metrics of the evaluation (``round_metrics``), besides accuracy and loss."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,8 @@ class RoundTotals:
     """Mean over those clients of each one's accuracy on its held-out examples."""
     client_accuracy_p10: float | None = None
     """The worst decile: the 10th percentile of those accuracies (linear interpolation, as numpy's default)."""
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    """The task's own metrics of the round's central evaluation, by name (None: not finite)."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +256,18 @@ def _client_accuracies(db: sqlite3.Connection, where: str, args: tuple[Any, ...]
     return accuracies
 
 
+def _round_metrics(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> dict[int, dict[str, float | None]]:
+    """Each round's task-defined metrics (none in a log of schema 6 or older, which has no such table)."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'round_metrics'").fetchone():
+        return {}
+    metrics: dict[int, dict[str, float | None]] = {}
+    for server_round, name, value in db.execute(
+        f"SELECT round, name, value FROM round_metrics WHERE {where} ORDER BY round, name", args
+    ):
+        metrics.setdefault(server_round, {})[name] = value
+    return metrics
+
+
 def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | None = None) -> list[RoundTotals]:
     """Every round of ``run_id`` (or only ``only_round``) with its traffic, from the log's tables."""
     where = "run_id = ?" + (" AND round = ?" if only_round is not None else "")
@@ -266,6 +291,7 @@ def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | Non
         args,
     )
     evaluated = _client_accuracies(db, where, args)
+    metrics = _round_metrics(db, where, args)
     return [
         RoundTotals(
             round=server_round,
@@ -286,6 +312,7 @@ def read_round_totals(db: sqlite3.Connection, run_id: str, only_round: int | Non
             if server_round in evaluated
             else None,
             client_accuracy_p10=percentile(evaluated[server_round], 10) if server_round in evaluated else None,
+            metrics=metrics.get(server_round, {}),
         )
         for server_round, accuracy, loss, sampled, accepted, available, wall_time_s, memory in rows
     ]
@@ -382,7 +409,8 @@ class CommLog:
             raise KeyError(f"run {run_id} is not in {self.path}")
         with self._db:
             self._db.execute("BEGIN")
-            for table in ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations"):
+            tables = ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations", "round_metrics")
+            for table in tables:
                 self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
             self._db.execute(
                 "UPDATE runs SET finished_at = NULL, final_state_digest = NULL, resumes = resumes + 1 WHERE run_id = ?",
@@ -418,11 +446,19 @@ class CommLog:
         )
 
     def record_round(self, run_id: str, row: RoundRow) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO rounds (run_id, round, sampled, accepted, available, accuracy, loss,"
-            " wall_time_s, strategy_memory_bytes, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (run_id, *astuple(row), time.time()),
-        )
+        """The round's row, and one ``round_metrics`` row per metric of the task's own."""
+        *columns, metrics = astuple(row)
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT OR REPLACE INTO rounds (run_id, round, sampled, accepted, available, accuracy, loss,"
+                " wall_time_s, strategy_memory_bytes, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, *columns, time.time()),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO round_metrics VALUES (?, ?, ?, ?)",
+                [(run_id, row.round, name, value if math.isfinite(value) else None) for name, value in metrics.items()],
+            )
 
     def record_client_evaluation(self, run_id: str, server_round: int, evaluation: ClientEvaluation) -> None:
         self._db.execute(

@@ -155,8 +155,8 @@ def merge_into_base(model: FastSlowModel) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for name, layer in adapted:
             weight = layer.base.weight
-            merged = merged_weight(weight.detach().numpy(), layer.delta)
-            weight.copy_(torch.from_numpy(merged))
+            merged = merged_weight(weight.detach().float().numpy(), layer.delta)
+            weight.copy_(torch.from_numpy(merged))  # a half-precision base rounds the float32 sum once
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child, layer.base)

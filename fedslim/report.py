@@ -28,13 +28,15 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
 
     When the strategy keeps per-client state on the server, a column shows
     what it holds (and, given ``num_clients``, how much that is per client).
+    A task's own metrics (``Task.evaluate``) follow the loss, one column each.
     """
     table = Table(title=title or None)
     with_memory = any(r.strategy_memory_bytes for r in rounds)
     on_clients = any(r.clients_evaluated for r in rounds)
     # "clients": the replica clients train from, on their held-out examples: the mean, and the 10th percentile.
     # "full FedAvg": what full-model FedAvg would have moved for the same messages.
-    columns = ["round", "acc", "loss", *(["clients mean", "clients p10"] if on_clients else [])]
+    task_metrics = sorted({name for r in rounds for name in r.metrics})
+    columns = ["round", "acc", "loss", *task_metrics, *(["clients mean", "clients p10"] if on_clients else [])]
     columns += ["updates", "KiB up", "KiB down", "full FedAvg KiB", "saving"]
     for column in columns + (["server KiB"] if with_memory else []):
         table.add_column(column, justify="right")
@@ -44,6 +46,7 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
             str(r.round),
             _metric(r.accuracy),
             _metric(r.loss),
+            *(_metric(r.metrics.get(name)) for name in task_metrics),
             *([_metric(r.client_accuracy), _metric(r.client_accuracy_p10)] if on_clients else []),
             f"{r.accepted}/{r.sampled}",
             _kib(r.bytes_up),
@@ -59,6 +62,7 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
         "total",
         "",
         "",
+        *([""] * len(task_metrics)),
         *(["", ""] if on_clients else []),
         "",
         _kib(up),

@@ -153,8 +153,9 @@ class Task(ABC):
         return module(inputs)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """The training loss (default: cross-entropy); ``reduction`` is ``mean`` or ``sum``."""
-        return nn.functional.cross_entropy(logits, targets, reduction=reduction)
+        """The training loss (default: cross-entropy, in float32 for a half-precision model's logits);
+        ``reduction`` is ``mean`` or ``sum``."""
+        return nn.functional.cross_entropy(logits.float(), targets, reduction=reduction)
 
     def optimizer(self, params: list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
         """The client's optimizer for one round's local training (a fresh one each round)."""

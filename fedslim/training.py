@@ -8,7 +8,7 @@ batching and loss run in the same loops.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,9 +18,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class EvalResult:
+    """A model's loss and accuracy on some data (each the mean over its targets: one per example for a
+    classifier, one per token for a language model), and any metrics of the task's own (perplexity, F1, ...)."""
+
     loss: float
     accuracy: float
     num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class Objective(Protocol):
@@ -128,7 +132,7 @@ def full_gradient(
         for acc, grad in zip(total, torch.autograd.grad(loss, params)):
             acc += grad
         loss_sum += loss.item()
-    return [(t / len(data)).cpu().numpy() for t in total], loss_sum / len(data)
+    return [(t / len(data)).cpu().float().numpy() for t in total], loss_sum / len(data)
 
 
 def train_variance_reduced(
@@ -178,12 +182,14 @@ def train_variance_reduced(
 
 @torch.no_grad()
 def evaluate(module: nn.Module, data: Sized, objective: Objective, batch_size: int = 1024) -> EvalResult:
-    """Mean loss and accuracy of ``module`` on ``data``."""
+    """Mean loss and accuracy of ``module`` on ``data``, over the targets: the examples' labels, or every target of
+    each example (a language model's next tokens, its logits one row per target; a segmentation's pixels)."""
     module.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(data), batch_size):
         inputs, targets = device_batch(module, objective, data, slice(start, start + batch_size))
         logits = objective.logits(module, inputs)
         loss_sum += objective.loss(logits, targets, reduction="sum").item()
         correct += int((logits.argmax(1) == targets).sum())
-    return EvalResult(loss_sum / len(data), correct / len(data), len(data))
+        count += targets.numel()
+    return EvalResult(loss_sum / count, correct / count, len(data))

@@ -14,7 +14,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedslim.adapters import FastSlowModel
+from fedslim.adapters import FastSlowModel, numpy_bits
 from fedslim.base import ResidentBase, ensure_base, load_base
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink, ServerReplica, state_digest
@@ -314,7 +314,7 @@ def open_log(
     """Open the run directory's communication log: a new run in it, or the resumed one with its killed round gone."""
     commlog = CommLog(config.run_dir / LOG_FILENAME)
     fast_parameters = model.num_fast_parameters()
-    full_payload_bytes = ArrayRecord(base.state).count_bytes()
+    full_payload_bytes = ArrayRecord({n: Array(numpy_bits(t)) for n, t in base.state.items()}).count_bytes()
     if resumed is not None:
         run_id = resumed.run_id
         commlog.continue_run(run_id, resumed.completed_round)

@@ -382,16 +382,18 @@ class ServerRun:
                 loss=result.loss if result else None,
                 wall_time_s=time.monotonic() - started,
                 strategy_memory_bytes=self.strategy.memory_bytes(),
+                metrics=dict(result.metrics) if result else {},
             ),
         )
         (totals,) = self.wire.commlog.round_totals(self.wire.run_id, only_round=server_round)
         if result:
             log(
                 INFO,
-                "round %d: accuracy %.4f loss %.4f, %d/%d updates accepted",
+                "round %d: accuracy %.4f loss %.4f%s, %d/%d updates accepted",
                 server_round,
                 result.accuracy,
                 result.loss,
+                "".join(f" {name} {value:.4f}" for name, value in sorted(result.metrics.items())),
                 accepted,
                 sampled,
             )
