@@ -162,7 +162,9 @@ class Task(ABC):
         return torch.optim.SGD(params, lr=config.lr)
 
     def evaluate(self, module: nn.Module, data: Any) -> EvalResult:
-        """Loss and accuracy of ``module`` on ``data``."""
+        """Loss and accuracy of ``module`` on ``data``, means over the targets :meth:`batch` gives; override it to
+        add metrics of your own: ``replace(super().evaluate(module, data), metrics={"perplexity": ...})``, which
+        the log keeps per round."""
         return evaluate(module, data, self)
 
 

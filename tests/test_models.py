@@ -19,6 +19,7 @@ from fedslim.commlog import LOG_FILENAME, CommLog, RoundRow, open_log, read_roun
 from fedslim.config import FastSpec
 from fedslim.consolidation import merge_into_base
 from fedslim.data.datasets import ArrayDataset
+from fedslim.logs.reader import RunLog
 from fedslim.report import round_table
 from fedslim.task import Task
 from fedslim.training import evaluate
@@ -178,12 +179,18 @@ def test_a_transformers_language_model_runs_two_rounds_with_its_own_metric(
     assert [(r, name) for r, name, _ in perplexities] == [(0, "perplexity"), (1, "perplexity"), (2, "perplexity")]
     for (_, _, value), loss in zip(perplexities, losses):
         assert value == pytest.approx(math.exp(loss), rel=1e-12)
-    table = round_table(
-        read_round_totals(
-            open_log(tmp_path / "run" / LOG_FILENAME), db.execute("SELECT run_id FROM runs").fetchone()[0]
-        )
-    )
-    assert [column.header for column in table.columns][:4] == ["round", "acc", "loss", "perplexity"]
+    with RunLog(str(tmp_path / "run")) as log:
+        rounds = log.rounds()
+    assert [column.header for column in round_table(rounds).columns][:4] == ["round", "acc", "loss", "perplexity"]
+    if dtype == "float32":  # and on to TensorBoard
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        assert main(["logs", "tensorboard", str(tmp_path / "run"), "--logdir", str(tmp_path / "tb")]) == 0
+        (folder,) = (tmp_path / "tb").iterdir()
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        logged = [(e.step, e.value) for e in events.Scalars("metrics/perplexity")]
+        assert logged == [(r, pytest.approx(value)) for r, _, value in perplexities]
 
 
 class PerToken:

@@ -50,8 +50,9 @@ def write_tensorboard(log: RunLog, logdir: Path) -> Path:
 
     By round: ``accuracy``, ``loss``, ``bytes/up``, ``bytes/down``,
     ``bytes/cumulative``, ``updates/accepted``, ``updates/rejected``,
-    ``server/strategy_memory_bytes``; and ``accuracy_by_kib`` with the
-    cumulative KiB moved as its step (accuracy against communication).
+    ``server/strategy_memory_bytes``, ``metrics/NAME`` for each metric of the
+    task's own; and ``accuracy_by_kib`` with the cumulative KiB moved as its
+    step (accuracy against communication).
     """
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -76,6 +77,9 @@ def write_tensorboard(log: RunLog, logdir: Path) -> Path:
             writer.add_scalar("updates/rejected", r.rejected, r.round)
             if r.strategy_memory_bytes is not None:
                 writer.add_scalar("server/strategy_memory_bytes", r.strategy_memory_bytes, r.round)
+            for name, value in r.metrics.items():
+                if value is not None:
+                    writer.add_scalar(f"metrics/{name}", value, r.round)
     finally:
         writer.close()
     return target
