@@ -14,13 +14,16 @@ from fakes import DOCS
 from torch import nn
 
 from fedslim.adapters import DeltaAdapted, LoRADelta, attach_fast_layer, fingerprint, numpy_bits
+from fedslim.base import read_checkpoint_state
+from fedslim.channel.downlink import state_digest
 from fedslim.cli import main
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundRow, open_log, read_round_totals
-from fedslim.config import FastSpec
+from fedslim.config import FastSpec, RunConfig
 from fedslim.consolidation import merge_into_base
 from fedslim.data.datasets import ArrayDataset
 from fedslim.logs.reader import RunLog
 from fedslim.report import round_table
+from fedslim.server.checkpoint import load_checkpoint
 from fedslim.task import Task
 from fedslim.training import evaluate
 
@@ -142,6 +145,16 @@ def test_a_bfloat16_base_runs_two_rounds_compressed_both_ways(tmp_path: Path, fa
     assert 2 * base_parameters < full_bytes < 3 * base_parameters  # full-model FedAvg counted at 2 bytes a number
     merges = db.execute("SELECT round, generation FROM consolidations").fetchall()
     assert merges == ([(1, 1)] if "--consolidate-every" in fast else [])
+    # The base checkpoint reads back in bfloat16 under the logged fingerprint; the server's checkpoint holds the
+    # float32 fast state whose digest the log names.
+    config = RunConfig(task="test_models:bf16_task")
+    state = read_checkpoint_state(bf16_task.base_path(config))
+    assert {tensor.dtype for tensor in state.values()} == {torch.bfloat16}
+    base_fingerprint, digest = db.execute("SELECT base_fingerprint, final_state_digest FROM runs").fetchone()
+    assert fingerprint(state) == base_fingerprint
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert {value.dtype for value in checkpoint.fast_state.values()} == {np.dtype(np.float32)}
+    assert state_digest(checkpoint.fast_state, length=64) == digest
 
 
 def transformers_example() -> str:
