@@ -322,3 +322,49 @@ def test_the_checks_read_data_through_the_tasks_batch_in_chunks(monkeypatch: pyt
     rows[17] = (rows[17][0], 6)
     with pytest.raises(DataError, match=r"^2 labels outside the model's 5 outputs \(first: 5 at index 9\)$"):
         check_data(task, rows, module)
+
+
+def test_deployed_nodes_own_files_an_empty_one_is_left_out_and_a_bad_one_refuses(
+    run_config: RunConfig, tmp_path: Path
+) -> None:
+    """Nodes with their own .npz (node config data-path): an empty file declares no examples at the start, a file
+    with NaN features or labels outside the model's outputs refuses each instruction with BAD_DATA, and the run
+    goes on with the fourth node."""
+    from dataclasses import replace
+
+    import fedslim.client.app as client_app
+    from fedslim.data.datasets import save_array_file
+    from fedslim.server.loop import run_federation
+    from fedslim.simulation.inline import InlineGrid
+
+    data = gaussian_mixture(5, EXAMPLES)
+    save_array_file(tmp_path / "empty.npz", data.subset(np.arange(0)))
+    save_array_file(tmp_path / "nan.npz", ArrayDataset(*nan_feature(data.x.copy(), data.y)))
+    save_array_file(tmp_path / "outside.npz", ArrayDataset(*labels_outside(data.x, data.y.copy())))
+    config = replace(run_config, task="test_checks:Gauss", num_clients=4)
+    grid = InlineGrid(client_app.app, config.num_clients)
+    for (_, context), name in zip(sorted(grid.contexts.items())[1:], ("empty", "nan", "outside")):
+        context.node_config = {"node-name": f"edge-{name}", "data-path": str(tmp_path / f"{name}.npz")}
+        context.node_config["tasks"] = config.task
+    result = run_federation(grid, config, node_states=grid)  # type: ignore[arg-type]
+    db = sqlite3.connect(result.log_path)
+    rows = db.execute(
+        "SELECT round, client, status, reason FROM messages WHERE direction = 'up' ORDER BY round, client"
+    ).fetchall()
+    refusals = {
+        "edge-nan": f"client error {int(RefusalCode.BAD_DATA)}: node data {tmp_path / 'nan.npz'}: "
+        "features 'x' hold NaN or Inf",
+        "edge-outside": f"client error {int(RefusalCode.BAD_DATA)}: edge-outside: its training data fails a check: "
+        "3 labels outside the model's 5 outputs (first: 7 at index 12)",
+    }
+    assert rows == [
+        (0, "edge-empty", "rejected", "no training examples: node edge-empty takes no part in the run"),
+        (0, "edge-nan", "ok", None),
+        (0, "edge-outside", "ok", None),
+        (0, "partition-0", "ok", None),
+        *[
+            (r, client, "error", refusals[client]) if client in refusals else (r, client, "ok", None)
+            for r in (1, 2)
+            for client in ("edge-nan", "edge-outside", "partition-0")
+        ],
+    ]

@@ -493,8 +493,10 @@ def local_split(context: Context, config: RunConfig) -> tuple[Sized, Sized | Non
     if DATA_PATH_KEY in context.node_config:
         try:
             data = task.node_data(config, Path(str(context.node_config[DATA_PATH_KEY])))
-        except (FileNotFoundError, ValueError) as exc:
-            raise Refusal(RefusalCode.BAD_REQUEST, str(exc)) from exc
+        except FileNotFoundError as exc:
+            raise Refusal(RefusalCode.NO_DATA, str(exc)) from exc
+        except ValueError as exc:
+            raise Refusal(RefusalCode.BAD_DATA, str(exc)) from exc
         return held_out_split(task, config, data, node_seed(context))
     if PARTITION_ID_KEY not in context.node_config:
         raise Refusal(
