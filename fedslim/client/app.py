@@ -527,17 +527,24 @@ def checked_split(context: Context, instruction: SyncedInstruction) -> tuple[Siz
     return split
 
 
-@lru_cache(maxsize=1024)
-def partition_verdict(
-    task: Task, config: RunConfig, partition_id: int, base: ResidentBase, device: str
-) -> tuple[RefusalCode, str] | None:
+Verdict = tuple[RefusalCode, str] | None
+"""What :func:`split_verdict` finds: None, or the refusal code and the problem."""
+
+PARTITION_VERDICTS: dict[tuple[Task, RunConfig, int], Verdict] = {}
+"""Each simulated partition's verdict in this process, by its task, run config and id: what determines its data,
+and the model's architecture (a consolidated base has its root's), so no base is kept alive for it."""
+
+
+def partition_verdict(task: Task, config: RunConfig, partition_id: int, base: ResidentBase, device: str) -> Verdict:
     """:func:`split_verdict` of a simulated partition, once per process."""
-    return split_verdict(
-        task, partition_split(task, config, partition_id), fast_model(base, config.fast, device).module
-    )
+    key = (task, config, partition_id)
+    if key not in PARTITION_VERDICTS:
+        split = partition_split(task, config, partition_id)
+        PARTITION_VERDICTS[key] = split_verdict(task, split, fast_model(base, config.fast, device).module)
+    return PARTITION_VERDICTS[key]
 
 
-def split_verdict(task: Task, split: tuple[Sized, Sized | None], module: nn.Module) -> tuple[RefusalCode, str] | None:
+def split_verdict(task: Task, split: tuple[Sized, Sized | None], module: nn.Module) -> Verdict:
     """None if both parts of a node's data pass the checks, else the refusal code and the problem."""
     for part, data in zip(("training", "held-out"), split):
         if data is None:
