@@ -3,6 +3,7 @@ without examples is left out with a log row, and a node with bad data refuses; n
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -253,18 +254,28 @@ def test_a_node_with_bad_data_refuses_with_its_code_and_nothing_trains_on_it(
     assert [totals.accepted for totals in result.rounds] == [0, 2, 2]
 
 
-def test_the_server_app_stops_on_bad_test_data_before_it_messages_a_node(run_config: RunConfig) -> None:
-    """Under `flwr run` the ServerApp runs run_federation: bad test data stops it with the one-line message."""
+def test_the_server_app_stops_on_bad_test_data_before_it_messages_a_node(
+    run_config: RunConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under `flwr run`: the ServerApp logs the one-line problem and stops before a node is sent anything."""
     from dataclasses import replace
 
+    from flwr.app import Context, RecordDict
+
     import fedslim.client.app as client_app
-    from fedslim.server.loop import run_federation
+    from fedslim.server.app import make_server_app
     from fedslim.simulation.inline import InlineGrid
 
     grid = InlineGrid(client_app.app, run_config.num_clients)
     grid.touched.clear()
-    with pytest.raises(ConfigError, match=r"^task test_checks:NanTest test_data\(\): NaN or inf in the features"):
-        run_federation(grid, replace(run_config, task="test_checks:NanTest"))  # type: ignore[arg-type]
+    server_app = make_server_app(replace(run_config, task="test_checks:NanTest"))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    problem = "task test_checks:NanTest test_data(): NaN or inf in the features of 2 examples (first: example 30)"
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        server_app(grid, context)  # type: ignore[arg-type]
+    assert [record.getMessage() for record in caplog.records if record.levelname == "ERROR"] == [
+        f"fedslim: the run stops: {problem}"
+    ]
     assert grid.touched == set()  # no node was sent anything
     assert not (run_config.run_dir / LOG_FILENAME).exists()
 
