@@ -57,28 +57,23 @@ def check_data(task: Task, data: Sized, module: nn.Module) -> None:
         raise DataError(f"{len(x)} feature rows but {len(y)} labels")
     classify = classifies(task)
     classes = output_width(task, data, module) if classify else None
-    non_finite: list[int] = []  # per chunk, the first example whose features hold NaN or inf, and how many
-    non_finite_count = 0
-    outside: list[tuple[int, int]] = []  # per chunk, the first (index, label) outside the model's outputs
-    outside_count = 0
+    non_finite: list[int] = []  # the examples whose features hold NaN or inf
+    outside: list[tuple[int, int]] = []  # (index, label) of the labels outside the model's outputs
     for start, inputs, targets in _chunks(task, data, size):
         count = min(start + CHUNK_EXAMPLES, size) - start
-        rows = _non_finite_rows(inputs, start, count)
-        non_finite += [start + row for row in rows[:1]]
-        non_finite_count += len(rows)
+        non_finite += [start + row for row in _non_finite_rows(inputs, start, count)]
         _check_targets(targets, start, count, classify)
         if classes is not None:
-            wrong = torch.nonzero((targets < 0) | (targets >= classes)).flatten()
-            outside += [(start + int(row), int(targets[row])) for row in wrong[:1]]
-            outside_count += len(wrong)
+            rows = torch.nonzero((targets < 0) | (targets >= classes)).flatten().tolist()
+            outside += [(start + row, int(targets[row])) for row in rows]
     if non_finite:
         raise DataError(
-            f"NaN or inf in the features of {_count(non_finite_count, 'example')} (first: example {non_finite[0]})"
+            f"NaN or inf in the features of {_count(len(non_finite), 'example')} (first: example {non_finite[0]})"
         )
     if outside:
         index, label = outside[0]
         raise DataError(
-            f"{_count(outside_count, 'label')} outside the model's {classes} outputs (first: {label} at index {index})"
+            f"{_count(len(outside), 'label')} outside the model's {classes} outputs (first: {label} at index {index})"
         )
 
 
@@ -171,7 +166,7 @@ def attached_model(base: ResidentBase, spec: FastSpec, reference: str) -> FastSl
     ``attach_fast`` cannot attach it to the task's architecture (e.g. ``lora`` on a model without nn.Linear)."""
     try:
         return base.build(spec)
-    except Exception as exc:
+    except Exception:
         try:  # is it the attachment itself? Try it on the bare architecture
             base.task.attach_fast(base.task.build_base(), spec, base.fingerprint)
         except Exception as attach_exc:
@@ -179,7 +174,7 @@ def attached_model(base: ResidentBase, spec: FastSpec, reference: str) -> FastSl
                 f"task {reference} attach_fast(): cannot attach the {spec.kind} fast layer: {_one_line(attach_exc)}; "
                 "override Task.attach_fast to name the fast tensors (docs/tasks.md)"
             ) from attach_exc
-        raise exc
+        raise
 
 
 def checked_test_data(task: Task, data: Sized, module: nn.Module, reference: str) -> Sized:
