@@ -5,11 +5,13 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "fedslim"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "fedslim"
 
 # Lowest first; a module's layer is that of the longest prefix listed.
 LAYERS: list[set[str]] = [
@@ -88,3 +90,23 @@ def test_the_deployed_client_app_loads_nothing_from_simulation_or_server(entry: 
     loaded = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "fedslim.channel.uplink" in loaded
     assert "fedslim.simulation" not in loaded and "fedslim.server" not in loaded
+
+
+SIMULATION_ONLY = ("ray", "datasets", "flwr_datasets", "matplotlib")
+
+
+def test_the_device_install_carries_no_simulation_package() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    device = " ".join(project["dependencies"])
+    assert "flwr==" in device and "torch==" in device
+    for package in ("flwr[simulation]", "flwr-datasets", "matplotlib", "ray"):
+        assert package not in device, f"{package} belongs in the simulation extra, not the device install"
+    assert "fedslim[simulation" in " ".join(project["optional-dependencies"]["test"])
+
+
+def test_the_node_processes_import_no_simulation_package() -> None:
+    code = "import sys, fedslim.client.app, fedslim.server.app, fedslim.cli; print(sorted(sys.modules))"
+    loaded = set(
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("'")
+    )
+    assert loaded.isdisjoint(SIMULATION_ONLY), sorted(loaded & set(SIMULATION_ONLY))

@@ -161,6 +161,8 @@ class RefusalCode(IntEnum):
     NON_FINITE_UPDATE = 1005
     TASK_UNKNOWN = 1006
     CHAIN_BROKEN = 1007  # the node's consolidations do not lead to the server's base: it drops them
+    NO_DATA = 1008  # the node holds no training examples (it declared none and was left out; or they are gone)
+    BAD_DATA = 1009  # the node's data fails a check (fedslim.data.checks): nothing trains on it
 
 
 class Refusal(Exception):
@@ -305,6 +307,14 @@ def declared_examples(reply: Message) -> int | None:
         return None
     declared = reply.content.config_records[IDENTITY_KEY].get(NUM_EXAMPLES_KEY)
     return declared if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0 else None
+
+
+def declares_no_examples(reply: Message) -> bool:
+    """Whether a node declared with its identity that it holds no training examples (it takes no part)."""
+    if reply.has_error() or IDENTITY_KEY not in reply.content.config_records:
+        return False
+    declared = reply.content.config_records[IDENTITY_KEY].get(NUM_EXAMPLES_KEY)
+    return isinstance(declared, int) and not isinstance(declared, bool) and declared == 0
 
 
 def client_key(reply: Message) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from torch import nn
 
 from fedslim.adapters import FastSlowModel
 from fedslim.base import ResidentBase, checkpoint_fingerprint, load_base
@@ -74,6 +75,7 @@ from fedslim.channel.uplink import UplinkEncoder
 from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
 from fedslim.consolidation import header, keep_merged, replayed_base
+from fedslim.data.checks import DataError, NoExamplesError, check_data
 from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
@@ -116,7 +118,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Sync the replica and evaluate it on this node's held-out examples (client-side evaluation)."""
     started = time.process_time()
     instruction = synced_instruction(msg, context)
-    _, held_out = local_split(context, instruction.config)
+    _, held_out = checked_split(context, instruction)
     if held_out is None:
         raise Refusal(
             RefusalCode.BAD_REQUEST,
@@ -335,7 +337,7 @@ def handle_train(msg: Message, context: Context) -> tuple[bytes, dict[str, int |
     model = fast_model(base, config.fast, instruction.device)
     model.load_fast_state(replica.state)
     load_personal(model, context, base, config.fast)
-    data = local_data(context, config)
+    data, _ = checked_split(context, instruction)
     seed = [config.seed, instruction.server_round, node_seed(context)]
     codec_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     uplink = UplinkEncoder(context, config.uplink, config.error_feedback, config.error_feedback_decay)
@@ -491,8 +493,10 @@ def local_split(context: Context, config: RunConfig) -> tuple[Sized, Sized | Non
     if DATA_PATH_KEY in context.node_config:
         try:
             data = task.node_data(config, Path(str(context.node_config[DATA_PATH_KEY])))
-        except (FileNotFoundError, ValueError) as exc:
-            raise Refusal(RefusalCode.BAD_REQUEST, str(exc)) from exc
+        except FileNotFoundError as exc:
+            raise Refusal(RefusalCode.NO_DATA, str(exc)) from exc
+        except ValueError as exc:
+            raise Refusal(RefusalCode.BAD_DATA, str(exc)) from exc
         return held_out_split(task, config, data, node_seed(context))
     if PARTITION_ID_KEY not in context.node_config:
         raise Refusal(
@@ -505,6 +509,53 @@ def local_split(context: Context, config: RunConfig) -> tuple[Sized, Sized | Non
         raise Refusal(
             RefusalCode.BAD_REQUEST, f"no data for partition-id {context.node_config[PARTITION_ID_KEY]}: {exc}"
         ) from exc
+
+
+def checked_split(context: Context, instruction: SyncedInstruction) -> tuple[Sized, Sized | None]:
+    """This node's data (:func:`local_split`) once it passes the checks of :mod:`fedslim.data.checks`, else a
+    Refusal: ``NO_DATA`` without a training example, ``BAD_DATA`` naming the problem. Nothing trains or is evaluated
+    on data that fails them. A simulated partition's verdict is kept for the process, as its data is."""
+    config, base, device = instruction.config, instruction.base, instruction.device
+    split = local_split(context, config)
+    if DATA_PATH_KEY in context.node_config:
+        verdict = split_verdict(base.task, split, fast_model(base, config.fast, device).module)
+    else:
+        verdict = partition_verdict(base.task, config, int(context.node_config[PARTITION_ID_KEY]), base, device)
+    if verdict is not None:
+        code, problem = verdict
+        raise Refusal(code, f"{node_key(context)}: {problem}")
+    return split
+
+
+Verdict = tuple[RefusalCode, str] | None
+"""What :func:`split_verdict` finds: None, or the refusal code and the problem."""
+
+PARTITION_VERDICTS: dict[tuple[Task, RunConfig, int], Verdict] = {}
+"""Each simulated partition's verdict in this process, by its task, run config and id: what determines its data,
+and the model's architecture (a consolidated base has its root's), so no base is kept alive for it."""
+
+
+def partition_verdict(task: Task, config: RunConfig, partition_id: int, base: ResidentBase, device: str) -> Verdict:
+    """:func:`split_verdict` of a simulated partition, once per process."""
+    key = (task, config, partition_id)
+    if key not in PARTITION_VERDICTS:
+        split = partition_split(task, config, partition_id)
+        PARTITION_VERDICTS[key] = split_verdict(task, split, fast_model(base, config.fast, device).module)
+    return PARTITION_VERDICTS[key]
+
+
+def split_verdict(task: Task, split: tuple[Sized, Sized | None], module: nn.Module) -> Verdict:
+    """None if both parts of a node's data pass the checks, else the refusal code and the problem."""
+    for part, data in zip(("training", "held-out"), split):
+        if data is None:
+            continue
+        try:
+            check_data(task, data, module)
+        except NoExamplesError:
+            return RefusalCode.NO_DATA, f"no {part} examples"
+        except DataError as exc:
+            return RefusalCode.BAD_DATA, f"its {part} data fails a check: {exc}"
+    return None
 
 
 @lru_cache(maxsize=1024)

@@ -62,7 +62,8 @@ def load_array_file(path: Path) -> ArrayDataset:
     """A deployed node's own data: an ``.npz`` holding ``x`` (features) and ``y`` (integer labels).
 
     Raises DatasetMissingError if the file is absent and ValueError naming
-    what is wrong with it otherwise.
+    what is wrong with it otherwise (a file without examples is no error: its
+    node declares none and is left out of the run).
     """
     if not Path(path).is_file():
         raise DatasetMissingError(f"node data {path} does not exist")
@@ -73,9 +74,9 @@ def load_array_file(path: Path) -> ArrayDataset:
         raise ValueError(f"node data {path} must hold arrays 'x' and 'y' ({exc} is missing)") from exc
     except (OSError, ValueError) as exc:
         raise ValueError(f"node data {path} is not a readable .npz file: {exc}") from exc
-    if len(x) != len(y) or len(y) == 0:
+    if len(x) != len(y):
         raise ValueError(f"node data {path}: {len(x)} examples in 'x' but {len(y)} labels in 'y'")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+    if not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise ValueError(f"node data {path}: labels 'y' must be non-negative integers, got {y.dtype}")
     if not np.all(np.isfinite(x)):
         raise ValueError(f"node data {path}: features 'x' hold NaN or Inf")

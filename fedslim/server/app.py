@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from logging import ERROR
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedslim.commlog import RoundTotals
-from fedslim.config import RunConfig
+from fedslim.config import ConfigError, RunConfig
 from fedslim.report import log_round_table
 from fedslim.server.loop import RunResult, run_federation
 
@@ -30,7 +32,11 @@ def make_server_app(
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = config or RunConfig.from_flat(context.run_config)
-        result = run_federation(wrap_grid(grid) if wrap_grid else grid, run_config, on_round=on_round)
+        try:
+            result = run_federation(wrap_grid(grid) if wrap_grid else grid, run_config, on_round=on_round)
+        except ConfigError as exc:  # the task's inputs or the run config: one line before Flower's own report
+            log(ERROR, "fedslim: the run stops: %s", exc)
+            raise
         if on_finish:
             on_finish(result)
         else:

@@ -26,6 +26,7 @@ from fedslim.channel.protocol import (
     base_report,
     client_key,
     declared_examples,
+    declares_no_examples,
     error_text,
     identity_requests,
 )
@@ -40,7 +41,7 @@ class Identified:
     keys: dict[int, str] = field(default_factory=dict)
     declared: dict[int, int] = field(default_factory=dict)
     refused: set[int] = field(default_factory=set)
-    """Nodes holding another base, or one that could not be given the server's."""
+    """Nodes holding another base, or one that could not be given the server's, or no training examples."""
     silent: set[int] = field(default_factory=set)
     """Nodes asked that gave no client key: no reply by the timeout, or an error."""
 
@@ -99,6 +100,7 @@ class IdentityQuery:
         for request in requests:
             wire.record_down(request)
         missing: dict[int, int] = {}
+        empty: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             report = base_report(reply)
@@ -109,6 +111,9 @@ class IdentityQuery:
                     f"the server's base is {_short(self.base_fingerprint)}; it takes no part in the run"
                 )
                 found.refused.add(node)
+            elif node in found.keys and declares_no_examples(reply):
+                reason = f"no training examples: node {keys[node]} takes no part in the run"
+                empty.add(node)
             elif report is not None and report.status == BaseStatus.MISSING:
                 missing[node] = report.partial_bytes
             wire.record_reply(reply, reason)
@@ -126,6 +131,9 @@ class IdentityQuery:
             found.refused |= set(missing) - provisioned
         for node in sorted(found.refused):
             log(WARNING, "node %d (%s) is left out of the run: it lacks the server's base", node, keys[node])
+        for node in sorted(empty):
+            log(WARNING, "node %d (%s) is left out of the run: it has no training examples", node, keys[node])
+        found.refused |= empty
         self._back_off(wire.server_round, found)
         return found
 

@@ -30,6 +30,7 @@ from fedslim.channel.uplink import SizeScreen, UplinkReceiver
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
 from fedslim.config import ConfigError, RunConfig
 from fedslim.consolidation import BaseChain
+from fedslim.data.checks import attached_model, checked_test_data
 from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
 from fedslim.server.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -84,7 +85,9 @@ def identify_nodes(
     query = replace(query, timeout=config.round_timeout)  # later queries travel with a round's instructions
     if not set(found.keys) - found.refused:
         raise NodesMissingError(
-            "no node identified itself" if not found.keys else "no node holds the server's base, or could be given it"
+            "no node identified itself"
+            if not found.keys
+            else "no node holds the server's base (or could be given it) and training examples"
         )
     return OrderedGrid(grid, wire.run.client_keys, excluded=frozenset(found.refused), declared=found.declared), query
 
@@ -174,8 +177,9 @@ def run_federation(
     task = task_for(config)
     base = load_base(ensure_base(task, config), task)
     chain = BaseChain.replayed(base, config.fast, list(resumed.merges) if resumed is not None else [])
-    model = chain.base.build(config.fast)
+    model = attached_model(chain.base, config.fast, config.task)
     model.module.to(config.torch_device())
+    test = checked_test_data(task, task.test_data(config), model.module, config.task)
     schedule = simulated_participation(config, task)
     first_round = resumed.completed_round + 1 if resumed is not None else 1
     wire = open_log(config, base, model, type(strategy).__name__, resumed)
@@ -202,7 +206,7 @@ def run_federation(
             strategy=strategy,
             model=model,
             task=task,
-            test=task.test_data(config),
+            test=test,
             fast_state=fast_state,
             downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}, chain),
             uplink=UplinkReceiver(

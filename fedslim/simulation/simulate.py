@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedslim.commlog import RoundTotals
 from fedslim.config import RunConfig
+from fedslim.data.checks import attached_model, check_partitions, checked_test_data
 from fedslim.server.loop import RunResult
 from fedslim.task import prepared_base, task_for
 
@@ -38,6 +39,17 @@ def _composed(*wrappers: Callable[[Grid], Grid] | None) -> Callable[[Grid], Grid
     return wrap
 
 
+def check_inputs(config: RunConfig) -> None:
+    """What the task gives the run, checked before any node starts (a ConfigError naming the first problem): the
+    fast layer attaches to its base, its test data and every simulated client's data pass the checks of
+    :mod:`fedslim.data.checks`. All the clients' data comes from the task's one ``client_data``, so a bad
+    partition is the task's error, not a client's; a partition without examples is left out of the run."""
+    task = task_for(config)
+    module = attached_model(prepared_base(config), config.fast, config.task).module
+    checked_test_data(task, task.test_data(config), module, config.task)
+    check_partitions(task, config, module)
+
+
 def simulate(
     config: RunConfig,
     on_round: Callable[[RoundTotals], None] | None = None,
@@ -46,8 +58,9 @@ def simulate(
 ) -> RunResult:
     """Run ``config`` with one virtual SuperNode per client.
 
-    The data is loaded and the base pretrained (once, cached) before any node
-    starts, so a missing dataset or task fails fast with its own message.
+    The data is loaded and checked and the base pretrained (once, cached)
+    before any node starts, so a missing dataset or task, or bad data, fails
+    fast with its own message.
 
     ``backend="flower"`` runs Flower's simulation engine (Ray workers);
     ``"inline"`` delivers every message to the ClientApp in this process
@@ -65,8 +78,7 @@ def simulate(
     strategy_for(config)  # a bad strategy or argument fails here, before any node starts
     wrap_grid = _composed(attack_wrapper(config), fault_wrapper(config))  # so does a bad attack spec
     config.torch_device()  # so does a device this machine does not have
-    task_for(config).test_data(config)
-    prepared_base(config)
+    check_inputs(config)
     if backend == "inline":
         from fedslim.simulation.inline import InlineGrid
 
