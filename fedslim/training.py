@@ -183,13 +183,13 @@ def train_variance_reduced(
 @torch.no_grad()
 def evaluate(module: nn.Module, data: Sized, objective: Objective, batch_size: int = 1024) -> EvalResult:
     """Mean loss and accuracy of ``module`` on ``data``, over the targets: the examples' labels, or every target of
-    each example (a language model's next tokens, its logits one row per target; a segmentation's pixels)."""
+    each example (a language model's next tokens, its logits one row per token, in the targets' order)."""
     module.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(data), batch_size):
         inputs, targets = device_batch(module, objective, data, slice(start, start + batch_size))
         logits = objective.logits(module, inputs)
         loss_sum += objective.loss(logits, targets, reduction="sum").item()
-        correct += int((logits.argmax(1) == targets).sum())
+        correct += int((logits.argmax(1).reshape(targets.shape) == targets).sum())
         count += targets.numel()
     return EvalResult(loss_sum / count, correct / count, len(data))

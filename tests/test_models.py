@@ -210,13 +210,13 @@ class PerToken:
     """An objective whose logits are one row per target of a 2-token example."""
 
     def batch(self, data: ArrayDataset, indices: np.ndarray | slice) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(data.x[indices]), torch.from_numpy(data.y[indices]).flatten()
+        return torch.from_numpy(data.x[indices]), torch.from_numpy(data.y[indices])
 
     def logits(self, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return module(inputs).flatten(0, 1)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, targets, reduction=reduction)
+        return nn.functional.cross_entropy(logits, targets.flatten(), reduction=reduction)
 
 
 def test_evaluation_averages_over_targets_not_examples() -> None:
