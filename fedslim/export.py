@@ -241,10 +241,10 @@ def _run_base(manifest: ModelManifest, task: Any, config: RunConfig, base_path: 
     candidates = [Path(base_path)] if base_path is not None else [task.base_path(config), Path(manifest.base_path)]
     found = next((path for path in candidates if path.is_file()), None)
     if found is None:
+        looked = " or ".join(str(path) for path in dict.fromkeys(candidates))
         raise ConfigError(
             f"the run's base (fingerprint {manifest.base_fingerprint[:16]}...) is missing on this machine: no "
-            f"checkpoint at {' or '.join(str(p) for p in dict.fromkeys(candidates))}; copy it there or name it (export --base, "
-            "load_model(base_path=...))"
+            f"checkpoint at {looked}; copy it there or name it (export --base, load_model(base_path=...))"
         )
     try:
         base = load_base(found, task)
