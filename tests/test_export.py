@@ -239,6 +239,7 @@ class PeftTask(Task):
         config = LoraConfig(
             r=spec.rank, lora_alpha=spec.lora_alpha, target_modules=["fc1", "fc2"], modules_to_save=["head"]
         )
+        torch.manual_seed(spec.seed)  # peft draws A at random: the server and every client must draw the same
         return FastSlowModel.from_peft(get_peft_model(base, config))
 
     def client_data(self, config: RunConfig, partition_id: int):  # type: ignore[no-untyped-def]
