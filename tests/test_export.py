@@ -79,6 +79,25 @@ def base_module(config: RunConfig, state: dict[str, torch.Tensor] | None = None)
     return module
 
 
+def check_export_round_trip(run_dir: Path, out: Path) -> None:
+    """``load_model`` evaluates to the run's logged final accuracy exactly; the merged file loaded into the task's
+    own module, and the peft adapter on the base it applies to, give the same logits (a LoRA run)."""
+    config = open_model(run_dir).manifest.run_config()
+    task = load_task(config.task)
+    module = load_model(run_dir)
+    result = task.evaluate(module, task.test_data(config))
+    assert (result.accuracy, result.loss) == final_accuracy(run_dir)
+    assert main(["export", str(run_dir), "--out", str(out), "--merged"]) == 0
+    inputs = sample_inputs(config)
+    expected = logits(module, inputs)
+    merged = base_module(config, load_file(out / MERGED_FILENAME))
+    assert torch.allclose(logits(merged, inputs), expected, **LOGITS_TOLERANCE)
+    consolidated = out / CONSOLIDATED_BASE_FILENAME  # the base a consolidated run's adapter applies to
+    peft_base = base_module(config, load_file(consolidated) if consolidated.exists() else None)
+    peft_model = PeftModel.from_pretrained(peft_base, out / PEFT_DIRNAME)
+    assert torch.allclose(logits(peft_model, inputs), expected, **LOGITS_TOLERANCE)
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory: pytest.TempPathFactory) -> RunConfig:
     """LoRA on fc2 with its bias fast, fc1 fast as a whole (below lora-min-params) and the head: each kind of
@@ -156,19 +175,9 @@ def test_a_consolidated_model_carries_its_merges(tmp_path: Path) -> None:
     opened = open_model(config.run_dir)
     assert opened.manifest.merges == ["merge-001.pb"]
     assert opened.manifest.merged_base_fingerprint == opened.base.fingerprint != opened.manifest.base_fingerprint
-    task = load_task(config.task)
-    result = task.evaluate(opened.model.module, task.test_data(config))
-    assert (result.accuracy, result.loss) == final_accuracy(config.run_dir)
-
     out = tmp_path / "exported"
-    assert main(["export", str(config.run_dir), "--out", str(out), "--merged"]) == 0
-    inputs = sample_inputs(config)
-    expected = logits(opened.model.module, inputs)
-    assert torch.allclose(logits(base_module(config, load_file(out / MERGED_FILENAME)), inputs), expected)
-    consolidated = base_module(config, load_file(out / CONSOLIDATED_BASE_FILENAME))
-    peft_model = PeftModel.from_pretrained(consolidated, out / PEFT_DIRNAME)
-    assert torch.allclose(logits(peft_model, inputs), expected, **LOGITS_TOLERANCE)
-
+    check_export_round_trip(config.run_dir, out)
+    assert (out / CONSOLIDATED_BASE_FILENAME).is_file()
     (out / "merge-001.pb").write_bytes(b"\x01not a merge")
     with pytest.raises(ConfigError, match="consolidations .* cannot be replayed"):
         load_model(out)
