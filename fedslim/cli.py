@@ -156,7 +156,7 @@ def run_export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     personal = node_personal_state(run_dir, args.node) if args.node else None
     base = Path(args.base) if args.base else None
-    exported = export_model(run_dir, Path(args.out), merged=args.merged, base_path=base, personal=personal)
+    exported = export_model(run_dir, Path(args.out), args.merged, base, personal, args.node or "")
     print(f"wrote {', '.join(exported.files)} to {exported.folder}")
     for note in exported.notes:
         print(note)

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from fedslim.config import ConfigError, FastSpec, RunConfig
 MODEL_DIRNAME = "model"
 MANIFEST_FILENAME = "manifest.json"
 FAST_FILENAME = "fast.safetensors"
+PERSONAL_FILENAME = "personal.safetensors"
 MERGED_FILENAME = "model.safetensors"
 CONSOLIDATED_BASE_FILENAME = "base.safetensors"
 PEFT_DIRNAME = "peft"
@@ -73,6 +74,9 @@ class ModelManifest:
     merged_base_fingerprint: str = ""
     """The base after the consolidations (the checkpoint's own fingerprint without any)."""
     personal: str = "none"
+    node: str = ""
+    """The node whose own personal tensors (``personal.safetensors``) the folder holds; empty: the server's model,
+    with the base's head."""
 
     def run_config(self) -> RunConfig:
         values = dict(self.config)
@@ -91,8 +95,10 @@ def run_manifest(
     finished: bool,
     fast_state: Mapping[str, np.ndarray],
     num_merges: int,
+    node: str = "",
 ) -> ModelManifest:
-    """The manifest of the model a run holds after ``completed_round``."""
+    """The manifest of the model a run holds after ``completed_round`` (``node``: a node's own, with its personal
+    tensors)."""
     return ModelManifest(
         format=MODEL_FORMAT,
         fedslim_version=__version__,
@@ -109,6 +115,7 @@ def run_manifest(
         merges=[merge_filename(i) for i in range(num_merges)],
         merged_base_fingerprint=head_fingerprint,
         personal=config.fast.personal,
+        node=node,
     )
 
 
@@ -117,9 +124,14 @@ def merge_filename(index: int) -> str:
 
 
 def write_model(
-    folder: Path, manifest: ModelManifest, fast_state: Mapping[str, np.ndarray], merges: list[bytes]
+    folder: Path,
+    manifest: ModelManifest,
+    fast_state: Mapping[str, np.ndarray],
+    merges: list[bytes],
+    personal: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Write the model folder ``folder`` whole: aside in its parent, then renamed into place (the old one goes)."""
+    """Write the model folder ``folder`` whole: aside in its parent, then renamed into place (the old one goes).
+    ``personal``: a node's own personal tensors (its manifest names the node)."""
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +141,11 @@ def write_model(
     try:
         tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in fast_state.items()}
         save_file(tensors, staging / FAST_FILENAME, metadata={"state_digest": manifest.state_digest})
+        if personal is not None:
+            save_file(
+                {name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in personal.items()},
+                staging / PERSONAL_FILENAME,
+            )
         for name, blob in zip(manifest.merges, merges, strict=True):
             (staging / name).write_bytes(blob)
         (staging / MANIFEST_FILENAME).write_text(json.dumps(asdict(manifest), indent=1, default=str) + "\n")
@@ -227,6 +244,11 @@ def open_model(path: Path, base_path: Path | None = None, personal: Mapping[str,
     state = {name: tensor.numpy() for name, tensor in tensors.items()}
     if state_digest(state, length=64) != manifest.state_digest:
         raise ConfigError(f"{folder / FAST_FILENAME} is not the fast state its manifest names (digest differs)")
+    if personal is None and manifest.node:
+        try:
+            personal = {name: tensor.numpy() for name, tensor in load_file(folder / PERSONAL_FILENAME).items()}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read node {manifest.node}'s {folder / PERSONAL_FILENAME}: {exc}") from exc
     try:
         model.load_fast_state(state)
         if personal is not None:
@@ -397,11 +419,12 @@ def export_model(
     merged: bool = False,
     base_path: Path | None = None,
     personal: Mapping[str, np.ndarray] | None = None,
+    node: str = "",
 ) -> Exported:
-    """Write the model of ``run_dir`` to ``out``: the model folder as it is, and with ``merged`` the formats that
-    need no fedslim: ``model.safetensors`` (the base with the fast layer folded in), ``base.safetensors`` (the
-    base the run's consolidations made, which the peft adapter applies to) and ``peft/`` (LoRA only).
-    ``personal``: a node's personal tensors, folded into the merged model and the peft adapter."""
+    """Write the model of ``run_dir`` to ``out``: the model folder, and with ``merged`` the formats that need no
+    fedslim: ``model.safetensors`` (the base with the fast layer folded in), ``base.safetensors`` (the base the
+    run's consolidations made, which the peft adapter applies to) and ``peft/`` (LoRA only). ``personal``: the
+    personal tensors of node ``node``, kept in the folder and folded into the merged model and the adapter."""
     from safetensors.torch import save_file
 
     folder = model_folder(run_dir)
@@ -409,18 +432,15 @@ def export_model(
     out = Path(out)
     if out.resolve() == folder.resolve():
         raise ConfigError(f"--out {out} is the model folder itself")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; choose a new folder")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} is not an empty folder; choose a new one")
     opened = open_model(folder, base_path, personal)  # checks the base and the tensors before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    files = [FAST_FILENAME, *manifest.merges]
-    for name in files:
-        shutil.copy2(folder / name, out / name)
-    written = dict(asdict(manifest))
     if personal is not None:
-        written["personal_from_node"] = True
-    (out / MANIFEST_FILENAME).write_text(json.dumps(written, indent=1, default=str) + "\n")
-    files.append(MANIFEST_FILENAME)
+        manifest = replace(manifest, node=node)
+    blobs = [(folder / name).read_bytes() for name in manifest.merges]
+    own = opened.model.personal_state() if manifest.node else None
+    write_model(out, manifest, opened.model.fast_state(), blobs, own)
+    files = sorted(path.name for path in out.iterdir())
     notes: list[str] = []
     if not merged:
         return Exported(out, files, notes)

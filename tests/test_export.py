@@ -330,3 +330,42 @@ def test_a_missing_or_different_base_and_a_damaged_model_are_one_line_errors(
     assert main(["export", str(lora_run.run_dir), "--out", str(tmp_path / "out"), "--node", "partition-0"]) == 2
     assert "holds no personal tensors" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_deployed_node_writes_its_own_model_at_the_final_sync(tmp_path: Path) -> None:
+    from fedslim.channel.protocol import MODEL_OUT_KEY
+    from fedslim.client.app import app as client_app
+    from fedslim.server.loop import run_federation
+    from fedslim.simulation.inline import InlineGrid
+
+    config = run_config(
+        tmp_path,
+        fast=FastSpec("lora", rank=2, personal="head"),
+        lr=0.01,
+        consolidate_every=1,
+        final_sync=True,
+        checkpoint_every=0,
+    )
+    grid = InlineGrid(client_app, config.num_clients)
+    for k, context in enumerate(grid.contexts.values()):
+        context.node_config[MODEL_OUT_KEY] = str(tmp_path / f"node-{k}")
+    result = run_federation(grid, config)
+    opened = open_model(config.run_dir)
+    trained = 0
+    for k in range(config.num_clients):
+        node = open_model(tmp_path / f"node-{k}")
+        assert node.manifest.state_digest == result.final_state_digest == opened.manifest.state_digest
+        assert node.manifest.merges == ["merge-001.pb"] and node.base.fingerprint == opened.base.fingerprint
+        head = node.model.personal_state()["head.weight"]
+        held = grid.contexts[grid.node_ids[k]].state.array_records.get("fedslim-personal")
+        own = held["head.weight"].numpy() if held is not None else prepared_base(config).state["head.weight"].numpy()
+        assert node.manifest.node == f"partition-{k}" and np.array_equal(head, own)
+        trained += held is not None
+    assert trained >= 2  # two nodes a round: at least two trained heads of their own
+    out = tmp_path / "exported"
+    assert main(["export", str(tmp_path / "node-0"), "--out", str(out), "--merged"]) == 0
+    node = open_model(tmp_path / "node-0")
+    merged = base_module(config, load_file(out / MERGED_FILENAME))
+    assert torch.allclose(
+        logits(merged, sample_inputs(config)), logits(node.model.module, sample_inputs(config)), **LOGITS_TOLERANCE
+    )
