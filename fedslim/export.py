@@ -165,6 +165,11 @@ def write_model(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    parent = os.open(folder.parent, os.O_RDONLY)
+    try:
+        os.fsync(parent)  # the renames themselves survive a power cut
+    finally:
+        os.close(parent)
 
 
 def model_folder(path: Path) -> Path:
@@ -175,7 +180,7 @@ def model_folder(path: Path) -> Path:
     if (path / MODEL_DIRNAME / MANIFEST_FILENAME).is_file():
         return path / MODEL_DIRNAME
     if not path.is_dir():
-        raise ConfigError(f"{path} is not a run directory (no such folder)")
+        raise ConfigError(f"{path} is not a run directory ({'a file' if path.exists() else 'no such folder'})")
     from fedslim.commlog import LOG_FILENAME
 
     if (path / LOG_FILENAME).is_file():
@@ -260,24 +265,27 @@ def open_model(path: Path, base_path: Path | None = None, personal: Mapping[str,
 
 
 def _run_base(manifest: ModelManifest, task: Any, config: RunConfig, base_path: Path | None) -> ResidentBase:
+    """The first candidate checkpoint whose fingerprint is the run's base's (ConfigError: none is, or none is here)."""
     candidates = [Path(base_path)] if base_path is not None else [task.base_path(config), Path(manifest.base_path)]
-    found = next((path for path in candidates if path.is_file()), None)
-    if found is None:
-        looked = " or ".join(str(path) for path in dict.fromkeys(candidates))
-        raise ConfigError(
-            f"the run's base (fingerprint {manifest.base_fingerprint[:16]}...) is missing on this machine: no "
-            f"checkpoint at {looked}; copy it there or name it (export --base, load_model(base_path=...))"
-        )
-    try:
-        base = load_base(found, task)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"the base checkpoint {found} cannot be loaded: {exc}") from exc
-    if base.fingerprint != manifest.base_fingerprint:
-        raise ConfigError(
-            f"the base checkpoint {found} differs from the run's: fingerprint {base.fingerprint[:16]}..., the run "
-            f"trained on {manifest.base_fingerprint[:16]}..."
-        )
-    return base
+    differing = []
+    for path in dict.fromkeys(candidates):
+        if not path.is_file():
+            continue
+        try:
+            base = load_base(path, task)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"the base checkpoint {path} cannot be loaded: {exc}") from exc
+        if base.fingerprint == manifest.base_fingerprint:
+            return base
+        differing.append(f"{path} is {base.fingerprint[:16]}...")
+    expected = f"the run's base (fingerprint {manifest.base_fingerprint[:16]}...)"
+    if differing:
+        raise ConfigError(f"{expected} differs from this machine's: {'; '.join(differing)}")
+    looked = " or ".join(str(path) for path in dict.fromkeys(candidates))
+    raise ConfigError(
+        f"{expected} is missing on this machine: no checkpoint at {looked}; copy it there or name it "
+        "(export --base, load_model(base_path=...))"
+    )
 
 
 def load_model(

@@ -314,7 +314,7 @@ def test_a_missing_or_different_base_and_a_damaged_model_are_one_line_errors(
         load_model(lora_run.run_dir, base_path=tmp_path / "absent.pt")
     other = tmp_path / "other.pt"
     save_base(SyntheticMLP(), other, {})
-    with pytest.raises(ConfigError, match="differs from the run's"):
+    with pytest.raises(ConfigError, match="differs from this machine.s"):
         load_model(lora_run.run_dir, base_path=other)
     copy = tmp_path / "copy"
     shutil.copytree(lora_run.run_dir / MODEL_DIRNAME, copy)
