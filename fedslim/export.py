@@ -352,6 +352,8 @@ def write_peft_adapter(model: FastSlowModel, base_state: Mapping[str, torch.Tens
     biases as ``bias="lora_only"``. ValueError for what peft cannot express.
     """
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
 
     module = model.module
     if _is_peft(module):
@@ -390,6 +392,11 @@ def write_peft_adapter(model: FastSlowModel, base_state: Mapping[str, torch.Tens
         lora_dropout=0.0,
     )
     peft_model = get_peft_model(base, config)
+    inner = peft_model.base_model.model
+    reached = {name for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    wrapped = {name for name, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    if reached != set(adapted) or wrapped != set(saved):  # peft matches names by suffix
+        raise ValueError("peft's name matching reaches other layers than the fast ones (use --merged)")
     with torch.no_grad():
         for name, layer in adapted.items():
             lora = peft_model.base_model.model.get_submodule(name)
