@@ -242,7 +242,7 @@ def write_node_model(context: Context, instruction: SyncedInstruction, folder: P
     folder (:mod:`fedslim.export`; ``fedslim.load_model(folder)`` loads it). A folder that cannot be written is
     logged; the sync is confirmed all the same."""
     config, base, replica = instruction.config, instruction.base, instruction.replica
-    model = fast_model(base, config.fast, "cpu")
+    model = fast_model(base, config.fast, instruction.device)
     model.load_fast_state(replica.state)
     load_personal(model, context, base, config.fast)
     kept = context.state.config_records.get(CHAIN_STATE_KEY)
