@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import fedslim
-from fedslim.adapters import DeltaAdapted, FastSlowModel, attach_fast_layer
+from fedslim.adapters import DeltaAdapted, FastSlowModel, attach_fast_layer, state_digest
 from fedslim.base import save_base
 from fedslim.cli import main
 from fedslim.commlog import RoundTotals
@@ -34,7 +34,7 @@ from fedslim.export import (
 )
 from fedslim.logs.reader import RunLog
 from fedslim.models import SyntheticMLP
-from fedslim.server.checkpoint import node_personal_state
+from fedslim.server.checkpoint import load_checkpoint, node_personal_state
 from fedslim.simulation.simulate import simulate
 from fedslim.task import Task, load_task, prepared_base
 
@@ -124,6 +124,8 @@ def test_load_model_evaluates_to_the_runs_final_accuracy_exactly(lora_run: RunCo
         "lora",
     )
     assert manifest["base_fingerprint"] == prepared_base(lora_run).fingerprint and manifest["merges"] == []
+    replica = load_checkpoint(lora_run.run_dir).replica.state  # what clients hold: not what was evaluated
+    assert state_digest(replica, length=64) != manifest["state_digest"]
 
 
 def test_the_merged_model_and_the_peft_adapter_give_the_same_logits_without_fedslim(
