@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sized
 from dataclasses import replace
 from pathlib import Path
 
@@ -216,7 +217,8 @@ def test_fedslims_lora_on_a_convolution_is_peft_lora(tmp_path: Path) -> None:
 
     task = ConvTask()
     base_state = {k: v.clone() for k, v in task.build_base().state_dict().items()}
-    model = attach_fast_layer(task.build_base(), FastSpec("lora", rank=3, lora_alpha=6.0))
+    spec = FastSpec("lora", rank=3, lora_alpha=6.0)
+    model = attach_fast_layer(task.build_base(), spec)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.fast_parameters():
@@ -226,10 +228,16 @@ def test_fedslims_lora_on_a_convolution_is_peft_lora(tmp_path: Path) -> None:
     write_peft_adapter(model, base_state, task, tmp_path / "peft")
     base = task.build_base()
     base.load_state_dict(base_state)
-    assert torch.allclose(logits(PeftModel.from_pretrained(base, tmp_path / "peft"), inputs), expected, atol=1e-5)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "peft")
+    assert torch.allclose(logits(peft_model, inputs), expected, **LOGITS_TOLERANCE)
     folded = task.build_base()
     folded.load_state_dict(merged_state(model))
-    assert torch.allclose(logits(folded, inputs), expected, atol=1e-5)
+    assert torch.allclose(logits(folded, inputs), expected, **LOGITS_TOLERANCE)
+
+    dilated = attach_fast_layer(nn.Sequential(nn.Conv2d(3, 6, 3, dilation=2), nn.Flatten(), nn.Linear(96, 5)), spec)
+    with pytest.raises(ValueError, match="dilated convolution"):
+        write_peft_adapter(dilated, {}, task, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 class PeftTask(Task):
@@ -253,10 +261,10 @@ class PeftTask(Task):
         torch.manual_seed(spec.seed)  # peft draws A at random: the server and every client must draw the same
         return FastSlowModel.from_peft(get_peft_model(base, config))
 
-    def client_data(self, config: RunConfig, partition_id: int):  # type: ignore[no-untyped-def]
+    def client_data(self, config: RunConfig, partition_id: int) -> Sized:
         return self.synthetic.client_data(replace(config, task="synthetic"), partition_id)
 
-    def test_data(self, config: RunConfig):  # type: ignore[no-untyped-def]
+    def test_data(self, config: RunConfig) -> Sized:
         return self.synthetic.test_data(replace(config, task="synthetic"))
 
 
