@@ -95,6 +95,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)
     console.print(f"communication log: {result.log_path} (fedslim logs summary {config.run_dir})")
+    console.print(f"trained model: {config.run_dir / 'model'} (fedslim export {config.run_dir} --out DIR)")
     return 0
 
 
