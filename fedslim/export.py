@@ -149,10 +149,8 @@ def write_model(
         for name, blob in zip(manifest.merges, merges, strict=True):
             (staging / name).write_bytes(blob)
         (staging / MANIFEST_FILENAME).write_text(json.dumps(asdict(manifest), indent=1, default=str) + "\n")
-        mode = folder.parent.stat().st_mode & 0o777  # as the run directory's (mkdtemp makes it private)
-        os.chmod(staging, mode)
+        share_like_parent(staging, folder.parent)
         for path in staging.iterdir():
-            path.chmod(mode & 0o666)
             with path.open("rb") as file:
                 os.fsync(file.fileno())
         if folder.exists():
@@ -170,6 +168,15 @@ def write_model(
         os.fsync(parent)  # the renames themselves survive a power cut
     finally:
         os.close(parent)
+
+
+def share_like_parent(folder: Path, parent: Path) -> None:
+    """Give ``folder`` and what it holds the permissions of ``parent`` (mkdtemp and safetensors write private
+    files): a model folder is as readable as the run directory it is in."""
+    mode = parent.stat().st_mode & 0o777
+    folder.chmod(mode)
+    for path in folder.rglob("*"):
+        path.chmod(mode if path.is_dir() else mode & 0o666)
 
 
 def model_folder(path: Path) -> Path:
@@ -480,4 +487,5 @@ def export_model(
         )
     save_file(state, out / MERGED_FILENAME, metadata={"state_digest": manifest.state_digest})
     files.append(MERGED_FILENAME)
+    share_like_parent(out, out.parent)
     return Exported(out, files, notes)
