@@ -296,7 +296,10 @@ def _run_base(manifest: ModelManifest, task: Any, config: RunConfig, base_path: 
 
 
 def load_model(
-    run_dir: str | Path, base_path: str | Path | None = None, personal: Mapping[str, np.ndarray] | None = None
+    run_dir: str | Path,
+    base_path: str | Path | None = None,
+    personal: Mapping[str, np.ndarray] | None = None,
+    device: str = "cpu",
 ) -> nn.Module:
     """The model a run trained, ready for inference (eval mode): the task's module with its fast layer attached.
 
@@ -305,9 +308,12 @@ def load_model(
     logged for the round the folder holds (the last, once the run finished).
     ``base_path``: the base checkpoint, where the task's own cache does not
     hold it. ``personal``: a node's personal tensors (with ``--personal
-    head``; the server's model keeps the base's head).
+    head``; the server's model keeps the base's head). ``device``: where the
+    module goes; the accuracy is exactly the run's on the device the run
+    evaluated on (other kernels round otherwise).
     """
-    return open_model(Path(run_dir), Path(base_path) if base_path is not None else None, personal).model.module
+    opened = open_model(Path(run_dir), Path(base_path) if base_path is not None else None, personal)
+    return opened.model.module.to(device)
 
 
 # ----------------------------------------------------------------------------- formats without fedslim
