@@ -95,6 +95,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)
     console.print(f"communication log: {result.log_path} (fedslim logs summary {config.run_dir})")
+    console.print(f"trained model: {config.run_dir / 'model'} (fedslim export {config.run_dir} --out DIR)")
     return 0
 
 
@@ -122,6 +123,47 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
     return replace(checkpoint.config, resume=True, overwrite=False, out=args.resume)
 
 
+EXPORT_HELP = "write a run's trained model to a folder; --merged: also as files that need no fedslim"
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export",
+        help=EXPORT_HELP,
+        description="Write the model a run trained (RUN_DIR/model/: the fast layer, the consolidations, the "
+        "manifest) to a folder; load it with fedslim.load_model(DIR).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or a model folder export wrote)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write: new or empty")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="also model.safetensors (the base with the fast layer folded in, for the task's own build_base() "
+        "module), and for LoRA a peft adapter folder (peft/)",
+    )
+    p.add_argument(
+        "--node",
+        metavar="KEY",
+        help="with --personal head: the model of node KEY (partition-N), its own head in place of the base's "
+        "(simulations with --backend inline keep the node states)",
+    )
+    p.add_argument("--base", metavar="PATH", help="the run's base checkpoint, where this machine's cache lacks it")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fedslim.export import export_model
+    from fedslim.server.checkpoint import node_personal_state
+
+    run_dir = Path(args.run_dir)
+    personal = node_personal_state(run_dir, args.node) if args.node else None
+    base = Path(args.base) if args.base else None
+    exported = export_model(run_dir, Path(args.out), args.merged, base, personal, args.node or "")
+    print(f"wrote {', '.join(exported.files)} to {exported.folder}")
+    for note in exported.notes:
+        print(note)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedslim.commlog import SchemaVersionError
     from fedslim.deploy.cli import add_deploy_parser, run_deploy
@@ -131,12 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fedslim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    if argv[:1] in (["logs"], ["deploy"]):
+    if argv[:1] in (["logs"], ["deploy"], ["export"]):
         sub.add_parser("simulate", help=SIMULATE_HELP)  # listed only: these commands need none of its defaults
     else:
         _simulate_parser(sub)
     add_logs_parser(sub)
     add_deploy_parser(sub)
+    _export_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "simulate":
         from fedslim.config import ConfigError
@@ -148,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             simulate = sub.choices["simulate"]
             simulate.exit(2, f"{simulate.prog}: error: {' '.join(str(exc).split())}\n")
     try:
+        if args.command == "export":
+            return run_export(args)
         return run_logs(args) if args.command == "logs" else run_deploy(args)
     except (FileNotFoundError, RunNotFoundError, SchemaVersionError, ValueError, ImportError) as exc:
         print(f"fedslim {args.command}: error: {exc}", file=sys.stderr)
