@@ -28,7 +28,9 @@ def run_bases(args: argparse.Namespace) -> int:
     removed = clear_cached_bases(args.names)
     for base in removed:
         print(f"removed {base.path.name} ({base.task}, {mib(base.size)}, {len(base.files)} file(s))")
-    print(f"removed {len(removed)} cached base(s), {mib(sum(b.size for b in removed))}" if removed else "no cached base")
+    print(
+        f"removed {len(removed)} cached base(s), {mib(sum(b.size for b in removed))}" if removed else "no cached base"
+    )
     return 0
 
 

@@ -40,6 +40,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedslim.base import provenance_of
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.data.participation import check_trace
@@ -47,7 +48,6 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.server.checkpoint import claim_run_dir
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
-    from fedslim.base import provenance_of
     from fedslim.task import prepared_base, task_for
 
     config = resumed_config(args) if args.resume else RunConfig.from_args(args)

@@ -28,8 +28,8 @@ import textwrap
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sized
 from functools import lru_cache
-from types import MappingProxyType, ModuleType
 from pathlib import Path
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import numpy as np
@@ -256,7 +256,9 @@ def _referenced_task(reference: str) -> Task:
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # a task module next to where fedslim runs, as for `python -m`
     try:
-        found: Any = import_task_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+        found: Any = (
+            import_task_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+        )
         for part in attribute.split("."):
             found = getattr(found, part)
         if isinstance(found, type) and issubclass(found, Task):
