@@ -136,7 +136,8 @@ class BaseOrigin(StrEnum):
 
 
 _PRETRAINED_HERE: set[Path] = set()
-"""The checkpoints :func:`ensure_base` pretrained in this process (resolved paths)."""
+"""The checkpoints :func:`ensure_base` pretrained in this process that no run has started on yet (resolved
+paths)."""
 
 
 def ensure_base(task: Task, config: RunConfig) -> Path:
@@ -170,10 +171,14 @@ class BaseProvenance:
         return f"{where} (fingerprint {self.fingerprint[:16]})"
 
 
-def provenance_of(base: ResidentBase) -> BaseProvenance:
-    """Where ``base``, loaded from the cache by :func:`ensure_base` and :func:`load_base`, came from: pretrained by
-    this process, or cached before it started."""
-    origin = BaseOrigin.PRETRAINED if base.path.resolve() in _PRETRAINED_HERE else BaseOrigin.CACHE
+def provenance_of(base: ResidentBase, run_starts: bool = False) -> BaseProvenance:
+    """Where ``base``, made by :func:`ensure_base` and loaded by :func:`load_base`, came from: pretrained by this
+    process for the run about to start, or cached before. ``run_starts``: the run starts on it now, so later runs
+    of this process (a sweep, a notebook) find it in the cache."""
+    path = base.path.resolve()
+    origin = BaseOrigin.PRETRAINED if path in _PRETRAINED_HERE else BaseOrigin.CACHE
+    if run_starts:
+        _PRETRAINED_HERE.discard(path)
     return BaseProvenance(origin, base.path, base.root_fingerprint)
 
 

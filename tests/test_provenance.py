@@ -96,8 +96,7 @@ def test_a_changed_pretrain_rebuilds_the_base_and_the_header_and_log_name_its_or
         ("server", "pretrained", str(first.resolve())),
     ]
 
-    # A new process finds it in the cache.
-    write_task(tmp_path / "blob_task.py")
+    # The next run finds it in the cache.
     printed = simulate(reference, tmp_path / "run", capsys)
     assert f"base: loaded from the cache at {first} (fingerprint " in printed
     assert ("server", "cache", str(first.resolve())) in logged_bases(tmp_path / "run")

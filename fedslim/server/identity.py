@@ -168,7 +168,7 @@ def _short(fingerprint: str) -> str:
 
 def record_server_base(run: RunWire, server_round: int, base: ResidentBase) -> BaseProvenance:
     """Log (the communication log's ``bases``, and Flower's log) where the server's base came from."""
-    provenance = provenance_of(base)
+    provenance = provenance_of(base, run_starts=True)
     row = BaseRow(provenance.origin.value, str(provenance.path), provenance.fingerprint)
     run.commlog.record_base(run.run_id, server_round, SERVER_HOLDER, row)
     log(INFO, "fedslim run %s base: %s", run.run_id, provenance.describe())
