@@ -76,7 +76,7 @@ class Task(ABC):
             return float(value)
         if type(value) is not type(default):
             raise ConfigError(
-                f"task setting {name} must be a {type(default).__name__} (task {self.name}), got {value!r}"
+                f"task setting {name} must be of type {type(default).__name__} (task {self.name}), got {value!r}"
             )
         return value
 
@@ -240,6 +240,7 @@ def load_task(reference: str, settings: tuple[tuple[str, TaskSettingValue], ...]
 
 @lru_cache(maxsize=8)
 def _referenced_task(reference: str) -> Task:
+    """The task ``reference`` names, as its module defines it (loaded once per process)."""
     if reference == "text":
         from fedslim.tasks.text import FortunesTask
 

@@ -240,7 +240,7 @@ def test_a_task_reads_a_setting_with_its_default_and_type() -> None:
     task = task_for(RunConfig(task="synthetic", task_settings={"hidden": 32, "rate": 1, "name": "x"}))
     assert task.setting("hidden", 16) == 32 and task.setting("missing", 16) == 16
     assert task.setting("rate", 0.5) == 1.0 and isinstance(task.setting("rate", 0.5), float)
-    with pytest.raises(ConfigError, match="task setting name must be a int .*got 'x'"):
+    with pytest.raises(ConfigError, match="task setting name must be of type int .*got 'x'"):
         task.setting("name", 3)
 
 
