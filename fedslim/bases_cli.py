@@ -35,7 +35,8 @@ def run_bases(args: argparse.Namespace) -> int:
 
 
 def mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
+    """A size in MiB, or in KiB below one MiB (a small base is not 0.0 MiB)."""
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def bases_listing(bases: list[CachedBase]) -> str:
