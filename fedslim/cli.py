@@ -40,6 +40,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedslim.base import provenance_of
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.data.participation import check_trace
@@ -85,7 +86,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         with console.status(f"loading {task.name}'s data and its resident base (made once, then cached)"):
             task.test_data(config)
-            prepared_base(config)
+            base = prepared_base(config)
+        console.print(f"base: {provenance_of(base).describe()}", soft_wrap=True)
         with progress:
             result = simulate(config, on_round=on_round, verbose=args.verbose, backend=args.backend)
     except FileNotFoundError as exc:  # a dataset's files (DatasetMissingError) or a task's own
@@ -115,6 +117,7 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
         and (given["fast"] if entry.in_fast else given)[entry.name]
         != (defaults["fast"] if entry.in_fast else defaults)[entry.name]
     ]
+    flags += ["--task-setting"] if given["task_settings"] else []
     if flags:
         raise ConfigError(
             f"--resume continues the run with the configuration it was started with; drop {', '.join(flags)}"
@@ -165,6 +168,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedslim.bases_cli import add_bases_parser, run_bases
     from fedslim.commlog import SchemaVersionError
     from fedslim.deploy.cli import add_deploy_parser, run_deploy
     from fedslim.logs.cli import add_logs_parser, run_logs
@@ -173,13 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fedslim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    if argv[:1] in (["logs"], ["deploy"], ["export"]):
+    if argv[:1] in (["logs"], ["deploy"], ["export"], ["bases"]):
         sub.add_parser("simulate", help=SIMULATE_HELP)  # listed only: these commands need none of its defaults
     else:
         _simulate_parser(sub)
     add_logs_parser(sub)
     add_deploy_parser(sub)
     _export_parser(sub)
+    add_bases_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "simulate":
         from fedslim.config import ConfigError
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "export":
             return run_export(args)
+        if args.command == "bases":
+            return run_bases(args)
         return run_logs(args) if args.command == "logs" else run_deploy(args)
     except (FileNotFoundError, RunNotFoundError, SchemaVersionError, ValueError, ImportError) as exc:
         print(f"fedslim {args.command}: error: {exc}", file=sys.stderr)

@@ -43,7 +43,7 @@ from fedslim.server.checkpoint import (
     resumable_config,
     write_checkpoint,
 )
-from fedslim.server.identity import IdentityQuery
+from fedslim.server.identity import IdentityQuery, record_server_base
 from fedslim.server.nodes import NODE_WAIT_TIMEOUT_S, NodesMissingError, OrderedGrid, wait_for_nodes
 from fedslim.server.round import ServerRun
 from fedslim.strategies.base import FastStrategy, Federation
@@ -184,6 +184,7 @@ def run_federation(
     schedule = simulated_participation(config, task)
     first_round = resumed.completed_round + 1 if resumed is not None else 1
     wire = open_log(config, base, model, type(strategy).__name__, resumed)
+    record_server_base(wire, first_round if resumed is not None else 0, base)
     store = None
     try:
         if node_states is not None and config.checkpoint_every:
