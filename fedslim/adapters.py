@@ -233,6 +233,16 @@ def check_fast_state(state: Mapping[str, np.ndarray], expected: Mapping[str, tup
             raise ValueError(f"fast tensor {name!r} contains NaN or Inf")
 
 
+def state_digest(state: Mapping[str, np.ndarray], length: int = 32) -> str:
+    """SHA-256 of a fast state over names and float32 bytes, in name order: its first ``length`` hex characters
+    (64: all of it)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(state[name], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:length]
+
+
 def _last_linear_name(module: nn.Module) -> str:
     names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     if not names:

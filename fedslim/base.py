@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -124,6 +126,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDSLIM_CACHE", Path.home() / ".cache" / "fedslim"))
 
 
+class BaseOrigin(StrEnum):
+    """Where the base a run trains on came from (the ``origin`` of the communication log's ``bases`` rows)."""
+
+    PRETRAINED = "pretrained"  # made by the task's pretrain() in this process, then cached
+    CACHE = "cache"  # loaded from the cache, made by an earlier process
+    PROVISIONED = "provisioned"  # a deployed node that lacked it was given it by the server
+    NODE_FILE = "node-file"  # a deployed node's own checkpoint (its base-path, or its cache)
+
+
+_PRETRAINED_HERE: set[Path] = set()
+"""The checkpoints :func:`ensure_base` pretrained in this process that no run has started on yet (resolved
+paths)."""
+
+
 def ensure_base(task: Task, config: RunConfig) -> Path:
     """The task's base checkpoint on this machine, made by :meth:`Task.pretrain` (once) if there is none yet."""
     path = task.base_path(config)
@@ -131,7 +147,39 @@ def ensure_base(task: Task, config: RunConfig) -> Path:
         return path
     module = task.pretrain(config)
     save_base(module, path, {"identity": task.base_identity(config)})
+    _PRETRAINED_HERE.add(path.resolve())
     return path
+
+
+@dataclass(frozen=True)
+class BaseProvenance:
+    """Where a base came from, where it is, and its fingerprint: what a run prints and logs of its base."""
+
+    origin: BaseOrigin
+    path: Path | None
+    """The checkpoint on the machine that holds it (None where that machine did not say)."""
+    fingerprint: str
+
+    def describe(self) -> str:
+        """One line: ``pretrained now, cached at PATH (fingerprint 0123abcd...)``, and so on."""
+        where = {
+            BaseOrigin.PRETRAINED: f"pretrained now, cached at {self.path}",
+            BaseOrigin.CACHE: f"loaded from the cache at {self.path}",
+            BaseOrigin.PROVISIONED: "provisioned by the server",
+            BaseOrigin.NODE_FILE: f"the node's own file {self.path}" if self.path else "the node's own file",
+        }[self.origin]
+        return f"{where} (fingerprint {self.fingerprint[:16]})"
+
+
+def provenance_of(base: ResidentBase, run_starts: bool = False) -> BaseProvenance:
+    """Where ``base``, made by :func:`ensure_base` and loaded by :func:`load_base`, came from: pretrained by this
+    process for the run about to start, or cached before. ``run_starts``: the run starts on it now, so later runs
+    of this process (a sweep, a notebook) find it in the cache."""
+    path = base.path.resolve()
+    origin = BaseOrigin.PRETRAINED if path in _PRETRAINED_HERE else BaseOrigin.CACHE
+    if run_starts:
+        _PRETRAINED_HERE.discard(path)
+    return BaseProvenance(origin, base.path, base.root_fingerprint)
 
 
 def save_base(module: nn.Module, path: Path, meta: dict[str, object]) -> None:
@@ -222,3 +270,93 @@ def recorded_fingerprint(path: Path, task: Task, state: dict[str, torch.Tensor],
     except OSError:
         tmp.unlink(missing_ok=True)
     return computed
+
+
+BASE_FILE = re.compile(r"(?P<task>.+)-[0-9a-f]{12}\.pt")
+"""The name :meth:`Task.base_path` gives a cached checkpoint: the task's name and its identity's key."""
+_COMPANION_SUFFIX = re.compile(r"\.(?:fingerprint|part|part\.json)$")  # a sidecar, a download under way
+_MERGED_SUFFIX = re.compile(r"\.merged-[0-9a-f]{16}\.pt$")  # a base consolidation made (fedslim.consolidation)
+
+
+def _base_file_of(name: str) -> str | None:
+    """The cached checkpoint's file name that the file ``name`` belongs to (None: no cached base's)."""
+    root = _MERGED_SUFFIX.sub(".pt", _COMPANION_SUFFIX.sub("", name))
+    return root if BASE_FILE.fullmatch(root) else None
+
+
+@dataclass(frozen=True)
+class CachedBase:
+    """A base checkpoint in the cache (``fedslim bases list``), with the files that belong to it."""
+
+    path: Path
+    task: str
+    """The task's name, from the file's name."""
+    files: tuple[Path, ...]
+    """The checkpoint (when complete) and its companions: fingerprint sidecars, bases consolidation made of it, a
+    download under way."""
+    size: int
+    """Bytes of all of ``files``."""
+    modified: float
+    """The newest modification time among ``files`` (Unix seconds)."""
+    fingerprint: str | None
+    """The checkpoint's fingerprint where its sidecar records it for the file as it is (None: not known without
+    loading it)."""
+
+    @property
+    def complete(self) -> bool:
+        return self.path in self.files
+
+
+def cached_bases(folder: Path | None = None) -> list[CachedBase]:
+    """Every base in the cache folder (``$FEDSLIM_CACHE/bases`` by default), by file name; files of other names
+    are not fedslim's and are left out."""
+    folder = folder or cache_dir() / "bases"
+    groups: dict[str, list[Path]] = {}
+    for file in sorted(folder.iterdir()) if folder.is_dir() else ():
+        root = _base_file_of(file.name)
+        if root is not None and not file.name.startswith(".") and file.is_file():
+            groups.setdefault(root, []).append(file)
+    found = []
+    for root, files in groups.items():
+        path = folder / root
+        stats = [file.stat() for file in files]
+        found.append(
+            CachedBase(
+                path=path,
+                task=BASE_FILE.fullmatch(root)["task"],  # type: ignore[index]
+                files=tuple(files),
+                size=sum(stat.st_size for stat in stats),
+                modified=max(stat.st_mtime for stat in stats),
+                fingerprint=sidecar_fingerprint(path) if path.is_file() else None,
+            )
+        )
+    return found
+
+
+def sidecar_fingerprint(path: Path) -> str | None:
+    """The fingerprint the sidecar of the checkpoint at ``path`` records, if it was recorded for the file as it is."""
+    try:
+        recorded = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+        stat = path.stat()
+    except (OSError, ValueError):
+        return None
+    identity = FileIdentity(stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)._asdict()
+    if not isinstance(recorded, dict) or any(recorded.get(key) != value for key, value in identity.items()):
+        return None
+    held = recorded.get("fingerprint")
+    return held if isinstance(held, str) and len(held) == 64 else None
+
+
+def clear_cached_bases(names: list[str], folder: Path | None = None) -> list[CachedBase]:
+    """Remove the cached bases ``names`` names (a task's name or a checkpoint's file name; all of them when
+    ``names`` is empty) with their files; returns what was removed. ValueError naming a name that matches none."""
+    cached = cached_bases(folder)
+    unmatched = [name for name in names if not any(name in (base.task, base.path.name) for base in cached)]
+    if unmatched:
+        held = ", ".join(sorted({base.task for base in cached})) or "none"
+        raise ValueError(f"no cached base named {', '.join(unmatched)} (cached: {held})")
+    chosen = [base for base in cached if not names or base.task in names or base.path.name in names]
+    for base in chosen:
+        for file in base.files:
+            file.unlink(missing_ok=True)
+    return chosen

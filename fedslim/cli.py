@@ -40,6 +40,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedslim.base import provenance_of
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.data.participation import check_trace
@@ -85,7 +86,8 @@ def run_simulate(args: argparse.Namespace) -> int:
     try:
         with console.status(f"loading {task.name}'s data and its resident base (made once, then cached)"):
             task.test_data(config)
-            prepared_base(config)
+            base = prepared_base(config)
+        console.print(f"base: {provenance_of(base).describe()}", soft_wrap=True)
         with progress:
             result = simulate(config, on_round=on_round, verbose=args.verbose, backend=args.backend)
     except FileNotFoundError as exc:  # a dataset's files (DatasetMissingError) or a task's own
@@ -95,6 +97,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)
     console.print(f"communication log: {result.log_path} (fedslim logs summary {config.run_dir})")
+    console.print(f"trained model: {config.run_dir / 'model'} (fedslim export {config.run_dir} --out DIR)")
     return 0
 
 
@@ -114,6 +117,7 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
         and (given["fast"] if entry.in_fast else given)[entry.name]
         != (defaults["fast"] if entry.in_fast else defaults)[entry.name]
     ]
+    flags += ["--task-setting"] if given["task_settings"] else []
     if flags:
         raise ConfigError(
             f"--resume continues the run with the configuration it was started with; drop {', '.join(flags)}"
@@ -122,7 +126,49 @@ def resumed_config(args: argparse.Namespace) -> RunConfig:
     return replace(checkpoint.config, resume=True, overwrite=False, out=args.resume)
 
 
+EXPORT_HELP = "write a run's trained model to a folder; --merged: also as files that need no fedslim"
+
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "export",
+        help=EXPORT_HELP,
+        description="Write the model a run trained (RUN_DIR/model/: the fast layer, the consolidations, the "
+        "manifest) to a folder; load it with fedslim.load_model(DIR).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or a model folder export wrote)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the folder to write: new or empty")
+    p.add_argument(
+        "--merged",
+        action="store_true",
+        help="also model.safetensors (the base with the fast layer folded in, for the task's own build_base() "
+        "module), and for LoRA a peft adapter folder (peft/)",
+    )
+    p.add_argument(
+        "--node",
+        metavar="KEY",
+        help="with --personal head: the model of node KEY (partition-N), its own head in place of the base's "
+        "(simulations with --backend inline keep the node states)",
+    )
+    p.add_argument("--base", metavar="PATH", help="the run's base checkpoint, where this machine's cache lacks it")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fedslim.export import export_model
+    from fedslim.server.checkpoint import node_personal_state
+
+    run_dir = Path(args.run_dir)
+    personal = node_personal_state(run_dir, args.node) if args.node else None
+    base = Path(args.base) if args.base else None
+    exported = export_model(run_dir, Path(args.out), args.merged, base, personal, args.node or "")
+    print(f"wrote {', '.join(exported.files)} to {exported.folder}")
+    for note in exported.notes:
+        print(note)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fedslim.bases_cli import add_bases_parser, run_bases
     from fedslim.commlog import SchemaVersionError
     from fedslim.deploy.cli import add_deploy_parser, run_deploy
     from fedslim.logs.cli import add_logs_parser, run_logs
@@ -131,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fedslim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    if argv[:1] in (["logs"], ["deploy"]):
+    if argv[:1] in (["logs"], ["deploy"], ["export"], ["bases"]):
         sub.add_parser("simulate", help=SIMULATE_HELP)  # listed only: these commands need none of its defaults
     else:
         _simulate_parser(sub)
     add_logs_parser(sub)
     add_deploy_parser(sub)
+    _export_parser(sub)
+    add_bases_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "simulate":
         from fedslim.config import ConfigError
@@ -148,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             simulate = sub.choices["simulate"]
             simulate.exit(2, f"{simulate.prog}: error: {' '.join(str(exc).split())}\n")
     try:
+        if args.command == "export":
+            return run_export(args)
+        if args.command == "bases":
+            return run_bases(args)
         return run_logs(args) if args.command == "logs" else run_deploy(args)
     except (FileNotFoundError, RunNotFoundError, SchemaVersionError, ValueError, ImportError) as exc:
         print(f"fedslim {args.command}: error: {exc}", file=sys.stderr)

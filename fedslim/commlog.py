@@ -35,10 +35,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 7
-# 5 added client_evaluations, 6 consolidations, 7 round_metrics: an older log reads as one without client-side
-# evaluation, merges or task-defined metrics.
-READABLE_SCHEMAS = (4, 5, 6, 7)
+SCHEMA_VERSION = 8
+# 5 added client_evaluations, 6 consolidations, 7 bases, 8 round_metrics: an older log reads as one without
+# client-side evaluation, merges, a record of where its base came from or task-defined metrics.
+READABLE_SCHEMAS = (4, 5, 6, 7, 8)
 LOG_FILENAME = "commlog.sqlite"
 
 SCHEMA = """
@@ -111,6 +111,15 @@ CREATE TABLE IF NOT EXISTS consolidations (
     replica_version INTEGER NOT NULL,  -- the version the fresh fast layer starts as
     merge_bytes INTEGER NOT NULL,   -- the merge as it travels, in the next instruction of each client lacking it
     PRIMARY KEY (run_id, round)
+);
+CREATE TABLE IF NOT EXISTS bases (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    round INTEGER NOT NULL,         -- 0, or the first round after a resume
+    holder TEXT NOT NULL,           -- 'server', or a node's client key
+    origin TEXT NOT NULL CHECK (origin IN ('pretrained', 'cache', 'provisioned', 'node-file')),
+    path TEXT,                      -- the checkpoint on the holder's machine (NULL: a node's, which it does not say)
+    fingerprint TEXT NOT NULL,
+    PRIMARY KEY (run_id, round, holder)
 );
 CREATE TABLE IF NOT EXISTS round_metrics (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -190,6 +199,18 @@ class ConsolidationRow:
     merge_bytes: int
 
 
+SERVER_HOLDER = "server"  # the holder of the server's own row in ``bases``
+
+
+@dataclass(frozen=True)
+class BaseRow:
+    """Where a holder's base came from (``bases``: see :class:`fedslim.base.BaseOrigin` for the origins)."""
+
+    origin: str
+    path: str | None
+    fingerprint: str
+
+
 @dataclass(frozen=True)
 class RoundTotals:
     """One round as logged: its evaluation, participants and traffic (round 0 is the start)."""
@@ -257,7 +278,7 @@ def _client_accuracies(db: sqlite3.Connection, where: str, args: tuple[Any, ...]
 
 
 def _round_metrics(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> dict[int, dict[str, float | None]]:
-    """Each round's task-defined metrics (none in a log of schema 6 or older, which has no such table)."""
+    """Each round's task-defined metrics (none in a log of schema 7 or older, which has no such table)."""
     if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'round_metrics'").fetchone():
         return {}
     metrics: dict[int, dict[str, float | None]] = {}
@@ -409,8 +430,8 @@ class CommLog:
             raise KeyError(f"run {run_id} is not in {self.path}")
         with self._db:
             self._db.execute("BEGIN")
-            tables = ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations", "round_metrics")
-            for table in tables:
+            tables = ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations", "bases")
+            for table in (*tables, "round_metrics"):
                 self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
             self._db.execute(
                 "UPDATE runs SET finished_at = NULL, final_state_digest = NULL, resumes = resumes + 1 WHERE run_id = ?",
@@ -464,6 +485,12 @@ class CommLog:
         self._db.execute(
             "INSERT OR REPLACE INTO client_evaluations VALUES (?, ?, ?, ?, ?, ?)",
             (run_id, server_round, evaluation.client, evaluation.examples, evaluation.correct, evaluation.loss),
+        )
+
+    def record_base(self, run_id: str, server_round: int, holder: str, row: BaseRow) -> None:
+        """Where ``holder`` (``server``, or a node's client key) got the run's base (a row of ``bases``)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO bases VALUES (?, ?, ?, ?, ?, ?)", (run_id, server_round, holder, *astuple(row))
         )
 
     def record_consolidation(self, run_id: str, row: ConsolidationRow) -> None:

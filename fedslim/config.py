@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,11 @@ BUILTIN_TASKS = ("synthetic-transfer", "synthetic", "fmnist", "text")
 RECOMMENDED_UPLINK_CODEC = "topk:0.1+q8+lzma"
 RECOMMENDED_DOWNLINK_CODEC = "topk:0.05+q8+lzma"
 TASK_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+TASK_FILE_REFERENCE = re.compile(r"[^:]*\.py:[A-Za-z_][\w.]*")  # path/to/my_task.py:MyTask
+TASK_SETTING_PREFIX = "task."  # run config keys task.NAME are the task's own settings
+TASK_SETTING_NAME = re.compile(r"[A-Za-z_][\w-]*")
+TaskSettingValue = bool | int | float | str
+TASK_SETTING_HELP = "a setting of the task's own (repeatable), read by the task; run config key task.NAME"
 FAST_KINDS = ("lora", "ffa-lora", "head", "sparse", "full")
 PERSONAL_KINDS = ("none", "head")
 MERGEABLE_KINDS = ("lora", "ffa-lora", "sparse")  # fast layers whose adapters can be merged into the base
@@ -408,6 +414,10 @@ class RunConfig:
     provision_chunk_bytes : int
         Chunk size when the server sends its base to a node that has none
         (one message per chunk; 4 MiB stays under Flower's 5 MiB array chunks).
+    task_settings : dict
+        The task's own settings, by name (run config keys ``task.NAME``,
+        ``--task-setting NAME=VALUE``): bool, int, float or str values that
+        fedslim passes on without reading (see :meth:`fedslim.task.Task.setting`).
     """
 
     task: str = setting(
@@ -559,13 +569,23 @@ class RunConfig:
     provision_chunk_bytes: int = setting(
         4 << 20, "chunk size when the server sends its base to a node that has none", flag=False, range=Range(1024)
     )
+    task_settings: dict[str, TaskSettingValue] = dataclasses.field(
+        default_factory=dict,
+        hash=False,  # a dict: equal configs still hash alike, by their other fields
+        metadata={SETTING: Setting(TASK_SETTING_HELP, key=False, flag=False)},
+    )
 
     def __post_init__(self) -> None:
         # Imported here: the participation module's errors are ConfigErrors, so it imports this module.
         from fedslim.data.participation import check_participation_spec
 
-        if self.task not in BUILTIN_TASKS and not TASK_REFERENCE.fullmatch(self.task):
-            raise ConfigError(f"unknown task {self.task!r}; use {', '.join(BUILTIN_TASKS)} or module:object")
+        if self.task not in BUILTIN_TASKS and not (
+            TASK_REFERENCE.fullmatch(self.task) or TASK_FILE_REFERENCE.fullmatch(self.task)
+        ):
+            raise ConfigError(
+                f"unknown task {self.task!r}; use {', '.join(BUILTIN_TASKS)}, module:object or path/to/file.py:object"
+            )
+        check_task_settings(self.task_settings)
         if self.device not in DEVICES:
             raise ConfigError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         check_ranges(self)
@@ -640,20 +660,24 @@ class RunConfig:
             value = getattr(self.fast if entry.in_fast else self, entry.name)
             if not (entry.setting.omit_default and value == entry.default):
                 task[entry.key] = value
-        return task
+        return task | {TASK_SETTING_PREFIX + name: value for name, value in self.task_settings.items()}
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> RunConfig:
         """Build from a flat mapping with kebab-case keys (Flower's run_config); snake_case keys work too."""
         kwargs: dict[str, Any] = {}
         fast_kwargs: dict[str, Any] = {}
+        task_settings: dict[str, Any] = {}
         for key, value in values.items():
+            if key.startswith(TASK_SETTING_PREFIX):
+                task_settings[key.removeprefix(TASK_SETTING_PREFIX)] = value
+                continue
             entry = FLAT_KEYS.get(key.replace("_", "-"))
             if entry is None:
                 raise ConfigError(f"unknown config key {key!r}")
             (fast_kwargs if entry.in_fast else kwargs)[entry.name] = value
         fast_kwargs["seed"] = int(kwargs.get("seed", cls.seed))
-        return cls(fast=FastSpec(**fast_kwargs), **kwargs)
+        return cls(fast=FastSpec(**fast_kwargs), task_settings=task_settings, **kwargs)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -668,6 +692,12 @@ class RunConfig:
             elif value is None and entry.setting.flag_default is not None:
                 value = entry.setting.flag_default(args)
             values[entry.key] = value
+        for text in getattr(args, "task_settings", []):
+            name, value = parse_task_setting(text)
+            values[TASK_SETTING_PREFIX + name] = value
+        if TASK_FILE_REFERENCE.fullmatch(values["task"]):  # absolute: every process finds it, whatever its folder
+            file, _, attribute = values["task"].rpartition(":")
+            values["task"] = f"{Path(file).expanduser().resolve()}:{attribute}"
         return cls.from_flat(values)
 
 
@@ -715,4 +745,36 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
                 choices=declared.choices,
                 metavar=declared.metavar,
                 help=declared.help,
+            )
+    parser.add_argument(
+        "--task-setting",
+        dest="task_settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=TASK_SETTING_HELP,
+    )
+
+
+def parse_task_setting(text: str) -> tuple[str, TaskSettingValue]:
+    """``NAME=VALUE`` of ``--task-setting``: VALUE as in TOML (``64``, ``0.5``, ``true``, ``"text"``), else the
+    text itself."""
+    name, equals, value = text.partition("=")
+    if not equals:
+        raise ConfigError(f"--task-setting {text!r}: give NAME=VALUE")
+    try:
+        parsed = tomllib.loads(f"value = {value}")["value"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return name.strip(), parsed if isinstance(parsed, TaskSettingValue) else value
+
+
+def check_task_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse a task setting that is not NAME (letters, digits, _ and -) with a bool, int, float or str value."""
+    for name, value in settings.items():
+        if not isinstance(name, str) or not TASK_SETTING_NAME.fullmatch(name):
+            raise ConfigError(f"task setting {name!r}: a name is letters, digits, _ and -, as in task.hidden-units")
+        if not isinstance(value, TaskSettingValue):
+            raise ConfigError(
+                f"task setting {name}: {type(value).__name__} values are not settings (bool, int, float or str)"
             )

@@ -9,21 +9,27 @@ and deployment) is fedslim's. The built-in benchmarks
 docs/tasks.md writes one for a model and data of your own.
 
 A run names its task with ``--task`` (run config ``task``): a built-in name,
-or ``module:object`` where ``object`` is a :class:`Task` instance or a
-:class:`Task` subclass that takes no arguments.
+``module:object`` or ``path/to/file.py:object``, where ``object`` is a
+:class:`Task` instance or a :class:`Task` subclass that takes no arguments.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
+import importlib.util
+import inspect
 import json
 import os
+import re
 import sys
+import textwrap
 from abc import ABC, abstractmethod
-from collections.abc import Sized
+from collections.abc import Callable, Mapping, Sized
 from functools import lru_cache
 from pathlib import Path
+from types import MappingProxyType, ModuleType
 from typing import Any
 
 import numpy as np
@@ -32,7 +38,7 @@ from torch import nn
 
 from fedslim.adapters import FastSlowModel, attach_fast_layer
 from fedslim.base import ResidentBase, cache_dir, ensure_base, load_base, read_checkpoint_state
-from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
+from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig, TaskSettingValue
 from fedslim.data.datasets import load_array_file
 from fedslim.training import EvalResult, evaluate
 
@@ -54,6 +60,26 @@ class Task(ABC):
     name: str = "task"
     """Short name: it starts the base checkpoint's cache file name."""
 
+    base_version: str | int | None = None
+    """The version of the base's making, when the task names it: then the cache key holds it instead of the source
+    of :meth:`build_base` and :meth:`pretrain` (an edit that leaves the weights as they were keeps the cached base;
+    change the version when the weights change)."""
+
+    settings: Mapping[str, TaskSettingValue] = MappingProxyType({})
+    """The run's settings for this task (run config keys ``task.NAME``); read them with :meth:`setting`."""
+
+    def setting(self, name: str, default: TaskSettingValue) -> Any:
+        """The run's task setting ``name`` (``--task-setting NAME=VALUE``, run config ``task.NAME``), else
+        ``default``; ConfigError when the run gives it a value of another type than the default's."""
+        value = self.settings.get(name, default)
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not type(default):
+            raise ConfigError(
+                f"task setting {name} must be of type {type(default).__name__} (task {self.name}), got {value!r}"
+            )
+        return value
+
     # ----------------------------------------------------------------- the resident base
 
     @abstractmethod
@@ -63,11 +89,19 @@ class Task(ABC):
     def base_identity(self, config: RunConfig) -> dict[str, Any]:
         """What determines this task's base checkpoint: the key of its cache file (see :meth:`base_path`).
 
-        By default the task's class and the run's seed; override it when your
-        base depends on more (a pretrained file, a setting), so that a change
-        makes a new checkpoint instead of reusing a cached one.
+        By default the task's class, the run's seed and task settings, and the
+        source of :meth:`build_base` and :meth:`pretrain` (or :attr:`base_version`
+        where the task sets one), so that a changed pretraining makes a new
+        checkpoint instead of reusing a cached one. Extend it
+        (``super().base_identity(config) | {...}``) when your base depends on
+        more: a pretrained file, a dataset's version.
         """
-        return {"task": f"{type(self).__module__}.{type(self).__qualname__}", "seed": config.seed}
+        identity: dict[str, Any] = {"task": f"{type(self).__module__}.{type(self).__qualname__}", "seed": config.seed}
+        if config.task_settings:
+            identity["settings"] = dict(config.task_settings)
+        if self.base_version is not None:
+            return identity | {"version": self.base_version}
+        return identity | {"code": base_code_digest(type(self).build_base, type(self).pretrain)}
 
     def base_path(self, config: RunConfig) -> Path:
         """Where this machine keeps the base checkpoint (a deployed node may name another with ``base-path``)."""
@@ -168,9 +202,26 @@ class Task(ABC):
         return evaluate(module, data, self)
 
 
+@lru_cache(maxsize=64)
+def base_code_digest(*methods: Callable[..., Any]) -> str:
+    """SHA-256 (16 hex digits) of the source of ``methods``: what a task's default base identity holds of the code
+    that makes its base. ConfigError naming :attr:`Task.base_version` when a method's source cannot be read."""
+    digest = hashlib.sha256()
+    for method in methods:
+        try:
+            source = textwrap.dedent(inspect.getsource(method))
+        except (OSError, TypeError) as exc:
+            raise ConfigError(
+                f"the source of {method.__qualname__} cannot be read ({exc}): set base_version on the task"
+            ) from exc
+        digest.update(f"{method.__qualname__}\0{source}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def task_for(config: RunConfig) -> Task:
-    """The task ``config.task`` names (ConfigError naming the problem if it names none)."""
-    return load_task(config.task)
+    """The task ``config.task`` names, with the run's task settings (ConfigError naming the problem if it names
+    none)."""
+    return load_task(config.task, tuple(sorted(config.task_settings.items())))
 
 
 def prepared_base(config: RunConfig) -> ResidentBase:
@@ -180,8 +231,19 @@ def prepared_base(config: RunConfig) -> ResidentBase:
 
 
 @lru_cache(maxsize=8)
-def load_task(reference: str) -> Task:
-    """The task a name refers to: a built-in one, or ``module:object`` (an instance or a no-argument subclass)."""
+def load_task(reference: str, settings: tuple[tuple[str, TaskSettingValue], ...] = ()) -> Task:
+    """The task a name refers to, given ``settings`` (its :attr:`Task.settings`, as name-value pairs): a built-in
+    one, or ``module:object`` or ``path/to/file.py:object`` (an instance or a no-argument subclass)."""
+    task = _referenced_task(reference)
+    if settings:
+        task = copy.copy(task)  # the module's own instance keeps its settings
+        task.settings = MappingProxyType(dict(settings))
+    return task
+
+
+@lru_cache(maxsize=8)
+def _referenced_task(reference: str) -> Task:
+    """The task ``reference`` names, as its module defines it (loaded once per process)."""
     if reference == "text":
         from fedslim.tasks.text import FortunesTask
 
@@ -190,13 +252,17 @@ def load_task(reference: str) -> Task:
         from fedslim.tasks.benchmarks import BenchmarkTask
 
         return BenchmarkTask(reference)
-    module_name, _, attribute = reference.partition(":")
+    module_name, _, attribute = reference.rpartition(":")
     if not module_name or not attribute:
-        raise ConfigError(f"unknown task {reference!r}: use {', '.join(BUILTIN_TASKS)} or module:object")
+        raise ConfigError(
+            f"unknown task {reference!r}: use {', '.join(BUILTIN_TASKS)}, module:object or path/to/file.py:object"
+        )
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())  # a task module next to where fedslim runs, as for `python -m`
     try:
-        found: Any = importlib.import_module(module_name)
+        found: Any = (
+            import_task_file(module_name) if module_name.endswith(".py") else importlib.import_module(module_name)
+        )
         for part in attribute.split("."):
             found = getattr(found, part)
         if isinstance(found, type) and issubclass(found, Task):
@@ -210,3 +276,34 @@ def load_task(reference: str) -> Task:
     except TypeError as exc:
         raise ConfigError(f"task {reference!r} must be hashable (a @dataclass task needs eq=False)") from exc
     return found
+
+
+def task_module_name(path: Path) -> str:
+    """The module name a task file is imported under: its stem and a digest of its absolute path, the same in every
+    process (the server's, each client's, Ray's workers), so that what one pickles another loads."""
+    stem = re.sub(r"\W", "_", path.stem)
+    return f"fedslim_task_{stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def import_task_file(file: str) -> ModuleType:
+    """The module of the Python file ``file``, imported once per process (its folder joins ``sys.path``, so that
+    it imports its neighbours as a script does)."""
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no task file {path}")
+    name = task_module_name(path)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} cannot be imported as a module")
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before it runs: dataclasses and pickle look their module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

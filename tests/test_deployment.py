@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from flower_processes import BIN, REPO, flwr_run, insecure_federation
+from test_export import check_export_round_trip
 
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
@@ -70,6 +71,8 @@ def test_logged_bytes_agree_with_the_superlinks_traffic_count(deployed: Federati
     residual = (summary.total_bytes - counted) / counted
     print(f"logged {summary.total_bytes} B, SuperLink counted {counted} B, residual {residual:+.3%}")
     assert abs(residual) < 0.05
+    # The trained model out of a deployed run, consolidated after round 1, as out of a simulated one.
+    check_export_round_trip(out, deployed.tmp / "exported")
 
 
 def serverapp_pids(superlink: int) -> list[int]:

@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"fedslim.channel"},
     {"fedslim.strategies"},
     {"fedslim.client", "fedslim.server"},
-    {"fedslim.simulation", "fedslim.deploy", "fedslim.logs", "fedslim.cli"},
+    {"fedslim.simulation", "fedslim.deploy", "fedslim.logs", "fedslim.cli", "fedslim.bases_cli"},
 ]
 
 

@@ -119,6 +119,22 @@ def test_a_node_without_the_base_gets_it_resumably_and_then_moves_only_the_fast_
     with RunLog(resumed.out) as log:
         summary = log.summary()
     assert summary.provisioned_nodes == 1 and summary.provisioning_bytes > size - 2 * CHUNK
+    # The log names where each holder's base came from; the node that got it is the provisioned one.
+    with RunLog(interrupted.out) as log:
+        first = {row[2]: row[3] for row in log.table("bases")[1]}
+    # Pretrained by this test, or by an earlier one of the session; the second run finds it cached either way.
+    assert first.pop("server") in ("pretrained", "cache")
+    assert first == {"partition-0": "node-file", "partition-1": "node-file"}
+    with RunLog(resumed.out) as log:
+        columns, logged = log.table("bases")
+    assert columns == ["run_id", "round", "holder", "origin", "path", "fingerprint"]
+    assert {row[2]: (row[3], row[4]) for row in logged} == {
+        "server": ("cache", str(server_base.path)),
+        "partition-0": ("node-file", None),
+        "partition-1": ("node-file", None),
+        "partition-2": ("provisioned", None),
+    }
+    assert {row[5] for row in logged} == {server_base.fingerprint}
     assert summary.training_bytes_up + summary.training_bytes_down + summary.provisioning_bytes < summary.total_bytes
     # Rounds 1 and later carry the fast layer only.
     later = rows(resumed, "round > 0")

@@ -81,7 +81,7 @@ def test_a_task_object_or_a_task_class_is_loaded_and_anything_else_is_refused(
 @pytest.mark.parametrize(
     ("task", "message"),
     [
-        ("mnist", "unknown task 'mnist'; use synthetic-transfer, synthetic, fmnist, text or module:object"),
+        ("mnist", "unknown task 'mnist'; use synthetic-transfer, synthetic, fmnist, text, module:object or path"),
         ("no_such_module_anywhere:Task", "task 'no_such_module_anywhere:Task' cannot be loaded"),
         ("json:loads", "task 'json:loads' is a function, not a fedslim.task.Task"),
     ],

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
+from fedslim.adapters import state_digest
 from fedslim.channel.protocol import (
     BASE_CHAIN_KEY,
     BASE_META_KEY,
@@ -67,15 +68,6 @@ from fedslim.codecs.pipeline import (
     parse_codec,
 )
 from fedslim.consolidation import BaseChain
-
-
-def state_digest(state: Mapping[str, np.ndarray], length: int = 32) -> str:
-    """SHA-256 over names and float32 bytes, in name order: its first ``length`` hex characters (64: all of it)."""
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(state[name], dtype=np.float32).tobytes())
-    return digest.hexdigest()[:length]
 
 
 class ServerReplica:

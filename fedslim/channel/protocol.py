@@ -115,6 +115,7 @@ NODE_NAME_KEY = "node-name"
 DATA_PATH_KEY = "data-path"
 BASE_PATH_KEY = "base-path"
 TASKS_KEY = "tasks"  # the module:object tasks a deployed node agrees to import, comma-separated
+MODEL_OUT_KEY = "model-out"  # where a node writes its model (shared fast layer, its own head) at the final sync
 
 # Keys of a node's Flower context state (kept by the SuperNode across rounds and ClientApp restarts).
 REPLICA_STATE_KEY = "fedslim-replica"

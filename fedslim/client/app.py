@@ -8,12 +8,14 @@ import zlib
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from functools import lru_cache, wraps
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from torch import nn
 
 from fedslim.adapters import FastSlowModel
@@ -42,6 +44,7 @@ from fedslim.channel.protocol import (
     EVAL_EXAMPLES_KEY,
     EVAL_LOSS_KEY,
     MERGES_KEY,
+    MODEL_OUT_KEY,
     NODE_NAME_KEY,
     NUM_EXAMPLES_KEY,
     OFFSET_KEY,
@@ -76,6 +79,7 @@ from fedslim.client.provisioning import PartialBase, ProvisioningError
 from fedslim.config import BUILTIN_TASKS, ConfigError, FastSpec, RunConfig
 from fedslim.consolidation import header, keep_merged, replayed_base
 from fedslim.data.checks import DataError, NoExamplesError, check_data
+from fedslim.export import run_manifest, write_model
 from fedslim.task import Task, task_for
 from fedslim.training import full_gradient, train_epochs, train_steps, train_variance_reduced
 
@@ -226,9 +230,42 @@ def node_seed(context: Context) -> int:
 @app.query("sync")
 @answers_refusals
 def final_sync(msg: Message, context: Context) -> Message:
-    """The end-of-run sync: take the server's final fast state and confirm its digest."""
-    replica = synced_instruction(msg, context).replica
+    """The end-of-run sync: take the server's final fast state and confirm its digest (and, with ``model-out`` in
+    the node config, write this node's model there)."""
+    instruction = synced_instruction(msg, context)
+    replica = instruction.replica
+    if MODEL_OUT_KEY in context.node_config:
+        write_node_model(context, instruction, Path(str(context.node_config[MODEL_OUT_KEY])))
     return Message(replica_report(replica.version, state_digest(replica.state)), reply_to=msg)
+
+
+def write_node_model(context: Context, instruction: SyncedInstruction, folder: Path) -> None:
+    """This node's model after the run: the final shared fast state with its own personal tensors, as a model
+    folder (:mod:`fedslim.export`; ``fedslim.load_model(folder)`` loads it). A folder that cannot be written is
+    logged; the sync is confirmed all the same."""
+    config, base, replica = instruction.config, instruction.base, instruction.replica
+    model = fast_model(base, config.fast, instruction.device)
+    model.load_fast_state(replica.state)
+    load_personal(model, context, base, config.fast)
+    kept = context.state.config_records.get(CHAIN_STATE_KEY)
+    merges = [bytes(blob) for blob in kept[MERGES_KEY]] if kept is not None and base.generation else []
+    root = resident_base(context, config)
+    personal = model.personal_state() if model.personal_names else None
+    manifest = run_manifest(
+        config,
+        str(context.run_id),
+        root,
+        base.fingerprint,
+        instruction.server_round,
+        True,
+        replica.state,
+        len(merges),
+        node=node_key(context) if personal is not None else "",
+    )
+    try:
+        write_model(folder, manifest, replica.state, merges, personal)
+    except OSError as exc:
+        log(WARNING, "cannot write this node's model to %s: %s", folder, exc)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,11 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         metavar="MODULE:OBJECT",
         help="a task of your own this node agrees to import (repeatable; the built-in tasks need none)",
     )
+    supernode.add_argument(
+        "--model-out",
+        type=Path,
+        help="where the node writes its trained model (with its own head) at a run's final sync (final-sync=true)",
+    )
     supernode.add_argument("--port", type=int, default=9094, help="the SuperNode's local runtime API port")
     node_tls = supernode.add_mutually_exclusive_group(required=True)
     node_tls.add_argument("--ca", type=Path, help="the CA certificate (ca.crt)")
@@ -78,6 +83,7 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def run_deploy(args: argparse.Namespace) -> int:
+    from fedslim.channel.protocol import MODEL_OUT_KEY
     from fedslim.deploy.commands import (
         NodeSettings,
         register_command,
@@ -116,7 +122,8 @@ def run_deploy(args: argparse.Namespace) -> int:
         node_auth = not (args.insecure or args.no_node_auth)
         argv = superlink_command(args.fleet_address, args.control_address, args.database, credentials, node_auth)
     else:
-        node = NodeSettings(args.name, args.data, args.base, tuple(args.task))
+        model_out = ((MODEL_OUT_KEY, str(args.model_out.resolve())),) if args.model_out else ()
+        node = NodeSettings(args.name, args.data, args.base, tuple(args.task), model_out)
         argv = supernode_command(args.superlink, node, args.port, args.ca, args.key)
     if args.print:
         print(shlex.join(argv))

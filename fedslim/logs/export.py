@@ -18,8 +18,8 @@ def export_run(log: RunLog, fmt: str, out: Path) -> list[Path]:
     ``json``: one file ``out`` with ``schema_version``, ``run`` (its ``config``
     parsed) and one list of row objects per table. ``csv``: a folder ``out``
     with one file per table (``runs.csv``, ``rounds.csv``, ``messages.csv``,
-    ``memory_weights.csv``, ``client_evaluations.csv``, ``consolidations.csv``, ``round_metrics.csv``), a header
-    row each.
+    ``memory_weights.csv``, ``client_evaluations.csv``, ``consolidations.csv``, ``bases.csv``,
+    ``round_metrics.csv``), a header row each.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")

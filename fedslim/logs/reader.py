@@ -28,6 +28,7 @@ TABLES = {
     "memory_weights": " ORDER BY round",
     "client_evaluations": " ORDER BY round, client",
     "consolidations": " ORDER BY round",
+    "bases": " ORDER BY round, holder",
     "round_metrics": " ORDER BY round, name",
 }
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import sqlite3
 import tempfile
+from contextlib import closing
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +36,7 @@ from fedslim.channel.uplink import SizeScreen
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import ConfigError, RunConfig
 from fedslim.data.participation import TRACE_FILENAME
+from fedslim.export import MODEL_DIRNAME
 from fedslim.strategies.base import FastStrategy
 
 CHECKPOINT_FILENAME = "checkpoint.pkl"
@@ -164,6 +167,7 @@ def claim_run_dir(config: RunConfig) -> None:
     for name in (LOG_FILENAME, NODE_STATES_FILENAME, CHECKPOINT_FILENAME, TRACE_FILENAME):
         for path in (run_dir / name, run_dir / f"{name}-wal", run_dir / f"{name}-shm"):
             path.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / MODEL_DIRNAME, ignore_errors=True)
 
 
 class NodeStateStore:
@@ -244,3 +248,30 @@ def deserialise_state(blob: bytes) -> RecordDict:
     proto = RecordDictProto()
     proto.ParseFromString(blob)
     return recorddict_from_proto(proto)
+
+
+def node_personal_state(run_dir: Path, client: str) -> dict[str, np.ndarray]:
+    """The personal tensors (its own head) of simulated node ``client`` as the run's checkpoint saved its context
+    state, read-only (ConfigError naming why there are none: the run kept no node states, or no such node)."""
+    from fedslim.channel.protocol import PERSONAL_STATE_KEY
+
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint.node_states is None:
+        raise ConfigError(
+            f"{run_dir} keeps no node states: only a simulation with --backend inline and checkpoints does (a "
+            "deployed node keeps its own head in its context)"
+        )
+    saved = checkpoint.node_states.get(client)
+    if saved is None:
+        known = sorted(checkpoint.node_states)
+        raise ConfigError(
+            f"no node {client!r} in {run_dir}; its nodes are {', '.join(known[:4])}{', ...' * (len(known) > 4)}"
+        )
+    with closing(sqlite3.connect(f"file:{Path(run_dir) / NODE_STATES_FILENAME}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT state FROM node_states WHERE client = ? AND round = ?", (client, saved)).fetchone()
+    if row is None:
+        raise ConfigError(f"the state of node {client!r} is missing from {run_dir / NODE_STATES_FILENAME}")
+    personal = deserialise_state(row[0]).array_records.get(PERSONAL_STATE_KEY)
+    if personal is None:
+        raise ConfigError(f"node {client!r} holds no personal tensors (the run had no --personal, or it never trained)")
+    return {name: array.numpy() for name, array in personal.items()}

@@ -19,7 +19,8 @@ from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedslim.channel.accounting import WireAccounting
+from fedslim.base import BaseOrigin, BaseProvenance, ResidentBase, provenance_of
+from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.protocol import (
     BASE_BYTES_KEY,
     BaseStatus,
@@ -30,6 +31,7 @@ from fedslim.channel.protocol import (
     error_text,
     identity_requests,
 )
+from fedslim.commlog import SERVER_HOLDER, BaseRow
 from fedslim.server.nodes import OrderedGrid
 from fedslim.server.provisioning import provision_bases
 
@@ -101,6 +103,7 @@ class IdentityQuery:
             wire.record_down(request)
         missing: dict[int, int] = {}
         empty: set[int] = set()
+        held: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             report = base_report(reply)
@@ -116,6 +119,8 @@ class IdentityQuery:
                 empty.add(node)
             elif report is not None and report.status == BaseStatus.MISSING:
                 missing[node] = report.partial_bytes
+            elif report is not None and report.status == BaseStatus.OK and node in found.keys:
+                held.add(node)
             wire.record_reply(reply, reason)
         answered = {reply.metadata.src_node_id for reply in replies}
         for request in requests:
@@ -129,6 +134,8 @@ class IdentityQuery:
                 grid, missing, self.base_path, self.task, self.chunk_bytes, self.timeout, wire
             )
             found.refused |= set(missing) - provisioned
+            self._record_bases(wire, provisioned, BaseOrigin.PROVISIONED)
+        self._record_bases(wire, held, BaseOrigin.NODE_FILE)
         for node in sorted(found.refused):
             log(WARNING, "node %d (%s) is left out of the run: it lacks the server's base", node, keys[node])
         for node in sorted(empty):
@@ -136,6 +143,12 @@ class IdentityQuery:
         found.refused |= empty
         self._back_off(wire.server_round, found)
         return found
+
+    def _record_bases(self, wire: WireAccounting, nodes: set[int], origin: BaseOrigin) -> None:
+        """Log where each of ``nodes`` got the server's base: given it now, or its own file."""
+        for node in sorted(nodes):
+            row = BaseRow(origin.value, None, self.base_fingerprint)
+            wire.run.commlog.record_base(wire.run.run_id, wire.server_round, wire.run.client_keys[node], row)
 
     def _back_off(self, server_round: int, found: Identified) -> None:
         """Schedule the next query of each silent node: 1, 2, 4, ... rounds after its silent queries."""
@@ -159,3 +172,12 @@ class IdentityQuery:
 def _short(fingerprint: str) -> str:
     """A hex fingerprint cut for a log line; anything else (a reason it could not be read) in full."""
     return f"{fingerprint[:16]}..." if len(fingerprint) == 64 else fingerprint
+
+
+def record_server_base(run: RunWire, server_round: int, base: ResidentBase) -> BaseProvenance:
+    """Log (the communication log's ``bases``, and Flower's log) where the server's base came from."""
+    provenance = provenance_of(base, run_starts=True)
+    row = BaseRow(provenance.origin.value, str(provenance.path), provenance.fingerprint)
+    run.commlog.record_base(run.run_id, server_round, SERVER_HOLDER, row)
+    log(INFO, "fedslim run %s base: %s", run.run_id, provenance.describe())
+    return provenance

@@ -32,6 +32,7 @@ from fedslim.config import ConfigError, RunConfig
 from fedslim.consolidation import BaseChain
 from fedslim.data.checks import attached_model, checked_test_data
 from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
+from fedslim.export import MODEL_DIRNAME, run_manifest, write_model
 from fedslim.server.checkpoint import (
     CHECKPOINT_FORMAT,
     Checkpoint,
@@ -42,7 +43,7 @@ from fedslim.server.checkpoint import (
     resumable_config,
     write_checkpoint,
 )
-from fedslim.server.identity import IdentityQuery
+from fedslim.server.identity import IdentityQuery, record_server_base
 from fedslim.server.nodes import NODE_WAIT_TIMEOUT_S, NodesMissingError, OrderedGrid, wait_for_nodes
 from fedslim.server.round import ServerRun
 from fedslim.strategies.base import FastStrategy, Federation
@@ -183,6 +184,7 @@ def run_federation(
     schedule = simulated_participation(config, task)
     first_round = resumed.completed_round + 1 if resumed is not None else 1
     wire = open_log(config, base, model, type(strategy).__name__, resumed)
+    record_server_base(wire, first_round if resumed is not None else 0, base)
     store = None
     try:
         if node_states is not None and config.checkpoint_every:
@@ -234,6 +236,8 @@ def run_federation(
         digest = state_digest(run.fast_state, length=64)
         wire.commlog.finish_run(wire.run_id, digest)
         save_checkpoint(run, config.rounds, node_states, store, finished=True)
+        if not config.checkpoint_every:
+            save_model(run, config.rounds, finished=True)
         log(INFO, "fedslim run %s finished: final state digest %s", wire.run_id, digest)
         return RunResult(
             wire.run_id, str(wire.commlog.path), wire.commlog.round_totals(wire.run_id), run.fast_state, digest
@@ -282,6 +286,25 @@ def save_checkpoint(
         ) from exc
     if store is not None and index is not None:
         store.settle(index)
+    save_model(run, completed_round, finished)
+
+
+def save_model(run: ServerRun, completed_round: int, finished: bool) -> None:
+    """Write ``RUN_DIR/model/``: the run's exact fast state after ``completed_round`` (the one its central
+    evaluation measured), its consolidations and a manifest (see :mod:`fedslim.export`)."""
+    chain = run.downlink.chain
+    assert chain is not None  # run_federation always gives its downlink the chain
+    manifest = run_manifest(
+        run.config,
+        run.wire.run_id,
+        chain.root,
+        chain.base.fingerprint,
+        completed_round,
+        finished,
+        run.fast_state,
+        len(chain.blobs),
+    )
+    write_model(run.config.run_dir / MODEL_DIRNAME, manifest, run.fast_state, chain.blobs)
 
 
 def restore_clients(
