@@ -67,8 +67,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         console=console,
     )
     bar = progress.add_task("rounds", total=config.rounds, status="starting nodes")
+    reported: list[int] = []  # the rounds logged so far, for the line Ctrl-C prints
 
     def on_round(totals: RoundTotals) -> None:
+        reported.append(totals.round)
         status = f"round {totals.round}: {totals.accepted}/{totals.sampled} updates"
         if totals.accuracy is not None:
             status += f", accuracy {totals.accuracy:.4f}"
@@ -91,6 +93,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:  # a dataset's files (DatasetMissingError) or a task's own
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except KeyboardInterrupt:
+        from fedslim.simulation.interrupt import INTERRUPTED_EXIT_CODE, interrupted_message
+
+        print(interrupted_message(config.run_dir, reported[-1] if reported else None), file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
     console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)
