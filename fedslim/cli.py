@@ -37,13 +37,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.data.participation import check_trace
-    from fedslim.report import round_table, saving_summary
+    from fedslim.report import output_console, round_table, saving_summary
     from fedslim.server.checkpoint import claim_run_dir
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
@@ -57,7 +56,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     check_trace(config.participation, config.num_clients, config.rounds)
     config.check_run_dir()
     claim_run_dir(config)
-    console = Console()
+    console = output_console()
     progress = Progress(
         TextColumn("[bold]rounds"),
         BarColumn(),
