@@ -14,25 +14,28 @@ SIMULATE_HELP = "run a federation in Flower's simulation engine"
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from fedslim.config import add_run_config_arguments
+    from fedslim.config import HelpGroup, add_run_config_arguments
 
     p = sub.add_parser(
         "simulate",
         help=SIMULATE_HELP,
         description="Simulate a federation in which only the fast layer travels, and print a per-round table.",
+        usage="%(prog)s [options]",
     )
-    add_run_config_arguments(p)
-    p.add_argument(
+    run = add_run_config_arguments(p)[HelpGroup.RUN]
+    run.add_argument(
         "--backend",
         choices=("flower", "inline"),
         default="flower",
-        help="flower: Flower's simulation engine (Ray); inline: the same apps called in this process, sequentially",
+        help="flower: Flower's simulation engine (Ray); inline: the same apps called in this process, sequentially "
+        "(default: flower)",
     )
-    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    p.add_argument(
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the killed run of RUN_DIR from its last checkpoint, with the run's own configuration",
+        help="continue the interrupted (Ctrl-C) or killed run of RUN_DIR from its last checkpoint, with the run's own "
+        "configuration",
     )
 
 

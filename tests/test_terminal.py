@@ -1,4 +1,4 @@
-"""What the terminal shows: piped output is never cut, `simulate --help` is grouped with defaults, wall time is the run's."""
+"""The terminal: piped tables are never cut, `simulate --help` is grouped with defaults, wall time is the run's."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 
 from fedslim.cli import main
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundRow
+from fedslim.config import FLAT_KEYS, HelpGroup
 from fedslim.logs.reader import RunLog
 from fedslim.logs.views import kib
 
@@ -82,9 +83,7 @@ def test_logs_views_print_whole_on_a_pipe(
     assert "…" not in printed and kib(summary.total_bytes) in printed
 
 
-def test_wall_time_is_the_runs_less_the_time_it_was_stopped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wall_time_is_the_runs_less_the_time_it_was_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """From the run's start to its end, not the sum of its rounds; the time between a kill and its resume is out."""
     clock = [1000.0]
     monkeypatch.setattr("fedslim.commlog.time.time", lambda: clock[0])
@@ -110,3 +109,55 @@ def test_wall_time_is_the_runs_less_the_time_it_was_stopped(
         assert sum(r.wall_time_s for r in reader.rounds()) == pytest.approx(6.0)
     with sqlite3.connect(tmp_path / LOG_FILENAME) as db:
         assert db.execute("SELECT * FROM resumes").fetchall() == [("r1", 2, 1025.0, 5000.0)]
+
+
+def help_sections(text: str) -> dict[str, dict[str, str]]:
+    """``--help``'s sections by title, each its flags with their help (the flag's lines joined)."""
+    sections: dict[str, dict[str, str]] = {}
+    for block in text.split("\n\n"):
+        title, *lines = block.splitlines()
+        if title.endswith(":") and not title.startswith(" "):
+            flags = sections[title[:-1]] = {}
+            for line in lines:
+                if line.lstrip().startswith("-"):
+                    flag = line.split()[0].rstrip(",")
+                    flags[flag] = line
+                else:
+                    flags[flag] += " " + line.strip()
+    return sections
+
+
+def test_simulate_help_lists_every_flag_in_its_group_with_its_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # a flag's help on one line
+    with pytest.raises(SystemExit) as exited:
+        main(["simulate", "--help"])
+    assert exited.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: fedslim simulate [options]\n")
+    sections = help_sections(printed)
+    assert list(sections) == ["options", *(group.value for group in HelpGroup)]
+    flags = {flag: (title, text) for title, found in sections.items() for flag, text in found.items()}
+    declared = [entry for entry in FLAT_KEYS.values() if entry.flag is not None]
+    assert {entry.flag: flags[entry.flag][0] for entry in declared} == {
+        entry.flag: entry.setting.group for entry in declared
+    }
+    assert set(flags) == {"-h", *(entry.flag for entry in declared), "--backend", "--verbose", "--resume"}
+    assert all(flags[flag][0] == HelpGroup.RUN for flag in ("--backend", "--verbose", "--resume"))
+    shown = {
+        "--clients": "(default: 30)",
+        "--rounds": "(default: 10)",
+        "--fast": "(default: lora)",
+        "--lr": "(default: 0.05)",
+        "--server-lr": "(default: 1)",
+        "--codec": "(default: topk:0.1+q8+lzma)",
+        "--strategy": "(default: fedavg)",
+        "--out": "(default: runs/latest)",
+        "--fraction": "(default: 0.2 with --participation all, else 1.0)",  # said by its own help
+        "--backend": "(default: flower)",
+    }
+    assert {flag: flags[flag][1].endswith(default) for flag, default in shown.items()} == dict.fromkeys(shown, True)
+    # Every flag taking a value says its default, unless it has none (empty: off) or is repeatable.
+    valued = [e for e in declared if not isinstance(e.default, bool) and e.default != "" and not e.setting.repeatable]
+    assert [e.flag for e in valued if "(default: " not in flags[e.flag][1]] == []
