@@ -98,7 +98,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         from fedslim.simulation.interrupt import INTERRUPTED_EXIT_CODE, interrupted_message
 
-        print(interrupted_message(config.run_dir, reported[-1] if reported else None), file=sys.stderr)
+        print(interrupted_message(config.run_dir, reported[-1] if reported else None, args.backend), file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
     console.print(saving_summary(result.rounds))

@@ -17,7 +17,14 @@ from test_resume import PAUSE_ROUND, cli_args, fedslim, killable_config
 from fedslim.commlog import LOG_FILENAME, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.logs.reader import RunLog
-from fedslim.simulation.interrupt import INTERRUPTED_EXIT_CODE, RunStopped, ServerStopper, StoppableGrid
+from fedslim.server.checkpoint import load_checkpoint, write_checkpoint
+from fedslim.simulation.interrupt import (
+    INTERRUPTED_EXIT_CODE,
+    RunStopped,
+    ServerStopper,
+    StoppableGrid,
+    interrupted_message,
+)
 from fedslim.simulation.simulate import simulate
 
 
@@ -62,7 +69,7 @@ def test_ctrl_c_inline_stops_with_one_line_and_resume_gives_the_uninterrupted_di
 
     assert process.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
-    line = f"interrupted in round {PAUSE_ROUND}; continue with: fedslim simulate --resume {config.out}"
+    line = f"interrupted in round {PAUSE_ROUND}; continue with: fedslim simulate --resume {config.out} --backend inline"
     assert [text for text in output.splitlines() if "interrupted" in text] == [line]
     assert resumed_digest(Path(config.out), private_cache) == reference.final_state_digest
 
@@ -134,3 +141,21 @@ def test_a_stop_ends_a_wait_for_replies_at_the_next_poll_and_no_stopped_round_is
     with pytest.raises(RunStopped, match="interrupted in round 2"):
         stopper.on_round(lambda totals: reported.append(totals.round))(ROUND_2)
     assert reported == [2]
+
+
+def test_the_line_says_where_the_resume_starts_and_when_there_is_nothing_to_resume(
+    small_config: RunConfig, tmp_path: Path
+) -> None:
+    assert interrupted_message(tmp_path, None, "flower") == (
+        "interrupted in round 1; no checkpoint to continue from (start it again with --overwrite)"
+    )
+    simulate(replace(small_config, rounds=3), backend="inline")
+    run_dir = Path(small_config.out)
+    write_checkpoint(replace(load_checkpoint(run_dir), finished=False, completed_round=1), run_dir)
+    assert interrupted_message(run_dir, None, "flower") == (
+        f"interrupted in round 2; continue with: fedslim simulate --resume {run_dir}"
+    )
+    assert interrupted_message(run_dir, 2, "inline") == (
+        f"interrupted in round 3; continue with: fedslim simulate --resume {run_dir} --backend inline "
+        "(from its checkpoint after round 1)"
+    )

@@ -129,9 +129,9 @@ def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def interrupted_message(run_dir: Path, last_round: int | None) -> str:
+def interrupted_message(run_dir: Path, last_round: int | None, backend: str) -> str:
     """One line: the round the run was stopped in (after ``last_round``, the last one reported, if any) and how to
-    continue it from its checkpoint."""
+    continue it from its checkpoint, on the same ``backend`` (node states checkpointed inline go back only inline)."""
     try:
         checkpoint = load_checkpoint(run_dir)
     except ConfigError:
@@ -140,10 +140,12 @@ def interrupted_message(run_dir: Path, last_round: int | None) -> str:
         last_round = checkpoint.completed_round if checkpoint is not None else 0
     where = f"interrupted in round {last_round + 1}"
     if checkpoint is None:
-        return f"{where}, before its first checkpoint; nothing to resume (start it again with --overwrite)"
+        return f"{where}; no checkpoint to continue from (start it again with --overwrite)"
     if checkpoint.finished:
         return f"interrupted as the run finished; see fedslim logs summary {run_dir}"
     resume = f"continue with: fedslim simulate --resume {run_dir}"
+    if backend != "flower":  # the CLI's default
+        resume += f" --backend {backend}"
     if checkpoint.completed_round != last_round:
         resume += f" (from its checkpoint after round {checkpoint.completed_round})"
     return f"{where}; {resume}"
