@@ -96,10 +96,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     except KeyboardInterrupt:
-        from fedslim.simulation.interrupt import INTERRUPTED_EXIT_CODE, interrupted_message
+        from fedslim.simulation.interrupt import exit_interrupted, interrupted_message
 
         print(interrupted_message(config.run_dir, reported[-1] if reported else None, args.backend), file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+        return exit_interrupted(args.backend)
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
     console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)

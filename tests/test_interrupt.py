@@ -112,6 +112,24 @@ ROUND_2 = RoundTotals(round=2, accuracy=0.5, loss=1.0, sampled=2, accepted=2, by
                       full_model_bytes=4)  # fmt: skip
 
 
+def test_ctrl_c_while_flowers_engine_starts_its_nodes_ends_the_process(tmp_path: Path, private_cache: Path) -> None:
+    """Stopped as the run starts (Ray and its workers starting, the nodes' first query): no checkpoint yet, the
+    process ends at once and quietly."""
+    out = tmp_path / "stopped"
+    process = fedslim(
+        ["--backend", "flower", "--task", "synthetic", "--clients", "4", "--out", str(out)], private_cache
+    )
+    deadline = time.monotonic() + 120
+    while not (out / LOG_FILENAME).exists():  # the run has started: its nodes are being identified
+        assert process.poll() is None, process.communicate()[0].decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    output = interrupted(process, until=20)
+    assert process.returncode == INTERRUPTED_EXIT_CODE, output[-3000:]
+    assert "Traceback" not in output and "ERROR" not in output
+    assert [text for text in output.splitlines() if "interrupted" in text][0].startswith("interrupted in round 1; ")
+
+
 class SilentGrid:
     """Takes messages, never answers."""
 

@@ -15,7 +15,10 @@ checkpoint, and ``--resume`` continues from it.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -112,14 +115,20 @@ class ServerStopper:
 
 
 @contextmanager
-def stop_on_interrupt(stop: threading.Event) -> Iterator[None]:
-    """Within: SIGINT sets ``stop``, then raises ``KeyboardInterrupt`` as usual (in the main thread; elsewhere none)."""
+def stop_on_interrupt(stop: threading.Event, quiet: bool = True) -> Iterator[None]:
+    """Within: SIGINT sets ``stop``, then raises ``KeyboardInterrupt`` as usual (in the main thread; elsewhere none).
+
+    ``quiet``: from the stop on, Flower's logger stays silent: what its engine logs then is its workers torn down
+    (a Ray actor that died with the same SIGINT), not the run's.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        if quiet:
+            logging.getLogger("flwr").setLevel(logging.CRITICAL + 1)
         signal.default_int_handler(signum, frame)
 
     previous = signal.signal(signal.SIGINT, interrupt)
@@ -149,3 +158,17 @@ def interrupted_message(run_dir: Path, last_round: int | None, backend: str) -> 
     if checkpoint.completed_round != last_round:
         resume += f" (from its checkpoint after round {checkpoint.completed_round})"
     return f"{where}; {resume}"
+
+
+def exit_interrupted(backend: str) -> int:
+    """The exit code of an interrupted ``fedslim simulate``; on Flower's engine, the process ends here.
+
+    Flower's engine may leave one of its worker threads waiting for a Ray task that its shutdown dropped, and the
+    interpreter's exit would wait for that thread forever. The run's log, checkpoint and output are written by now
+    (the server's thread has stopped), so the process exits at once.
+    """
+    if backend == "flower":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED_EXIT_CODE)
+    return INTERRUPTED_EXIT_CODE

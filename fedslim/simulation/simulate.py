@@ -97,7 +97,7 @@ def simulate(
     # Ctrl-C stops the server's thread too, at its next grid call, instead of leaving it waiting out a round.
     stopper = ServerStopper()
     try:
-        with warnings.catch_warnings(), stop_on_interrupt(stopper.stop):
+        with warnings.catch_warnings(), stop_on_interrupt(stopper.stop, quiet=not verbose):
             warnings.simplefilter("ignore", DeprecationWarning)
             run_simulation(
                 server_app=make_server_app(
