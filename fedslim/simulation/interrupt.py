@@ -10,7 +10,9 @@ its next call, so that thread ends within a poll instead of waiting out the
 round timeout. A round that saw the stop is never checkpointed (the replies
 of clients hit by the same SIGINT are not the run's): its ``on_round`` raises
 too, before the loop writes its checkpoint. What is on disk is then the last
-checkpoint, and ``--resume`` continues from it.
+checkpoint, and ``--resume`` continues from it. ``fedslim simulate`` prints
+one line (:func:`interrupted_message`) and exits with 130
+(:func:`exit_interrupted`).
 """
 
 from __future__ import annotations

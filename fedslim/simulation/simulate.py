@@ -54,6 +54,9 @@ def simulate(
     ``"inline"`` delivers every message to the ClientApp in this process
     (:class:`~fedslim.simulation.inline.InlineGrid`): the same loop and client
     code, sequential, no start-up cost, for sweeps of many runs.
+
+    Ctrl-C raises ``KeyboardInterrupt`` here once the server has stopped,
+    its last checkpoint as it was (:mod:`fedslim.simulation.interrupt`).
     """
     from fedslim.client.app import app as client_app
     from fedslim.server.loop import run_federation
