@@ -14,37 +14,39 @@ SIMULATE_HELP = "run a federation in Flower's simulation engine"
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from fedslim.config import add_run_config_arguments
+    from fedslim.config import HelpGroup, add_run_config_arguments
 
     p = sub.add_parser(
         "simulate",
         help=SIMULATE_HELP,
         description="Simulate a federation in which only the fast layer travels, and print a per-round table.",
+        usage="%(prog)s [options]",
     )
-    add_run_config_arguments(p)
-    p.add_argument(
+    run = add_run_config_arguments(p)[HelpGroup.RUN]
+    run.add_argument(
         "--backend",
         choices=("flower", "inline"),
         default="flower",
-        help="flower: Flower's simulation engine (Ray); inline: the same apps called in this process, sequentially",
+        help="flower: Flower's simulation engine (Ray); inline: the same apps called in this process, sequentially "
+        "(default: flower)",
     )
-    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    p.add_argument(
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the killed run of RUN_DIR from its last checkpoint, with the run's own configuration",
+        help="continue the interrupted (Ctrl-C) or killed run of RUN_DIR from its last checkpoint, with the run's own "
+        "configuration",
     )
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedslim.base import provenance_of
     from fedslim.commlog import RoundTotals
     from fedslim.config import RunConfig
     from fedslim.data.participation import check_trace
-    from fedslim.report import round_table, saving_summary
+    from fedslim.report import output_console, round_table, saving_summary
     from fedslim.server.checkpoint import claim_run_dir
     from fedslim.simulation.simulate import simulate
     from fedslim.strategies.registry import strategy_for
@@ -58,7 +60,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     check_trace(config.participation, config.num_clients, config.rounds)
     config.check_run_dir()
     claim_run_dir(config)
-    console = Console()
+    console = output_console()
     progress = Progress(
         TextColumn("[bold]rounds"),
         BarColumn(),
@@ -68,8 +70,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         console=console,
     )
     bar = progress.add_task("rounds", total=config.rounds, status="starting nodes")
+    reported: list[int] = []  # the rounds logged so far, for the line Ctrl-C prints
 
     def on_round(totals: RoundTotals) -> None:
+        reported.append(totals.round)
         status = f"round {totals.round}: {totals.accepted}/{totals.sampled} updates"
         if totals.accuracy is not None:
             status += f", accuracy {totals.accuracy:.4f}"
@@ -93,6 +97,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:  # a dataset's files (DatasetMissingError) or a task's own
         console.print(f"[red]error:[/red] {exc}")
         return 2
+    except KeyboardInterrupt:
+        from fedslim.simulation.interrupt import exit_interrupted, interrupted_message
+
+        print(interrupted_message(config.run_dir, reported[-1] if reported else None, args.backend), file=sys.stderr)
+        return exit_interrupted(args.backend)
     console.print(round_table(result.rounds, f"run {result.run_id} ({config.fast.kind})", config.num_clients))
     console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)

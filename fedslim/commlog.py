@@ -35,10 +35,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 8
-# 5 added client_evaluations, 6 consolidations, 7 bases, 8 round_metrics: an older log reads as one without
-# client-side evaluation, merges, a record of where its base came from or task-defined metrics.
-READABLE_SCHEMAS = (4, 5, 6, 7, 8)
+SCHEMA_VERSION = 7
+# 5 added client_evaluations, 6 consolidations, 7 bases, round_metrics and resumes: an older log reads as one
+# without client-side evaluation, merges, a record of where its base came from, task-defined metrics or time
+# stopped between an interruption and its resume.
+READABLE_SCHEMAS = (4, 5, 6, 7)
 LOG_FILENAME = "commlog.sqlite"
 
 SCHEMA = """
@@ -127,6 +128,13 @@ CREATE TABLE IF NOT EXISTS round_metrics (
     name TEXT NOT NULL,             -- a metric the task's evaluate returned besides loss and accuracy
     value REAL,                     -- NULL if it was not finite
     PRIMARY KEY (run_id, round, name)
+);
+CREATE TABLE IF NOT EXISTS resumes (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    after_round INTEGER NOT NULL,   -- the checkpoint's round: the rows of later rounds were deleted, to run again
+    stopped_at REAL NOT NULL,       -- the last row logged before the interruption (Unix seconds)
+    resumed_at REAL NOT NULL,
+    PRIMARY KEY (run_id, resumed_at)
 );
 CREATE TABLE IF NOT EXISTS memory_weights (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -278,7 +286,7 @@ def _client_accuracies(db: sqlite3.Connection, where: str, args: tuple[Any, ...]
 
 
 def _round_metrics(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> dict[int, dict[str, float | None]]:
-    """Each round's task-defined metrics (none in a log of schema 7 or older, which has no such table)."""
+    """Each round's task-defined metrics (none in a log of schema 6 or older, which has no such table)."""
     if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'round_metrics'").fetchone():
         return {}
     metrics: dict[int, dict[str, float | None]] = {}
@@ -373,6 +381,16 @@ def open_log(path: Path, create: bool = False) -> sqlite3.Connection:
     return db
 
 
+def last_logged_at(db: sqlite3.Connection, run_id: str) -> float:
+    """When the run last logged a row: its start, a message, or a round's end (Unix seconds)."""
+    (last,) = db.execute(
+        "SELECT MAX(started_at, COALESCE((SELECT MAX(logged_at) FROM messages WHERE run_id = ?), 0),"
+        " COALESCE((SELECT MAX(finished_at) FROM rounds WHERE run_id = ?), 0)) FROM runs WHERE run_id = ?",
+        (run_id, run_id, run_id),
+    ).fetchone()
+    return float(last)
+
+
 class CommLog:
     """Writer of one run directory's communication log (every row committed as written).
 
@@ -428,8 +446,10 @@ class CommLog:
         """Reopen ``run_id`` to continue after ``after_round``: forget every row of a later round (a killed round)."""
         if self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
             raise KeyError(f"run {run_id} is not in {self.path}")
+        stopped_at = last_logged_at(self._db, run_id)
         with self._db:
             self._db.execute("BEGIN")
+            self._db.execute("INSERT INTO resumes VALUES (?, ?, ?, ?)", (run_id, after_round, stopped_at, time.time()))
             tables = ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations", "bases")
             for table in (*tables, "round_metrics"):
                 self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))

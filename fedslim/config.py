@@ -13,6 +13,7 @@ import tempfile
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,20 @@ HOLDOUT = Range(0.0, 0.9)
 SEED_RANGE = Range(0.0, 2**32 - 1)  # 32-bit seeds: the per-layer seeds derived from them fit torch's 64 bits
 
 
+class HelpGroup(StrEnum):
+    """The groups of ``fedslim simulate --help``, in the order it lists them."""
+
+    TASK = "task and model"
+    FAST = "fast layer"
+    CODECS = "codecs"
+    STRATEGY = "strategy and local training"
+    PARTICIPATION = "participation"
+    TRUST = "trust"
+    FAULTS = "faults"
+    EVALUATION = "evaluation"
+    RUN = "run"
+
+
 @dataclass(frozen=True)
 class Setting:
     """How one config field is set from outside: its flat key, its CLI flag, and whether clients receive it.
@@ -100,6 +115,8 @@ class Setting:
     """Left out of the client task while it has its default value (the client fills the default in)."""
     range: Range | None = None
     """The values a numeric setting accepts; ``__post_init__`` refuses others."""
+    group: HelpGroup | None = None
+    """Where ``--help`` lists the flag (every setting with a flag names one)."""
 
     def flat_key(self, name: str) -> str | None:
         """The flat key of the field ``name`` (None if it has none)."""
@@ -258,17 +275,24 @@ class FastSpec:
         the clients': evaluate on the clients (``client_holdout``).
     """
 
-    kind: str = setting("lora", "which tensors train and travel", key="fast", choices=FAST_KINDS, client=True)
-    rank: int = setting(4, "LoRA rank", client=True, range=AT_LEAST_ONE)
-    lora_alpha: float = setting(8.0, "LoRA scaling numerator", client=True, range=POSITIVE)
-    density: float = setting(0.01, "fast fraction of entries (sparse)", client=True, range=FRACTION)
+    kind: str = setting(
+        "lora", "which tensors train and travel", key="fast", choices=FAST_KINDS, client=True, group=HelpGroup.FAST
+    )
+    rank: int = setting(4, "LoRA rank", client=True, range=AT_LEAST_ONE, group=HelpGroup.FAST)
+    lora_alpha: float = setting(8.0, "LoRA scaling numerator", client=True, range=POSITIVE, group=HelpGroup.FAST)
+    density: float = setting(
+        0.01, "fast fraction of entries (sparse)", client=True, range=FRACTION, group=HelpGroup.FAST
+    )
     seed: int = setting(0, "always the run's seed", key=False, flag=False, range=SEED_RANGE)
-    biases: bool = setting(False, "also train and send every bias vector (BitFit)", flag="--fast-biases", client=True)
+    biases: bool = setting(
+        False, "also train and send every bias vector (BitFit)", flag="--fast-biases", client=True, group=HelpGroup.FAST
+    )
     lora_min_params: int = setting(
         0,
         "layers with fewer weight entries than this are fast as a whole instead of getting LoRA",
         client=True,
         range=NON_NEGATIVE,
+        group=HelpGroup.FAST,
     )
     personal: str = setting(
         "none",
@@ -276,6 +300,7 @@ class FastSpec:
         choices=PERSONAL_KINDS,
         client=True,
         omit_default=True,
+        group=HelpGroup.FAST,
     )
 
     def __post_init__(self) -> None:
@@ -427,16 +452,23 @@ class RunConfig:
         "text (all-MiniLM-L6-v2 on fortunes), or module:object (a task of your own, see docs/tasks.md)",
         metavar="NAME|MODULE:OBJECT",
         client=True,
+        group=HelpGroup.TASK,
     )
     num_clients: int = setting(
-        30, "number of clients (virtual SuperNodes)", flag="--clients", client=True, range=AT_LEAST_ONE
+        30,
+        "number of clients (virtual SuperNodes)",
+        flag="--clients",
+        client=True,
+        range=AT_LEAST_ONE,
+        group=HelpGroup.PARTICIPATION,
     )
-    rounds: int = setting(10, "number of federated rounds", range=AT_LEAST_ONE)
+    rounds: int = setting(10, "number of federated rounds", range=AT_LEAST_ONE, group=HelpGroup.RUN)
     fraction: float = setting(
         0.2,
         "fraction of the available clients sampled per round (default: 0.2 with --participation all, else 1.0)",
         flag_default=_fraction_flag_default,
         range=FRACTION,
+        group=HelpGroup.PARTICIPATION,
     )
     fast: FastSpec = FastSpec()
     consolidate_every: int = setting(
@@ -444,20 +476,30 @@ class RunConfig:
         "every N rounds, merge the shared fast layer into the base and start it again (0: never); "
         "clients replay each merge from its fast state",
         range=NON_NEGATIVE,
+        group=HelpGroup.FAST,
     )
     seed: int = setting(
-        0, "seed for data generation, partitioning, sampling and initialisation", client=True, range=SEED_RANGE
+        0,
+        "seed for data generation, partitioning, sampling and initialisation",
+        client=True,
+        range=SEED_RANGE,
+        group=HelpGroup.RUN,
     )
-    local_epochs: int = setting(1, "local epochs per round on each sampled client", client=True, range=AT_LEAST_ONE)
-    lr: float = setting(0.05, "client SGD learning rate", client=True, range=POSITIVE)
-    batch_size: int = setting(32, "client minibatch size", client=True, range=AT_LEAST_ONE)
-    server_lr: float = setting(1.0, "server step size applied to the aggregated fast delta", range=POSITIVE)
+    local_epochs: int = setting(
+        1, "local epochs per round on each sampled client", client=True, range=AT_LEAST_ONE, group=HelpGroup.STRATEGY
+    )
+    lr: float = setting(0.05, "client SGD learning rate", client=True, range=POSITIVE, group=HelpGroup.STRATEGY)
+    batch_size: int = setting(32, "client minibatch size", client=True, range=AT_LEAST_ONE, group=HelpGroup.STRATEGY)
+    server_lr: float = setting(
+        1.0, "server step size applied to the aggregated fast delta", range=POSITIVE, group=HelpGroup.STRATEGY
+    )
     dirichlet_alpha: float = setting(
         0.3,
         "Dirichlet concentration of the label split (fmnist, synthetic-transfer)",
         flag="--alpha",
         client=True,
         range=POSITIVE,
+        group=HelpGroup.TASK,
     )
     synthetic_alpha: float = setting(
         1.0, "model heterogeneity of Synthetic(alpha, beta)", flag=False, client=True, range=NON_NEGATIVE
@@ -471,6 +513,7 @@ class RunConfig:
         "(default: $FEDSLIM_DATA_DIR or /usr/share/datasets/fashion-mnist)",
         client=True,
         omit_default=True,
+        group=HelpGroup.TASK,
     )
     device: str = setting(
         "cpu",
@@ -478,22 +521,29 @@ class RunConfig:
         choices=DEVICES,
         client=True,
         omit_default=True,
+        group=HelpGroup.RUN,
     )
-    out: str = setting("runs/latest", "run directory (communication log goes here)")
-    round_timeout: float = setting(600.0, "seconds the server waits for replies in one round", range=POSITIVE)
+    out: str = setting("runs/latest", "run directory (communication log goes here)", group=HelpGroup.RUN)
+    round_timeout: float = setting(
+        600.0, "seconds the server waits for replies in one round", range=POSITIVE, group=HelpGroup.FAULTS
+    )
     codec: str = setting(
         RECOMMENDED_UPLINK_CODEC,
         "uplink codec pipeline, e.g. topk:0.05+q8+lzma, randk:0.05+q4, ternary:0.1, powersgd:2, fp16, none",
         client=True,
+        group=HelpGroup.CODECS,
     )
     downstream_codec: str = setting(
-        RECOMMENDED_DOWNLINK_CODEC, "codec of the server's broadcast steps (same syntax as --codec)"
+        RECOMMENDED_DOWNLINK_CODEC,
+        "codec of the server's broadcast steps (same syntax as --codec)",
+        group=HelpGroup.CODECS,
     )
     error_feedback: bool = setting(
         True,
         "send biased codecs' output without carrying what they drop into the next update",
         flag="--no-error-feedback",
         client=True,
+        group=HelpGroup.CODECS,
     )
     error_feedback_decay: float = setting(
         0.9,
@@ -501,17 +551,25 @@ class RunConfig:
         flag="--ef-decay",
         client=True,
         range=Range(0.0, 1.0),
+        group=HelpGroup.CODECS,
     )
     screen_factor: float = setting(
         10.0,
         "reject an update more than this many times the median size of recent ones (a diverged local run); 0: off",
         range=NON_NEGATIVE,
+        group=HelpGroup.TRUST,
     )
     local_steps: int = setting(
-        0, "minibatch steps per round instead of epochs (0: use --local-epochs)", client=True, range=NON_NEGATIVE
+        0,
+        "minibatch steps per round instead of epochs (0: use --local-epochs)",
+        client=True,
+        range=NON_NEGATIVE,
+        group=HelpGroup.STRATEGY,
     )
     strategy: str = setting(
-        "fedavg", "aggregation rule: fedavg, fedau, fedvarp, mifa, fedstale, fedamd, or module:Class"
+        "fedavg",
+        "aggregation rule: fedavg, fedau, fedvarp, mifa, fedstale, fedamd, or module:Class",
+        group=HelpGroup.STRATEGY,
     )
     strategy_args: str = setting(
         "",
@@ -519,53 +577,75 @@ class RunConfig:
         flag="--strategy-arg",
         metavar="KEY=VALUE",
         repeatable=True,
+        group=HelpGroup.STRATEGY,
     )
     robust: str = setting(
         "none",
         "robust aggregation in front of any strategy: none, clip[:F], median, trimmed:B, or stages joined by +",
+        group=HelpGroup.TRUST,
     )
     attack: str = setting(
         "",
         "simulated attackers (simulation only), e.g. scale:100@0.1,sign-flip@0.1,lie-examples@0.1",
+        group=HelpGroup.TRUST,
     )
     faults: str = setting(
         "",
         "simulated faults (simulation only): shares of the sampled clients that never reply, raise, or reply "
         "after the round timeout, e.g. drop=0.2,error=0.1,late=0.1",
+        group=HelpGroup.FAULTS,
     )
     participation: str = setting(
-        "all", "who is available each round: all, bernoulli, label, markov, cyclic, or trace:FILE"
+        "all",
+        "who is available each round: all, bernoulli, label, markov, cyclic, or trace:FILE",
+        group=HelpGroup.PARTICIPATION,
     )
     participation_mean: float = setting(
-        0.1, "mean participation probability of the participation model", range=FRACTION
+        0.1,
+        "mean participation probability of the participation model",
+        range=FRACTION,
+        group=HelpGroup.PARTICIPATION,
     )
-    p_known: bool = setting(False, "let the strategy read the true participation probabilities (p-estimate=known)")
-    eval_every: int = setting(1, "evaluate every N rounds", range=AT_LEAST_ONE)
+    p_known: bool = setting(
+        False,
+        "let the strategy read the true participation probabilities (p-estimate=known)",
+        group=HelpGroup.PARTICIPATION,
+    )
+    eval_every: int = setting(1, "evaluate every N rounds", range=AT_LEAST_ONE, group=HelpGroup.EVALUATION)
     client_holdout: float = setting(
         0.0,
         "share of each client's examples held out for client-side evaluation (0: none, every example trains)",
         client=True,
         omit_default=True,
         range=HOLDOUT,
+        group=HelpGroup.EVALUATION,
     )
     fraction_evaluate: float = setting(
         1.0,
         "share of the available clients that evaluate the round's model on their held-out examples, "
         "at each evaluation (with --client-holdout)",
         range=NON_NEGATIVE_FRACTION,
+        group=HelpGroup.EVALUATION,
     )
     final_sync: bool = setting(
-        False, "after the last round, send every node the exact final fast state and have it confirm the digest"
+        False,
+        "after the last round, send every node the exact final fast state and have it confirm the digest",
+        group=HelpGroup.RUN,
     )
     checkpoint_every: int = setting(
-        1, "write a checkpoint every N rounds, to continue a killed run with --resume (0: none)", range=NON_NEGATIVE
+        1,
+        "write a checkpoint every N rounds, to continue a killed run with --resume (0: none)",
+        range=NON_NEGATIVE,
+        group=HelpGroup.RUN,
     )
     resume: bool = setting(
         False,
         "continue the interrupted run of the run directory from its checkpoint (CLI: --resume RUN_DIR)",
         flag=False,
     )
-    overwrite: bool = setting(False, "replace a run the run directory already holds (its log and checkpoint)")
+    overwrite: bool = setting(
+        False, "replace a run the run directory already holds (its log and checkpoint)", group=HelpGroup.RUN
+    )
     provision_chunk_bytes: int = setting(
         4 << 20, "chunk size when the server sends its base to a node that has none", flag=False, range=Range(1024)
     )
@@ -723,30 +803,35 @@ def flat_defaults() -> dict[str, Any]:
     return {key: entry.default for key, entry in FLAT_KEYS.items()}
 
 
-def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add a flag for every setting that has one; read them back with :meth:`RunConfig.from_args`."""
+def add_run_config_arguments(parser: argparse.ArgumentParser) -> dict[HelpGroup, argparse._ArgumentGroup]:
+    """Add a flag for every setting that has one, in its help group with its default; read them back with
+    :meth:`RunConfig.from_args`. Returns the groups, for the command's own flags."""
+    groups = {group: parser.add_argument_group(group.value) for group in HelpGroup}
     for entry in FLAT_KEYS.values():
         if entry.flag is None:
             continue
         declared = entry.setting
+        if declared.group is None:
+            raise TypeError(f"setting {entry.name} has the flag {entry.flag} but no help group")
+        group = groups[declared.group]
         if isinstance(entry.default, bool):
             action = "store_false" if entry.default else "store_true"
-            parser.add_argument(entry.flag, dest=entry.name, action=action, help=declared.help)
+            group.add_argument(entry.flag, dest=entry.name, action=action, help=declared.help)
         elif declared.repeatable:
-            parser.add_argument(
+            group.add_argument(
                 entry.flag, dest=entry.name, action="append", default=[], metavar=declared.metavar, help=declared.help
             )
         else:
-            parser.add_argument(
+            group.add_argument(
                 entry.flag,
                 dest=entry.name,
                 type=type(entry.default),
                 default=None if declared.flag_default else entry.default,
                 choices=declared.choices,
                 metavar=declared.metavar,
-                help=declared.help,
+                help=with_default(declared.help, entry.default),
             )
-    parser.add_argument(
+    groups[HelpGroup.TASK].add_argument(
         "--task-setting",
         dest="task_settings",
         action="append",
@@ -754,6 +839,7 @@ def add_run_config_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help=TASK_SETTING_HELP,
     )
+    return groups
 
 
 def parse_task_setting(text: str) -> tuple[str, TaskSettingValue]:
@@ -778,3 +864,11 @@ def check_task_settings(settings: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"task setting {name}: {type(value).__name__} values are not settings (bool, int, float or str)"
             )
+
+
+def with_default(help: str, default: Any) -> str:
+    """``help`` followed by ``(default: VALUE)``, unless it says its default itself or the default is empty."""
+    if "default:" in help or default == "":
+        return help
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    return f"{help} (default: {shown.replace('%', '%%')})"

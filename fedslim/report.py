@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 from logging import INFO
 
 from rich.console import Console
 from rich.table import Table
 
 from fedslim.commlog import RoundTotals
+
+UNBOUNDED = 10_000
+"""A console width no table or line reaches: printed at it, nothing is wrapped or cut to fit."""
 
 
 def _kib(n: int) -> str:
@@ -39,7 +43,7 @@ def round_table(rounds: list[RoundTotals], title: str = "", num_clients: int | N
     columns = ["round", "acc", "loss", *task_metrics, *(["clients mean", "clients p10"] if on_clients else [])]
     columns += ["updates", "KiB up", "KiB down", "full FedAvg KiB", "saving"]
     for column in columns + (["server KiB"] if with_memory else []):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")  # never cut
     for r in rounds:
         moved = r.bytes_up + r.bytes_down
         cells = [
@@ -104,7 +108,14 @@ def log_round_table(run_id: str, rounds: list[RoundTotals], num_clients: int | N
     from flwr.common.logger import log
 
     buffer = io.StringIO()
-    Console(file=buffer, width=140, color_system=None).print(round_table(rounds, f"run {run_id}", num_clients))
+    Console(file=buffer, width=UNBOUNDED, color_system=None).print(round_table(rounds, f"run {run_id}", num_clients))
     for line in buffer.getvalue().splitlines():
         log(INFO, "%s", line)
     log(INFO, "%s", saving_summary(rounds))
+
+
+def output_console() -> Console:
+    """A console on stdout: a terminal's width (or ``$COLUMNS``); on a file or a pipe, as wide as each table and
+    line is, instead of 80 columns that would wrap lines and squeeze cells."""
+    console = Console()
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=UNBOUNDED)

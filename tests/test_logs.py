@@ -94,7 +94,7 @@ def test_export_round_trips_to_the_summary_totals(two_runs: tuple[Path, Path], t
         with (out / "rounds.csv").open() as handle:
             rounds = list(csv.DictReader(handle))
         tables = {f"{name}.csv" for name in ("runs", "rounds", "messages", "memory_weights", "client_evaluations")}
-        tables |= {"consolidations.csv", "bases.csv", "round_metrics.csv"}
+        tables |= {"consolidations.csv", "bases.csv", "round_metrics.csv", "resumes.csv"}
         assert {p.name for p in out.iterdir()} == tables
     with RunLog(str(run)) as log:
         summary = log.summary()

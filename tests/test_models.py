@@ -253,6 +253,6 @@ def test_metrics_are_logged_per_round_forgotten_with_a_killed_round_and_absent_f
     log.continue_run("r", after_round=0)
     assert [r.metrics for r in read_round_totals(db, "r")] == [{"bleu": 0.25, "perplexity": math.e}]
     writer = sqlite3.connect(tmp_path / LOG_FILENAME)
-    writer.execute("DROP TABLE round_metrics")  # as a log of schema 7 is
+    writer.execute("DROP TABLE round_metrics")  # as a log of schema 6 is
     writer.commit()
     assert [r.metrics for r in read_round_totals(db, "r")] == [{}]

@@ -52,8 +52,6 @@ def default_target(best: float | None) -> float:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from fedslim.logs.labels import log_labels
     from fedslim.logs.reader import RunLog, bytes_to_reach
     from fedslim.logs.views import (
@@ -64,9 +62,9 @@ def run_logs(args: argparse.Namespace) -> int:
         markdown,
         summary_table,
     )
-    from fedslim.report import round_table
+    from fedslim.report import output_console, round_table
 
-    console = Console()
+    console = output_console()
     command = args.logs_command
     if command in ("summary", "rounds", "clients", "export"):
         with RunLog(args.run) as log:

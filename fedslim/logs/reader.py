@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedslim.commlog import LOG_FILENAME, RoundTotals, open_log, read_round_totals
+from fedslim.commlog import LOG_FILENAME, RoundTotals, last_logged_at, open_log, read_round_totals
 
 # fedslim.channel.protocol.PROVISION_TYPE, spelled out: reading a log must not import Flower.
 PROVISION_TYPE = "query.provision"
@@ -30,6 +30,7 @@ TABLES = {
     "consolidations": " ORDER BY round",
     "bases": " ORDER BY round, holder",
     "round_metrics": " ORDER BY round, name",
+    "resumes": " ORDER BY resumed_at",
 }
 
 
@@ -100,6 +101,8 @@ class Summary:
     final_client_accuracy_p10: float | None
     strategy_memory_bytes: int | None
     wall_time_s: float
+    """The run's wall-clock time: from its start to its end (or its last row, unfinished), less the time it was
+    stopped between an interruption and a resume; not the sum of its rounds' times."""
     client_cpu_s: float | None
     client_peak_rss_bytes: int | None
     final_state_digest: str | None = None
@@ -239,7 +242,7 @@ class RunLog:
             final_client_accuracy=on_clients[-1].client_accuracy if on_clients else None,
             final_client_accuracy_p10=on_clients[-1].client_accuracy_p10 if on_clients else None,
             strategy_memory_bytes=max(memory) if memory else None,
-            wall_time_s=sum(r.wall_time_s for r in rounds),
+            wall_time_s=self.wall_time_s(),
             client_cpu_s=totals[6],
             client_peak_rss_bytes=totals[7],
             final_state_digest=self.run["final_state_digest"],
@@ -293,6 +296,13 @@ class RunLog:
             elif status == "ok":
                 accepted[who].add(server_round)
         return sorted(sampled, key=natural_key), sampled, accepted
+
+    def wall_time_s(self) -> float:
+        """See :attr:`Summary.wall_time_s`."""
+        end = self.run["finished_at"] or last_logged_at(self.db, self.run_id)
+        columns, resumes = self.table("resumes")
+        stopped = sum(resume[columns.index("resumed_at")] - resume[columns.index("stopped_at")] for resume in resumes)
+        return float(end - self.run["started_at"] - stopped)
 
     def table(self, name: str) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Column names and rows of one of the log's tables, for this run only."""

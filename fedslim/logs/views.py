@@ -8,9 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedslim.logs.reader import ClientStats, Summary
-
-UNBOUNDED = 10_000
-"""A console width no table reaches: measuring at it gives a table's width with no cell wrapped."""
+from fedslim.report import UNBOUNDED
 
 
 def kib(n: float) -> str:
@@ -29,7 +27,7 @@ def summary_table(summary: Summary, target: float, reached: tuple[int, int] | No
     """One run in one table: what it was, what it moved, what it reached."""
     table = Table(title=f"run {summary.run_id} ({summary.label})", show_header=False)
     table.add_column("", style="bold")
-    table.add_column("", justify="right")
+    table.add_column("", justify="right", overflow="fold")
     status = "finished" if summary.finished else "interrupted (or still running)"
     rows = [
         ("strategy / fast layer", f"{summary.strategy} / {summary.fast_kind}"),
@@ -83,7 +81,7 @@ def clients_table(clients: Sequence[ClientStats], title: str) -> Table:
     table = Table(title=title)
     columns = ("client", "sampled", "accepted", "not accepted", "errors", "late", "no reply", "KiB up", "KiB down")
     for column in (*columns, "mean weight", "last round", "CPU s/update", "peak MiB"):
-        table.add_column(column, justify="left" if column == "client" else "right")
+        table.add_column(column, justify="left" if column == "client" else "right", overflow="fold")
     for c in clients:
         table.add_row(
             c.client,

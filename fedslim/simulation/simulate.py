@@ -14,6 +14,7 @@ from fedslim.commlog import RoundTotals
 from fedslim.config import RunConfig
 from fedslim.data.checks import attached_model, check_partitions, checked_test_data
 from fedslim.server.loop import RunResult
+from fedslim.simulation.interrupt import ServerStopper, stop_on_interrupt
 from fedslim.task import prepared_base, task_for
 
 
@@ -66,6 +67,9 @@ def simulate(
     ``"inline"`` delivers every message to the ClientApp in this process
     (:class:`~fedslim.simulation.inline.InlineGrid`): the same loop and client
     code, sequential, no start-up cost, for sweeps of many runs.
+
+    Ctrl-C raises ``KeyboardInterrupt`` here once the server has stopped,
+    its last checkpoint as it was (:mod:`fedslim.simulation.interrupt`).
     """
     from fedslim.client.app import app as client_app
     from fedslim.server.loop import run_federation
@@ -105,15 +109,23 @@ def simulate(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
     }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=make_server_app(config, on_round, results.append, wrap_grid=wrap_grid),
-            client_app=client_app,
-            num_supernodes=config.num_clients,
-            backend_config=backend_config,
-            verbose_logging=verbose,
-        )
+    # Ctrl-C stops the server's thread too, at its next grid call, instead of leaving it waiting out a round.
+    stopper = ServerStopper()
+    try:
+        with warnings.catch_warnings(), stop_on_interrupt(stopper.stop, quiet=not verbose):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(
+                server_app=make_server_app(
+                    config, stopper.on_round(on_round), results.append, wrap_grid=_composed(stopper.wrap, wrap_grid)
+                ),
+                client_app=client_app,
+                num_supernodes=config.num_clients,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+    except KeyboardInterrupt:
+        stopper.stop_server()
+        raise
     if not results:
         raise RuntimeError("the simulation ended before the server finished its rounds (see the log above)")
     return results[0]
