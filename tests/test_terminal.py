@@ -143,8 +143,10 @@ def test_simulate_help_lists_every_flag_in_its_group_with_its_default(
     assert {entry.flag: flags[entry.flag][0] for entry in declared} == {
         entry.flag: entry.setting.group for entry in declared
     }
-    assert set(flags) == {"-h", *(entry.flag for entry in declared), "--backend", "--verbose", "--resume"}
+    own = {"--backend", "--verbose", "--resume", "--task-setting"}
+    assert set(flags) == {"-h", *(entry.flag for entry in declared), *own}
     assert all(flags[flag][0] == HelpGroup.RUN for flag in ("--backend", "--verbose", "--resume"))
+    assert flags["--task-setting"][0] == HelpGroup.TASK
     shown = {
         "--clients": "(default: 30)",
         "--rounds": "(default: 10)",
