@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,16 @@ if TYPE_CHECKING:
     from fedslim.config import RunConfig
 
 SIMULATE_HELP = "run a federation in Flower's simulation engine"
+SIMULATION_PACKAGES = frozenset({"ray", "datasets", "flwr_datasets", "matplotlib"})
+"""What the simulation extra adds to a device install (pyproject.toml): none of it is needed by a node."""
+SIMULATION_INSTALL = 'pip install "fedslim[simulation]"'
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """One line for a package of the simulation extra that this install lacks (None for any other import error)."""
+    if exc.name is None or exc.name.partition(".")[0] not in SIMULATION_PACKAGES:
+        return None
+    return f"{exc.name} is not installed: it comes with the simulation extra ({SIMULATION_INSTALL})"
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -44,7 +55,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
     from fedslim.base import provenance_of
     from fedslim.commlog import RoundTotals
-    from fedslim.config import RunConfig
+    from fedslim.config import ConfigError, RunConfig
     from fedslim.data.participation import check_trace
     from fedslim.report import output_console, round_table, saving_summary
     from fedslim.server.checkpoint import claim_run_dir
@@ -53,6 +64,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.task import prepared_base, task_for
 
     config = resumed_config(args) if args.resume else RunConfig.from_args(args)
+    if args.backend == "flower" and importlib.util.find_spec("ray") is None:
+        raise ConfigError(
+            f"--backend flower runs on Ray, which is not installed: {SIMULATION_INSTALL}, or --backend inline"
+        )
     # A bad strategy, trace or run directory fails here, before any node starts.
     strategy_for(config)
     config.torch_device()
@@ -201,9 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return run_simulate(args)
         except ConfigError as exc:
-            # One line, without the usage: the message names the flag and what it accepts.
-            simulate = sub.choices["simulate"]
-            simulate.exit(2, f"{simulate.prog}: error: {' '.join(str(exc).split())}\n")
+            problem = str(exc)
+        except ImportError as exc:
+            if (problem := missing_extra(exc)) is None:
+                raise
+        # One line, without the usage: the message names the flag and what it accepts.
+        simulate = sub.choices["simulate"]
+        simulate.exit(2, f"{simulate.prog}: error: {' '.join(problem.split())}\n")
     try:
         if args.command == "export":
             return run_export(args)
@@ -211,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_bases(args)
         return run_logs(args) if args.command == "logs" else run_deploy(args)
     except (FileNotFoundError, RunNotFoundError, SchemaVersionError, ValueError, ImportError) as exc:
-        print(f"fedslim {args.command}: error: {exc}", file=sys.stderr)
+        message = missing_extra(exc) if isinstance(exc, ImportError) else None
+        print(f"fedslim {args.command}: error: {message or exc}", file=sys.stderr)
         return 2
 
 

@@ -110,3 +110,23 @@ def test_the_node_processes_import_no_simulation_package() -> None:
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("'")
     )
     assert loaded.isdisjoint(SIMULATION_ONLY), sorted(loaded & set(SIMULATION_ONLY))
+
+
+def test_a_missing_simulation_package_is_one_line_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedslim import cli
+
+    assert cli.missing_extra(ModuleNotFoundError("No module named 'datasets'", name="datasets")) == (
+        'datasets is not installed: it comes with the simulation extra (pip install "fedslim[simulation]")'
+    )
+    assert cli.missing_extra(ModuleNotFoundError("No module named 'numpy'", name="numpy")) is None
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: None if name == "ray" else real_find_spec(name))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["simulate", "--rounds", "1"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "fedslim simulate: error: --backend flower runs on Ray, which is not installed: "
+        'pip install "fedslim[simulation]", or --backend inline\n'
+    )
