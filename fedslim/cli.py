@@ -57,6 +57,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.commlog import RoundTotals
     from fedslim.config import ConfigError, RunConfig
     from fedslim.data.participation import check_trace
+    from fedslim.export import MODEL_DIRNAME
     from fedslim.report import output_console, round_table, saving_summary
     from fedslim.server.checkpoint import claim_run_dir
     from fedslim.simulation.simulate import simulate
@@ -121,7 +122,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     console.print(saving_summary(result.rounds))
     console.print(f"final state digest: {result.final_state_digest}", soft_wrap=True)
     console.print(f"communication log: {result.log_path} (fedslim logs summary {config.run_dir})")
-    console.print(f"trained model: {config.run_dir / 'model'} (fedslim export {config.run_dir} --out DIR)")
+    console.print(f"trained model: {config.run_dir / MODEL_DIRNAME} (fedslim export {config.run_dir} --out DIR)")
     return 0
 
 

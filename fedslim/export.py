@@ -135,8 +135,12 @@ def write_model(
     from safetensors.torch import save_file
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.parent.glob(f".{folder.name}-*"):  # of a write that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
+    retired = folder.with_name(f".{folder.name}-old-{os.getpid()}")
+    for leftover in (*folder.parent.glob(f".{folder.name}-new-*"), *folder.parent.glob(f".{folder.name}-old-*")):
+        if not folder.exists() and leftover.name.startswith(f".{folder.name}-old-"):
+            os.rename(leftover, folder)  # a write killed between its two renames: the old model comes back
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)  # of a write that was killed
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-new-", dir=folder.parent))
     try:
         tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in fast_state.items()}
@@ -154,13 +158,14 @@ def write_model(
             with path.open("rb") as file:
                 os.fsync(file.fileno())
         if folder.exists():
-            retired = folder.with_name(f".{folder.name}-old-{os.getpid()}")
             os.rename(folder, retired)
             os.rename(staging, folder)
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.rename(staging, folder)
     except BaseException:
+        if retired.exists() and not folder.exists():
+            os.rename(retired, folder)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     parent = os.open(folder.parent, os.O_RDONLY)
@@ -231,15 +236,15 @@ def open_model(path: Path, base_path: Path | None = None, personal: Mapping[str,
     from safetensors.torch import load_file
 
     from fedslim.consolidation import BaseChain
-    from fedslim.task import load_task
+    from fedslim.task import task_for
 
     folder = model_folder(path)
     manifest = read_manifest(folder)
-    task = load_task(manifest.task)
     try:
         config, spec = manifest.run_config(), manifest.spec()
     except TypeError as exc:
         raise ConfigError(f"{folder / MANIFEST_FILENAME}: its run config does not fit this fedslim: {exc}") from exc
+    task = task_for(config)  # with the run's task settings, which may shape its build_base()
     root = _run_base(manifest, task, config, base_path)
     try:
         blobs = tuple((folder / name).read_bytes() for name in manifest.merges)

@@ -180,6 +180,10 @@ def train_variance_reduced(
     return total / max(1, steps - 1)
 
 
+IGNORED_TARGET = -100
+"""cross_entropy's ``ignore_index``: a padding target, neither in the loss nor scored."""
+
+
 @torch.no_grad()
 def evaluate(module: nn.Module, data: Sized, objective: Objective, batch_size: int = 1024) -> EvalResult:
     """Mean loss and accuracy of ``module`` on ``data``, over the targets: the examples' labels, or every target of
@@ -190,6 +194,7 @@ def evaluate(module: nn.Module, data: Sized, objective: Objective, batch_size: i
         inputs, targets = device_batch(module, objective, data, slice(start, start + batch_size))
         logits = objective.logits(module, inputs)
         loss_sum += objective.loss(logits, targets, reduction="sum").item()
-        correct += int((logits.argmax(1).reshape(targets.shape) == targets).sum())
-        count += targets.numel()
-    return EvalResult(loss_sum / count, correct / count, len(data))
+        scored = targets != IGNORED_TARGET
+        correct += int(((logits.argmax(1).reshape(targets.shape) == targets) & scored).sum())
+        count += int(scored.sum())
+    return EvalResult(loss_sum / max(count, 1), correct / max(count, 1), len(data))

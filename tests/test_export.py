@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import fedslim
+import fedslim.export as export
 from fedslim.adapters import DeltaAdapted, FastSlowModel, attach_fast_layer, state_digest
 from fedslim.base import save_base
 from fedslim.cli import main
@@ -379,3 +380,30 @@ def test_a_deployed_node_writes_its_own_model_at_the_final_sync(tmp_path: Path) 
     assert torch.allclose(
         logits(merged, sample_inputs(config)), logits(node.model.module, sample_inputs(config)), **LOGITS_TOLERANCE
     )
+
+
+def test_a_model_write_stopped_between_its_renames_keeps_the_old_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = run_config(tmp_path, rounds=1, codec="none", downstream_codec="none")
+    simulate(config, backend="inline")
+    folder = config.run_dir / MODEL_DIRNAME
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    manifest = export.read_manifest(folder)
+    fast_state = {name: tensor.numpy() for name, tensor in load_file(folder / FAST_FILENAME).items()}
+    renames: list[tuple[str, str]] = []
+    real_rename = export.os.rename
+
+    def stopped_at_the_second(source: object, target: object) -> None:
+        renames.append((Path(str(source)).name, Path(str(target)).name))
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # Ctrl-C between taking the old model aside and putting the new one in place
+        real_rename(source, target)
+
+    monkeypatch.setattr(export.os, "rename", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        export.write_model(folder, replace(manifest, round=9), fast_state, [])
+    monkeypatch.setattr(export.os, "rename", real_rename)
+    assert renames[0][0] == MODEL_DIRNAME
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert [p.name for p in config.run_dir.iterdir() if p.name.startswith(".")] == []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import fedslim
 from fedslim import base
 from fedslim.base import BaseOrigin, cached_bases, ensure_base
 from fedslim.cli import main
@@ -210,6 +211,8 @@ def test_task_settings_reach_the_task_in_simulation_and_the_checkpoint(
     assert json.loads(config)["task_settings"] == {"hidden": 32}
     assert base_parameters == 8 * 32 + 32 + 32 * 3 + 3  # build_base read the setting
     assert load_checkpoint(tmp_path / "run").config.task_settings == {"hidden": 32}
+    trained = fedslim.load_model(tmp_path / "run")  # the run's architecture, from the run's settings
+    assert (32, 8) in {tuple(tensor.shape) for tensor in trained.state_dict().values()}
     with pytest.raises(SystemExit) as exit_info:
         main(["simulate", "--resume", str(tmp_path / "run"), "--task-setting", "hidden=8"])
     assert exit_info.value.code == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from fedslim.data.datasets import ArrayDataset
@@ -54,3 +55,38 @@ def test_train_steps_takes_exactly_k_steps() -> None:
     module.register_forward_hook(lambda *_: calls.append(1))
     train_steps(module, data, ARRAYS, torch.optim.SGD(params, lr=0.1), steps=7, batch_size=5, seed=0)
     assert len(calls) == 7
+
+
+def test_evaluation_scores_no_padding_target() -> None:
+    from torch import nn
+
+    from fedslim.task import Task
+    from fedslim.training import IGNORED_TARGET, evaluate
+
+    class Tokens(Task):
+        def build_base(self) -> nn.Module:
+            return nn.Identity()
+
+        def client_data(self, config, partition_id):  # type: ignore[no-untyped-def]
+            raise IndexError(partition_id)
+
+        def test_data(self, config):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+        def batch(self, data, indices):  # type: ignore[no-untyped-def]
+            return data.x[indices], data.y[indices]
+
+        def logits(self, module, inputs):  # type: ignore[no-untyped-def]
+            return inputs.reshape(-1, inputs.shape[-1])  # one row of scores per token
+
+        def loss(self, logits, targets, reduction="mean"):  # type: ignore[no-untyped-def]
+            return nn.functional.cross_entropy(logits, targets.reshape(-1), reduction=reduction)
+
+    # 2 sequences of 3 tokens over 2 classes; the last token of each is padding
+    scores = torch.tensor([[[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]], [[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]]])
+    targets = torch.tensor([[0, 1, IGNORED_TARGET], [0, 1, IGNORED_TARGET]])
+    data = type("Data", (), {"x": scores, "y": targets, "__len__": lambda self: 2})()
+    result = evaluate(nn.Linear(1, 1), data, Tokens())  # the task scores its inputs; a module with parameters
+    assert result.accuracy == 3 / 4  # 4 real tokens, 3 right; the padding neither counts nor scores
+    expected = nn.functional.cross_entropy(scores.reshape(-1, 2), targets.reshape(-1), reduction="sum") / 4
+    assert result.loss == pytest.approx(float(expected))

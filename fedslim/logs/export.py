@@ -19,7 +19,7 @@ def export_run(log: RunLog, fmt: str, out: Path) -> list[Path]:
     parsed) and one list of row objects per table. ``csv``: a folder ``out``
     with one file per table (``runs.csv``, ``rounds.csv``, ``messages.csv``,
     ``memory_weights.csv``, ``client_evaluations.csv``, ``consolidations.csv``, ``bases.csv``,
-    ``round_metrics.csv``), a header row each.
+    ``round_metrics.csv``, ``resumes.csv``), a header row each.
     """
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")

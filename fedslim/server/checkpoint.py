@@ -41,7 +41,7 @@ from fedslim.strategies.base import FastStrategy
 
 CHECKPOINT_FILENAME = "checkpoint.pkl"
 NODE_STATES_FILENAME = "node-states.sqlite"
-CHECKPOINT_FORMAT = 2  # 2: the run config names its task (``task``), not its dataset
+CHECKPOINT_FORMAT = 3  # 2: the run config names its task (``task``), not its dataset; 3: it holds task settings
 
 
 class NodeStates(Protocol):

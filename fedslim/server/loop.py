@@ -278,6 +278,9 @@ def save_checkpoint(
         finished=finished,
         merges=tuple(run.downlink.chain.blobs) if run.downlink.chain is not None else (),
     )
+    # The model first: a run stopped between the two resumes from the older checkpoint and writes the model again,
+    # where the other order could leave a checkpoint that counts as finished beside an older model.
+    save_model(run, completed_round, finished)
     try:
         write_checkpoint(checkpoint, run.config.run_dir)
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
@@ -286,7 +289,6 @@ def save_checkpoint(
         ) from exc
     if store is not None and index is not None:
         store.settle(index)
-    save_model(run, completed_round, finished)
 
 
 def save_model(run: ServerRun, completed_round: int, finished: bool) -> None:

@@ -382,7 +382,7 @@ class ServerRun:
                 loss=result.loss if result else None,
                 wall_time_s=time.monotonic() - started,
                 strategy_memory_bytes=self.strategy.memory_bytes(),
-                metrics=dict(result.metrics) if result else {},
+                metrics={name: float(value) for name, value in result.metrics.items()} if result else {},
             ),
         )
         (totals,) = self.wire.commlog.round_totals(self.wire.run_id, only_round=server_round)
