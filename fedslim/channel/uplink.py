@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
+from fedslim.channel.bounds import TRAIN_CLAIMS, bounded, claims_problem, client_text, finite_numbers, version_lag
 from fedslim.channel.protocol import (
     BASE_META_KEY,
     CPU_KEY,
@@ -138,17 +139,18 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate |
         return None, error_text(reply)
     try:
         blob = update_blob(reply.content)
-        examples = update_claims(reply.content)[NUM_EXAMPLES_KEY]
+        claims = update_claims(reply.content)
         update = decode_update(blob, expected.shapes)
     except (KeyError, ValueError) as exc:
         return None, f"malformed update: {exc}"
-    # Flower's wire carries 64-bit integers; a larger one (possible in-process) is no count of examples.
-    if not isinstance(examples, int) or isinstance(examples, bool) or not 0 < examples < 2**63:
-        return update, f"malformed update: num-examples must be a positive integer, got {examples!r:.60}"
+    # Every claim inside its bound (fedslim/channel/bounds.py) before anything stores, logs or weights with it.
+    problem = claims_problem(claims, TRAIN_CLAIMS, required=(NUM_EXAMPLES_KEY,))
+    if problem is not None:
+        return update, f"malformed update: {problem}"
     if update.kind != DELTA:
         return update, "malformed update: a client sent a full state, not a delta"
     if update.base_fingerprint != expected.base_fingerprint:
-        return update, f"wrong base fingerprint {update.base_fingerprint[:16]}... in the update"
+        return update, f"wrong base fingerprint {client_text(update.base_fingerprint[:16])}... in the update"
     if update.state_version != expected.state_version:
         return update, (
             f"stale update: computed against fast-state version {update.state_version}, "
@@ -245,7 +247,7 @@ class Received:
 
     ``payload_bytes`` is the size of the update blob it carried (0 if none
     could be read), ``version_lag`` how many fast-state versions behind the
-    round it was computed (None if it could not be decoded).
+    round it was computed (None if it could not be decoded, or names a version the round has not reached).
     """
 
     reply: Message
@@ -342,7 +344,7 @@ class UplinkReceiver:
             accepted = None
             if update is not None and reason is None and instruction is not None:
                 accepted = _client_update(reply, instruction, update)
-            lag = state_version - update.state_version if update is not None else None
+            lag = version_lag(state_version, update.state_version) if update is not None else None
             received.append(Received(reply, instruction, accepted, reason, payload_bytes(reply), lag))
         return received
 
@@ -372,27 +374,23 @@ def payload_bytes(reply: Message) -> int:
 
 
 def _client_update(reply: Message, instruction: Instruction, update: DecodedUpdate) -> ClientUpdate:
-    claims = update_claims(reply.content)
-    numbers = {key: float(value) for key, value in claims.items() if isinstance(value, int | float)}
     return ClientUpdate(
         client=instruction.client,
         delta=update.tensors,
         num_examples=_examples(reply),
-        metrics=numbers,
+        metrics=finite_numbers(update_claims(reply.content)),
         blob=update_blob(reply.content),
         role=instruction.work,
     )
 
 
 def footprint(reply: Message) -> tuple[float | None, int | None]:
-    """The CPU seconds and peak memory a client reported with its train or evaluate reply (None where it did not)."""
+    """The CPU seconds and peak memory a client reported with its train or evaluate reply (None where it did not, or
+    where what it reported is outside its bound: a reply carrying such a claim is rejected, and still logged)."""
     records = reply.content.config_records if not reply.has_error() else {}
     record = next((records[key] for key in (DELTA_KEY, EVALUATION_RECORD) if key in records), None)
     if record is None:
         return None, None
     claims = dict(record.items())
-    cpu, rss = claims.get(CPU_KEY), claims.get(PEAK_RSS_KEY)
-    return (
-        float(cpu) if isinstance(cpu, int | float) else None,
-        int(rss) if isinstance(rss, int | float) else None,
-    )
+    cpu, rss = bounded(claims, CPU_KEY), bounded(claims, PEAK_RSS_KEY)
+    return cpu, int(rss) if rss is not None else None

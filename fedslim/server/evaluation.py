@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Message
 
+from fedslim.channel.bounds import EVALUATION_CLAIMS, claims_problem, shown
 from fedslim.channel.protocol import (
     EVAL_CORRECT_KEY,
     EVAL_EXAMPLES_KEY,
@@ -54,7 +55,8 @@ def check_evaluations(
     A reply from a node that was not asked, a second reply, an error, a
     malformed record, or claims that cannot be true (more correct than
     examples, a negative loss, more held-out examples than the client's
-    declared training examples allow) give no evaluation. A loss that is not
+    declared training examples allow, a claim outside its bound: see
+    :mod:`fedslim.channel.bounds`) give no evaluation. A loss that is not
     finite is kept as unknown: a diverged model's accuracy still counts.
     """
     answered: set[int] = set()
@@ -83,9 +85,12 @@ def _claimed(
     if type(examples) is not int or type(correct) is not int or type(loss) not in (int, float):
         return None, "malformed evaluation: examples and correct must be integers, loss a number"
     if examples < 1 or not 0 <= correct <= examples:
-        return None, f"impossible evaluation: {correct} correct of {examples} examples"
+        return None, f"impossible evaluation: {shown(correct)} correct of {shown(examples)} examples"
     if loss < 0:  # a NaN or infinite loss passes: the honest loss of a diverged model, kept as unknown
-        return None, f"impossible evaluation: loss {loss}"
+        return None, f"impossible evaluation: loss {shown(loss)}"
+    problem = claims_problem(claims, EVALUATION_CLAIMS)
+    if problem is not None:
+        return None, f"malformed evaluation: {problem}"
     if declared is not None and examples > most_held_out(declared, holdout):
         return None, (
             f"evaluation on {examples:,} held-out examples: with client-holdout {holdout:g} and the {declared:,} "

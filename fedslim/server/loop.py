@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 from fedslim.adapters import FastSlowModel, numpy_bits
 from fedslim.base import ResidentBase, ensure_base, load_base
 from fedslim.channel.accounting import RunWire, WireAccounting
+from fedslim.channel.bounds import client_text
 from fedslim.channel.downlink import Downlink, ServerReplica, state_digest
 from fedslim.channel.protocol import (
     BASE_FINGERPRINT_KEY,
@@ -128,7 +129,8 @@ def final_sync(run: ServerRun) -> int:
         elif digest is None:
             wire.record_reply(reply, f"no final-sync confirmation: {error_text(reply)}")
         else:
-            wire.record_reply(reply, f"final fast state differs: node digest {digest}, server {replica.digest}")
+            shown = client_text(digest, 64)
+            wire.record_reply(reply, f"final fast state differs: node digest {shown}, server {replica.digest}")
     if len(confirmed) < len(messages):
         log(WARNING, "final sync: %d of %d nodes confirmed the final fast state", len(confirmed), len(messages))
     return len(confirmed)

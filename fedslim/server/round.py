@@ -31,7 +31,7 @@ from fedslim.adapters import FastSlowModel
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink
 from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
-from fedslim.channel.updates import Instruction
+from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.channel.uplink import Received, UplinkReceiver, footprint, state_norm
 from fedslim.commlog import ConsolidationRow, RoundRow, RoundTotals
 from fedslim.config import RunConfig
@@ -47,6 +47,12 @@ LATE_REPLY_ROUNDS = 3  # rounds after its own in which an unanswered instruction
 # Refusals after which the server no longer knows what the client holds: its next instruction carries the task,
 # every consolidation and the full fast state.
 RESYNC_CODES = (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN, RefusalCode.CHAIN_BROKEN)
+
+
+def non_finite(state: dict[str, np.ndarray]) -> str | None:
+    """Which tensor of a fast state holds NaN or Inf (None: every one is finite)."""
+    bad = next((name for name, value in state.items() if not np.all(np.isfinite(value))), None)
+    return f"fast tensor {bad!r} would hold NaN or Inf" if bad is not None else None
 
 
 @dataclass(frozen=True)
@@ -137,18 +143,53 @@ class ServerRun:
             replies = [r for r in replies if r.metadata.message_type != IDENTIFY_TYPE]
         received = self.check(server_round, instructions, messages, replies)
         self.pull_late(server_round)
-        accepted = [r.update for r in received if r.update is not None]
-        outcome = self.strategy.apply(server_round, accepted)  # aggregate
+        accepted = self.aggregate(server_round, [r.update for r in received if r.update is not None])
+        totals = self.finish_round(server_round, len(messages), len(accepted), len(available), started)
+        if self.consolidation_due(server_round):
+            self.consolidate(server_round)
+        return totals
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The strategy's step over the round's accepted updates, checked and applied; returns the updates in it.
+
+        Finite updates can still make a non-finite state: float32 ends at
+        3.4e38, so one update of 3e38 (the size screen off) added to the state,
+        or a stored update that overflowed its memory form (fp16), gives Inf.
+        Such a step is refused whole: the fast state and the strategy go back to
+        what they were before the round (the strategy's per-client memory too,
+        so it never replays the poison), each update in the step is logged
+        ``rejected`` with the reason, and its client drops its error-feedback
+        residual, as after any rejection. The run goes on.
+        """
+        before = self.strategy.snapshot()
+        outcome = self.strategy.apply(server_round, updates)
+        problem = non_finite(outcome.state) if outcome.state is not None else None
+        problem = problem or self.strategy.memory_problem()
+        if problem is not None:
+            self.strategy.restore(before)
+            self.refuse_step(server_round, updates, problem)
+            return []
         self.wire.commlog.record_weights(
             self.wire.run_id, server_round, outcome.step.weights, outcome.step.memory_weights
         )
         if outcome.state is not None:
             self.fast_state = outcome.state
             self.model.load_fast_state(self.fast_state)
-        totals = self.finish_round(server_round, len(messages), len(accepted), len(available), started)
-        if self.consolidation_due(server_round):
-            self.consolidate(server_round)
-        return totals
+        return updates
+
+    def refuse_step(self, server_round: int, updates: list[ClientUpdate], problem: str) -> None:
+        """Log a refused step (a WARNING; each update in it ``rejected``); its clients drop their residuals."""
+        clients = sorted({update.client for update in updates})
+        reason = f"step refused: {problem}; the round keeps the fast state it had"
+        self.wire.commlog.reject_updates(self.wire.run_id, server_round, clients, reason)
+        self.rejected.update(clients)
+        log(
+            WARNING,
+            "round %d: %s (updates in the step: %s)",
+            server_round,
+            reason,
+            ", ".join(clients) or "none, only the strategy's stored ones",
+        )
 
     def consolidation_due(self, server_round: int) -> bool:
         """Every ``consolidate_every`` rounds, but not after the last (the run's fast state is its result)."""

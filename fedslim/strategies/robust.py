@@ -243,6 +243,9 @@ class RobustStrategy(FastStrategy):
     def forget_memory(self) -> None:
         self.inner.forget_memory()
 
+    def memory_problem(self) -> str | None:
+        return self.inner.memory_problem()
+
     @property
     def stored(self) -> ClientMemory:
         return self.inner.stored
