@@ -167,7 +167,8 @@ class ServerRun:
         problem = problem or self.strategy.memory_problem()
         if problem is not None:
             self.strategy.restore(before)
-            self.refuse_step(server_round, updates, problem)
+            stored = sorted(client for client, weight in outcome.step.memory_weights.items() if weight)
+            self.refuse_step(server_round, updates, stored, problem)
             return []
         self.wire.commlog.record_weights(
             self.wire.run_id, server_round, outcome.step.weights, outcome.step.memory_weights
@@ -177,19 +178,15 @@ class ServerRun:
             self.model.load_fast_state(self.fast_state)
         return updates
 
-    def refuse_step(self, server_round: int, updates: list[ClientUpdate], problem: str) -> None:
-        """Log a refused step (a WARNING; each update in it ``rejected``); its clients drop their residuals."""
+    def refuse_step(self, server_round: int, updates: list[ClientUpdate], stored: list[str], problem: str) -> None:
+        """Log a refused step, naming the clients whose fresh and ``stored`` updates were in it: a WARNING, and
+        each fresh update's row ``rejected`` with the reason. Those clients drop their residuals."""
         clients = sorted({update.client for update in updates})
-        reason = f"step refused: {problem}; the round keeps the fast state it had"
+        named = f"fresh updates of {', '.join(clients) or 'none'}; stored updates of {', '.join(stored) or 'none'}"
+        reason = f"step refused: {problem} ({named}); the round keeps the fast state it had"
         self.wire.commlog.reject_updates(self.wire.run_id, server_round, clients, reason)
         self.rejected.update(clients)
-        log(
-            WARNING,
-            "round %d: %s (updates in the step: %s)",
-            server_round,
-            reason,
-            ", ".join(clients) or "none, only the strategy's stored ones",
-        )
+        log(WARNING, "round %d: %s", server_round, reason)
 
     def consolidation_due(self, server_round: int) -> bool:
         """Every ``consolidate_every`` rounds, but not after the last (the run's fast state is its result)."""

@@ -267,10 +267,11 @@ class FastStrategy(ABC):
         step = self.aggregate(server_round, updates)
         if not updates and not any(np.any(d) for d in step.direction.values()):
             return Outcome(None, step)
-        new_state = {
-            name: (value + self.server_lr * step.direction[name]).astype(np.float32)
-            for name, value in self.current.items()
-        }
+        with np.errstate(over="ignore", invalid="ignore"):  # an Inf here is the server's to refuse (ServerRun)
+            new_state = {
+                name: (value + self.server_lr * step.direction[name]).astype(np.float32)
+                for name, value in self.current.items()
+            }
         return Outcome(new_state, step)
 
     @abstractmethod
