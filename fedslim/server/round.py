@@ -49,10 +49,10 @@ LATE_REPLY_ROUNDS = 3  # rounds after its own in which an unanswered instruction
 RESYNC_CODES = (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN, RefusalCode.CHAIN_BROKEN)
 
 
-def non_finite(state: dict[str, np.ndarray]) -> str | None:
-    """Which tensor of a fast state holds NaN or Inf (None: every one is finite)."""
-    bad = next((name for name, value in state.items() if not np.all(np.isfinite(value))), None)
-    return f"fast tensor {bad!r} would hold NaN or Inf" if bad is not None else None
+def non_finite(tensors: dict[str, np.ndarray], what: str) -> str | None:
+    """Which of ``tensors`` (each a ``what``) holds NaN or Inf (None: every one is finite)."""
+    bad = next((name for name, value in tensors.items() if not np.all(np.isfinite(value))), None)
+    return f"{what} {bad!r} would hold NaN or Inf" if bad is not None else None
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ class ServerRun:
         """
         before = self.strategy.snapshot()
         outcome = self.strategy.apply(server_round, updates)
-        problem = non_finite(outcome.state) if outcome.state is not None else None
+        problem = self.step_problem(outcome.state) if outcome.state is not None else None
         problem = problem or self.strategy.memory_problem()
         if problem is not None:
             self.strategy.restore(before)
@@ -177,6 +177,14 @@ class ServerRun:
             self.fast_state = outcome.state
             self.model.load_fast_state(self.fast_state)
         return updates
+
+    def step_problem(self, state: dict[str, np.ndarray]) -> str | None:
+        """Why the fast state cannot become ``state`` (None: it can): NaN or Inf in it, or in the replica's step
+        towards it (``x - x_hat`` in float32: two finite states of opposite signs near 3.4e38 differ by Inf)."""
+        replica = self.downlink.replica.state
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = {name: np.subtract(value, replica[name], dtype=np.float32) for name, value in state.items()}
+        return non_finite(state, "fast tensor") or non_finite(step, "the replica's step of fast tensor")
 
     def refuse_step(self, server_round: int, updates: list[ClientUpdate], stored: list[str], problem: str) -> None:
         """Log a refused step, naming the clients whose fresh and ``stored`` updates were in it: a WARNING, and
