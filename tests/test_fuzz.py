@@ -27,6 +27,7 @@ plain seeds, by the hundred thousand:
 from __future__ import annotations
 
 import functools
+import itertools
 import lzma
 import math
 import pickle
@@ -566,13 +567,13 @@ def test_evaluation_claims_are_accepted_only_when_they_can_be_true(rng: random.R
                 assert evaluation.examples <= most_held_out(declared[client], holdout)
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(randoms)
 def test_the_inline_server_path_never_raises_whatever_the_replies(rng: random.Random) -> None:
     run_server_case(random_server_case(rng, "inline"))
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, database=None)
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(randoms)
 def test_flowers_server_path_never_raises_whatever_the_replies(rng: random.Random) -> None:
     run_server_case(random_server_case(rng, "flower"))
@@ -808,6 +809,9 @@ def random_server_case(rng: random.Random, backend: str | None = None) -> Server
     return ServerCase(backend, strategy, memory, factor, nodes, rounds, random.Random(rng.getrandbits(64)), detail)
 
 
+RUN_IDS = itertools.count()
+
+
 @functools.cache
 def fuzz_log() -> CommLog:
     """One communication log for every server case of the process (each case is a run of its own)."""
@@ -839,7 +843,7 @@ def server_run(case: ServerCase) -> ServerRun:
         strategy.memory_form = case.memory
     strategy.bind(Federation(ordered.admitted, dict(SHAPES)))
     state = {name: np.full(shape, 0.5, np.float32) for name, shape in SHAPES.items()}
-    run_id = case.rng.randbytes(6).hex()
+    run_id = f"case-{next(RUN_IDS)}"  # hypothesis may run a case twice: each run has its own rows
     log_ = fuzz_log()
     log_.start_run(run_id, {}, FINGERPRINT, 1, 1, 1, 1)
     wire = RunWire(log_, run_id, 4 * sum(math.prod(s) for s in SHAPES.values()), 1000, "none", "none", dict(keys))
