@@ -149,53 +149,6 @@ class ServerRun:
             self.consolidate(server_round)
         return totals
 
-    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
-        """The strategy's step over the round's accepted updates, checked and applied; returns the updates in it.
-
-        Finite updates can still make a non-finite state: float32 ends at
-        3.4e38, so one update of 3e38 (the size screen off) added to the state,
-        or a stored update that overflowed its memory form (fp16), gives Inf.
-        Such a step is refused whole: the fast state and the strategy go back to
-        what they were before the round (the strategy's per-client memory too,
-        so it never replays the poison), each update in the step is logged
-        ``rejected`` with the reason, and its client drops its error-feedback
-        residual, as after any rejection. The run goes on.
-        """
-        before = self.strategy.snapshot()
-        outcome = self.strategy.apply(server_round, updates)
-        problem = self.step_problem(outcome.state) if outcome.state is not None else None
-        problem = problem or self.strategy.memory_problem()
-        if problem is not None:
-            self.strategy.restore(before)
-            stored = sorted(client for client, weight in outcome.step.memory_weights.items() if weight)
-            self.refuse_step(server_round, updates, stored, problem)
-            return []
-        self.wire.commlog.record_weights(
-            self.wire.run_id, server_round, outcome.step.weights, outcome.step.memory_weights
-        )
-        if outcome.state is not None:
-            self.fast_state = outcome.state
-            self.model.load_fast_state(self.fast_state)
-        return updates
-
-    def step_problem(self, state: dict[str, np.ndarray]) -> str | None:
-        """Why the fast state cannot become ``state`` (None: it can): NaN or Inf in it, or in the replica's step
-        towards it (``x - x_hat`` in float32: two finite states of opposite signs near 3.4e38 differ by Inf)."""
-        replica = self.downlink.replica.state
-        with np.errstate(over="ignore", invalid="ignore"):
-            step = {name: np.subtract(value, replica[name], dtype=np.float32) for name, value in state.items()}
-        return non_finite(state, "fast tensor") or non_finite(step, "the replica's step of fast tensor")
-
-    def refuse_step(self, server_round: int, updates: list[ClientUpdate], stored: list[str], problem: str) -> None:
-        """Log a refused step, naming the clients whose fresh and ``stored`` updates were in it: a WARNING, and
-        each fresh update's row ``rejected`` with the reason. Those clients drop their residuals."""
-        clients = sorted({update.client for update in updates})
-        named = f"fresh updates of {', '.join(clients) or 'none'}; stored updates of {', '.join(stored) or 'none'}"
-        reason = f"step refused: {problem} ({named}); the round keeps the fast state it had"
-        self.wire.commlog.reject_updates(self.wire.run_id, server_round, clients, reason)
-        self.rejected.update(clients)
-        log(WARNING, "round %d: %s", server_round, reason)
-
     def consolidation_due(self, server_round: int) -> bool:
         """Every ``consolidate_every`` rounds, but not after the last (the run's fast state is its result)."""
         every = self.config.consolidate_every
@@ -330,6 +283,53 @@ class ServerRun:
         self.unanswered = {
             i: asked for i, asked in self.unanswered.items() if server_round - asked.round < LATE_REPLY_ROUNDS
         }
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The strategy's step over the round's accepted updates, checked and applied; returns the updates in it.
+
+        Finite updates can still make a non-finite state: float32 ends at
+        3.4e38, so one update of 3e38 (the size screen off) added to the state,
+        or a stored update that overflowed its memory form (fp16), gives Inf.
+        Such a step is refused whole: the fast state and the strategy go back to
+        what they were before the round (the strategy's per-client memory too,
+        so it never replays the poison), each update in the step is logged
+        ``rejected`` with the reason, and its client drops its error-feedback
+        residual, as after any rejection. The run goes on.
+        """
+        before = self.strategy.snapshot()
+        outcome = self.strategy.apply(server_round, updates)
+        problem = self.step_problem(outcome.state) if outcome.state is not None else None
+        problem = problem or self.strategy.memory_problem()
+        if problem is not None:
+            self.strategy.restore(before)
+            stored = sorted(client for client, weight in outcome.step.memory_weights.items() if weight)
+            self.refuse_step(server_round, updates, stored, problem)
+            return []
+        self.wire.commlog.record_weights(
+            self.wire.run_id, server_round, outcome.step.weights, outcome.step.memory_weights
+        )
+        if outcome.state is not None:
+            self.fast_state = outcome.state
+            self.model.load_fast_state(self.fast_state)
+        return updates
+
+    def step_problem(self, state: dict[str, np.ndarray]) -> str | None:
+        """Why the fast state cannot become ``state`` (None: it can): NaN or Inf in it, or in the replica's step
+        towards it (``x - x_hat`` in float32: two finite states of opposite signs near 3.4e38 differ by Inf)."""
+        replica = self.downlink.replica.state
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = {name: np.subtract(value, replica[name], dtype=np.float32) for name, value in state.items()}
+        return non_finite(state, "fast tensor") or non_finite(step, "the replica's step of fast tensor")
+
+    def refuse_step(self, server_round: int, updates: list[ClientUpdate], stored: list[str], problem: str) -> None:
+        """Log a refused step, naming the clients whose fresh and ``stored`` updates were in it: a WARNING, and
+        each fresh update's row ``rejected`` with the reason. Those clients drop their residuals."""
+        clients = sorted({update.client for update in updates})
+        named = f"fresh updates of {', '.join(clients) or 'none'}; stored updates of {', '.join(stored) or 'none'}"
+        reason = f"step refused: {problem} ({named}); the round keeps the fast state it had"
+        self.wire.commlog.reject_updates(self.wire.run_id, server_round, clients, reason)
+        self.rejected.update(clients)
+        log(WARNING, "round %d: %s", server_round, reason)
 
     def admit(self, server_round: int, queries: Sequence[Message], replies: Sequence[Message]) -> None:
         """Settle this round's identity queries: each node that answered takes part from the next round."""
