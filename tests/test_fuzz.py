@@ -55,20 +55,28 @@ from fedslim.channel.downlink import Downlink, ServerReplica
 from fedslim.channel.protocol import (
     ANCHOR_METRIC,
     BASE_FINGERPRINT_KEY,
+    BASE_STATUS_KEY,
+    CLIENT_KEY,
     CONFIG_KEY,
     CPU_KEY,
     DELTA_KEY,
+    DIGEST_KEY,
     EVAL_CORRECT_KEY,
     EVAL_EXAMPLES_KEY,
     EVAL_LOSS_KEY,
     EVALUATE_TYPE,
     EVALUATION_RECORD,
+    FINAL_SYNC_TYPE,
+    IDENTITY_KEY,
     NUM_EXAMPLES_KEY,
+    PARTIAL_BYTES_KEY,
     PEAK_RSS_KEY,
+    REPLICA_RECORD,
     REPLICA_VERSION_KEY,
     TRAIN_LOSS_KEY,
     TRAIN_TYPE,
     UPDATE_KEY,
+    VERSION_KEY,
     Role,
 )
 from fedslim.channel.updates import Instruction
@@ -81,6 +89,8 @@ from fedslim.config import RunConfig
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
 from fedslim.server.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, write_checkpoint
 from fedslim.server.evaluation import check_evaluations, most_held_out
+from fedslim.server.identity import IdentityQuery
+from fedslim.server.loop import final_sync
 from fedslim.server.nodes import OrderedGrid
 from fedslim.server.round import ServerRun
 from fedslim.strategies import MIFA, FedVARP
@@ -494,11 +504,11 @@ def random_evaluations(rng: random.Random) -> tuple[list[Message], dict[int, str
             replies.append(Message(Error(code=rng.randint(0, 2000), reason="x"), reply_to=request))
             continue
         claims: dict[str, ConfigRecordValues] = {}
-        for key in (EVAL_EXAMPLES_KEY, EVAL_CORRECT_KEY, EVAL_LOSS_KEY, "cpu-s"):
+        for key in (EVAL_EXAMPLES_KEY, EVAL_CORRECT_KEY, EVAL_LOSS_KEY, CPU_KEY, PEAK_RSS_KEY):
             if rng.random() < 0.9:
                 claims[key] = rng.choice(
                     (rng.randint(0, 80), rng.randint(-5, 2**40), rng.uniform(-1, 10), rng.choice(ODD_FLOATS),
-                     rng.random() < 0.5, rng.randbytes(3), "7", [1, 2])
+                     rng.random() < 0.5, rng.randbytes(3), "7", [1, 2], rng.choice(HOSTILE_VALUES))
                 )  # fmt: skip
         record = EVALUATION_RECORD if rng.random() < 0.9 else "metrics"
         replies.append(Message(RecordDict({record: ConfigRecord(claims)}), reply_to=request))
@@ -577,6 +587,21 @@ def test_the_inline_server_path_never_raises_whatever_the_replies(rng: random.Ra
 @given(randoms)
 def test_flowers_server_path_never_raises_whatever_the_replies(rng: random.Random) -> None:
     run_server_case(random_server_case(rng, "flower"))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(randoms)
+def test_identity_and_final_sync_replies_never_stop_the_server(rng: random.Random) -> None:
+    run = server_run(random_server_case(rng))
+    grid = cast(FuzzGrid, run.grid.grid)
+    query = IdentityQuery({}, Path(__file__), FINGERPRINT, 1.0, 1024)
+    requests = query.requests(grid.nodes)
+    for request in requests:
+        request.metadata.__dict__["_message_id"] = rng.randbytes(32).hex()
+    answers = [grid.delivered(hostile_identity(rng, r)) for r in requests if rng.random() < 0.9]
+    found = query.settle(run.grid, requests, [a for a in answers if a is not None], WireAccounting(run.wire, 0))
+    assert all(0 < examples < 2**63 for examples in found.declared.values())
+    assert 0 <= final_sync(run) <= len(run.grid.admitted)
 
 
 def test_the_corpus_holds_every_pipeline_and_decodes() -> None:
@@ -736,6 +761,8 @@ class FuzzGrid:
 
     def reply_to(self, message: Message) -> Message:
         rng = self.rng
+        if message.metadata.message_type == FINAL_SYNC_TYPE:
+            return Message(hostile_report(rng), reply_to=message)
         if rng.random() < 0.08:
             return Message(
                 Error(code=rng.choice((1004, 1005, 1006, 0, 2**31 - 1)), reason=rng.choice(("x", "\x00" * 500))),
@@ -777,6 +804,26 @@ class FuzzGrid:
         except (ValueError, TypeError, OverflowError, UnicodeEncodeError):
             return None
         return cast(Message, inflate_object_from_contents(reply.object_id, contents))
+
+
+def hostile_report(rng: random.Random) -> RecordDict:
+    """A final-sync confirmation: a digest (maybe the wrong one, a long text, another type) and a version."""
+    digest = rng.choice(("0" * 64, "z" * 10_000, "\x00\ud800", 5, b"digest", 2**64 - 1))
+    return RecordDict({REPLICA_RECORD: ConfigRecord({VERSION_KEY: hostile_value(rng, 1), DIGEST_KEY: digest})})
+
+
+def hostile_identity(rng: random.Random, request: Message) -> Message:
+    """An identity reply whose key, declared examples, base status, fingerprint and partial bytes may lie (never
+    ``missing``: provisioning is a conversation of its own)."""
+    identity = {
+        CLIENT_KEY: rng.choice((f"client-{rng.randint(0, 9)}", "", "\ud800", "k" * 1000, "a\nb", 5)),
+        NUM_EXAMPLES_KEY: hostile_value(rng, rng.randint(1, 300)),
+        BASE_STATUS_KEY: rng.choice(("ok", "ok", "mismatch", "bogus", 3)),
+        BASE_FINGERPRINT_KEY: rng.choice((FINGERPRINT, "f" * 5000, "\ud800", 2**64 - 1)),
+        PARTIAL_BYTES_KEY: hostile_value(rng, 0),
+    }
+    kept = {key: value for key, value in identity.items() if rng.random() < 0.9}
+    return Message(RecordDict({IDENTITY_KEY: ConfigRecord(kept)}), reply_to=request)
 
 
 class FastLayer:
