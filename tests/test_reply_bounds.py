@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import replace
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import Message
 from flwr.serverapp import Grid
+from test_fuzz import SHAPES, random_server_case, server_run
 from test_trust import TamperingGrid
 
 from fedslim.channel.bounds import MAX_RSS_BYTES, claims_problem, finite_numbers, shown, version_lag
@@ -235,3 +237,13 @@ def test_what_the_server_keeps_of_numbers_it_cannot_store() -> None:
         "f": -2.5,
     }
     assert shown(b"x" * 1000) == repr(b"x" * 57)[:57] + "..."
+
+
+def test_a_step_whose_replica_step_overflows_is_refused_though_the_state_is_finite() -> None:
+    run = server_run(random_server_case(random.Random(0), "inline"))
+    run.downlink.replica.state = {name: np.full(shape, -3e38, np.float32) for name, shape in SHAPES.items()}
+    finite = {name: np.full(shape, 3e38, np.float32) for name, shape in SHAPES.items()}
+    assert run.step_problem(finite) == "the replica's step of fast tensor 'w' would hold NaN or Inf"
+    assert run.step_problem({name: -value for name, value in finite.items()}) is None
+    finite["b"][0] = math.inf
+    assert run.step_problem(finite) == "fast tensor 'b' would hold NaN or Inf"
