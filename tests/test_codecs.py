@@ -154,7 +154,7 @@ def test_byte_accounting_is_exact() -> None:
     ("spec", "canonical"),
     [
         ("none", "none"),
-        ("", "none"),
+        (" None ", "none"),
         ("TopK:0.01+q8", "topk:0.01+q8"),
         ("ternary:0.1", "ternary:0.1"),
         ("topk:0.1+sign+zstd", "ternary:0.1+zstd"),
@@ -179,6 +179,14 @@ def test_codec_specs_parse_to_their_canonical_form(spec: str, canonical: str) ->
         ("gzip", "unknown codec stage"),
         ("topk:0.1+randk:0.1", "only one layout"),
         ("powersgd:0", "rank"),
+        ("", "the codec spec is empty; none is dense float32"),
+        ("  ", "the codec spec is empty"),
+        ("topk:0.1+", "an empty stage: '\\+' joins two stages"),
+        ("+zstd", "an empty stage"),
+        ("fp16++zstd", "an empty stage"),
+        ("none+zstd", "unknown codec stage 'none'"),
+        ("zstd+zstd", "one lossless stage"),
+        ("fp16+fp16", "only one value coding"),
     ],
 )
 def test_bad_codec_specs_are_named(spec: str, message: str) -> None:

@@ -74,14 +74,18 @@ class Pipeline:
 def parse_codec(spec: str) -> Pipeline:
     """The pipeline a spec string names, e.g. ``topk:0.01+q8+zstd``; CodecSpecError if it is not one."""
     text = spec.strip().lower()
-    if text in ("", "none"):
+    if text == "none":
         return Pipeline()
+    if not text:
+        raise CodecSpecError("the codec spec is empty; none is dense float32")
     layout: Layout | None = None
     values: ValueCoding | None = None
     lossless: LosslessStage | None = None
     for stage in text.split("+"):
         name, _, arg = stage.partition(":")
         try:
+            if not stage:
+                raise CodecSpecError("an empty stage: '+' joins two stages")
             if name in ("topk", "randk", "ternary", "powersgd", "dense"):
                 if layout is not None or values is not None or lossless is not None:
                     raise CodecSpecError(f"{stage!r} must come first, and only one layout is allowed")
