@@ -39,7 +39,7 @@ from fedslim.channel.protocol import (
 )
 from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.codecs.feedback import Residual, compensate, new_residual
-from fedslim.codecs.pipeline import DELTA, DecodedUpdate, Pipeline, decode_update, encode_update
+from fedslim.codecs.pipeline import DELTA, DecodeBudget, DecodedUpdate, Pipeline, decode_update, encode_update
 
 # ----------------------------------------------------------------------------------------------- client end
 
@@ -124,6 +124,7 @@ class UpdateCheck:
     shapes: dict[str, tuple[int, ...]]
     base_fingerprint: str
     state_version: int
+    budget: DecodeBudget | None = None
 
 
 def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate | None, str | None]:
@@ -139,7 +140,7 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate |
     try:
         blob = update_blob(reply.content)
         examples = update_claims(reply.content)[NUM_EXAMPLES_KEY]
-        update = decode_update(blob, expected.shapes)
+        update = decode_update(blob, expected.shapes, expected.budget)
     except (KeyError, ValueError) as exc:
         return None, f"malformed update: {exc}"
     # Flower's wire carries 64-bit integers; a larger one (possible in-process) is no count of examples.
@@ -277,6 +278,10 @@ class UplinkReceiver:
         The training examples each client declared when it joined: a reply
         claiming more is rejected (docs/wire.md says what this does and does
         not stop).
+    budget : DecodeBudget, optional
+        What decoding one update may cost (``decode_budget`` of the run's
+        uplink codec): a blob beyond it is rejected before it is decoded.
+        Default: any encoding of the shapes.
     """
 
     def __init__(
@@ -286,12 +291,14 @@ class UplinkReceiver:
         screen: SizeScreen,
         local_steps: Callable[[int], int],
         declared: Mapping[str, int] | None = None,
+        budget: DecodeBudget | None = None,
     ) -> None:
         self.shapes = shapes
         self.base_fingerprint = base_fingerprint
         self.screen = screen
         self.local_steps = local_steps
         self.declared = dict(declared or {})
+        self.budget = budget
 
     def receive(
         self,
@@ -308,7 +315,7 @@ class UplinkReceiver:
         screened for size; ``fast_state_norm`` is the size reference while the
         screen has too few sizes of its own.
         """
-        expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version)
+        expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version, self.budget)
         answered: set[int] = set()
         checked: list[tuple[Instruction | None, DecodedUpdate | None, str | None]] = []
         for reply in replies:
