@@ -142,8 +142,9 @@ class Quantize:
         if not values.size:
             return 0.0
         offset, scale = self._range(values)
-        # Half a step, plus float32 rounding of offset + code * scale.
-        return float(scale) / 2 + float(np.max(np.abs(values))) * 2.0**-22 + float(scale) * 2.0**-20
+        # Half a step, plus float32 rounding of offset + code * scale; a scale below float32's subnormals rounds
+        # (to 0, say) by up to 2^-150, so up to 255 codes err by 2^-142 at most.
+        return float(scale) / 2 + float(np.max(np.abs(values))) * 2.0**-22 + float(scale) * 2.0**-20 + 2.0**-142
 
 
 @dataclass(frozen=True)
