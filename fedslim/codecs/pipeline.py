@@ -211,8 +211,8 @@ class DecodeBudget:
 
     Attributes
     ----------
-    codec : str
-        The spec of that codec (refusals name it).
+    codec : str or None
+        The spec of that codec, which refusals name (None: not known).
     max_raw_bytes : int
         Largest serialized FastUpdate, after the lossless stage.
     max_rank : int or None
@@ -221,14 +221,19 @@ class DecodeBudget:
         rows x cols x r.
     """
 
-    codec: str
+    codec: str | None
     max_raw_bytes: int
     max_rank: int | None
+
+    @property
+    def bounds(self) -> str:
+        """What the budget bounds, for refusals."""
+        return f"any update of codec {self.codec}" if self.codec else "any encoding of the fast layer"
 
 
 def any_update_budget(shapes: Mapping[str, tuple[int, ...]]) -> DecodeBudget:
     """The budget of a receiver that does not know the sender's codec: any encoding of these shapes."""
-    return DecodeBudget("any", dense_update_limit(shapes), None)
+    return DecodeBudget(None, dense_update_limit(shapes), None)
 
 
 def decode_budget(pipeline: Pipeline, shapes: Mapping[str, tuple[int, ...]]) -> DecodeBudget:
@@ -296,16 +301,13 @@ def decode_update(
     # A lossless stage expands incompressible data by well under 1%; the envelope adds a few bytes.
     max_blob = 2 * limit + 1024
     if len(blob) > max_blob:
-        raise UpdateError(
-            f"update blob is {len(blob)} bytes, above the {max_blob} bytes any update of codec {budget.codec} fits in"
-        )
+        raise UpdateError(f"update blob is {len(blob)} bytes, above the {max_blob} bytes {budget.bounds} fits in")
     envelope = pb.Envelope()
     try:
         envelope.ParseFromString(blob)
         if envelope.raw_size > limit:
             raise WireFormatError(
-                f"update declares {envelope.raw_size} bytes, above the {limit} bytes any update of codec "
-                f"{budget.codec} fits in"
+                f"update declares {envelope.raw_size} bytes, above the {limit} bytes {budget.bounds} fits in"
             )
         raw = stage_for(envelope.lossless).decompress(envelope.payload, limit)
         if len(raw) != envelope.raw_size:
