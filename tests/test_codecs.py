@@ -400,7 +400,7 @@ def test_a_maximum_rank_update_on_the_text_models_embedding_is_refused_by_the_ru
     spec: str, message: str
 ) -> None:
     # 30522 x 384 (all-MiniLM-L6-v2's embedding under --fast full): rank 379 is the largest the shape allows, and
-    # decoding it took 15 to 45 s and 125 to 180 MiB. With 1-bit factors the blob is small enough for any budget.
+    # decoding it took 15 to 70 s and 125 to 180 MiB. With 1-bit factors the blob fits a dense codec's byte budget.
     shapes = {"embeddings": (30522, 384)}
     blob = _low_rank_blob(30522, 384, 379, Quantize(1))
     started = time.perf_counter()
