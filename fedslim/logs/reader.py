@@ -46,42 +46,22 @@ class LogFormatError(ValueError):
     """A log file is not what its schema says: a table or column missing, a value of another type."""
 
 
-@dataclass(frozen=True)
-class Column:
-    """One column of the log's schema, and the SQLite storage classes its values may have."""
-
-    name: str
-    allowed: frozenset[str]
-
-    @property
-    def condition(self) -> str:
-        """SQL true for a value this column may not hold."""
-        return f"typeof({self.name}) NOT IN ({', '.join(repr(kind) for kind in sorted(self.allowed))})"
-
-
-def _schema_columns() -> dict[str, tuple[Column, ...]]:
-    """The columns of each table the log's schema creates (``meta`` aside): numbers in INTEGER and REAL columns."""
+def _schema_columns() -> dict[str, dict[str, bool]]:
+    """Each table the log's schema creates (``meta`` aside): its columns, and whether each holds numbers."""
     db = sqlite3.connect(":memory:")
     db.executescript(SCHEMA)
     tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'meta'")]
-    columns = {}
-    for table in tables:
-        columns[table] = tuple(
-            Column(
-                name,
-                frozenset(
-                    ({"integer", "real"} if declared in ("INTEGER", "REAL") else {"text", "blob", "integer", "real"})
-                    | (set() if not_null else {"null"})
-                ),
-            )
-            for _, name, declared, not_null, _, _ in db.execute(f"PRAGMA table_info({table})")
-        )
+    columns = {
+        table: {
+            name: declared in ("INTEGER", "REAL") for _, name, declared, *_ in db.execute(f"PRAGMA table_info({table})")
+        }
+        for table in tables
+    }
     db.close()
     return columns
 
 
 SCHEMA_COLUMNS = _schema_columns()
-_STORAGE_CLASS = {int: "integer", float: "real", str: "text", bytes: "blob", type(None): "null"}
 
 
 def check_tables(db: sqlite3.Connection, path: Path) -> None:
@@ -96,29 +76,27 @@ def check_tables(db: sqlite3.Connection, path: Path) -> None:
                 raise LogFormatError(f"{path} is not a whole communication log: it has no {table} table")
             continue
         found = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-        missing = [column.name for column in columns if column.name not in found]
+        missing = [name for name in columns if name not in found]
         if missing:
             raise LogFormatError(f"{path}: the {table} table has no column {', '.join(missing)}")
 
 
 def check_values(db: sqlite3.Connection, path: Path, run_id: str) -> None:
-    """LogFormatError naming ``path``, the column and the value, if a row of the run holds what its column may not
-    (text where the schema has a number, nothing where it must have a value)."""
+    """LogFormatError naming ``path``, the column and the value if a row of the run holds text (or bytes) where the
+    schema has a number: SQLite keeps what it is given, and the reader would fail on it, or sum it as 0."""
     present = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     for table, columns in SCHEMA_COLUMNS.items():
-        if table not in present:
+        numeric = [name for name, holds_numbers in columns.items() if holds_numbers]
+        if table not in present or not numeric:
             continue
-        names = ", ".join(column.name for column in columns)
-        conditions = " OR ".join(column.condition for column in columns)
-        row = db.execute(f"SELECT {names} FROM {table} WHERE run_id = ? AND ({conditions}) LIMIT 1", (run_id,))
-        wrong = row.fetchone()
-        if wrong is None:
-            continue
-        column, value = next((c, v) for c, v in zip(columns, wrong) if _STORAGE_CLASS[type(v)] not in c.allowed)
-        expected = "a number" if "text" not in column.allowed else "a value"
-        raise LogFormatError(
-            f"{path}: {table}.{column.name} holds {value!r:.40} in run {run_id}, where a log has {expected}"
-        )
+        conditions = " OR ".join(f"typeof({name}) IN ('text', 'blob')" for name in numeric)
+        query = f"SELECT {', '.join(numeric)} FROM {table} WHERE run_id = ? AND ({conditions}) LIMIT 1"
+        wrong = db.execute(query, (run_id,)).fetchone()
+        if wrong is not None:
+            column, value = next((c, v) for c, v in zip(numeric, wrong) if isinstance(v, str | bytes))
+            raise LogFormatError(
+                f"{path}: {table}.{column} holds {value!r:.40} in run {run_id}, where a log has a number"
+            )
 
 
 @dataclass(frozen=True)
