@@ -40,7 +40,7 @@ from fedslim.channel.protocol import (
 )
 from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.codecs.feedback import Residual, compensate, new_residual
-from fedslim.codecs.pipeline import DELTA, DecodedUpdate, Pipeline, decode_update, encode_update
+from fedslim.codecs.pipeline import DELTA, DecodeBudget, DecodedUpdate, Pipeline, decode_update, encode_update
 
 # ----------------------------------------------------------------------------------------------- client end
 
@@ -125,6 +125,7 @@ class UpdateCheck:
     shapes: dict[str, tuple[int, ...]]
     base_fingerprint: str
     state_version: int
+    budget: DecodeBudget | None = None
 
 
 def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate | None, str | None]:
@@ -140,7 +141,7 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate |
     try:
         blob = update_blob(reply.content)
         claims = update_claims(reply.content)
-        update = decode_update(blob, expected.shapes)
+        update = decode_update(blob, expected.shapes, expected.budget)
     except (KeyError, ValueError) as exc:
         return None, f"malformed update: {exc}"
     # Every claim inside its bound (fedslim/channel/bounds.py) before anything stores, logs or weights with it.
@@ -279,6 +280,10 @@ class UplinkReceiver:
         The training examples each client declared when it joined: a reply
         claiming more is rejected (docs/wire.md says what this does and does
         not stop).
+    budget : DecodeBudget, optional
+        What decoding one update may cost (``decode_budget`` of the run's
+        uplink codec): a blob beyond it is rejected before it is decoded.
+        Default: any encoding of the shapes.
     """
 
     def __init__(
@@ -288,12 +293,14 @@ class UplinkReceiver:
         screen: SizeScreen,
         local_steps: Callable[[int], int],
         declared: Mapping[str, int] | None = None,
+        budget: DecodeBudget | None = None,
     ) -> None:
         self.shapes = shapes
         self.base_fingerprint = base_fingerprint
         self.screen = screen
         self.local_steps = local_steps
         self.declared = dict(declared or {})
+        self.budget = budget
 
     def receive(
         self,
@@ -310,7 +317,7 @@ class UplinkReceiver:
         screened for size; ``fast_state_norm`` is the size reference while the
         screen has too few sizes of its own.
         """
-        expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version)
+        expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version, self.budget)
         answered: set[int] = set()
         checked: list[tuple[Instruction | None, DecodedUpdate | None, str | None]] = []
         for reply in replies:

@@ -28,6 +28,7 @@ from fedslim.channel.protocol import (
     reported_digest,
 )
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
+from fedslim.codecs.pipeline import decode_budget
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
 from fedslim.config import ConfigError, RunConfig
 from fedslim.consolidation import BaseChain
@@ -214,7 +215,12 @@ def run_federation(
             fast_state=fast_state,
             downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}, chain),
             uplink=UplinkReceiver(
-                model.fast_shapes(), chain.base.fingerprint, screen, config.local_step_count, grid.declared_by_client()
+                model.fast_shapes(),
+                chain.base.fingerprint,
+                screen,
+                config.local_step_count,
+                grid.declared_by_client(),
+                decode_budget(config.uplink, model.fast_shapes()),
             ),
             wire=wire,
             schedule=schedule,
