@@ -18,6 +18,7 @@ from fedslim.adapters import FastSlowModel, numpy_bits
 from fedslim.base import ResidentBase, ensure_base, load_base
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink, ServerReplica, state_digest
+from fedslim.channel.matching import Exchange
 from fedslim.channel.protocol import (
     BASE_FINGERPRINT_KEY,
     FINAL_SYNC_TYPE,
@@ -118,10 +119,12 @@ def final_sync(run: ServerRun) -> int:
         node = message.metadata.dst_node_id
         wire.record_down(message, held[node], replica.version, codec=replica.full_state_pipeline.spec)
     confirmed: set[int] = set()
+    exchange = Exchange.of(messages)
     for reply in replies:
-        node, digest = reply.metadata.src_node_id, reported_digest(reply)
-        if node not in held or node in confirmed:
-            wire.record_reply(reply, "unexpected reply: not asked for, or a second reply, in the final sync")
+        node, digest, problem = reply.metadata.src_node_id, reported_digest(reply), exchange.problem(reply)
+        if problem is not None:
+            wire.record_reply(reply, f"unexpected reply: {problem} in the final sync")
+            log(WARNING, "final sync: reply from node %d rejected: %s", node, problem)
         elif digest == replica.digest:
             confirmed.add(node)
             wire.record_reply(reply, None)
