@@ -149,12 +149,15 @@ def test_an_exchange_takes_one_answer_per_node_naming_its_message() -> None:
     exchange = Exchange.of(sent)
     answer = Message(evaluation_content({"examples": 10, "correct": 5, "loss": 0.5}), reply_to=sent[0])
     assert exchange.problem(forge(Message(RecordDict(), reply_to=sent[1]))).startswith("a replay or forgery")
-    assert exchange.problem(Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=1, message_type="evaluate"))) == (
-        "a replay or forgery (it names no message, not the one node 1 was sent)"
-    )
+    assert exchange.problem(
+        Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=1, message_type="evaluate"))
+    ) == ("a replay or forgery (it names no message, not the one node 1 was sent)")
     assert exchange.problem(answer) is None
     assert exchange.problem(answer) == "a second reply"
-    assert exchange.problem(Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=3, message_type="evaluate"))) == "not asked for"
+    assert (
+        exchange.problem(Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=3, message_type="evaluate")))
+        == "not asked for"
+    )
     assert exchange.problem(Message(RecordDict(), reply_to=sent[1])) is None
 
     ids = {message.metadata.dst_node_id: message.metadata.message_id for message in sent}

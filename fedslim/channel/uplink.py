@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
+from fedslim.channel.matching import SECOND_REPLY, Exchange
 from fedslim.channel.protocol import (
     BASE_META_KEY,
     CPU_KEY,
@@ -37,7 +38,6 @@ from fedslim.channel.protocol import (
     update_blob,
     update_claims,
 )
-from fedslim.channel.matching import SECOND_REPLY, Exchange
 from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.codecs.feedback import Residual, compensate, new_residual
 from fedslim.codecs.pipeline import DELTA, DecodedUpdate, Pipeline, decode_update, encode_update

@@ -6,14 +6,19 @@ still need), the consolidations merged into the base, the replica version each c
 their error-feedback residual, the strategy with its per-client memory and
 1/p estimates, the size screen's history, and, where the nodes run in the
 server's process (the inline backend), which saved Flower context state of
-each node goes with it (the states themselves are in :class:`NodeStateStore`).
+each node goes with it (the states themselves are in :class:`NodeStateStore`),
+and how the server computed (:class:`Arithmetic`: a resume takes the run's
+thread count, and warns of what else differs).
 Everything random in a run is seeded by (seed, round, client), so no random
 generator state is needed: a resumed run repeats exactly what the killed one
 would have done from the next round on.
 
 The log is part of the same transaction in spirit: on resume the rows of
 rounds after ``completed_round`` (the round that was killed) are deleted
-before it is run again, so every round is logged exactly once.
+before it is run again, and so are those of a final sync that came after the
+last checkpoint, so every message is logged exactly once. A write killed
+before its rename leaves a temporary file, deleted when the next run claims
+the directory.
 """
 
 from __future__ import annotations
