@@ -3,6 +3,7 @@ a reply replayed from an earlier round, or one naming a forged id, is rejected a
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import replace
@@ -16,11 +17,12 @@ from fedslim.channel.matching import Exchange
 from fedslim.channel.protocol import CONFIG_KEY, IDENTIFY_TYPE, SERVER_ROUND_KEY, TRAIN_TYPE, evaluation_content
 from fedslim.client.app import app as client_app
 from fedslim.commlog import LOG_FILENAME
-from fedslim.config import RunConfig
+from fedslim.config import RunConfig, parse_faults
 from fedslim.server.evaluation import check_evaluations
 from fedslim.server.loop import run_federation
 from fedslim.server.nodes import ForwardingGrid
-from fedslim.simulation.inline import InlineGrid
+from fedslim.simulation.faults import FaultyGrid
+from fedslim.simulation.inline import FIRST_NODE_ID, InlineGrid
 from fedslim.simulation.simulate import simulate
 
 REPLAY = "unexpected reply: a replay or forgery (it names message '"
@@ -180,3 +182,29 @@ def test_on_flowers_engine_a_replayed_and_a_forged_reply_are_rejected(
     rejected = rows(config, "status = 'rejected'")
     assert [r for r, *_ in rejected] == [2] * 4 + [3]
     assert all(str(reason).startswith(REPLAY) for *_, reason in rejected), rejected
+
+
+class MisdirectedLateGrid(ForwardingGrid):
+    """Late replies pulled after their round come from another node than the one their instruction went to."""
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            reply.metadata.__dict__["_src_node_id"] = FIRST_NODE_ID + (reply.metadata.src_node_id + 1) % 4
+        return replies
+
+
+def test_a_late_reply_is_taken_only_from_the_node_its_instruction_went_to(small_config: RunConfig) -> None:
+    config = replace(small_config, num_clients=4, fraction=1.0, rounds=3, faults="late=0.5")
+    grid = MisdirectedLateGrid(FaultyGrid(InlineGrid(client_app, 4), parse_faults(config.faults), config.seed))  # type: ignore[arg-type]
+    run_federation(grid, config)
+
+    pulled = rows(config, "message_type = 'train' AND direction = 'up' AND round > 1 AND reason LIKE '%names%'")
+    assert pulled and not rows(config, "status = 'late'")
+    for _, _, status, reason in pulled:
+        assert status == "rejected", reason
+        assert re.fullmatch(
+            r"unexpected reply: it names message '[0-9a-f-]{16}\.\.\.', no unanswered instruction "
+            r"to node 100[0-3]",
+            str(reason),
+        ), reason
