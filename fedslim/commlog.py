@@ -465,8 +465,9 @@ class CommLog:
         """Move the write-ahead log into the database file, so that the ``.sqlite`` file alone holds every row."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def continue_run(self, run_id: str, after_round: int) -> None:
-        """Reopen ``run_id`` to continue after ``after_round``: forget every row of a later round (a killed round)."""
+    def continue_run(self, run_id: str, after_round: int, forget_types: tuple[str, ...] = ()) -> None:
+        """Reopen ``run_id`` to continue after ``after_round``: forget every row of a later round (a killed round),
+        and every message of the types ``forget_types``, whatever its round (a killed final sync)."""
         if self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
             raise KeyError(f"run {run_id} is not in {self.path}")
         stopped_at = last_logged_at(self._db, run_id)
@@ -476,6 +477,9 @@ class CommLog:
             tables = ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations", "bases")
             for table in (*tables, "round_metrics"):
                 self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
+            self._db.executemany(
+                "DELETE FROM messages WHERE run_id = ? AND message_type = ?", [(run_id, kind) for kind in forget_types]
+            )
             self._db.execute(
                 "UPDATE runs SET finished_at = NULL, final_state_digest = NULL, resumes = resumes + 1 WHERE run_id = ?",
                 (run_id,),

@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
 from fedslim.channel.bounds import TRAIN_CLAIMS, bounded, claims_problem, client_text, finite_numbers, version_lag
+from fedslim.channel.matching import SECOND_REPLY, Exchange
 from fedslim.channel.protocol import (
     BASE_META_KEY,
     CPU_KEY,
@@ -308,25 +309,29 @@ class UplinkReceiver:
         asked: Mapping[int, Instruction],
         state_version: int,
         fast_state_norm: float = 0.0,
+        message_ids: Mapping[int, str] | None = None,
     ) -> list[Received]:
-        """Every reply, accepted or rejected; ``asked`` is the instruction sent to each node this round.
+        """Every reply, accepted or rejected; ``asked`` is the instruction sent to each node this round, and
+        ``message_ids`` the id the grid gave it (a node not named there: none, "").
 
-        A reply from a node that was not asked, or a second reply from one
-        that was, is rejected, and so is one claiming more examples than its
-        node declared. An anchor's upload (a gradient, not a local run) is not
-        screened for size; ``fast_state_norm`` is the size reference while the
-        screen has too few sizes of its own.
+        A reply from a node that was not asked, one naming another message than
+        its node's instruction (replayed or forged), or a second reply is
+        rejected, and so is one claiming more examples than its node declared.
+        An anchor's upload (a gradient, not a local run) is not screened for
+        size; ``fast_state_norm`` is the size reference while the screen has
+        too few sizes of its own.
         """
         expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version, self.budget)
-        answered: set[int] = set()
+        exchange = Exchange({node: (message_ids or {}).get(node, "") for node in asked})
         checked: list[tuple[Instruction | None, DecodedUpdate | None, str | None]] = []
         for reply in replies:
-            instruction = asked.get(reply.metadata.src_node_id)
-            if instruction is None or reply.metadata.src_node_id in answered:
-                problem = "not asked for" if instruction is None else "a second reply"
+            problem = exchange.problem(reply)
+            if problem is not None:
+                # A second reply is still its node's (the node answered); a reply to another message is not.
+                instruction = asked.get(reply.metadata.src_node_id) if problem == SECOND_REPLY else None
                 checked.append((instruction, None, f"unexpected reply: {problem} in this round"))
                 continue
-            answered.add(reply.metadata.src_node_id)
+            instruction = asked[reply.metadata.src_node_id]
             update, reason = check_update(reply, expected)
             checked.append((instruction, update, reason or self._overclaim(reply, instruction)))
         screened = [

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from fedslim.base import BaseOrigin, BaseProvenance, ResidentBase, provenance_of
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.bounds import MAX_COUNT, MAX_TEXT, client_text, shown
+from fedslim.channel.matching import Exchange
 from fedslim.channel.protocol import (
     BASE_BYTES_KEY,
     BaseStatus,
@@ -91,10 +92,16 @@ class IdentityQuery:
 
     def settle(self, grid: Grid, requests: list[Message], replies: list[Message], wire: WireAccounting) -> Identified:
         """Log the exchange (each request, each reply, a ``no-reply`` row for each node that did not answer),
-        learn the keys, refuse nodes on another base, provision the base to nodes without it."""
+        learn the keys, refuse nodes on another base, provision the base to nodes without it. A reply that
+        answers no request (a node not asked, a replay or forgery, a second reply) is logged, rejected, and
+        teaches nothing."""
         found = Identified()
         keys = wire.run.client_keys
         implausible: dict[int, str] = {}
+        exchange = Exchange.of(requests)
+        problems = [exchange.problem(reply) for reply in replies]
+        unexpected = [(reply, problem) for reply, problem in zip(replies, problems) if problem is not None]
+        replies = [reply for reply, problem in zip(replies, problems) if problem is None]
         for reply in replies:
             node, key, examples = reply.metadata.src_node_id, client_key(reply), declared_examples(reply)
             if key and not (len(key) <= MAX_TEXT and key.isprintable()):
@@ -108,6 +115,9 @@ class IdentityQuery:
                 found.declared[node] = min(examples, MAX_COUNT)
         for request in requests:
             wire.record_down(request)
+        for reply, problem in unexpected:
+            wire.record_reply(reply, f"unexpected reply: {problem} in the identity exchange")
+            log(WARNING, "identity reply from node %d rejected: %s", reply.metadata.src_node_id, problem)
         missing: dict[int, int] = {}
         empty: set[int] = set()
         held: set[int] = set()

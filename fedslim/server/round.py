@@ -30,6 +30,7 @@ from flwr.common.logger import log
 from fedslim.adapters import FastSlowModel
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink
+from fedslim.channel.matching import shown
 from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
 from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.channel.uplink import Received, UplinkReceiver, footprint, state_norm
@@ -57,11 +58,13 @@ def non_finite(tensors: dict[str, np.ndarray], what: str) -> str | None:
 
 @dataclass(frozen=True)
 class Unanswered:
-    """An instruction without a reply by its round's timeout: its round, client, and the replica version it sent."""
+    """An instruction without a reply by its round's timeout: its round, client, the replica version it sent, and
+    the node it went to."""
 
     round: int
     client: str
     version: int
+    node: int
 
 
 @dataclass
@@ -227,7 +230,8 @@ class ServerRun:
             node = message.metadata.dst_node_id
             asked[node] = instruction
             wire.record_down(message, self.client_versions.get(instruction.client), version)
-        received = self.uplink.receive(replies, asked, version, state_norm(self.fast_state))
+        sent = {message.metadata.dst_node_id: message.metadata.message_id for message in messages}
+        received = self.uplink.receive(replies, asked, version, state_norm(self.fast_state), sent)
         answered = {item.node for item in received if item.instruction is not None}
         for instruction, message in zip(instructions, messages):
             if message.metadata.dst_node_id in answered:
@@ -236,7 +240,9 @@ class ServerRun:
             wire.record_no_reply(message, f"no reply within the round timeout of {timeout} s")
             log(WARNING, "round %d: no reply from node %d", server_round, message.metadata.dst_node_id)
             if message.metadata.message_id:  # the grid gave it an id: its reply may still come
-                self.unanswered[message.metadata.message_id] = Unanswered(server_round, instruction.client, version)
+                self.unanswered[message.metadata.message_id] = Unanswered(
+                    server_round, instruction.client, version, message.metadata.dst_node_id
+                )
         for item in received:
             wire.record_received(item)
             client = item.instruction.client if item.instruction is not None else None
@@ -271,10 +277,14 @@ class ServerRun:
             replies = []
         wire = WireAccounting(self.wire, server_round)
         for reply in replies:
-            asked = self.unanswered.pop(reply.metadata.reply_to_message_id, None)
-            if asked is None:
-                wire.record_reply(reply, "unexpected reply: not asked for, or a second reply")
+            asked = self.unanswered.get(reply.metadata.reply_to_message_id)
+            if asked is None or asked.node != reply.metadata.src_node_id:
+                node, named = reply.metadata.src_node_id, shown(reply.metadata.reply_to_message_id)
+                reason = f"unexpected reply: it names {named}, no unanswered instruction to node {node}"
+                wire.record_reply(reply, reason)
+                log(WARNING, "round %d: late reply from node %d: %s", server_round, node, reason)
                 continue
+            del self.unanswered[reply.metadata.reply_to_message_id]
             reason = f"late reply to round {asked.round}'s instruction, after its timeout: discarded"
             wire.record_late(reply, f"{reason} ({error_text(reply)})" if reply.has_error() else reason)
             held = self.client_versions.get(asked.client)
@@ -394,7 +404,8 @@ class ServerRun:
         asked = {message.metadata.dst_node_id: self.grid.keys[message.metadata.dst_node_id] for message in messages}
         version = self.downlink.replica.version
         answered: set[str] = set()
-        checks = check_evaluations(replies, asked, self.uplink.declared, self.config.client_holdout)
+        sent = {message.metadata.dst_node_id: message.metadata.message_id for message in messages}
+        checks = check_evaluations(replies, asked, self.uplink.declared, self.config.client_holdout, sent)
         for reply, (client, evaluation, reason) in zip(replies, checks):
             wire.record_reply(reply, reason, footprint(reply))
             if reason is not None:
