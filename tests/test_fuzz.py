@@ -41,6 +41,7 @@ from typing import cast
 
 import numpy as np
 import pytest
+import torch
 import zstandard
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
@@ -87,7 +88,7 @@ from fedslim.codecs.pipeline import DELTA, STATE, dense_update_limit
 from fedslim.commlog import LOG_FILENAME, CommLog
 from fedslim.config import RunConfig
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
-from fedslim.server.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, write_checkpoint
+from fedslim.server.checkpoint import CHECKPOINT_FORMAT, Arithmetic, Checkpoint, load_checkpoint, write_checkpoint
 from fedslim.server.evaluation import check_evaluations, most_held_out
 from fedslim.server.identity import IdentityQuery
 from fedslim.server.loop import final_sync
@@ -934,6 +935,7 @@ def run_server_case(case: ServerCase) -> tuple[int, int]:
         strategy=run.strategy,
         screen=run.uplink.screen,
         node_states=None,
+        arithmetic=Arithmetic(1, "fuzz", torch.__version__, np.__version__, "cpu"),
     )
     if case.rng.random() < 0.2:  # the run's own writer (fsync, rename) now and then; its pickle every time
         run.config.run_dir.mkdir(parents=True, exist_ok=True)

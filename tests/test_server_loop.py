@@ -68,8 +68,9 @@ def _bomb(blob: bytes) -> bytes:
 
 
 def _lying_bomb(blob: bytes) -> bytes:
+    # Small enough for the codec's decode budget (a 4.9 KB blob): only inflating it shows the lie.
     return pb.Envelope(
-        lossless=pb.LOSSLESS_ZLIB, raw_size=100, payload=zlib.compress(bytes(50_000_000))
+        lossless=pb.LOSSLESS_ZLIB, raw_size=100, payload=zlib.compress(bytes(5_000_000))
     ).SerializeToString()
 
 
