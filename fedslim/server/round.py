@@ -32,7 +32,7 @@ from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink
 from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
 from fedslim.channel.updates import Instruction
-from fedslim.channel.uplink import Received, UplinkReceiver, footprint, state_norm
+from fedslim.channel.uplink import Received, UplinkReceiver, footprint
 from fedslim.commlog import ConsolidationRow, RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.data.participation import Schedule
@@ -228,7 +228,7 @@ class ServerRun:
             node = message.metadata.dst_node_id
             asked[node] = instruction
             wire.record_down(message, self.client_versions.get(instruction.client), version)
-        received = self.uplink.receive(replies, asked, version, state_norm(self.fast_state))
+        received = self.uplink.receive(replies, asked, version)
         answered = {item.node for item in received if item.instruction is not None}
         for instruction, message in zip(instructions, messages):
             if message.metadata.dst_node_id in answered:
