@@ -1,14 +1,18 @@
 """Fuzzing the server's intake at scale: the generators of tests/test_fuzz.py, from plain seeds.
 
-Every tenth case is a round of random train replies through ``UplinkReceiver.receive`` ("replies"); of
-the other nine, six are valid blobs of a codec pipeline with one mutation (flip, truncate, insert, splice;
-at the envelope, lossless payload or FastUpdate depth) and three are FastUpdates of random field values
-("fields"), decoded with ``decode_update``. Per category: cases; rejected (blobs refused with
-UpdateError; for replies, replies rejected with a reason); accepted (blobs that still decode; replies
-taken); other exceptions (anything else that got out: must be 0); the slowest case; and the largest
-tracemalloc peak of one case (what Python, numpy, zlib and lzma allocated while decoding it; libzstd's
-own buffers are not traced, its window is capped by the update limit). Generating a case is neither
-timed nor traced.
+Of every twenty cases, eleven are valid blobs of a codec pipeline with one mutation (flip, truncate,
+insert, splice; at the envelope, lossless payload or FastUpdate depth) and five are FastUpdates of random
+field values ("fields"), decoded with ``decode_update``; two are a round of random train replies through
+``UplinkReceiver.receive`` ("replies"); two are one to three whole rounds of a ``ServerRun`` whose nodes
+answer with generated replies (hostile claims, huge updates, hostile metadata, missing, repeated, unasked and
+late replies), through the checks, the size screen, the log rows, a strategy's memory, the check after
+aggregation and a checkpoint, on the inline backend's grid ("server-inline") or as Flower's engine delivers
+replies ("server-flower"). Per category: cases; rejected (blobs refused with UpdateError; for replies and
+server rounds, train replies rejected with a reason, errors, no replies and late ones); accepted (blobs that
+still decode; replies taken); other exceptions (anything else that got out: must be 0); the slowest case;
+and the largest tracemalloc peak of one case (what Python, numpy, zlib and lzma allocated while decoding
+it; libzstd's own buffers are not traced, its window is capped by the update limit). Generating a case is
+neither timed nor traced, except that a server case draws its replies while its rounds run.
 
     python benchmarks/fuzz.py                    # 100,000 cases
     python benchmarks/fuzz.py --cases 2000 --seed 1
@@ -21,11 +25,13 @@ pretrained base: the cases are built from codec pipelines alone).
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import random
 import sys
 import time
 import tracemalloc
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from provenance import provenance, write_results  # noqa: E402
-from test_fuzz import PIPELINES, corpus, decode_case, mutated_blob, random_round, random_update, receive_round  # noqa: E402
+from test_fuzz import (  # noqa: E402
+    PIPELINES,
+    corpus,
+    decode_case,
+    huge_corpus,
+    mutated_blob,
+    random_round,
+    random_server_case,
+    random_update,
+    receive_round,
+    run_server_case,
+)
 
 RESULTS = Path(__file__).parent / "results"
-CATEGORIES = ("flip", "truncate", "insert", "splice", "fields", "replies")
+CATEGORIES = ("flip", "truncate", "insert", "splice", "fields", "replies", "server-inline", "server-flower")
+SERVER_BACKENDS = {18: "inline", 19: "flower"}  # the cases (index mod 20) that run whole server rounds
 
 
 @dataclass
@@ -68,8 +86,11 @@ class Tally:
 
 
 def outcome(kind: int, rng: random.Random) -> tuple[str, str, Callable[[], tuple[int, int]]]:
-    """Case ``kind`` (its index mod 10) drawn from ``rng``: its category, description, and how to run it."""
-    if kind == 9:
+    """Case ``kind`` (its index mod 20) drawn from ``rng``: its category, description, and how to run it."""
+    if kind in SERVER_BACKENDS:
+        server_case = random_server_case(rng, SERVER_BACKENDS[kind])
+        return f"server-{server_case.backend}", server_case.detail, lambda: run_server_case(server_case)
+    if kind in (16, 17):
         round_ = random_round(rng)
 
         def run_round() -> tuple[int, int]:
@@ -78,7 +99,7 @@ def outcome(kind: int, rng: random.Random) -> tuple[str, str, Callable[[], tuple
             return len(received) - accepted, accepted
 
         return "replies", round_.detail, run_round
-    case = mutated_blob(rng) if kind < 6 else random_update(rng)
+    case = mutated_blob(rng) if kind < 11 else random_update(rng)
 
     def run_blob() -> tuple[int, int]:
         decoded = decode_case(case)
@@ -91,7 +112,7 @@ def run(cases: int, seed: int, console: Console) -> dict[str, Tally]:
     tallies = {category: Tally() for category in CATEGORIES}
     started = time.monotonic()
     for index in range(cases):
-        category, detail, run_case = outcome(index % 10, random.Random(f"{seed}:{index}"))
+        category, detail, run_case = outcome(index % 20, random.Random(f"{seed}:{index}"))
         tally = tallies[category]
         tracemalloc.start()
         begun = time.perf_counter()
@@ -167,12 +188,15 @@ def main() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     console = Console(width=max(Console().width, 120))
     corpus()
+    huge_corpus()
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # the server cases' warnings (rejections) are counted, not shown
+    warnings.simplefilter("ignore", RuntimeWarning)  # overflow in a cast: the refused steps and fp16 memories
     started = time.monotonic()
     tallies = run(args.cases, args.seed, console)
     wall_s = time.monotonic() - started
     title = (
-        f"{args.cases:,} fuzz cases (seed {args.seed}) against decode_update and UplinkReceiver.receive: "
-        f"{len(PIPELINES)} pipelines; replies counted one by one; {wall_s:.0f} s"
+        f"{args.cases:,} fuzz cases (seed {args.seed}) against decode_update, UplinkReceiver.receive and the "
+        f"server's rounds on both backends: {len(PIPELINES)} pipelines; replies counted one by one; {wall_s:.0f} s"
     )
     table = results_table(tallies, title)
     console.print(table)

@@ -391,6 +391,29 @@ def last_logged_at(db: sqlite3.Connection, run_id: str) -> float:
     return float(last)
 
 
+def storable(*values: Any) -> tuple[Any, ...]:
+    """A row's values as SQLite stores them: an integer outside its signed 64 bits, or a NaN or infinite float,
+    becomes NULL, and text that is not valid Unicode is escaped. The server rejects a reply whose claims are out
+    of bounds before it logs it (``fedslim/channel/bounds.py``); this keeps a value that still gets here from
+    stopping the run with an OverflowError or UnicodeEncodeError."""
+    return tuple(_storable(value) for value in values)
+
+
+def _storable(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**63 else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, possible in-process only
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
 class CommLog:
     """Writer of one run directory's communication log (every row committed as written).
 
@@ -442,8 +465,9 @@ class CommLog:
         """Move the write-ahead log into the database file, so that the ``.sqlite`` file alone holds every row."""
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    def continue_run(self, run_id: str, after_round: int) -> None:
-        """Reopen ``run_id`` to continue after ``after_round``: forget every row of a later round (a killed round)."""
+    def continue_run(self, run_id: str, after_round: int, forget_types: tuple[str, ...] = ()) -> None:
+        """Reopen ``run_id`` to continue after ``after_round``: forget every row of a later round (a killed round),
+        and every message of the types ``forget_types``, whatever its round (a killed final sync)."""
         if self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
             raise KeyError(f"run {run_id} is not in {self.path}")
         stopped_at = last_logged_at(self._db, run_id)
@@ -453,6 +477,9 @@ class CommLog:
             tables = ("messages", "rounds", "memory_weights", "client_evaluations", "consolidations", "bases")
             for table in (*tables, "round_metrics"):
                 self._db.execute(f"DELETE FROM {table} WHERE run_id = ? AND round > ?", (run_id, after_round))
+            self._db.executemany(
+                "DELETE FROM messages WHERE run_id = ? AND message_type = ?", [(run_id, kind) for kind in forget_types]
+            )
             self._db.execute(
                 "UPDATE runs SET finished_at = NULL, final_state_digest = NULL, resumes = resumes + 1 WHERE run_id = ?",
                 (run_id,),
@@ -464,7 +491,7 @@ class CommLog:
             "INSERT INTO messages (run_id, round, node_id, client, direction, message_type, codec, raw_bytes,"
             " payload_bytes, message_bytes, full_model_bytes, version_lag, reason, created_at, client_cpu_s,"
             " client_peak_rss_bytes, status, logged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
+            storable(
                 run_id,
                 row.round,
                 str(row.node_id),
@@ -528,6 +555,14 @@ class CommLog:
         self._db.executemany(
             "INSERT OR REPLACE INTO memory_weights VALUES (?, ?, ?, ?)",
             [(run_id, server_round, client, w) for client, w in memory_weights.items()],
+        )
+
+    def reject_updates(self, run_id: str, server_round: int, clients: list[str], reason: str) -> None:
+        """Mark the round's accepted train replies of ``clients`` rejected with ``reason`` (a refused step)."""
+        self._db.executemany(
+            "UPDATE messages SET status = 'rejected', reason = ?, weight = NULL WHERE run_id = ? AND round = ?"
+            " AND client = ? AND direction = 'up' AND status = 'ok' AND message_type = 'train'",
+            [(reason, run_id, server_round, client) for client in clients],
         )
 
     def round_totals(self, run_id: str, only_round: int | None = None) -> list[RoundTotals]:

@@ -684,6 +684,8 @@ class RunConfig:
                 "fast layer alone; use another strategy or --personal none"
             )
         parse_faults(self.faults)
+        if not self.out.strip():
+            raise ConfigError("--out is empty: name the run directory (it would be the current folder)")
         for name in ("codec", "downstream_codec"):
             try:
                 parse_codec(getattr(self, name))
@@ -775,6 +777,8 @@ class RunConfig:
             values[entry.key] = value
         for text in getattr(args, "task_settings", []):
             name, value = parse_task_setting(text)
+            if TASK_SETTING_PREFIX + name in values:
+                raise ConfigError(f"--task-setting {name} is given twice")
             values[TASK_SETTING_PREFIX + name] = value
         if TASK_FILE_REFERENCE.fullmatch(values["task"]):  # absolute: every process finds it, whatever its folder
             file, _, attribute = values["task"].rpartition(":")

@@ -8,7 +8,7 @@ from flwr.app import Message, RecordDict
 from fedslim.channel.protocol import TRAIN_TYPE, Role, update_content
 from fedslim.channel.updates import Instruction
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
-from fedslim.codecs import encode_update, parse_codec
+from fedslim.codecs import decode_budget, encode_update, parse_codec
 from fedslim.codecs.pipeline import DELTA
 
 SHAPES = {"w": (2,)}
@@ -55,3 +55,26 @@ def test_the_screen_has_a_reference_from_the_first_round_candidates() -> None:
     replies = [_reply(n, [1, 0]) for n in (1, 2, 3)] + [_reply(4, [0, 1e4])]
     received = _receiver().receive(replies, asked, state_version=3)
     assert [r.reason is None for r in received] == [True, True, True, False]
+
+
+def test_a_reply_beyond_the_runs_decode_budget_is_rejected_before_it_is_decoded() -> None:
+    shapes = {"m": (40, 30)}
+    tensors = {"m": np.random.default_rng(3).standard_normal((40, 30)).astype(np.float32)}
+    run_codec = parse_codec("powersgd:2")
+    receiver = UplinkReceiver(
+        shapes, "base", SizeScreen(0.0), lambda examples: 1, budget=decode_budget(run_codec, shapes)
+    )
+    replies = []
+    for node, pipeline in ((1, run_codec), (2, parse_codec("powersgd:8+fp16"))):
+        blob = encode_update(tensors, pipeline, kind=DELTA, base_fingerprint="base", state_version=3).blob
+        replies.append(
+            Message(
+                update_content(blob, {"num-examples": 10}),
+                reply_to=Message(RecordDict(), dst_node_id=node, message_type=TRAIN_TYPE),
+            )
+        )
+    fits, beyond = receiver.receive(replies, {1: Instruction("a"), 2: Instruction("b")}, state_version=3)
+    assert fits.reason is None and fits.update is not None
+    assert beyond.update is None and beyond.reason == (
+        "malformed update: tensor 'm' comes as rank-8 factors; codec powersgd:2 sends rank 2 at most"
+    )

@@ -181,7 +181,7 @@ def _blob(w: np.ndarray, *, kind: int = DELTA, fingerprint: str = "base", versio
     [
         (_blob(np.zeros(3, np.float32)), {"num-examples": 3}, "shape"),
         (_blob(np.zeros(2, np.float32)), {"train-loss": 1.0}, "num-examples"),
-        (_blob(np.zeros(2, np.float32)), {"num-examples": 0}, "positive"),
+        (_blob(np.zeros(2, np.float32)), {"num-examples": 0}, "num-examples must be in [1, "),
         (_blob(np.zeros(2, np.float32), kind=STATE), {"num-examples": 3}, "not a delta"),
         (_blob(np.zeros(2, np.float32), fingerprint="other"), {"num-examples": 3}, "wrong base fingerprint"),
         (_blob(np.zeros(2, np.float32), version=2), {"num-examples": 3}, "stale update"),

@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedslim.codecs import UpdateError, decode_update, encode_update, parse_codec
+from fedslim.codecs import UpdateError, decode_budget, decode_update, encode_update, parse_codec
 from fedslim.codecs.layouts import PowerSGD, RandK, TopK, decode_varints, encode_varints, seeded_positions
 from fedslim.codecs.lossless import Lzma
-from fedslim.codecs.pipeline import DELTA, CodecSpecError, Pipeline
-from fedslim.codecs.values import BFloat16, Float16, Float32, Quantize, Sign, pack_bits, unpack_bits
+from fedslim.codecs.pipeline import DELTA, TENSOR_OVERHEAD_BYTES, UPDATE_OVERHEAD_BYTES, CodecSpecError, Pipeline
+from fedslim.codecs.values import BFloat16, Float16, Float32, Quantize, Sign, ValueCoding, pack_bits, unpack_bits
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
@@ -154,7 +154,7 @@ def test_byte_accounting_is_exact() -> None:
     ("spec", "canonical"),
     [
         ("none", "none"),
-        ("", "none"),
+        (" None ", "none"),
         ("TopK:0.01+q8", "topk:0.01+q8"),
         ("ternary:0.1", "ternary:0.1"),
         ("topk:0.1+sign+zstd", "ternary:0.1+zstd"),
@@ -179,6 +179,14 @@ def test_codec_specs_parse_to_their_canonical_form(spec: str, canonical: str) ->
         ("gzip", "unknown codec stage"),
         ("topk:0.1+randk:0.1", "only one layout"),
         ("powersgd:0", "rank"),
+        ("", "the codec spec is empty; none is dense float32"),
+        ("  ", "the codec spec is empty"),
+        ("topk:0.1+", "an empty stage: '\\+' joins two stages"),
+        ("+zstd", "an empty stage"),
+        ("fp16++zstd", "an empty stage"),
+        ("none+zstd", "unknown codec stage 'none'"),
+        ("zstd+zstd", "one lossless stage"),
+        ("fp16+fp16", "only one value coding"),
     ],
 )
 def test_bad_codec_specs_are_named(spec: str, message: str) -> None:
@@ -322,6 +330,105 @@ def test_a_maximum_rank_low_rank_tensor_is_refused_at_once() -> None:
     with pytest.raises(UpdateError, match="low-rank rank 1024 for a 1024 x 1024 matrix"):
         decode_update(blob, {"t": (side, side)})
     assert time.perf_counter() - started < 0.25
+
+
+BUDGET_SHAPES = {"lora.a": (40, 30), "lora.b": (8, 30), "head.bias": (7,), "conv": (6, 3, 3, 3), "one": (1,)}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "none",
+        "fp16",
+        "bf16",
+        "q1",
+        "q4+zlib",
+        "sign",
+        "topk:0.01",
+        "topk:0.3+q8+lzma",
+        "topk:1",
+        "ternary:0.1+zstd",
+        "randk:0.05+q4",
+        "randk:1+fp16",
+        "powersgd:1",
+        "powersgd:2+fp16+lzma",
+        "powersgd:4+q2",
+        "powersgd:64",
+    ],
+)
+def test_every_update_a_codec_sends_fits_its_decode_budget(spec: str) -> None:
+    pipeline = parse_codec(spec)
+    budget = decode_budget(pipeline, BUDGET_SHAPES)
+    rng = np.random.default_rng(7)
+    for scale in (1e-6, 1.0, 1e3):  # every entry nonzero: top-k keeps its full count, positions as a bitmask
+        tensors = {
+            name: (scale * rng.standard_normal(shape)).astype(np.float32) for name, shape in BUDGET_SHAPES.items()
+        }
+        encoded = encode_update(tensors, pipeline, kind=DELTA, base_fingerprint="f" * 64, state_version=2**63)
+        assert encoded.raw_bytes <= budget.max_raw_bytes
+        decode_update(encoded.blob, BUDGET_SHAPES, budget)
+        if not isinstance(pipeline.layout, TopK):  # top-k's bound counts the larger form of its positions
+            framing = UPDATE_OVERHEAD_BYTES + len(BUDGET_SHAPES) * (TENSOR_OVERHEAD_BYTES + 64)
+            assert budget.max_raw_bytes - encoded.raw_bytes <= framing
+    assert budget.codec == pipeline.spec
+    assert budget.max_rank == (pipeline.layout.rank if isinstance(pipeline.layout, PowerSGD) else 0)
+
+
+def _low_rank_blob(rows: int, cols: int, rank: int, values: ValueCoding) -> bytes:
+    """A well-formed update of one rows x cols tensor sent as rank-``rank`` factors."""
+    rng = np.random.default_rng(0)
+    factors = pb.LowRank(
+        rank=rank,
+        left=values.encode(rng.standard_normal(rows * rank).astype(np.float32)),
+        right=values.encode(rng.standard_normal(cols * rank).astype(np.float32)),
+    )
+    update = pb.FastUpdate(kind=DELTA, base_fingerprint="b", state_version=1)
+    update.tensors.append(pb.Tensor(name="embeddings", shape=(rows, cols), low_rank=factors))
+    raw = update.SerializeToString()
+    return pb.Envelope(raw_size=len(raw), payload=raw, crc32=zlib.crc32(raw)).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("none", "tensor 'embeddings' comes as rank-379 factors; codec none sends no low-rank factors"),
+        ("topk:0.1+q8+lzma", "comes as rank-379 factors; codec topk:0.1\\+q8\\+lzma sends no low-rank factors"),
+        ("powersgd:4", "update blob is 14642.. bytes, above the 992384 bytes any update of codec powersgd:4 fits in"),
+    ],
+)
+def test_a_maximum_rank_update_on_the_text_models_embedding_is_refused_by_the_runs_budget(
+    spec: str, message: str
+) -> None:
+    # 30522 x 384 (all-MiniLM-L6-v2's embedding under --fast full): rank 379 is the largest the shape allows, and
+    # decoding it took 15 to 70 s and 125 to 180 MiB. With 1-bit factors the blob fits a dense codec's byte budget.
+    shapes = {"embeddings": (30522, 384)}
+    blob = _low_rank_blob(30522, 384, 379, Quantize(1))
+    started = time.perf_counter()
+    with pytest.raises(UpdateError, match=message):
+        decode_update(blob, shapes, decode_budget(parse_codec(spec), shapes))
+    assert time.perf_counter() - started < 1.0
+
+
+def test_a_low_rank_codec_takes_its_own_rank_and_no_more() -> None:
+    shapes = {"embeddings": (300, 40)}
+    budget = decode_budget(parse_codec("powersgd:4"), shapes)
+    assert decode_update(_low_rank_blob(300, 40, 4, Quantize(1)), shapes, budget).tensors["embeddings"].shape == (
+        300,
+        40,
+    )
+    with pytest.raises(
+        UpdateError, match="tensor 'embeddings' comes as rank-5 factors; codec powersgd:4 sends rank 4 at most"
+    ):
+        decode_update(_low_rank_blob(300, 40, 5, Quantize(1)), shapes, budget)
+    decode_update(_low_rank_blob(300, 40, 35, Quantize(1)), shapes)  # without a budget: any rank the shape allows
+
+
+def test_a_dense_update_is_beyond_a_sparse_codecs_budget() -> None:
+    tensors = {name: np.ones(shape, np.float32) for name, shape in BUDGET_SHAPES.items()}
+    dense = encode_update(tensors, parse_codec("none"), kind=DELTA, base_fingerprint="b", state_version=1)
+    budget = decode_budget(parse_codec("topk:0.01+q8"), BUDGET_SHAPES)
+    with pytest.raises(UpdateError, match="bytes any update of codec topk:0.01\\+q8 fits in"):
+        decode_update(dense.blob, BUDGET_SHAPES, budget)
 
 
 def test_checked_in_protobuf_code_is_not_stale() -> None:

@@ -243,6 +243,31 @@ def test_values_in_range_are_accepted() -> None:
     assert FastSpec(rank=1, lora_alpha=1e-3, density=1.0, lora_min_params=0).rank == 1
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--codec", ""], "codec: the codec spec is empty; none is dense float32"),
+        (["--codec", " "], "codec: the codec spec is empty"),
+        (["--downstream-codec", ""], "downstream_codec: the codec spec is empty"),
+        (["--codec", "topk:0.1+"], "codec: bad codec spec 'topk:0.1+': an empty stage: '+' joins two stages"),
+        (["--codec", "+zstd"], "an empty stage"),
+        (["--codec", "fp16++zstd"], "an empty stage"),
+        (["--out", ""], "--out is empty: name the run directory (it would be the current folder)"),
+        (["--out", "  "], "--out is empty"),
+        (["--task-setting", "a=1", "--task-setting", "a=2"], "--task-setting a is given twice"),
+    ],
+)
+def test_an_empty_or_repeated_spec_is_one_error_line(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert message in cli_error(capsys, *flags)
+
+
+def test_a_strategy_argument_given_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^strategy argument p-estimate is given twice$"):
+        parse_strategy_args("p-estimate=fedau,beta=0.5,p-estimate=known")
+
+
 def test_out_must_be_a_writable_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "file").write_text("")
     assert "--out {} is a file".format(tmp_path / "file") in cli_error(capsys, "--out", str(tmp_path / "file"))

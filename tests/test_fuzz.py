@@ -1,7 +1,7 @@
 """Fuzzing the server's intake: nothing a client sends gets out of the decoders as anything but UpdateError,
-and ``UplinkReceiver.receive`` never raises.
+and neither ``UplinkReceiver.receive`` nor anything the server does with a reply after it ever raises.
 
-Three generators, each a function of a ``random.Random``, so that hypothesis drives them here (through
+Four generators, each a function of a ``random.Random``, so that hypothesis drives them here (through
 ``st.randoms``, whose choices it records and shrinks) and ``benchmarks/fuzz.py`` runs the same ones from
 plain seeds, by the hundred thousand:
 
@@ -13,48 +13,89 @@ plain seeds, by the hundred thousand:
   with random shapes, counts, nnz, ranks, bits, seeds, index streams and declared sizes, each right more
   often than not so that every check is passed about as often as it is failed;
 - :func:`random_round`: a round's train replies as Flower Messages, with random records, random metrics
-  (num-examples of every type a MetricRecord holds), error replies, unasked and repeated nodes.
+  (num-examples of every type a MetricRecord holds), error replies, unasked and repeated nodes;
+- :func:`random_server_case`: whole rounds of a ``ServerRun`` (the server path of both backends) whose nodes
+  answer from :class:`FuzzGrid`: valid, huge (3e38), stale and mutated updates, every claim honest or hostile
+  (2**63 - 1, 2**64 - 1, negative, NaN, inf, 1e300, wrong types), hostile metadata, missing, repeated, unasked
+  and late replies; through the checks, the size screen (on and off), the log rows, a strategy's memory
+  (FedVARP, MIFA), the check after aggregation and a checkpoint. The fast state and the memory stay finite.
 
 :func:`random_evaluations` does the same for client-side evaluation replies, whose claims
-``check_evaluations`` accepts only when they can be true.
+``check_evaluations`` accepts only when they can be true, and whose log rows are written.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import lzma
 import math
+import pickle
 import random
+import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import zstandard
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
+from flwr.supercore.inflatable.inflatable_object import InflatableObject
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
+from fedslim.adapters import check_fast_state
+from fedslim.channel.accounting import RunWire, WireAccounting
+from fedslim.channel.downlink import Downlink, ServerReplica
 from fedslim.channel.protocol import (
+    ANCHOR_METRIC,
+    BASE_FINGERPRINT_KEY,
+    BASE_STATUS_KEY,
+    CLIENT_KEY,
+    CONFIG_KEY,
+    CPU_KEY,
     DELTA_KEY,
+    DIGEST_KEY,
     EVAL_CORRECT_KEY,
     EVAL_EXAMPLES_KEY,
     EVAL_LOSS_KEY,
+    EVALUATE_TYPE,
     EVALUATION_RECORD,
+    FINAL_SYNC_TYPE,
+    IDENTITY_KEY,
     NUM_EXAMPLES_KEY,
+    PARTIAL_BYTES_KEY,
+    PEAK_RSS_KEY,
+    REPLICA_RECORD,
+    REPLICA_VERSION_KEY,
+    TRAIN_LOSS_KEY,
     TRAIN_TYPE,
     UPDATE_KEY,
+    VERSION_KEY,
     Role,
 )
 from fedslim.channel.updates import Instruction
-from fedslim.channel.uplink import Received, SizeScreen, UplinkReceiver
+from fedslim.channel.uplink import Received, SizeScreen, UplinkReceiver, footprint
 from fedslim.codecs import UpdateError, decode_update, encode_update, parse_codec
 from fedslim.codecs.layouts import encode_varints
 from fedslim.codecs.pipeline import DELTA, STATE, dense_update_limit
+from fedslim.commlog import LOG_FILENAME, CommLog
+from fedslim.config import RunConfig
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
+from fedslim.server.checkpoint import CHECKPOINT_FORMAT, Checkpoint, load_checkpoint, write_checkpoint
 from fedslim.server.evaluation import check_evaluations, most_held_out
+from fedslim.server.identity import IdentityQuery
+from fedslim.server.loop import final_sync
+from fedslim.server.nodes import OrderedGrid
+from fedslim.server.round import ServerRun
+from fedslim.strategies import MIFA, FedVARP
+from fedslim.strategies.base import Federation
+from fedslim.strategies.fedavg import FastFedAvg
 
 FINGERPRINT = "base"
 STATE_VERSION = 7
@@ -463,11 +504,11 @@ def random_evaluations(rng: random.Random) -> tuple[list[Message], dict[int, str
             replies.append(Message(Error(code=rng.randint(0, 2000), reason="x"), reply_to=request))
             continue
         claims: dict[str, ConfigRecordValues] = {}
-        for key in (EVAL_EXAMPLES_KEY, EVAL_CORRECT_KEY, EVAL_LOSS_KEY, "cpu-s"):
+        for key in (EVAL_EXAMPLES_KEY, EVAL_CORRECT_KEY, EVAL_LOSS_KEY, CPU_KEY, PEAK_RSS_KEY):
             if rng.random() < 0.9:
                 claims[key] = rng.choice(
                     (rng.randint(0, 80), rng.randint(-5, 2**40), rng.uniform(-1, 10), rng.choice(ODD_FLOATS),
-                     rng.random() < 0.5, rng.randbytes(3), "7", [1, 2])
+                     rng.random() < 0.5, rng.randbytes(3), "7", [1, 2], rng.choice(HOSTILE_VALUES))
                 )  # fmt: skip
         record = EVALUATION_RECORD if rng.random() < 0.9 else "metrics"
         replies.append(Message(RecordDict({record: ConfigRecord(claims)}), reply_to=request))
@@ -521,7 +562,11 @@ def test_evaluation_claims_are_accepted_only_when_they_can_be_true(rng: random.R
     replies, asked, declared, holdout = random_evaluations(rng)
     checked = check_evaluations(replies, asked, declared, holdout)
     assert len(checked) == len(replies)
+    wire = WireAccounting(RunWire(fuzz_log(), "evaluations", 0, 0, "none", "none", {}), 1)
     for reply, (client, evaluation, reason) in zip(replies, checked):
+        wire.record_reply(reply, reason, footprint(reply))  # the log row of every reply, whatever it claims
+        if evaluation is not None:
+            fuzz_log().record_client_evaluation("evaluations", 1, evaluation)
         assert (evaluation is None) == (reason is not None)
         if evaluation is not None:
             assert client == asked[reply.metadata.src_node_id] == evaluation.client
@@ -530,6 +575,33 @@ def test_evaluation_claims_are_accepted_only_when_they_can_be_true(rng: random.R
             assert evaluation.loss is None or (math.isfinite(evaluation.loss) and evaluation.loss >= 0)
             if client in declared:
                 assert evaluation.examples <= most_held_out(declared[client], holdout)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(randoms)
+def test_the_inline_server_path_never_raises_whatever_the_replies(rng: random.Random) -> None:
+    run_server_case(random_server_case(rng, "inline"))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(randoms)
+def test_flowers_server_path_never_raises_whatever_the_replies(rng: random.Random) -> None:
+    run_server_case(random_server_case(rng, "flower"))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(randoms)
+def test_identity_and_final_sync_replies_never_stop_the_server(rng: random.Random) -> None:
+    run = server_run(random_server_case(rng))
+    grid = cast(FuzzGrid, run.grid.grid)
+    query = IdentityQuery({}, Path(__file__), FINGERPRINT, 1.0, 1024)
+    requests = query.requests(grid.nodes)
+    for request in requests:
+        request.metadata.__dict__["_message_id"] = rng.randbytes(32).hex()
+    answers = [grid.delivered(hostile_identity(rng, r)) for r in requests if rng.random() < 0.9]
+    found = query.settle(run.grid, requests, [a for a in answers if a is not None], WireAccounting(run.wire, 0))
+    assert all(0 < examples < 2**63 for examples in found.declared.values())
+    assert 0 <= final_sync(run) <= len(run.grid.admitted)
 
 
 def test_the_corpus_holds_every_pipeline_and_decodes() -> None:
@@ -545,3 +617,329 @@ def test_mutations_reach_a_truncated_lzma_payload_and_it_is_refused() -> None:
     )
     with pytest.raises(UpdateError, match="truncated lzma stream"):
         decode_update(case.blob, case.shapes)
+
+
+# ----------------------------------------------------------------------------------- (d) the server path
+
+BACKENDS = ("inline", "flower")
+FUZZ_STRATEGIES = ("fedvarp", "mifa", "fedavg")
+MEMORY_FORMS = ("wire", "fp32", "fp16", "bf16")
+# Values a claim of any key may take, honest or not: huge integers where the wire allows them (Flower's records
+# carry signed 64 bits; in-process nothing stops a larger one), negative, NaN, inf, 1e300, and wrong types.
+HOSTILE_VALUES: tuple[ConfigRecordValues, ...] = (
+    2**63 - 1,
+    2**64 - 1,
+    2**70,
+    -1,
+    -(2**63),
+    0,
+    1,
+    math.nan,
+    math.inf,
+    -math.inf,
+    1e300,
+    -1e300,
+    5e-324,
+    True,
+    "12",
+    "\ud800",
+    b"\x00",
+    [1, 2],
+    [math.nan],
+)
+HUGE_VALUES = (3e38, -3e38, 3.4e38, 1e30, 7e4)  # finite float32s whose sum or half-precision storage overflows
+CLAIM_KEYS = (NUM_EXAMPLES_KEY, TRAIN_LOSS_KEY, ANCHOR_METRIC, CPU_KEY, PEAK_RSS_KEY)
+
+
+@functools.cache
+def huge_corpus() -> tuple[bytes, ...]:
+    """Serialized FastUpdates (of ``STATE_VERSION``) whose every entry is one of ``HUGE_VALUES``, in fp32."""
+    return tuple(
+        encode_update(
+            {name: np.full(shape, value, np.float32) for name, shape in SHAPES.items()},
+            parse_codec(spec),
+            kind=DELTA,
+            base_fingerprint=FINGERPRINT,
+            state_version=STATE_VERSION,
+        ).blob
+        for value in HUGE_VALUES
+        for spec in ("none", "topk:0.5")
+    )
+
+
+def versioned(blob: bytes, version: int, lossless: int) -> bytes:
+    """A valid update blob with its FastUpdate's state version set to ``version``, wrapped again."""
+    update = pb.FastUpdate.FromString(decode_raw(pb.Envelope.FromString(blob)))
+    update.state_version = version
+    return wrap(update.SerializeToString(), lossless)
+
+
+def hostile_value(rng: random.Random, honest: ConfigRecordValues) -> ConfigRecordValues:
+    """``honest`` (more often than not), or a value no honest client sends."""
+    return honest if rng.random() < 0.9 else rng.choice(HOSTILE_VALUES)
+
+
+def train_reply_content(rng: random.Random, version: int) -> RecordDict:
+    """A train reply of the round's ``version``: an update (valid, huge, mutated or stale) and claims, each honest
+    or hostile; now and then a reply of the earlier generator's random records instead."""
+    if rng.random() < 0.2:
+        return random_content(rng)
+    choice = rng.random()
+    if choice < 0.8:  # a valid update, small or huge, of the round's version (most of the time)
+        source = rng.choice(corpus()).blob if choice < 0.55 else rng.choice(huge_corpus())
+        named = often(rng, version, 0.85) if rng.random() < 0.9 else 2**64 - 1
+        blob = versioned(source, named, rng.choice(tuple(QUICK_COMPRESS)))
+    else:
+        blob = random_blob(rng)
+    honest: dict[str, ConfigRecordValues] = {
+        NUM_EXAMPLES_KEY: rng.randint(1, 100),
+        TRAIN_LOSS_KEY: rng.uniform(0, 3),
+        CPU_KEY: rng.uniform(0, 5),
+        PEAK_RSS_KEY: rng.randint(2**20, 2**32),
+    }
+    claims = {key: hostile_value(rng, value) for key, value in honest.items() if rng.random() < 0.95}
+    if rng.random() < 0.1:
+        claims[ANCHOR_METRIC] = hostile_value(rng, 1)
+    if rng.random() < 0.05:
+        claims[rng.choice(("extra", "metric", "x" * 40))] = rng.choice(HOSTILE_VALUES)
+    return RecordDict({DELTA_KEY: ConfigRecord({UPDATE_KEY: blob, **claims})})
+
+
+class FuzzGrid:
+    """A grid whose nodes answer with generated replies, as the inline grid or Flower's engine delivers them.
+
+    Inline: node ids from 1000, message ids given as the inline grid gives them, replies as built (values the
+    wire could not carry included). Flower: random 64-bit node ids, 64-hex message ids, every reply deflated
+    and inflated as the SuperLink's grid does (one the wire cannot carry never arrives), metadata as a hostile
+    SuperNode may set it (source node, reply-to id, creation time, type), unanswered instructions answered
+    late in a later round's pull.
+    """
+
+    def __init__(self, rng: random.Random, backend: str, num_nodes: int) -> None:
+        self.rng = rng
+        self.flower = backend == "flower"
+        self.nodes = (
+            [rng.getrandbits(64) or 1 for _ in range(num_nodes)]
+            if self.flower
+            else [1000 + k for k in range(num_nodes)]
+        )
+        self.unanswered: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        rng, replies = self.rng, []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = rng.randbytes(32).hex()
+            if rng.random() < 0.1:
+                self.unanswered.append(message)
+                continue
+            replies.append(self.reply_to(message))
+        if replies and rng.random() < 0.2:
+            replies.append(rng.choice(replies))  # a second reply from the same node
+        if rng.random() < 0.1:  # a reply from a node nobody asked (or one outside the federation)
+            stranger = Message(
+                RecordDict(), dst_node_id=rng.choice([*self.nodes, rng.getrandbits(64)]), message_type=TRAIN_TYPE
+            )
+            replies.append(self.reply_to(stranger))
+        return [reply for reply in (self.delivered(reply) for reply in replies) if reply is not None]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        """Flower: late replies to some of the unanswered instructions (and, now and then, to none asked)."""
+        if not self.flower:
+            return []
+        wanted = set(message_ids)
+        late = [
+            self.reply_to(m) for m in self.unanswered if m.metadata.message_id in wanted and self.rng.random() < 0.5
+        ]
+        if self.rng.random() < 0.1:
+            late.append(
+                self.reply_to(Message(RecordDict(), dst_node_id=self.rng.choice(self.nodes), message_type=TRAIN_TYPE))
+            )
+        return [reply for reply in (self.delivered(reply) for reply in late) if reply is not None]
+
+    def reply_to(self, message: Message) -> Message:
+        rng = self.rng
+        if message.metadata.message_type == FINAL_SYNC_TYPE:
+            return Message(hostile_report(rng), reply_to=message)
+        if rng.random() < 0.08:
+            return Message(
+                Error(code=rng.choice((1004, 1005, 1006, 0, 2**31 - 1)), reason=rng.choice(("x", "\x00" * 500))),
+                reply_to=message,
+            )
+        config = message.content.config_records.get(CONFIG_KEY, {})
+        version = config.get(REPLICA_VERSION_KEY, STATE_VERSION)
+        reply = Message(train_reply_content(rng, version if isinstance(version, int) else 0), reply_to=message)
+        if rng.random() < 0.15:
+            self.hostile_metadata(reply)
+        return reply
+
+    def hostile_metadata(self, reply: Message) -> None:
+        """One metadata field as a hostile node may set it."""
+        rng, fields = self.rng, reply.metadata.__dict__
+        field = rng.choice(("src", "reply-to", "created", "type"))
+        if field == "src":
+            fields["_src_node_id"] = rng.choice((0, 2**64 - 1, rng.getrandbits(64), rng.choice(self.nodes)))
+        elif field == "reply-to":
+            fields["_reply_to_message_id"] = rng.choice(("", rng.randbytes(32).hex(), "x" * 1000))
+        elif field == "created":
+            reply.metadata.created_at = rng.choice((math.nan, math.inf, -1.0, 1e300, 0.0))
+        else:
+            reply.metadata.message_type = rng.choice((EVALUATE_TYPE, "query", "train.x"))
+
+    def delivered(self, reply: Message) -> Message | None:
+        """The reply as the server's grid hands it over (None: it could not have crossed Flower's wire)."""
+        if not self.flower:
+            return reply
+        contents: dict[str, bytes] = {}
+
+        def deflate(obj: InflatableObject) -> None:
+            for child in (obj.children or {}).values():
+                deflate(child)
+            contents[obj.object_id] = obj.deflate()
+
+        try:
+            deflate(reply)
+        except (ValueError, TypeError, OverflowError, UnicodeEncodeError):
+            return None
+        return cast(Message, inflate_object_from_contents(reply.object_id, contents))
+
+
+def hostile_report(rng: random.Random) -> RecordDict:
+    """A final-sync confirmation: a digest (maybe the wrong one, a long text, another type) and a version."""
+    digest = rng.choice(("0" * 64, "z" * 10_000, "\x00\ud800", 5, b"digest", 2**64 - 1))
+    return RecordDict({REPLICA_RECORD: ConfigRecord({VERSION_KEY: hostile_value(rng, 1), DIGEST_KEY: digest})})
+
+
+def hostile_identity(rng: random.Random, request: Message) -> Message:
+    """An identity reply whose key, declared examples, base status, fingerprint and partial bytes may lie (never
+    ``missing``: provisioning is a conversation of its own)."""
+    identity = {
+        CLIENT_KEY: rng.choice((f"client-{rng.randint(0, 9)}", "", "\ud800", "k" * 1000, "a\nb", 5)),
+        NUM_EXAMPLES_KEY: hostile_value(rng, rng.randint(1, 300)),
+        BASE_STATUS_KEY: rng.choice(("ok", "ok", "mismatch", "bogus", 3)),
+        BASE_FINGERPRINT_KEY: rng.choice((FINGERPRINT, "f" * 5000, "\ud800", 2**64 - 1)),
+        PARTIAL_BYTES_KEY: hostile_value(rng, 0),
+    }
+    kept = {key: value for key, value in identity.items() if rng.random() < 0.9}
+    return Message(RecordDict({IDENTITY_KEY: ConfigRecord(kept)}), reply_to=request)
+
+
+class FastLayer:
+    """The part of the server's model that a round uses when it does not evaluate: loading the checked fast state."""
+
+    def load_fast_state(self, state: Mapping[str, np.ndarray]) -> None:
+        check_fast_state(state, SHAPES)
+
+
+@dataclass(frozen=True)
+class ServerCase:
+    """A run of the server: its backend, strategy, screen and rounds, and the generator of its replies."""
+
+    backend: str
+    strategy: str
+    memory: str
+    screen_factor: float
+    num_nodes: int
+    rounds: int
+    rng: random.Random
+    detail: str
+
+
+def random_server_case(rng: random.Random, backend: str | None = None) -> ServerCase:
+    """A server run on one backend (random if not given) with a random strategy, memory form and screen."""
+    backend = backend or rng.choice(BACKENDS)
+    strategy, memory = rng.choice(FUZZ_STRATEGIES), rng.choice(MEMORY_FORMS)
+    factor, nodes, rounds = rng.choice((0.0, 0.0, 10.0, 1.5)), rng.randint(2, 5), rng.randint(1, 3)
+    detail = f"{backend} server path: {strategy} ({memory} memory), screen {factor:g}, {nodes} nodes, {rounds} rounds"
+    return ServerCase(backend, strategy, memory, factor, nodes, rounds, random.Random(rng.getrandbits(64)), detail)
+
+
+RUN_IDS = itertools.count()
+
+
+@functools.cache
+def fuzz_log() -> CommLog:
+    """One communication log for every server case of the process (each case is a run of its own)."""
+    folder = Path(tempfile.mkdtemp(prefix="fedslim-fuzz-"))
+    return CommLog(folder / LOG_FILENAME)
+
+
+def server_run(case: ServerCase) -> ServerRun:
+    """A ServerRun of ``case``: the channel, strategy, log and checkpoint of a real run; a grid of generated replies."""
+    run_dir = fuzz_log().path.parent / "run"
+    config = RunConfig(
+        task="synthetic",
+        num_clients=case.num_nodes,
+        rounds=10**6,  # central evaluation (which needs a model and data) is never due
+        eval_every=10**6,
+        codec="none",
+        downstream_codec="none",
+        screen_factor=case.screen_factor,
+        out=str(run_dir),
+    )
+    grid = FuzzGrid(case.rng, case.backend, case.num_nodes)
+    keys = {node: f"client-{k}" for k, node in enumerate(grid.nodes)}
+    declared = {node: case.rng.randint(50, 300) for node in grid.nodes if case.rng.random() < 0.8}
+    ordered = OrderedGrid(grid, keys, declared=declared)  # type: ignore[arg-type]
+    strategy = {"fedvarp": FedVARP, "mifa": MIFA, "fedavg": FastFedAvg}[case.strategy](
+        fraction_train=case.rng.choice((0.5, 1.0))
+    )
+    if case.strategy != "fedavg":
+        strategy.memory_form = case.memory
+    strategy.bind(Federation(ordered.admitted, dict(SHAPES)))
+    state = {name: np.full(shape, 0.5, np.float32) for name, shape in SHAPES.items()}
+    run_id = f"case-{next(RUN_IDS)}"  # hypothesis may run a case twice: each run has its own rows
+    log_ = fuzz_log()
+    log_.start_run(run_id, {}, FINGERPRINT, 1, 1, 1, 1)
+    wire = RunWire(log_, run_id, 4 * sum(math.prod(s) for s in SHAPES.values()), 1000, "none", "none", dict(keys))
+    screen = SizeScreen(case.screen_factor)
+    return ServerRun(
+        config=config,
+        grid=ordered,
+        strategy=strategy,
+        model=FastLayer(),  # type: ignore[arg-type]
+        task=None,  # type: ignore[arg-type]
+        test=[],
+        fast_state=state,
+        downlink=Downlink(
+            ServerReplica(state, config.downlink, FINGERPRINT),
+            {**config.client_task(), BASE_FINGERPRINT_KEY: FINGERPRINT},
+        ),
+        uplink=UplinkReceiver(dict(SHAPES), FINGERPRINT, screen, local_steps, ordered.declared_by_client()),
+        wire=wire,
+    )
+
+
+def run_server_case(case: ServerCase) -> tuple[int, int]:
+    """Run the case's rounds and write a checkpoint; returns (train replies rejected, accepted). The fast state
+    and the strategy's memory stay finite, and the checkpoint reads back."""
+    run = server_run(case)
+    rejected = accepted = 0
+    for server_round in range(1, case.rounds + 1):
+        totals = run.run_round(server_round)
+        rejected, accepted = rejected + totals.rejected + totals.late, accepted + totals.accepted
+    assert all(np.all(np.isfinite(value)) for value in run.fast_state.values())
+    assert run.strategy.memory_problem() is None
+    checkpoint = Checkpoint(
+        format=CHECKPOINT_FORMAT,
+        run_id=run.wire.run_id,
+        config=run.config,
+        completed_round=case.rounds,
+        fast_state=run.fast_state,
+        replica=run.downlink.replica,
+        client_versions=run.client_versions,
+        rejected=run.rejected,
+        strategy=run.strategy,
+        screen=run.uplink.screen,
+        node_states=None,
+    )
+    if case.rng.random() < 0.2:  # the run's own writer (fsync, rename) now and then; its pickle every time
+        run.config.run_dir.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(checkpoint, run.config.run_dir)
+        restored = load_checkpoint(run.config.run_dir)
+    else:
+        restored = pickle.loads(pickle.dumps(checkpoint, protocol=pickle.HIGHEST_PROTOCOL))
+    assert all(np.array_equal(restored.fast_state[n], v) for n, v in run.fast_state.items())
+    return rejected, accepted

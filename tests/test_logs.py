@@ -263,6 +263,58 @@ def test_bad_run_names_are_named(
     assert f"has log schema 2; this fedslim reads schema {SCHEMA_VERSION}" in capsys.readouterr().err
 
 
+def broken_copy(log: Path, folder: Path, *statements: str) -> Path:
+    """A copy of ``log`` in ``folder`` with ``statements`` run on it."""
+    copy = folder / LOG_FILENAME
+    folder.mkdir()
+    copy.write_bytes(log.read_bytes())
+    db = sqlite3.connect(copy)
+    for statement in statements:
+        db.execute(statement)
+    db.commit()
+    db.close()
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("statement", "problem"),
+    [
+        ("DROP TABLE runs", " is not a whole communication log: it has no runs table"),
+        ("DROP TABLE messages", " is not a whole communication log: it has no messages table"),
+        ("ALTER TABLE rounds DROP COLUMN loss", ": the rounds table has no column loss"),
+        ("UPDATE rounds SET accuracy = 'high' WHERE round = 2", ": rounds.accuracy holds 'high' in run "),
+        ("UPDATE messages SET message_bytes = 'many'", ": messages.message_bytes holds 'many' in run "),
+        ("UPDATE runs SET started_at = 'noon'", ": runs.started_at holds 'noon' in run "),
+        ("UPDATE rounds SET sampled = x'00'", ": rounds.sampled holds b'\\x00' in run "),
+        ("UPDATE runs SET config = '{broken'", " is not JSON (Expecting property name enclosed in double quotes"),
+        ("UPDATE runs SET config = '[1]'", " is not a JSON object"),
+    ],
+)
+def test_a_broken_log_is_one_error_line_naming_the_file(
+    statement: str, problem: str, two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = broken_copy(two_runs[0] / LOG_FILENAME, tmp_path / "broken", statement)
+    for command in ("summary", "rounds", "clients", "export"):
+        assert main(["logs", command, str(broken)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fedslim logs: error: {broken}") and problem in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", " is not a fedslim communication log (no such table: meta)"),
+        (b"runs,rounds\n1,2\n", " is not a fedslim communication log (file is not a database)"),
+    ],
+)
+def test_a_file_that_is_no_log_is_one_error_line_naming_it(
+    content: bytes, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / LOG_FILENAME).write_bytes(content)
+    assert main(["logs", "summary", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"fedslim logs: error: {tmp_path / LOG_FILENAME}{problem}\n"
+
+
 def test_a_killed_simulation_leaves_a_log_that_summary_reads(
     tmp_path: Path, private_cache: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

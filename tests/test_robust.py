@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
-from fedslim.channel.protocol import NUM_EXAMPLES_KEY, TRAIN_TYPE, Role, update_blob, update_claims
+from fedslim.channel.protocol import NUM_EXAMPLES_KEY, TRAIN_TYPE, Role, update_blob, update_claims, update_content
 from fedslim.channel.updates import ClientUpdate
 from fedslim.client.app import app as client_app
 from fedslim.codecs.pipeline import DELTA, decode_update, encode_update, parse_codec
@@ -18,10 +18,12 @@ from fedslim.config import ConfigError, RunConfig, StrategyConfigError
 from fedslim.server.loop import run_federation
 from fedslim.simulation.attacks import (
     DEFAULT_CLAIMED_EXAMPLES,
+    FLOAT32_MAX,
     Attack,
     AttackingGrid,
     assign_attackers,
     attack_wrapper,
+    largest_sendable,
     parse_attacks,
 )
 from fedslim.simulation.inline import InlineGrid
@@ -196,7 +198,8 @@ def test_strategy_for_puts_the_configs_robust_stages_in_front(small_config: RunC
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
-        ("", "unknown stage ''"),
+        ("", "it is empty (none is no stage)"),
+        (" ", "it is empty (none is no stage)"),
         ("clip:0.5", "clip factor must be >= 1 and finite, got 0.5"),
         ("clip:inf", "clip factor must be >= 1 and finite"),
         ("clip:big", "could not convert string to float"),
@@ -204,7 +207,11 @@ def test_strategy_for_puts_the_configs_robust_stages_in_front(small_config: RunC
         ("trimmed:0.5", "trimmed share must be in (0, 0.5), got 0.5"),
         ("trimmed:0", "trimmed share must be in (0, 0.5)"),
         ("median:0.5", "median takes no argument"),
-        ("clip+", "unknown stage ''"),
+        ("clip+", "an empty stage: '+' joins two stages"),
+        ("+median", "an empty stage"),
+        ("median+median", "median is given twice; each stage appears at most once"),
+        ("clip:3+median+clip:2", "clip is given twice"),
+        ("trimmed:0.1+trimmed:0.2", "trimmed is given twice"),
         ("none+clip", "unknown stage 'none'"),
         ("krum:2", "unknown stage 'krum:2'"),
     ],
@@ -240,9 +247,18 @@ def test_attack_specs_parse_to_kinds_values_and_shares() -> None:
         ("scale:2", "needs @SHARE"),
         ("scale:2@1.5", "share must be in (0, 1)"),
         ("scale:2@0", "share must be in (0, 1)"),
-        ("scale:nan@0.1", "the factor must be finite"),
+        ("scale:nan@0.1", "the factor must be a float32, |F| <= 3.402823e+38"),
+        ("scale:1e39@0.1", "the factor must be a float32, |F| <= 3.402823e+38"),
+        ("scale:-1e39@0.1", "the factor must be a float32"),
+        ("scale:inf@0.1", "the factor must be a float32"),
+        ("sign-flip:1e39@0.1", "the sign-flip multiplier must be in (0, 3.402823e+38]"),
+        ("sign-flip:nan@0.1", "the sign-flip multiplier must be in (0, 3.402823e+38]"),
+        ("sign-flip:0@0.1", "the sign-flip multiplier must be in (0, 3.402823e+38]"),
+        ("scale:2@nan", "share must be in (0, 1)"),
+        ("lie-examples:-5@0.1", "the claimed examples must be in [1, 2**63)"),
+        ("lie-examples:1e3@0.1", "invalid literal for int()"),
         ("flip@0.1", "unknown attack 'flip'"),
-        ("sign-flip:-1@0.1", "the sign-flip multiplier must be > 0 and finite"),
+        ("sign-flip:-1@0.1", "the sign-flip multiplier must be in (0, 3.402823e+38]"),
         ("lie-examples:0@0.1", "the claimed examples must be in [1, 2**63)"),
         ("scale:2@0.1,", "needs @SHARE"),
     ],
@@ -254,6 +270,38 @@ def test_bad_attack_specs_are_one_line_errors_before_any_node_starts(
         simulate(replace(small_config, attack=spec), backend="inline")
     message = str(caught.value)
     assert message.startswith(f"bad attack spec {spec!r}: ") and problem in message and "\n" not in message
+
+
+def test_the_largest_float32_factors_are_accepted() -> None:
+    assert [a.value for a in parse_attacks("scale:3.4e38@0.1,scale:-3.4e38@0.1,sign-flip:3.4e38@0.1")] == [
+        3.4e38,
+        -3.4e38,
+        3.4e38,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("codec", "largest", "second"),
+    [
+        ("none", FLOAT32_MAX, -1.5e38),
+        ("fp16", 65504.0, -65504.0),
+        ("bf16", 3.3895313892515355e38, -1.5020276e38),  # 0x7F7F: bf16's largest; -1.5e38 rounded to bf16
+    ],
+)
+def test_an_altered_entry_past_the_codecs_range_is_sent_as_its_largest_value(
+    codec: str, largest: float, second: float
+) -> None:
+    pipeline = parse_codec(codec)
+    scale = parse_attacks("scale:3e38@0.5")[0]
+    attacking = AttackingGrid(InlineGrid(client_app, 1), {"partition-0": scale}, {"w": (3,)}, pipeline)
+    attacking.keys[5] = "partition-0"
+    delta = {"w": np.array([2.0, -0.5, 0.0], np.float32)}
+    honest = encode_update(delta, pipeline, kind=DELTA, base_fingerprint="b", state_version=1)
+    request = Message(RecordDict(), dst_node_id=5, message_type=TRAIN_TYPE)
+    reply = attacking.intercept(Message(update_content(honest.blob, {NUM_EXAMPLES_KEY: 10}), reply_to=request))
+    sent = decode_update(update_blob(reply.content), {"w": (3,)}).tensors["w"]
+    assert largest_sendable(pipeline) == largest
+    np.testing.assert_array_equal(sent, np.array([largest, second, 0.0], np.float32))
 
 
 def test_attackers_are_a_seeded_disjoint_set_per_entry_and_one_client_stays_honest() -> None:

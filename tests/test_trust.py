@@ -11,7 +11,7 @@ from flwr.app import Message, RecordDict
 
 from fedslim.channel.protocol import DELTA_KEY, NUM_EXAMPLES_KEY, TRAIN_TYPE, UPDATE_KEY, update_blob
 from fedslim.client.app import app as client_app
-from fedslim.codecs import decode_update, encode_update
+from fedslim.codecs import decode_update, encode_update, parse_codec
 from fedslim.commlog import LOG_FILENAME
 from fedslim.config import RunConfig
 from fedslim.server.loop import run_federation
@@ -111,3 +111,27 @@ def test_an_outlier_in_round_one_of_a_small_federation_is_screened(small_config:
     for *_, reason in rows:
         assert reason.startswith("update too large: ") and "per root local step" in reason
     assert np.isfinite(result.rounds[-1].loss) and result.rounds[-1].loss < 2 * result.rounds[0].loss
+
+
+def test_an_update_the_runs_codec_never_sends_is_rejected_before_it_is_decoded(small_config: RunConfig) -> None:
+    config = replace(small_config, num_clients=4, rounds=1, fraction=0.5)  # codec none: dense float32
+    shapes = prepared_base(config).build(config.fast).fast_shapes()
+
+    def as_factors(_: Message, replies: list[Message]) -> list[Message]:
+        reply = replies[0]
+        update = decode_update(update_blob(reply.content), shapes)
+        blob = encode_update(
+            update.tensors,
+            parse_codec("powersgd:1"),
+            kind=update.kind,
+            base_fingerprint=update.base_fingerprint,
+            state_version=update.state_version,
+        ).blob
+        reply.content.config_records[DELTA_KEY][UPDATE_KEY] = blob
+        return replies
+
+    result = run_federation(TamperingGrid(4, as_factors), config)  # type: ignore[arg-type]
+    ((server_round, _, reason),) = rejected_rows(config)
+    assert server_round == 1 and reason.startswith("malformed update: tensor ")
+    assert reason.endswith(" comes as rank-1 factors; codec none sends no low-rank factors")
+    assert [(r.accepted, r.rejected) for r in result.rounds[1:]] == [(1, 1)]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from flwr.app import Message
 
+from fedslim.channel.bounds import plausible_time
 from fedslim.channel.protocol import (
     CONFIG_KEY,
     DIRECTION_KEY,
@@ -185,13 +186,17 @@ class WireAccounting:
         status: Status | None = None,
     ) -> None:
         """One log row; the full-model figure swaps a fast-layer payload (``raw`` > 0) for the full model."""
-        size = message_bytes(message, direction)
+        try:
+            size = message_bytes(message, direction)
+        except (ValueError, TypeError, OverflowError):  # not serialisable: it never crossed Flower's wire (in-process)
+            size = 0
         node = message.metadata.dst_node_id if direction == "down" else message.metadata.src_node_id
+        created = message.metadata.created_at
         self._write(
             node,
             direction,
             message.metadata.message_type,
-            message.metadata.created_at,
+            created if plausible_time(created) else time.time(),  # the sender's clock: NaN or 1e300 are not times
             reason,
             status,
             codec=codec if payload else None,

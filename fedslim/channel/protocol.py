@@ -367,5 +367,9 @@ def reported_digest(reply: Message) -> str | None:
 
 
 def error_text(reply: Message) -> str:
-    """A refusal's code and reason, for logs."""
-    return f"client error {reply.error.code}: {reply.error.reason}" if reply.has_error() else "malformed reply"
+    """A refusal's code and reason, for logs (cut and escaped: they are the client's text)."""
+    from fedslim.channel.bounds import client_text, shown  # bounds reads this module's keys
+
+    if not reply.has_error():
+        return "malformed reply"
+    return f"client error {shown(reply.error.code)}: {client_text(str(reply.error.reason))}"

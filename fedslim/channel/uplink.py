@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 
+from fedslim.channel.bounds import TRAIN_CLAIMS, bounded, claims_problem, client_text, finite_numbers, version_lag
+from fedslim.channel.matching import SECOND_REPLY, Exchange
 from fedslim.channel.protocol import (
     BASE_META_KEY,
     CPU_KEY,
@@ -40,7 +42,7 @@ from fedslim.channel.protocol import (
 )
 from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.codecs.feedback import Residual, compensate, new_residual
-from fedslim.codecs.pipeline import DELTA, DecodedUpdate, Pipeline, decode_update, encode_update
+from fedslim.codecs.pipeline import DELTA, DecodeBudget, DecodedUpdate, Pipeline, decode_update, encode_update
 
 # ----------------------------------------------------------------------------------------------- client end
 
@@ -125,6 +127,7 @@ class UpdateCheck:
     shapes: dict[str, tuple[int, ...]]
     base_fingerprint: str
     state_version: int
+    budget: DecodeBudget | None = None
 
 
 def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate | None, str | None]:
@@ -139,17 +142,18 @@ def check_update(reply: Message, expected: UpdateCheck) -> tuple[DecodedUpdate |
         return None, error_text(reply)
     try:
         blob = update_blob(reply.content)
-        examples = update_claims(reply.content)[NUM_EXAMPLES_KEY]
-        update = decode_update(blob, expected.shapes)
+        claims = update_claims(reply.content)
+        update = decode_update(blob, expected.shapes, expected.budget)
     except (KeyError, ValueError) as exc:
         return None, f"malformed update: {exc}"
-    # Flower's wire carries 64-bit integers; a larger one (possible in-process) is no count of examples.
-    if not isinstance(examples, int) or isinstance(examples, bool) or not 0 < examples < 2**63:
-        return update, f"malformed update: num-examples must be a positive integer, got {examples!r:.60}"
+    # Every claim inside its bound (fedslim/channel/bounds.py) before anything stores, logs or weights with it.
+    problem = claims_problem(claims, TRAIN_CLAIMS, required=(NUM_EXAMPLES_KEY,))
+    if problem is not None:
+        return update, f"malformed update: {problem}"
     if update.kind != DELTA:
         return update, "malformed update: a client sent a full state, not a delta"
     if update.base_fingerprint != expected.base_fingerprint:
-        return update, f"wrong base fingerprint {update.base_fingerprint[:16]}... in the update"
+        return update, f"wrong base fingerprint {client_text(update.base_fingerprint[:16])}... in the update"
     if update.state_version != expected.state_version:
         return update, (
             f"stale update: computed against fast-state version {update.state_version}, "
@@ -245,7 +249,7 @@ class Received:
 
     ``payload_bytes`` is the size of the update blob it carried (0 if none
     could be read), ``version_lag`` how many fast-state versions behind the
-    round it was computed (None if it could not be decoded).
+    round it was computed (None if it could not be decoded, or names a version the round has not reached).
     """
 
     reply: Message
@@ -277,6 +281,10 @@ class UplinkReceiver:
         The training examples each client declared when it joined: a reply
         claiming more is rejected (docs/wire.md says what this does and does
         not stop).
+    budget : DecodeBudget, optional
+        What decoding one update may cost (``decode_budget`` of the run's
+        uplink codec): a blob beyond it is rejected before it is decoded.
+        Default: any encoding of the shapes.
     """
 
     def __init__(
@@ -286,36 +294,42 @@ class UplinkReceiver:
         screen: SizeScreen,
         local_steps: Callable[[int], int],
         declared: Mapping[str, int] | None = None,
+        budget: DecodeBudget | None = None,
     ) -> None:
         self.shapes = shapes
         self.base_fingerprint = base_fingerprint
         self.screen = screen
         self.local_steps = local_steps
         self.declared = dict(declared or {})
+        self.budget = budget
 
     def receive(
         self,
         replies: Sequence[Message],
         asked: Mapping[int, Instruction],
         state_version: int,
+        message_ids: Mapping[int, str] | None = None,
     ) -> list[Received]:
-        """Every reply, accepted or rejected; ``asked`` is the instruction sent to each node this round.
+        """Every reply, accepted or rejected; ``asked`` is the instruction sent to each node this round, and
+        ``message_ids`` the id the grid gave it (a node not named there: none, "").
 
-        A reply from a node that was not asked, or a second reply from one
-        that was, is rejected, and so is one claiming more examples than its
-        node declared. An anchor's upload (a gradient, not a local run) is not
-        screened for size.
+        A reply from a node that was not asked, one naming another message than
+        its node's instruction (replayed or forged), or a second reply is
+        rejected, and so is one claiming more examples than its node declared.
+        An anchor's upload (a gradient, not a local run) is not screened for
+        size.
         """
-        expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version)
-        answered: set[int] = set()
+        expected = UpdateCheck(self.shapes, self.base_fingerprint, state_version, self.budget)
+        exchange = Exchange({node: (message_ids or {}).get(node, "") for node in asked})
         checked: list[tuple[Instruction | None, DecodedUpdate | None, str | None]] = []
         for reply in replies:
-            instruction = asked.get(reply.metadata.src_node_id)
-            if instruction is None or reply.metadata.src_node_id in answered:
-                problem = "not asked for" if instruction is None else "a second reply"
+            problem = exchange.problem(reply)
+            if problem is not None:
+                # A second reply is still its node's (the node answered); a reply to another message is not.
+                instruction = asked.get(reply.metadata.src_node_id) if problem == SECOND_REPLY else None
                 checked.append((instruction, None, f"unexpected reply: {problem} in this round"))
                 continue
-            answered.add(reply.metadata.src_node_id)
+            instruction = asked[reply.metadata.src_node_id]
             update, reason = check_update(reply, expected)
             checked.append((instruction, update, reason or self._overclaim(reply, instruction)))
         screened = [
@@ -336,7 +350,7 @@ class UplinkReceiver:
             accepted = None
             if update is not None and reason is None and instruction is not None:
                 accepted = _client_update(reply, instruction, update)
-            lag = state_version - update.state_version if update is not None else None
+            lag = version_lag(state_version, update.state_version) if update is not None else None
             received.append(Received(reply, instruction, accepted, reason, payload_bytes(reply), lag))
         return received
 
@@ -366,27 +380,23 @@ def payload_bytes(reply: Message) -> int:
 
 
 def _client_update(reply: Message, instruction: Instruction, update: DecodedUpdate) -> ClientUpdate:
-    claims = update_claims(reply.content)
-    numbers = {key: float(value) for key, value in claims.items() if isinstance(value, int | float)}
     return ClientUpdate(
         client=instruction.client,
         delta=update.tensors,
         num_examples=_examples(reply),
-        metrics=numbers,
+        metrics=finite_numbers(update_claims(reply.content)),
         blob=update_blob(reply.content),
         role=instruction.work,
     )
 
 
 def footprint(reply: Message) -> tuple[float | None, int | None]:
-    """The CPU seconds and peak memory a client reported with its train or evaluate reply (None where it did not)."""
+    """The CPU seconds and peak memory a client reported with its train or evaluate reply (None where it did not, or
+    where what it reported is outside its bound: a reply carrying such a claim is rejected, and still logged)."""
     records = reply.content.config_records if not reply.has_error() else {}
     record = next((records[key] for key in (DELTA_KEY, EVALUATION_RECORD) if key in records), None)
     if record is None:
         return None, None
     claims = dict(record.items())
-    cpu, rss = claims.get(CPU_KEY), claims.get(PEAK_RSS_KEY)
-    return (
-        float(cpu) if isinstance(cpu, int | float) else None,
-        int(rss) if isinstance(rss, int | float) else None,
-    )
+    cpu, rss = bounded(claims, CPU_KEY), bounded(claims, PEAK_RSS_KEY)
+    return cpu, int(rss) if rss is not None else None

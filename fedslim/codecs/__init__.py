@@ -6,20 +6,24 @@ stage (zlib, lzma, zstd); ``parse_codec("topk:0.01+q8+zstd")`` builds one.
 """
 
 from fedslim.codecs.pipeline import (
+    DecodeBudget,
     DecodedUpdate,
     EncodedUpdate,
     Pipeline,
     UpdateError,
+    decode_budget,
     decode_update,
     encode_update,
     parse_codec,
 )
 
 __all__ = [
+    "DecodeBudget",
     "DecodedUpdate",
     "EncodedUpdate",
     "Pipeline",
     "UpdateError",
+    "decode_budget",
     "decode_update",
     "encode_update",
     "parse_codec",

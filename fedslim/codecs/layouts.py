@@ -37,7 +37,7 @@ class Dense:
         return pb.Tensor(name=name, shape=tensor.shape, dense=values.encode(tensor.reshape(-1)))
 
 
-def _keep_count(density: float, size: int) -> int:
+def keep_count(density: float, size: int) -> int:
     return min(size, max(1, round(density * size))) if size else 0
 
 
@@ -58,7 +58,7 @@ class TopK:
 
     def encode(self, name: str, tensor: np.ndarray, values: ValueCoding, seed: int) -> pb.Tensor:
         flat = tensor.reshape(-1)
-        k = _keep_count(self.density, flat.size)
+        k = keep_count(self.density, flat.size)
         nonzero = int(np.count_nonzero(flat))
         if nonzero <= k:
             positions = np.flatnonzero(flat)  # a zero is not worth a position
@@ -96,7 +96,7 @@ class RandK:
 
     def encode(self, name: str, tensor: np.ndarray, values: ValueCoding, seed: int) -> pb.Tensor:
         flat = tensor.reshape(-1)
-        k = _keep_count(self.density, flat.size)
+        k = keep_count(self.density, flat.size)
         positions = seeded_positions(seed, flat.size, k)
         sparse = pb.Sparse(nnz=k, random_seed=seed, values=values.encode(flat[positions]))
         return pb.Tensor(name=name, shape=tensor.shape, sparse=sparse)

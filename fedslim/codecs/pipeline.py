@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from fedslim.codecs.layouts import Dense, Layout, PowerSGD, RandK, TopK, decode_tensor
+from fedslim.codecs.layouts import Dense, Layout, PowerSGD, RandK, TopK, decode_tensor, keep_count
 from fedslim.codecs.lossless import LOSSLESS_STAGES, LosslessStage, NoLossless, stage_for
 from fedslim.codecs.values import BFloat16, Float16, Float32, Quantize, Sign, ValueCoding, WireFormatError
 from fedslim.protos.fedslim.v1 import update_pb2 as pb
@@ -74,14 +74,18 @@ class Pipeline:
 def parse_codec(spec: str) -> Pipeline:
     """The pipeline a spec string names, e.g. ``topk:0.01+q8+zstd``; CodecSpecError if it is not one."""
     text = spec.strip().lower()
-    if text in ("", "none"):
+    if text == "none":
         return Pipeline()
+    if not text:
+        raise CodecSpecError("the codec spec is empty; none is dense float32")
     layout: Layout | None = None
     values: ValueCoding | None = None
     lossless: LosslessStage | None = None
     for stage in text.split("+"):
         name, _, arg = stage.partition(":")
         try:
+            if not stage:
+                raise CodecSpecError("an empty stage: '+' joins two stages")
             if name in ("topk", "randk", "ternary", "powersgd", "dense"):
                 if layout is not None or values is not None or lossless is not None:
                     raise CodecSpecError(f"{stage!r} must come first, and only one layout is allowed")
@@ -195,31 +199,116 @@ def dense_update_limit(shapes: Mapping[str, tuple[int, ...]]) -> int:
     return 5 * entries + 256 * len(shapes) + 65536
 
 
+# Bytes of a FastUpdate besides its tensors (kind, fingerprint, version), and of a Tensor besides its name, shape
+# and numbers (tags, lengths, counts, a seed, a rank, a quantizer's offset and scale): generous upper bounds.
+UPDATE_OVERHEAD_BYTES = 1024
+TENSOR_OVERHEAD_BYTES = 128
+
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    """The most one update may cost to decode: what an update of the sender's codec can need, and no more.
+
+    Attributes
+    ----------
+    codec : str or None
+        The spec of that codec, which refusals name (None: not known).
+    max_raw_bytes : int
+        Largest serialized FastUpdate, after the lossless stage.
+    max_rank : int or None
+        Largest rank of a low-rank tensor (0: none; None: any rank the
+        shape allows). Decoding rank-r factors of a rows x cols tensor costs
+        rows x cols x r.
+    """
+
+    codec: str | None
+    max_raw_bytes: int
+    max_rank: int | None
+
+    @property
+    def bounds(self) -> str:
+        """What the budget bounds, for refusals."""
+        return f"any update of codec {self.codec}" if self.codec else "any encoding of the fast layer"
+
+
+def any_update_budget(shapes: Mapping[str, tuple[int, ...]]) -> DecodeBudget:
+    """The budget of a receiver that does not know the sender's codec: any encoding of these shapes."""
+    return DecodeBudget(None, dense_update_limit(shapes), None)
+
+
+def decode_budget(pipeline: Pipeline, shapes: Mapping[str, tuple[int, ...]]) -> DecodeBudget:
+    """What any update ``pipeline`` encodes for ``shapes`` fits in: its largest serialized size and rank.
+
+    The size counts every number the layout keeps at the value coding's bits
+    (top-k's positions as a bitmask, the larger of its two forms), with
+    generous bounds on the framing; PowerSGD's rank is its own, other layouts
+    send no low-rank factors.
+    """
+    layout, bits = pipeline.layout, pipeline.values.wire_bits
+
+    def value_bytes(count: int) -> int:
+        return (count * bits + 7) // 8
+
+    total = UPDATE_OVERHEAD_BYTES
+    for name, shape in shapes.items():
+        size = int(np.prod(shape, dtype=np.int64))
+        payload = value_bytes(size)
+        if isinstance(layout, TopK | RandK):
+            positions = (size + 7) // 8 if isinstance(layout, TopK) else 0
+            payload = value_bytes(keep_count(layout.density, size)) + positions
+        elif isinstance(layout, PowerSGD) and len(shape) >= 2:
+            rows, cols = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+            rank = min(layout.rank, rows, cols)
+            if rank * (rows + cols) < size:
+                payload = value_bytes(rank * rows) + value_bytes(rank * cols)
+        total += TENSOR_OVERHEAD_BYTES + len(name.encode()) + 11 * len(shape) + payload
+    return DecodeBudget(pipeline.spec, total, layout.rank if isinstance(layout, PowerSGD) else 0)
+
+
+def check_rank(tensor: pb.Tensor, budget: DecodeBudget) -> None:
+    """WireFormatError if ``tensor`` comes as low-rank factors of a rank above ``budget``'s (before decoding them)."""
+    if (
+        budget.max_rank is None
+        or tensor.WhichOneof("encoding") != "low_rank"
+        or tensor.low_rank.rank <= budget.max_rank
+    ):
+        return
+    sends = f"rank {budget.max_rank} at most" if budget.max_rank else "no low-rank factors"
+    raise WireFormatError(
+        f"tensor {tensor.name!r} comes as rank-{tensor.low_rank.rank} factors; codec {budget.codec} sends {sends}"
+    )
+
+
 def decode_update(
-    blob: bytes, shapes: Mapping[str, tuple[int, ...]], max_raw_bytes: int | None = None
+    blob: bytes, shapes: Mapping[str, tuple[int, ...]], budget: DecodeBudget | None = None
 ) -> DecodedUpdate:
     """Parse and decode a blob against the tensor names and shapes the receiver holds.
 
     Raises UpdateError, and nothing else, for any blob it does not accept,
     naming the problem: a corrupt or truncated blob, an unknown encoding or
-    lossless stage, a blob or payload that declares or inflates past
-    ``max_raw_bytes`` (default: ``dense_update_limit(shapes)``), missing,
-    unknown or duplicate tensors, a shape mismatch, counts, ranks, bits or
-    index streams that disagree with the shape, non-finite values. Time and
-    memory are bounded by the shapes: no field can make it decode more than
-    the tensors hold (a low-rank tensor costs at most rows x cols x rank,
-    with rank below rows x cols / (rows + cols)).
+    lossless stage, a blob or payload that declares or inflates past the
+    ``budget`` (default: ``any_update_budget(shapes)``), low-rank factors of
+    a rank above it, missing, unknown or duplicate tensors, a shape mismatch,
+    counts, ranks, bits or index streams that disagree with the shape,
+    non-finite values. Time and memory are bounded by the shapes and the
+    budget: no field can make it decode more than the tensors hold, and a
+    low-rank tensor, which costs rows x cols x rank, is refused before it is
+    decoded if its rank is above the budget's (without one, at most
+    rows x cols / (rows + cols)).
     """
-    limit = dense_update_limit(shapes) if max_raw_bytes is None else max_raw_bytes
+    budget = budget or any_update_budget(shapes)
+    limit = budget.max_raw_bytes
     # A lossless stage expands incompressible data by well under 1%; the envelope adds a few bytes.
     max_blob = 2 * limit + 1024
     if len(blob) > max_blob:
-        raise UpdateError(f"update blob is {len(blob)} bytes, above the {max_blob}-byte limit")
+        raise UpdateError(f"update blob is {len(blob)} bytes, above the {max_blob} bytes {budget.bounds} fits in")
     envelope = pb.Envelope()
     try:
         envelope.ParseFromString(blob)
         if envelope.raw_size > limit:
-            raise WireFormatError(f"update declares {envelope.raw_size} bytes, above the {limit}-byte limit")
+            raise WireFormatError(
+                f"update declares {envelope.raw_size} bytes, above the {limit} bytes {budget.bounds} fits in"
+            )
         raw = stage_for(envelope.lossless).decompress(envelope.payload, limit)
         if len(raw) != envelope.raw_size:
             raise WireFormatError(f"payload is {len(raw)} bytes, the envelope declares {envelope.raw_size}")
@@ -236,6 +325,8 @@ def decode_update(
         missing = sorted(set(shapes) - set(names))
         if unknown or missing:
             raise WireFormatError(f"tensor names differ: unknown {unknown}, missing {missing}")
+        for tensor in update.tensors:
+            check_rank(tensor, budget)
         tensors = {t.name: decode_tensor(t, tuple(shapes[t.name])) for t in update.tensors}
     except DecodeError as exc:
         raise UpdateError(f"corrupt or truncated update blob: {exc}") from exc

@@ -25,6 +25,11 @@ class ValueCoding(Protocol):
     @property
     def biased(self) -> bool: ...
 
+    @property
+    def wire_bits(self) -> int:
+        """Bits each value takes on the wire (a Values message adds a few bytes to ``count * wire_bits / 8``)."""
+        ...
+
     def encode(self, values: np.ndarray) -> pb.Values: ...
 
     def max_abs_error(self, values: np.ndarray) -> float:
@@ -43,6 +48,7 @@ class Float32:
 
     spec: str = "fp32"
     biased: bool = False
+    wire_bits: int = 32
 
     def encode(self, values: np.ndarray) -> pb.Values:
         _check_finite(values)
@@ -59,6 +65,7 @@ class Float16:
 
     spec: str = "fp16"
     biased: bool = False
+    wire_bits: int = 16
 
     def encode(self, values: np.ndarray) -> pb.Values:
         _check_finite(values)
@@ -74,10 +81,11 @@ class Float16:
 
 @dataclass(frozen=True)
 class BFloat16:
-    """bfloat16 (the top 16 bits of float32, round to nearest even): relative error <= 2^-8."""
+    """bfloat16 (the top 16 bits of float32, round to nearest even): relative error <= 2^-8 (above 2^-126)."""
 
     spec: str = "bf16"
     biased: bool = False
+    wire_bits: int = 16
 
     def encode(self, values: np.ndarray) -> pb.Values:
         _check_finite(values)
@@ -89,7 +97,8 @@ class BFloat16:
         return pb.Values(count=values.size, floats=pb.Floats(type=pb.FLOAT_TYPE_BFLOAT16, data=data))
 
     def max_abs_error(self, values: np.ndarray) -> float:
-        return float(np.max(np.abs(values), initial=0.0)) * 2.0**-8
+        # Normal range: half an ulp (2^-8 relative); subnormals: absolute spacing 2^-133.
+        return float(np.max(np.abs(values), initial=0.0)) * 2.0**-8 + 2.0**-134
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,10 @@ class Quantize:
     @property
     def spec(self) -> str:
         return f"q{self.bits}"
+
+    @property
+    def wire_bits(self) -> int:
+        return self.bits
 
     def _range(self, values: np.ndarray) -> tuple[np.float32, np.float32]:
         low = np.float32(values.min()) if values.size else np.float32(0.0)
@@ -129,8 +142,9 @@ class Quantize:
         if not values.size:
             return 0.0
         offset, scale = self._range(values)
-        # Half a step, plus float32 rounding of offset + code * scale.
-        return float(scale) / 2 + float(np.max(np.abs(values))) * 2.0**-22 + float(scale) * 2.0**-20
+        # Half a step, plus float32 rounding of offset + code * scale; a scale below float32's subnormals rounds
+        # (to 0, say) by up to 2^-150, so up to 255 codes err by 2^-142 at most.
+        return float(scale) / 2 + float(np.max(np.abs(values))) * 2.0**-22 + float(scale) * 2.0**-20 + 2.0**-142
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,7 @@ class Sign:
 
     spec: str = "sign"
     biased: bool = True
+    wire_bits: int = 1
 
     def encode(self, values: np.ndarray) -> pb.Values:
         _check_finite(values)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedslim.commlog import LOG_FILENAME, RoundTotals, last_logged_at, open_log, read_round_totals
+from fedslim.commlog import LOG_FILENAME, SCHEMA, RoundTotals, last_logged_at, open_log, read_round_totals
 
 # fedslim.channel.protocol.PROVISION_TYPE, spelled out: reading a log must not import Flower.
 PROVISION_TYPE = "query.provision"
@@ -34,8 +35,68 @@ TABLES = {
 }
 
 
+REQUIRED_TABLES = ("runs", "messages", "rounds")  # every readable schema has them; the others came later
+
+
 class RunNotFoundError(LookupError):
     """The named run is not in the log."""
+
+
+class LogFormatError(ValueError):
+    """A log file is not what its schema says: a table or column missing, a value of another type."""
+
+
+def _schema_columns() -> dict[str, dict[str, bool]]:
+    """Each table the log's schema creates (``meta`` aside): its columns, and whether each holds numbers."""
+    db = sqlite3.connect(":memory:")
+    db.executescript(SCHEMA)
+    tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name != 'meta'")]
+    columns = {
+        table: {
+            name: declared in ("INTEGER", "REAL") for _, name, declared, *_ in db.execute(f"PRAGMA table_info({table})")
+        }
+        for table in tables
+    }
+    db.close()
+    return columns
+
+
+SCHEMA_COLUMNS = _schema_columns()
+
+
+def check_tables(db: sqlite3.Connection, path: Path) -> None:
+    """LogFormatError naming ``path`` and what is missing, unless it has every table and column a log has.
+
+    A table that older schemas lack may be missing, not a column of a table it has.
+    """
+    present = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for table, columns in SCHEMA_COLUMNS.items():
+        if table not in present:
+            if table in REQUIRED_TABLES:
+                raise LogFormatError(f"{path} is not a whole communication log: it has no {table} table")
+            continue
+        found = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        missing = [name for name in columns if name not in found]
+        if missing:
+            raise LogFormatError(f"{path}: the {table} table has no column {', '.join(missing)}")
+
+
+def check_values(db: sqlite3.Connection, path: Path, run_id: str) -> None:
+    """LogFormatError naming ``path``, the column and the value if a row of the run holds text (or bytes) where the
+    schema has a number: SQLite keeps what it is given, and the reader would fail on it, or sum it as 0."""
+    present = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    for table, columns in SCHEMA_COLUMNS.items():
+        numeric = [name for name, holds_numbers in columns.items() if holds_numbers]
+        if table not in present or not numeric:
+            continue
+        conditions = " OR ".join(f"typeof({name}) IN ('text', 'blob')" for name in numeric)
+        query = f"SELECT {', '.join(numeric)} FROM {table} WHERE run_id = ? AND ({conditions}) LIMIT 1"
+        wrong = db.execute(query, (run_id,)).fetchone()
+        if wrong is not None:
+            column, value = next((c, v) for c, v in zip(numeric, wrong) if isinstance(v, str | bytes))
+            raise LogFormatError(
+                f"{path}: {table}.{column} holds {value!r:.40} in run {run_id}, where a log has a number"
+            )
 
 
 @dataclass(frozen=True)
@@ -137,6 +198,17 @@ class Summary:
         return self.dense_fast_bytes / self.total_bytes if self.total_bytes else 0.0
 
 
+def run_config(run: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The configuration a ``runs`` row holds; LogFormatError unless it is a JSON object."""
+    try:
+        config = json.loads(run["config"])
+    except ValueError as exc:
+        raise LogFormatError(f"{path}: the configuration of run {run['run_id']} is not JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise LogFormatError(f"{path}: the configuration of run {run['run_id']} is not a JSON object")
+    return config
+
+
 def parse_run_name(name: str) -> tuple[Path, str | None]:
     """``PATH`` or ``PATH#RUN_ID`` -> (the log file, the run id or None)."""
     path_text, _, run_id = name.partition("#")
@@ -160,6 +232,21 @@ class RunLog:
         self.name = name
         self.path, wanted = parse_run_name(name)
         self.db = open_log(self.path)
+        try:
+            self.run: dict[str, Any] = self._find_run(wanted)
+            self.run_id: str = self.run["run_id"]
+            check_values(self.db, self.path, self.run_id)
+            self.config: dict[str, Any] = run_config(self.run, self.path)
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise LogFormatError(f"{self.path} cannot be read as a communication log: {exc}") from exc
+        except (LookupError, ValueError):
+            self.db.close()
+            raise
+
+    def _find_run(self, wanted: str | None) -> dict[str, Any]:
+        """The row of the run ``wanted`` (None: the latest started), the log's tables checked first."""
+        check_tables(self.db, self.path)
         if wanted is None:
             cursor = self.db.execute("SELECT * FROM runs ORDER BY started_at DESC LIMIT 1")
         else:
@@ -167,12 +254,9 @@ class RunLog:
         row = cursor.fetchone()
         if row is None:
             known = [r[0] for r in self.db.execute("SELECT run_id FROM runs ORDER BY started_at")]
-            self.db.close()
             what = f"run {wanted!r}" if wanted else "any run"
             raise RunNotFoundError(f"{self.path} holds no {what} (runs in it: {', '.join(known) or 'none'})")
-        self.run: dict[str, Any] = dict(zip([c[0] for c in cursor.description], row))
-        self.run_id: str = self.run["run_id"]
-        self.config: dict[str, Any] = json.loads(self.run["config"])
+        return dict(zip([c[0] for c in cursor.description], row))
 
     def close(self) -> None:
         self.db.close()

@@ -6,14 +6,19 @@ still need), the consolidations merged into the base, the replica version each c
 their error-feedback residual, the strategy with its per-client memory and
 1/p estimates, the size screen's history, and, where the nodes run in the
 server's process (the inline backend), which saved Flower context state of
-each node goes with it (the states themselves are in :class:`NodeStateStore`).
+each node goes with it (the states themselves are in :class:`NodeStateStore`),
+and how the server computed (:class:`Arithmetic`: a resume takes the run's
+thread count, and warns of what else differs).
 Everything random in a run is seeded by (seed, round, client), so no random
 generator state is needed: a resumed run repeats exactly what the killed one
 would have done from the next round on.
 
 The log is part of the same transaction in spirit: on resume the rows of
 rounds after ``completed_round`` (the round that was killed) are deleted
-before it is run again, so every round is logged exactly once.
+before it is run again, and so are those of a final sync that came after the
+last checkpoint, so every message is logged exactly once. A write killed
+before its rename leaves a temporary file, deleted when the next run claims
+the directory.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import sqlite3
 import tempfile
 from contextlib import closing
 from dataclasses import dataclass, fields, replace
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from flwr.app import RecordDict
+from flwr.common.logger import log
 
 from fedslim.channel.downlink import ServerReplica
 from fedslim.channel.uplink import SizeScreen
@@ -41,7 +48,9 @@ from fedslim.strategies.base import FastStrategy
 
 CHECKPOINT_FILENAME = "checkpoint.pkl"
 NODE_STATES_FILENAME = "node-states.sqlite"
-CHECKPOINT_FORMAT = 3  # 2: the run config names its task (``task``), not its dataset; 3: it holds task settings
+# 2: the run config names its task (``task``), not its dataset; 3: it holds task settings; 4: the run's arithmetic
+CHECKPOINT_FORMAT = 4
+CHECKPOINT_TEMPORARY_PREFIX = ".checkpoint-"
 
 
 class NodeStates(Protocol):
@@ -54,6 +63,64 @@ class NodeStates(Protocol):
     def restore_states(self, states: dict[int, bytes]) -> None:
         """Put back what :meth:`save_states` returned."""
         ...
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """What a run's bits depend on besides its configuration: how this process computes them.
+
+    torch's thread count changes how a product or a sum is split, and so its
+    last bits (the nodes of the inline backend train in the server's
+    process); the float arithmetic of the CPU (:func:`~fedslim.base.float_arithmetic`),
+    the torch and numpy versions and the device change the kernels.
+    """
+
+    torch_threads: int
+    float_arithmetic: str
+    torch_version: str
+    numpy_version: str
+    device: str
+
+    @classmethod
+    def here(cls, device: str) -> Arithmetic:
+        """This process's arithmetic, computing on ``device`` (``cpu``, ``cuda``)."""
+        import torch
+
+        from fedslim.base import float_arithmetic
+
+        with torch.random.fork_rng(devices=[]):  # its network's initialisation must not move the run's generator
+            digest = float_arithmetic()
+        if device.startswith("cuda"):
+            device = f"{device} ({torch.cuda.get_device_name()})"
+        return cls(torch.get_num_threads(), digest, torch.__version__, np.__version__, device)
+
+
+def adopt_arithmetic(saved: Arithmetic, device: str) -> None:
+    """Continue a run as it computed: take the thread count it ran with, and warn (one line) of what differs
+    that cannot be taken (a resumed run then ends in other bits than the uninterrupted one would have)."""
+    import torch
+
+    if torch.get_num_threads() != saved.torch_threads:
+        log(
+            INFO,
+            "resume: torch computes on %d threads, as the run did before (this process had %d)",
+            saved.torch_threads,
+            torch.get_num_threads(),
+        )
+        torch.set_num_threads(saved.torch_threads)
+    here = Arithmetic.here(device)
+    differing = [
+        f"{name.replace('_', ' ')} {getattr(saved, name)} -> {getattr(here, name)}"
+        for name in ("float_arithmetic", "torch_version", "numpy_version", "device")
+        if getattr(saved, name) != getattr(here, name)
+    ]
+    if differing:
+        log(
+            WARNING,
+            "resume: this process computes otherwise than the run did before (%s): the run will not end in the "
+            "bits an uninterrupted run would have",
+            ", ".join(differing),
+        )
 
 
 @dataclass(frozen=True)
@@ -73,6 +140,8 @@ class Checkpoint:
     node_states: dict[str, int] | None
     """Where the server could read the nodes' context states: the round of each client's saved state in the
     run's :class:`NodeStateStore`; None otherwise."""
+    arithmetic: Arithmetic
+    """How the server computed the rounds so far (a resume takes its thread count, and warns of the rest)."""
     finished: bool = False
     merges: tuple[bytes, ...] = ()
     """The run's consolidations, oldest first (:class:`~fedslim.consolidation.Merge` blobs): the base is the
@@ -86,7 +155,7 @@ def checkpoint_path(run_dir: Path) -> Path:
 def write_checkpoint(checkpoint: Checkpoint, run_dir: Path) -> None:
     """Write atomically: a temporary file in the run directory, fsync, rename over the old one, fsync the folder."""
     target = checkpoint_path(run_dir)
-    handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", dir=run_dir)
+    handle, temporary = tempfile.mkstemp(prefix=CHECKPOINT_TEMPORARY_PREFIX, dir=run_dir)
     try:
         with os.fdopen(handle, "wb") as file:
             pickle.dump(checkpoint, file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -151,12 +220,14 @@ def claim_run_dir(config: RunConfig) -> None:
     A log from an earlier run is never appended to silently: ``resume``
     continues an interrupted run, ``overwrite`` deletes what was there.
     """
-    if config.resume:
-        return
     run_dir = config.run_dir
+    if config.resume:
+        remove_killed_writes(run_dir)
+        return
     log_path = run_dir / LOG_FILENAME
     existing = [path for path in (log_path, checkpoint_path(run_dir)) if path.exists()]
     if not existing:
+        remove_killed_writes(run_dir)
         return
     if not config.overwrite:
         raise ConfigError(
@@ -168,6 +239,16 @@ def claim_run_dir(config: RunConfig) -> None:
         for path in (run_dir / name, run_dir / f"{name}-wal", run_dir / f"{name}-shm"):
             path.unlink(missing_ok=True)
     shutil.rmtree(run_dir / MODEL_DIRNAME, ignore_errors=True)
+    remove_killed_writes(run_dir)
+
+
+def remove_killed_writes(run_dir: Path) -> None:
+    """Delete the temporary files of checkpoint writes that were killed (a finished write renames its file).
+
+    Only at the start of a run that has claimed ``run_dir``: a run refused
+    there may be refused because another is running, and writing."""
+    for path in Path(run_dir).glob(f"{CHECKPOINT_TEMPORARY_PREFIX}*"):
+        path.unlink(missing_ok=True)
 
 
 class NodeStateStore:

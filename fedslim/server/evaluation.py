@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Message
 
+from fedslim.channel.bounds import EVALUATION_CLAIMS, claims_problem, shown
+from fedslim.channel.matching import Exchange
 from fedslim.channel.protocol import (
     EVAL_CORRECT_KEY,
     EVAL_EXAMPLES_KEY,
@@ -47,26 +49,32 @@ def most_held_out(declared_training: int, holdout: float) -> int:
 
 
 def check_evaluations(
-    replies: Sequence[Message], asked: Mapping[int, str], declared: Mapping[str, int], holdout: float
+    replies: Sequence[Message],
+    asked: Mapping[int, str],
+    declared: Mapping[str, int],
+    holdout: float,
+    message_ids: Mapping[int, str] | None = None,
 ) -> list[tuple[str | None, ClientEvaluation | None, str | None]]:
     """For each reply: the client it answers for (None if not asked), its accepted evaluation, or why none.
 
-    A reply from a node that was not asked, a second reply, an error, a
-    malformed record, or claims that cannot be true (more correct than
-    examples, a negative loss, more held-out examples than the client's
-    declared training examples allow) give no evaluation. A loss that is not
-    finite is kept as unknown: a diverged model's accuracy still counts.
+    ``asked`` is the client asked on each node, ``message_ids`` the id the
+    grid gave each node's message (a node not named there: none, ""). A reply
+    from a node that was not asked, one naming another message (replayed or
+    forged), a second reply, an error, a malformed record, or claims that
+    cannot be true (more correct than examples, a negative loss, more
+    held-out examples than the client's declared training examples allow, a
+    claim outside its bound: see :mod:`fedslim.channel.bounds`) give no
+    evaluation. A loss that is not finite is kept as unknown: a diverged
+    model's accuracy still counts.
     """
-    answered: set[int] = set()
+    exchange = Exchange({node: (message_ids or {}).get(node, "") for node in asked})
     checked: list[tuple[str | None, ClientEvaluation | None, str | None]] = []
     for reply in replies:
-        node = reply.metadata.src_node_id
-        client = asked.get(node)
-        if client is None or node in answered:
-            problem = "not asked for" if client is None else "a second reply"
+        problem = exchange.problem(reply)
+        if problem is not None:
             checked.append((None, None, f"unexpected reply: {problem} in this round's evaluation"))
             continue
-        answered.add(node)
+        client = asked[reply.metadata.src_node_id]
         if reply.has_error() or EVALUATION_RECORD not in reply.content.config_records:
             checked.append((client, None, f"no evaluation: {error_text(reply)}"))
             continue
@@ -83,9 +91,12 @@ def _claimed(
     if type(examples) is not int or type(correct) is not int or type(loss) not in (int, float):
         return None, "malformed evaluation: examples and correct must be integers, loss a number"
     if examples < 1 or not 0 <= correct <= examples:
-        return None, f"impossible evaluation: {correct} correct of {examples} examples"
+        return None, f"impossible evaluation: {shown(correct)} correct of {shown(examples)} examples"
     if loss < 0:  # a NaN or infinite loss passes: the honest loss of a diverged model, kept as unknown
-        return None, f"impossible evaluation: loss {loss}"
+        return None, f"impossible evaluation: loss {shown(loss)}"
+    problem = claims_problem(claims, EVALUATION_CLAIMS)
+    if problem is not None:
+        return None, f"malformed evaluation: {problem}"
     if declared is not None and examples > most_held_out(declared, holdout):
         return None, (
             f"evaluation on {examples:,} held-out examples: with client-holdout {holdout:g} and the {declared:,} "

@@ -21,6 +21,8 @@ from flwr.serverapp import Grid
 
 from fedslim.base import BaseOrigin, BaseProvenance, ResidentBase, provenance_of
 from fedslim.channel.accounting import RunWire, WireAccounting
+from fedslim.channel.bounds import MAX_COUNT, MAX_TEXT, client_text, shown
+from fedslim.channel.matching import Exchange
 from fedslim.channel.protocol import (
     BASE_BYTES_KEY,
     BaseStatus,
@@ -90,17 +92,32 @@ class IdentityQuery:
 
     def settle(self, grid: Grid, requests: list[Message], replies: list[Message], wire: WireAccounting) -> Identified:
         """Log the exchange (each request, each reply, a ``no-reply`` row for each node that did not answer),
-        learn the keys, refuse nodes on another base, provision the base to nodes without it."""
+        learn the keys, refuse nodes on another base, provision the base to nodes without it. A reply that
+        answers no request (a node not asked, a replay or forgery, a second reply) is logged, rejected, and
+        teaches nothing."""
         found = Identified()
         keys = wire.run.client_keys
+        implausible: dict[int, str] = {}
+        exchange = Exchange.of(requests)
+        problems = [exchange.problem(reply) for reply in replies]
+        unexpected = [(reply, problem) for reply, problem in zip(replies, problems) if problem is not None]
+        replies = [reply for reply, problem in zip(replies, problems) if problem is None]
         for reply in replies:
             node, key, examples = reply.metadata.src_node_id, client_key(reply), declared_examples(reply)
+            if key and not (len(key) <= MAX_TEXT and key.isprintable()):
+                implausible[node] = f"client key {shown(key)} is not printable text of at most {MAX_TEXT} characters"
+                key = client_text(key)
             if key:
                 keys[node] = found.keys[node] = key
             if key and examples is not None:
-                found.declared[node] = examples
+                if examples > MAX_COUNT:
+                    implausible[node] = f"it declared {shown(examples)} training examples, more than {MAX_COUNT:,}"
+                found.declared[node] = min(examples, MAX_COUNT)
         for request in requests:
             wire.record_down(request)
+        for reply, problem in unexpected:
+            wire.record_reply(reply, f"unexpected reply: {problem} in the identity exchange")
+            log(WARNING, "identity reply from node %d rejected: %s", reply.metadata.src_node_id, problem)
         missing: dict[int, int] = {}
         empty: set[int] = set()
         held: set[int] = set()
@@ -114,6 +131,8 @@ class IdentityQuery:
                     f"the server's base is {_short(self.base_fingerprint)}; it takes no part in the run"
                 )
                 found.refused.add(node)
+            elif node in implausible:
+                reason = f"implausible identity: {implausible[node]}; it takes no part in the run"
             elif node in found.keys and declares_no_examples(reply):
                 reason = f"no training examples: node {keys[node]} takes no part in the run"
                 empty.add(node)
@@ -140,7 +159,9 @@ class IdentityQuery:
             log(WARNING, "node %d (%s) is left out of the run: it lacks the server's base", node, keys[node])
         for node in sorted(empty):
             log(WARNING, "node %d (%s) is left out of the run: it has no training examples", node, keys[node])
-        found.refused |= empty
+        for node, problem in sorted(implausible.items()):
+            log(WARNING, "node %d is left out of the run: %s", node, problem)
+        found.refused |= empty | set(implausible)
         self._back_off(wire.server_round, found)
         return found
 
@@ -171,7 +192,7 @@ class IdentityQuery:
 
 def _short(fingerprint: str) -> str:
     """A hex fingerprint cut for a log line; anything else (a reason it could not be read) in full."""
-    return f"{fingerprint[:16]}..." if len(fingerprint) == 64 else fingerprint
+    return f"{fingerprint[:16]}..." if len(fingerprint) == 64 else client_text(fingerprint)
 
 
 def record_server_base(run: RunWire, server_round: int, base: ResidentBase) -> BaseProvenance:

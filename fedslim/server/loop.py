@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -17,7 +18,9 @@ from flwr.serverapp import Grid
 from fedslim.adapters import FastSlowModel, numpy_bits
 from fedslim.base import ResidentBase, ensure_base, load_base
 from fedslim.channel.accounting import RunWire, WireAccounting
+from fedslim.channel.bounds import client_text
 from fedslim.channel.downlink import Downlink, ServerReplica, state_digest
+from fedslim.channel.matching import Exchange
 from fedslim.channel.protocol import (
     BASE_FINGERPRINT_KEY,
     FINAL_SYNC_TYPE,
@@ -27,6 +30,7 @@ from fedslim.channel.protocol import (
     reported_digest,
 )
 from fedslim.channel.uplink import SizeScreen, UplinkReceiver
+from fedslim.codecs.pipeline import decode_budget
 from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
 from fedslim.config import ConfigError, RunConfig
 from fedslim.consolidation import BaseChain
@@ -35,9 +39,11 @@ from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_s
 from fedslim.export import MODEL_DIRNAME, run_manifest, write_model
 from fedslim.server.checkpoint import (
     CHECKPOINT_FORMAT,
+    Arithmetic,
     Checkpoint,
     NodeStates,
     NodeStateStore,
+    adopt_arithmetic,
     claim_run_dir,
     read_checkpoint,
     resumable_config,
@@ -118,17 +124,20 @@ def final_sync(run: ServerRun) -> int:
         node = message.metadata.dst_node_id
         wire.record_down(message, held[node], replica.version, codec=replica.full_state_pipeline.spec)
     confirmed: set[int] = set()
+    exchange = Exchange.of(messages)
     for reply in replies:
-        node, digest = reply.metadata.src_node_id, reported_digest(reply)
-        if node not in held or node in confirmed:
-            wire.record_reply(reply, "unexpected reply: not asked for, or a second reply, in the final sync")
+        node, digest, problem = reply.metadata.src_node_id, reported_digest(reply), exchange.problem(reply)
+        if problem is not None:
+            wire.record_reply(reply, f"unexpected reply: {problem} in the final sync")
+            log(WARNING, "final sync: reply from node %d rejected: %s", node, problem)
         elif digest == replica.digest:
             confirmed.add(node)
             wire.record_reply(reply, None)
         elif digest is None:
             wire.record_reply(reply, f"no final-sync confirmation: {error_text(reply)}")
         else:
-            wire.record_reply(reply, f"final fast state differs: node digest {digest}, server {replica.digest}")
+            shown = client_text(digest, 64)
+            wire.record_reply(reply, f"final fast state differs: node digest {shown}, server {replica.digest}")
     if len(confirmed) < len(messages):
         log(WARNING, "final sync: %d of %d nodes confirmed the final fast state", len(confirmed), len(messages))
     return len(confirmed)
@@ -186,7 +195,10 @@ def run_federation(
     wire = open_log(config, base, model, type(strategy).__name__, resumed)
     record_server_base(wire, first_round if resumed is not None else 0, base)
     store = None
+    threads = torch.get_num_threads()
     try:
+        if resumed is not None:
+            adopt_arithmetic(resumed.arithmetic, config.torch_device())
         if node_states is not None and config.checkpoint_every:
             store = NodeStateStore(config.run_dir, resumed.node_states if resumed is not None else None)
         grid, joining = identify_nodes(
@@ -212,7 +224,12 @@ def run_federation(
             fast_state=fast_state,
             downlink=Downlink(replica, {**config.client_task(), BASE_FINGERPRINT_KEY: base.fingerprint}, chain),
             uplink=UplinkReceiver(
-                model.fast_shapes(), chain.base.fingerprint, screen, config.local_step_count, grid.declared_by_client()
+                model.fast_shapes(),
+                chain.base.fingerprint,
+                screen,
+                config.local_step_count,
+                grid.declared_by_client(),
+                decode_budget(config.uplink, model.fast_shapes()),
             ),
             wire=wire,
             schedule=schedule,
@@ -243,6 +260,7 @@ def run_federation(
             wire.run_id, str(wire.commlog.path), wire.commlog.round_totals(wire.run_id), run.fast_state, digest
         )
     finally:
+        torch.set_num_threads(threads)  # a resume computes on the run's threads; the caller gets its own back
         wire.commlog.close()
         if store is not None:
             store.close()
@@ -275,6 +293,7 @@ def save_checkpoint(
         strategy=run.strategy,
         screen=run.uplink.screen,
         node_states=index,
+        arithmetic=Arithmetic.here(run.config.torch_device()),
         finished=finished,
         merges=tuple(run.downlink.chain.blobs) if run.downlink.chain is not None else (),
     )
@@ -346,7 +365,8 @@ def open_log(
     full_payload_bytes = ArrayRecord({n: Array(numpy_bits(t)) for n, t in base.state.items()}).count_bytes()
     if resumed is not None:
         run_id = resumed.run_id
-        commlog.continue_run(run_id, resumed.completed_round)
+        # A final sync logged after the checkpoint is done again (its rows go): the checkpoint does not count it.
+        commlog.continue_run(run_id, resumed.completed_round, forget_types=(FINAL_SYNC_TYPE,))
     else:
         run_id = uuid.uuid4().hex[:12]
         fast_payload_bytes = ArrayRecord({n: Array(v) for n, v in model.fast_state().items()}).count_bytes()

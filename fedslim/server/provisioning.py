@@ -19,6 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedslim.channel.accounting import WireAccounting
+from fedslim.channel.matching import Exchange
 from fedslim.channel.protocol import (
     CHUNK_KEY,
     CONFIG_KEY,
@@ -67,9 +68,16 @@ def provision_bases(
             )
             for node, chunk in chunks.items()
         ]
-        replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=timeout)}
+        received = list(grid.send_and_receive(messages, timeout=timeout))
         for message in messages:
             wire.record_chunk(message, len(chunks[message.metadata.dst_node_id]))
+        exchange, replies = Exchange.of(messages), dict[int, Message]()
+        for reply in received:
+            problem = exchange.problem(reply)
+            if problem is None:
+                replies[reply.metadata.src_node_id] = reply
+            else:
+                wire.record_reply(reply, f"unexpected reply: {problem} in base provisioning")
         progress: dict[int, int] = {}
         for node, offset in pending.items():
             reply = replies.get(node)

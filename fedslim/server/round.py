@@ -30,8 +30,9 @@ from flwr.common.logger import log
 from fedslim.adapters import FastSlowModel
 from fedslim.channel.accounting import RunWire, WireAccounting
 from fedslim.channel.downlink import Downlink
+from fedslim.channel.matching import shown
 from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
-from fedslim.channel.updates import Instruction
+from fedslim.channel.updates import ClientUpdate, Instruction
 from fedslim.channel.uplink import Received, UplinkReceiver, footprint
 from fedslim.commlog import ConsolidationRow, RoundRow, RoundTotals
 from fedslim.config import RunConfig
@@ -49,13 +50,21 @@ LATE_REPLY_ROUNDS = 3  # rounds after its own in which an unanswered instruction
 RESYNC_CODES = (RefusalCode.REPLICA_MISMATCH, RefusalCode.TASK_UNKNOWN, RefusalCode.CHAIN_BROKEN)
 
 
+def non_finite(tensors: dict[str, np.ndarray], what: str) -> str | None:
+    """Which of ``tensors`` (each a ``what``) holds NaN or Inf (None: every one is finite)."""
+    bad = next((name for name, value in tensors.items() if not np.all(np.isfinite(value))), None)
+    return f"{what} {bad!r} would hold NaN or Inf" if bad is not None else None
+
+
 @dataclass(frozen=True)
 class Unanswered:
-    """An instruction without a reply by its round's timeout: its round, client, and the replica version it sent."""
+    """An instruction without a reply by its round's timeout: its round, client, the replica version it sent, and
+    the node it went to."""
 
     round: int
     client: str
     version: int
+    node: int
 
 
 @dataclass
@@ -137,14 +146,7 @@ class ServerRun:
             replies = [r for r in replies if r.metadata.message_type != IDENTIFY_TYPE]
         received = self.check(server_round, instructions, messages, replies)
         self.pull_late(server_round)
-        accepted = [r.update for r in received if r.update is not None]
-        outcome = self.strategy.apply(server_round, accepted)  # aggregate
-        self.wire.commlog.record_weights(
-            self.wire.run_id, server_round, outcome.step.weights, outcome.step.memory_weights
-        )
-        if outcome.state is not None:
-            self.fast_state = outcome.state
-            self.model.load_fast_state(self.fast_state)
+        accepted = self.aggregate(server_round, [r.update for r in received if r.update is not None])
         totals = self.finish_round(server_round, len(messages), len(accepted), len(available), started)
         if self.consolidation_due(server_round):
             self.consolidate(server_round)
@@ -228,7 +230,8 @@ class ServerRun:
             node = message.metadata.dst_node_id
             asked[node] = instruction
             wire.record_down(message, self.client_versions.get(instruction.client), version)
-        received = self.uplink.receive(replies, asked, version)
+        sent = {message.metadata.dst_node_id: message.metadata.message_id for message in messages}
+        received = self.uplink.receive(replies, asked, version, sent)
         answered = {item.node for item in received if item.instruction is not None}
         for instruction, message in zip(instructions, messages):
             if message.metadata.dst_node_id in answered:
@@ -237,7 +240,9 @@ class ServerRun:
             wire.record_no_reply(message, f"no reply within the round timeout of {timeout} s")
             log(WARNING, "round %d: no reply from node %d", server_round, message.metadata.dst_node_id)
             if message.metadata.message_id:  # the grid gave it an id: its reply may still come
-                self.unanswered[message.metadata.message_id] = Unanswered(server_round, instruction.client, version)
+                self.unanswered[message.metadata.message_id] = Unanswered(
+                    server_round, instruction.client, version, message.metadata.dst_node_id
+                )
         for item in received:
             wire.record_received(item)
             client = item.instruction.client if item.instruction is not None else None
@@ -272,10 +277,14 @@ class ServerRun:
             replies = []
         wire = WireAccounting(self.wire, server_round)
         for reply in replies:
-            asked = self.unanswered.pop(reply.metadata.reply_to_message_id, None)
-            if asked is None:
-                wire.record_reply(reply, "unexpected reply: not asked for, or a second reply")
+            asked = self.unanswered.get(reply.metadata.reply_to_message_id)
+            if asked is None or asked.node != reply.metadata.src_node_id:
+                node, named = reply.metadata.src_node_id, shown(reply.metadata.reply_to_message_id)
+                reason = f"unexpected reply: it names {named}, no unanswered instruction to node {node}"
+                wire.record_reply(reply, reason)
+                log(WARNING, "round %d: late reply from node %d: %s", server_round, node, reason)
                 continue
+            del self.unanswered[reply.metadata.reply_to_message_id]
             reason = f"late reply to round {asked.round}'s instruction, after its timeout: discarded"
             wire.record_late(reply, f"{reason} ({error_text(reply)})" if reply.has_error() else reason)
             held = self.client_versions.get(asked.client)
@@ -284,6 +293,53 @@ class ServerRun:
         self.unanswered = {
             i: asked for i, asked in self.unanswered.items() if server_round - asked.round < LATE_REPLY_ROUNDS
         }
+
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """The strategy's step over the round's accepted updates, checked and applied; returns the updates in it.
+
+        Finite updates can still make a non-finite state: float32 ends at
+        3.4e38, so one update of 3e38 (the size screen off) added to the state,
+        or a stored update that overflowed its memory form (fp16), gives Inf.
+        Such a step is refused whole: the fast state and the strategy go back to
+        what they were before the round (the strategy's per-client memory too,
+        so it never replays the poison), each update in the step is logged
+        ``rejected`` with the reason, and its client drops its error-feedback
+        residual, as after any rejection. The run goes on.
+        """
+        before = self.strategy.snapshot()
+        outcome = self.strategy.apply(server_round, updates)
+        problem = self.step_problem(outcome.state) if outcome.state is not None else None
+        problem = problem or self.strategy.memory_problem()
+        if problem is not None:
+            self.strategy.restore(before)
+            stored = sorted(client for client, weight in outcome.step.memory_weights.items() if weight)
+            self.refuse_step(server_round, updates, stored, problem)
+            return []
+        self.wire.commlog.record_weights(
+            self.wire.run_id, server_round, outcome.step.weights, outcome.step.memory_weights
+        )
+        if outcome.state is not None:
+            self.fast_state = outcome.state
+            self.model.load_fast_state(self.fast_state)
+        return updates
+
+    def step_problem(self, state: dict[str, np.ndarray]) -> str | None:
+        """Why the fast state cannot become ``state`` (None: it can): NaN or Inf in it, or in the replica's step
+        towards it (``x - x_hat`` in float32: two finite states of opposite signs near 3.4e38 differ by Inf)."""
+        replica = self.downlink.replica.state
+        with np.errstate(over="ignore", invalid="ignore"):
+            step = {name: np.subtract(value, replica[name], dtype=np.float32) for name, value in state.items()}
+        return non_finite(state, "fast tensor") or non_finite(step, "the replica's step of fast tensor")
+
+    def refuse_step(self, server_round: int, updates: list[ClientUpdate], stored: list[str], problem: str) -> None:
+        """Log a refused step, naming the clients whose fresh and ``stored`` updates were in it: a WARNING, and
+        each fresh update's row ``rejected`` with the reason. Those clients drop their residuals."""
+        clients = sorted({update.client for update in updates})
+        named = f"fresh updates of {', '.join(clients) or 'none'}; stored updates of {', '.join(stored) or 'none'}"
+        reason = f"step refused: {problem} ({named}); the round keeps the fast state it had"
+        self.wire.commlog.reject_updates(self.wire.run_id, server_round, clients, reason)
+        self.rejected.update(clients)
+        log(WARNING, "round %d: %s", server_round, reason)
 
     def admit(self, server_round: int, queries: Sequence[Message], replies: Sequence[Message]) -> None:
         """Settle this round's identity queries: each node that answered takes part from the next round."""
@@ -348,7 +404,8 @@ class ServerRun:
         asked = {message.metadata.dst_node_id: self.grid.keys[message.metadata.dst_node_id] for message in messages}
         version = self.downlink.replica.version
         answered: set[str] = set()
-        checks = check_evaluations(replies, asked, self.uplink.declared, self.config.client_holdout)
+        sent = {message.metadata.dst_node_id: message.metadata.message_id for message in messages}
+        checks = check_evaluations(replies, asked, self.uplink.declared, self.config.client_holdout, sent)
         for reply, (client, evaluation, reason) in zip(replies, checks):
             wire.record_reply(reply, reason, footprint(reply))
             if reason is not None:

@@ -21,12 +21,13 @@ altered, and encoded again with the run's uplink pipeline, keeping the
 update's kind, base fingerprint and state version: the server receives a
 well-formed reply. Under a lossy codec the altered delta goes through the
 codec a second time; under random-k the second encoding keeps other entries
-than the first did, so the attack arrives weaker than stated.
+than the first did, so the attack arrives weaker than stated. An altered
+entry beyond what the codec's values can hold (float32's range; fp16's,
+bf16's) is sent as the largest they hold, as a client could.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from fedslim.channel.protocol import (
     update_blob,
 )
 from fedslim.codecs.pipeline import Pipeline, decode_update, encode_update
+from fedslim.codecs.values import BFloat16, Float16
 from fedslim.config import ConfigError, RunConfig
 from fedslim.server.nodes import ForwardingGrid
 from fedslim.task import prepared_base
@@ -51,6 +53,7 @@ from fedslim.task import prepared_base
 ATTACK_KINDS = ("scale", "sign-flip", "lie-examples")
 DEFAULT_CLAIMED_EXAMPLES = 10**12
 ATTACKER_SEED_SALT = 0xA77AC  # keeps the attackers' draw apart from the run's other seeded draws
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a factor beyond it makes every nonzero entry of a float32 delta inf
 SPEC_HELP = "entries are scale:F@S, sign-flip[:M]@S, lie-examples[:N]@S with S in (0, 1), separated by commas"
 
 
@@ -102,12 +105,12 @@ def parse_attacks(spec: str) -> tuple[Attack, ...]:
                 if not arg:
                     raise ValueError(f"{entry!r}: scale needs its factor, e.g. scale:100@0.1")
                 value = float(arg)
-                if not math.isfinite(value):
-                    raise ValueError(f"{entry!r}: the factor must be finite")
+                if not abs(value) <= FLOAT32_MAX:
+                    raise ValueError(f"{entry!r}: the factor must be a float32, |F| <= {FLOAT32_MAX:.7g}")
             elif kind == "sign-flip":
                 value = float(arg) if sep else 1.0
-                if not 0.0 < value < math.inf:
-                    raise ValueError(f"{entry!r}: the sign-flip multiplier must be > 0 and finite")
+                if not 0.0 < value <= FLOAT32_MAX:
+                    raise ValueError(f"{entry!r}: the sign-flip multiplier must be in (0, {FLOAT32_MAX:.7g}]")
             elif kind == "lie-examples":
                 value = int(arg) if sep else DEFAULT_CLAIMED_EXAMPLES
                 if not 1 <= value < 2**63:  # a metric is a 64-bit integer on the wire
@@ -181,7 +184,12 @@ class AttackingGrid(ForwardingGrid):
             update = decode_update(update_blob(content), self.shapes)
         except (KeyError, ValueError):
             return reply  # malformed already: the server rejects it as it is
-        altered = {name: (factor * value).astype(np.float32) for name, value in update.tensors.items()}
+        largest = largest_sendable(self.uplink)
+        with np.errstate(over="ignore"):  # an overflow to inf is clipped to the largest value the codec sends
+            altered = {
+                name: np.clip(np.float32(factor) * value, -largest, largest).astype(np.float32)
+                for name, value in update.tensors.items()
+            }
         encoded = encode_update(
             altered,
             self.uplink,
@@ -197,6 +205,18 @@ class AttackingGrid(ForwardingGrid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.intercept(reply) for reply in self.grid.pull_messages(message_ids)]
+
+
+def largest_sendable(pipeline: Pipeline) -> float:
+    """The largest magnitude ``pipeline``'s value coding encodes: an altered entry beyond it is sent as it.
+
+    No client can send more; an inf would stop the attacker's encoder, not reach the server.
+    """
+    if isinstance(pipeline.values, Float16):
+        return float(np.finfo(np.float16).max)
+    if isinstance(pipeline.values, BFloat16):
+        return float(np.array(0x7F7F0000, dtype=np.uint32).view(np.float32))
+    return FLOAT32_MAX
 
 
 def attack_wrapper(config: RunConfig) -> Callable[[Grid], Grid] | None:

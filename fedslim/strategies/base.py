@@ -17,6 +17,7 @@ so that a round can be recomputed from it.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -183,6 +184,30 @@ class FastStrategy(ABC):
         if self._stored is not None:
             self._stored = ClientMemory(self.federation.shapes, self._stored.form)
 
+    def snapshot(self) -> FastStrategy:
+        """A copy of the strategy as it is, for :meth:`restore` when the server refuses the step :meth:`apply`
+        returns (it would make the fast state non-finite): the round's updates then leave no trace in it.
+
+        The per-client memory is copied by reference to its entries
+        (:meth:`ClientMemory.snapshot`), the federation (immutable, replaced
+        when it changes) not at all; everything else a subclass holds is
+        copied deeply, so a strategy of its own is rolled back whole.
+        """
+        copied = copy.copy(self)
+        copied.__dict__ = {name: _snapshot(value) for name, value in vars(self).items()}
+        return copied
+
+    def restore(self, snapshot: FastStrategy) -> None:
+        """Go back to what :meth:`snapshot` copied."""
+        vars(self).clear()
+        vars(self).update(vars(snapshot))
+
+    def memory_problem(self) -> str | None:
+        """Why the per-client memory cannot be kept after a step (None: it can): an entry that is not finite."""
+        if self._stored is not None and self._stored.non_finite():
+            return f"a stored update of {type(self).__name__} holds NaN or Inf (memory form {self._stored.form})"
+        return None
+
     @property
     def federation(self) -> Federation:
         if self._federation is None:
@@ -242,12 +267,22 @@ class FastStrategy(ABC):
         step = self.aggregate(server_round, updates)
         if not updates and not any(np.any(d) for d in step.direction.values()):
             return Outcome(None, step)
-        new_state = {
-            name: (value + self.server_lr * step.direction[name]).astype(np.float32)
-            for name, value in self.current.items()
-        }
+        with np.errstate(over="ignore", invalid="ignore"):  # an Inf here is the server's to refuse (ServerRun)
+            new_state = {
+                name: (value + self.server_lr * step.direction[name]).astype(np.float32)
+                for name, value in self.current.items()
+            }
         return Outcome(new_state, step)
 
     @abstractmethod
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> Step:
         """The round's step from its accepted updates (the paper's update rule)."""
+
+
+def _snapshot(value: object) -> object:
+    """One attribute of a strategy as :meth:`FastStrategy.snapshot` keeps it."""
+    if isinstance(value, ClientMemory | FastStrategy):
+        return value.snapshot()
+    if isinstance(value, Federation):
+        return value
+    return copy.deepcopy(value)

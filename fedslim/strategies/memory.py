@@ -15,6 +15,7 @@ every write), so rules that need ``sum_j h_j`` never decode the whole memory.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import numpy as np
@@ -72,6 +73,18 @@ class ClientMemory:
         new = self.get(client)
         for name in self._sum:
             self._sum[name] += new[name].astype(np.float64) - old[name]
+
+    def snapshot(self) -> ClientMemory:
+        """A copy to go back to: it shares the stored entries (:meth:`put` replaces an entry, never changes one)
+        and copies the running sum, so it costs one fast state, whatever the number of clients."""
+        copied = copy.copy(self)
+        copied._entries = dict(self._entries)
+        copied._sum = {name: value.copy() for name, value in self._sum.items()}
+        return copied
+
+    def non_finite(self) -> bool:
+        """Whether a stored entry holds NaN or Inf (one that overflowed its form: fp16 above 65504): the sum does."""
+        return not all(np.all(np.isfinite(value)) for value in self._sum.values())
 
     def total(self) -> dict[str, np.ndarray]:
         """sum over clients of the stored tensors (float64; zeros for clients with nothing stored)."""

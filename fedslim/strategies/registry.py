@@ -85,7 +85,10 @@ def parse_strategy_args(items: str | Iterable[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise StrategyConfigError(f"strategy argument {item!r} is not key=value")
-        args[key.strip().replace("-", "_")] = _value(text.strip())
+        name = key.strip().replace("-", "_")
+        if name in args:
+            raise StrategyConfigError(f"strategy argument {key.strip()} is given twice")
+        args[name] = _value(text.strip())
     return args
 
 

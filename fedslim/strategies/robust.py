@@ -148,10 +148,16 @@ def parse_robust(spec: str) -> tuple[Stage, ...]:
     text = spec.strip().lower()
     if text == "none":
         return ()
+    if not text:
+        raise StrategyConfigError(f"bad robust spec {spec!r}: it is empty (none is no stage); stages are {STAGES_HELP}")
     stages: list[Stage] = []
     for part in text.split("+"):
         name, sep, arg = part.strip().partition(":")
         try:
+            if not name:
+                raise ValueError("an empty stage: '+' joins two stages")
+            if name in {stage.spec.partition(":")[0] for stage in stages}:
+                raise ValueError(f"{name} is given twice; each stage appears at most once")
             if name == "clip":
                 factor = float(arg) if sep else DEFAULT_CLIP_FACTOR
                 if not 1.0 <= factor < math.inf:
@@ -242,6 +248,9 @@ class RobustStrategy(FastStrategy):
 
     def forget_memory(self) -> None:
         self.inner.forget_memory()
+
+    def memory_problem(self) -> str | None:
+        return self.inner.memory_problem()
 
     @property
     def stored(self) -> ClientMemory:
