@@ -384,8 +384,9 @@ class RunConfig:
         Per missed round, the residual of an absent client is scaled by this
         factor before it is used (1 keeps it whole).
     screen_factor : float
-        The server rejects an update whose size (L2 norm per local step) is
-        more than this many times the median size of recent updates: the
+        The server rejects an update whose size (L2 norm over the square
+        root of its local steps) is more than this many times the median
+        size of recent updates and the round's (from the first round): the
         mark of a diverged local run, which one round's average, or a
         strategy's memory of it, would carry into the global model. 0 turns
         the screen off (see :class:`fedslim.channel.uplink.SizeScreen`).

@@ -23,7 +23,7 @@ def _reply(node: int, values: list[float], metrics: dict[str, int] | None = None
 
 
 def _receiver(factor: float = 10.0) -> UplinkReceiver:
-    return UplinkReceiver(SHAPES, "base", SizeScreen(factor, min_reference=3), lambda examples: 1)
+    return UplinkReceiver(SHAPES, "base", SizeScreen(factor), lambda examples: 1)
 
 
 def test_only_replies_to_this_rounds_instructions_are_taken() -> None:

@@ -487,7 +487,7 @@ def random_round(rng: random.Random) -> Round:
             replies.append(Message(Error(code=rng.randint(0, 2000), reason=rng.randbytes(6).hex()), reply_to=request))
         else:
             replies.append(Message(random_content(rng), reply_to=request))
-    screen = SizeScreen(rng.choice((0.0, 1.5, 10.0)), window=rng.randint(1, 20), min_reference=rng.randint(1, 5))
+    screen = SizeScreen(rng.choice((0.0, 1.5, 10.0)), window=rng.randint(1, 20))
     receiver = UplinkReceiver(dict(SHAPES), FINGERPRINT, screen, local_steps)
     return Round(replies, asked, receiver, f"{len(replies)} replies, {len(asked)} of {len(nodes)} nodes asked")
 

@@ -29,7 +29,6 @@ from fedslim.channel.protocol import (
     UPDATE_KEY,
     update_blob,
 )
-from fedslim.channel.uplink import SizeScreen
 from fedslim.client.app import app as client_app
 from fedslim.codecs.layouts import encode_varints
 from fedslim.commlog import LOG_FILENAME
@@ -266,26 +265,6 @@ def test_final_sync_leaves_every_node_holding_the_exact_final_state(small_config
     rejected = [(node, reason) for _, node, status, reason, _ in rows if status == "rejected"]
     server = state_digest(result.fast_state)
     assert rejected == [(str(liar), f"final fast state differs: node digest {'0' * 32}, server {server}")]
-
-
-def test_size_screen_rejects_only_updates_far_above_the_median_of_recent_ones() -> None:
-    screen = SizeScreen(factor=10.0, window=6, min_reference=5)
-    # Too few sizes for a reference: nothing is rejected, however large.
-    assert screen.reasons([1.0, 500.0]) == [None, None]
-    for size in (1.0, 1.2, 0.8, 1.1):
-        screen.remember(size)
-    # The reference is the median of the remembered sizes and this round's candidates: 1.1 here.
-    found = screen.reasons([1.0, 11.0, 12.5, None])
-    assert found[0] is None and found[1] is None and found[3] is None  # 11.0 <= 10 x 1.1; None is not screened
-    assert found[2] is not None and found[2].startswith("update too large: 12.5 per local step, 11x the median")
-    assert "above 10x" in found[2] and "diverged" in found[2]
-    # A lasting shift of every client's size moves the reference within a window, instead of locking all out.
-    assert screen.reasons([40.0])[0] is not None
-    for _ in range(6):
-        screen.remember(40.0)
-    assert screen.reasons([45.0, 40.0]) == [None, None]
-    assert SizeScreen(factor=0.0).reasons([1.0] * 5 + [1e9]) == [None] * 6  # off
-    assert SizeScreen(factor=10.0).reasons([0.0] * 5 + [1.0]) == [None] * 6  # zero median: no reference
 
 
 def _diverging(train: Callable[..., float], node: int, server_round: int) -> Callable[..., float]:

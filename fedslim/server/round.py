@@ -33,7 +33,7 @@ from fedslim.channel.downlink import Downlink
 from fedslim.channel.matching import shown
 from fedslim.channel.protocol import IDENTIFY_TYPE, RefusalCode, error_text, partition_key
 from fedslim.channel.updates import ClientUpdate, Instruction
-from fedslim.channel.uplink import Received, UplinkReceiver, footprint, state_norm
+from fedslim.channel.uplink import Received, UplinkReceiver, footprint
 from fedslim.commlog import ConsolidationRow, RoundRow, RoundTotals
 from fedslim.config import RunConfig
 from fedslim.data.participation import Schedule
@@ -231,7 +231,7 @@ class ServerRun:
             asked[node] = instruction
             wire.record_down(message, self.client_versions.get(instruction.client), version)
         sent = {message.metadata.dst_node_id: message.metadata.message_id for message in messages}
-        received = self.uplink.receive(replies, asked, version, state_norm(self.fast_state), sent)
+        received = self.uplink.receive(replies, asked, version, sent)
         answered = {item.node for item in received if item.instruction is not None}
         for instruction, message in zip(instructions, messages):
             if message.metadata.dst_node_id in answered:
