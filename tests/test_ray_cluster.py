@@ -75,11 +75,16 @@ def ray_cluster(work: Path) -> Iterator[tuple[str, Path]]:
     worker = [*ray, "--address", address, "--num-cpus", "1"]
     worker += ["--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port())]
     try:
-        for command, node_env in ((head, env), (worker, {**env, "FEDSLIM_CACHE": str(worker_cache)})):
-            started = subprocess.run(
-                command, env=node_env, capture_output=True, text=True, timeout=RAY_START_TIMEOUT_S, check=False
-            )
-            assert started.returncode == 0, f"{' '.join(command)} failed: {started.stdout[-2000:]}{started.stderr}"
+        for name, command, node_env in (
+            ("head", head, env),
+            ("worker", worker, {**env, "FEDSLIM_CACHE": str(worker_cache)}),
+        ):
+            log = work / f"ray-{name}.log"
+            with log.open("wb") as output:  # a file, not a pipe: Ray's daemons keep it open after `ray start` exits
+                started = subprocess.run(
+                    command, env=node_env, stdout=output, stderr=subprocess.STDOUT, timeout=RAY_START_TIMEOUT_S
+                )
+            assert started.returncode == 0, f"ray start ({name}) failed: {log.read_text()[-2000:]}"
         yield address, worker_cache
     finally:
         stop_processes(processes_naming(str(session)))
