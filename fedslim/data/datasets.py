@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -227,7 +228,7 @@ class SyntheticStream:
     @classmethod
     def scan(
         cls, num_devices: int, alpha: float, beta: float, seed: int | list[int], dimension: int = 60,
-        num_classes: int = 10,
+        num_classes: int = 10, on_device: Callable[[ArrayDataset], None] | None = None,
     ) -> SyntheticStream:  # fmt: skip
         """Synthetic(alpha, beta) as defined in the FedProx paper (Li et al., 2020), indexed in one pass.
 
@@ -236,6 +237,8 @@ class SyntheticStream:
         b_k ~ N(u_k, 1); v_k ~ N(B_k, 1) per feature; x ~ N(v_k, Sigma) with
         Sigma_jj = j^-1.2; y = argmax(softmax(W_k x + b_k)). Sample counts follow
         a log-normal(4, 2) law plus 50, as in the paper's generator.
+
+        ``on_device`` is given each device as the pass draws it (e.g. to keep a part of it).
         """
         rng = np.random.default_rng(seed)
         counts = rng.lognormal(4, 2, num_devices).astype(np.int64) + 50
@@ -246,8 +249,10 @@ class SyntheticStream:
         stream = cls(counts, model_means, feature_shifts, starts, label_counts, dimension, num_classes)
         for k in range(num_devices):
             starts[k] = packed_state(rng)
-            y = stream.draw(rng, k).y
-            label_counts[k] = np.bincount(y[: synthetic_train_examples(len(y))], minlength=num_classes)
+            device = stream.draw(rng, k)
+            label_counts[k] = np.bincount(device.y[: synthetic_train_examples(len(device))], minlength=num_classes)
+            if on_device is not None:
+                on_device(device)
         return stream
 
     def __len__(self) -> int:
@@ -356,8 +361,13 @@ class SyntheticSource(FederationSource):
 
     @cached_property
     def stream(self) -> SyntheticStream:
+        return self.scan()
+
+    def scan(self, on_device: Callable[[ArrayDataset], None] | None = None) -> SyntheticStream:
         spec = self.spec
-        return SyntheticStream.scan(spec.num_clients, spec.synthetic_alpha, spec.synthetic_beta, [spec.seed, 1])
+        return SyntheticStream.scan(
+            spec.num_clients, spec.synthetic_alpha, spec.synthetic_beta, [spec.seed, 1], on_device=on_device
+        )
 
     def public(self) -> ArrayDataset:
         spec = self.spec
@@ -366,10 +376,16 @@ class SyntheticSource(FederationSource):
 
     @cached_property
     def _test(self) -> ArrayDataset:
-        tests = []
-        for k in range(len(self.stream)):
-            device = self.stream.device(k)
+        tests: list[ArrayDataset] = []
+
+        def keep_test(device: ArrayDataset) -> None:
             tests.append(device.subset(np.arange(synthetic_train_examples(len(device)), len(device))))
+
+        if "stream" in self.__dict__:  # indexed already: each device drawn again
+            for k in range(len(self.stream)):
+                keep_test(self.stream.device(k))
+        else:  # one pass indexes the stream and collects the test set
+            self.__dict__["stream"] = self.scan(keep_test)
         return ArrayDataset(np.concatenate([d.x for d in tests]), np.concatenate([d.y for d in tests]))
 
     def test(self) -> ArrayDataset:
