@@ -351,6 +351,10 @@ class FashionMnistSource(FederationSource):
         return self.examples(self.split[1][self.checked(partition_id)])
 
     def label_counts(self) -> np.ndarray:
+        return self._label_counts
+
+    @cached_property
+    def _label_counts(self) -> np.ndarray:
         labels = self.arrays()["train_labels"].astype(np.int64)
         return np.stack([np.bincount(labels[part], minlength=10) for part in self.split[1]])
 
@@ -462,6 +466,10 @@ class SyntheticTransferSource(FederationSource):
         return self.pool.subset(self.parts[self.checked(partition_id)])
 
     def label_counts(self) -> np.ndarray:
+        return self._label_counts
+
+    @cached_property
+    def _label_counts(self) -> np.ndarray:
         return np.stack([np.bincount(self.pool.y[part], minlength=self.num_classes) for part in self.parts])
 
 
