@@ -22,10 +22,9 @@ import pytest
 from flower_processes import BIN, REPO, free_port
 
 from fedslim.channel.protocol import PROVISION_TYPE
+from fedslim.cli import main as cli_main
 from fedslim.config import RunConfig
 from fedslim.simulation.simulate import simulate
-
-pytestmark = pytest.mark.real_process
 
 RAY_START_TIMEOUT_S = 60
 
@@ -90,6 +89,7 @@ def ray_cluster(work: Path) -> Iterator[tuple[str, Path]]:
         stop_processes(processes_naming(str(session)))
 
 
+@pytest.mark.real_process
 def test_simulate_runs_on_a_running_ray_cluster_with_the_base_written_once_per_worker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,3 +109,15 @@ def test_simulate_runs_on_a_running_ray_cluster_with_the_base_written_once_per_w
     (server_base,) = (tmp_path / "server-cache" / "bases").glob("*.pt")
     assert [p.name for p in (worker_cache / "bases").glob("*.pt")] == [server_base.name]
     assert (worker_cache / "bases" / server_base.name).read_bytes() == server_base.read_bytes()
+
+
+def test_ray_address_is_a_run_setting_of_the_flower_backend_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    command = ["simulate", "--backend", "inline", "--ray-address", "10.0.0.5:6379", "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as exited:
+        cli_main(command)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "fedslim simulate: error: ray-address 10.0.0.5:6379 needs --backend flower (the inline backend runs no Ray)\n"
+    )

@@ -51,6 +51,14 @@ def check_inputs(config: RunConfig) -> None:
     check_partitions(task, config, module)
 
 
+def check_backend(config: RunConfig, backend: str) -> None:
+    """A ConfigError where the run config asks for what ``backend`` does not have (a Ray cluster)."""
+    if config.ray_address and backend != "flower":
+        raise ConfigError(
+            f"ray-address {config.ray_address} needs --backend flower (the {backend} backend runs no Ray)"
+        )
+
+
 def simulate(
     config: RunConfig,
     on_round: Callable[[RoundTotals], None] | None = None,
@@ -79,10 +87,7 @@ def simulate(
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if config.ray_address and backend != "flower":
-        raise ConfigError(
-            f"ray-address {config.ray_address} needs --backend flower (the {backend} backend runs no Ray)"
-        )
+    check_backend(config, backend)
     strategy_for(config)  # a bad strategy or argument fails here, before any node starts
     wrap_grid = _composed(attack_wrapper(config), fault_wrapper(config))  # so does a bad attack spec
     config.torch_device()  # so does a device this machine does not have
