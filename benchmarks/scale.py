@@ -47,7 +47,7 @@ strategy memory per client (the acceptance: each at most 2x).
     python benchmarks/scale.py --fraction 0.01 --clients 1000 10000   # 10,000 clients against 1,000, 1% each
 
 Prints a table and writes benchmarks/results/scale.{json,md} (scale-quick with --quick, scale-1pct with
---fraction 0.01), stamped with commit, command, seed and the base.
+--fraction 0.01, scale-1pct-inline with --backends inline too), stamped with commit, command, seed and the base.
 """
 
 from __future__ import annotations
@@ -363,6 +363,7 @@ def main() -> None:
     console = Console(width=max(Console().width, 200))
     console.print(result)
     name = "scale-quick" if args.quick else "scale" + ("" if args.fraction == 0.1 else f"-{100 * args.fraction:g}pct")
+    name += "" if args.backends == list(BACKENDS) else "-" + "-".join(args.backends)
     record = {
         "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "row"},
         "rows": [asdict(r) for r in rows],
