@@ -277,8 +277,9 @@ def synthetic_devices(
     num_devices: int, alpha: float, beta: float, seed: int | list[int], dimension: int = 60, num_classes: int = 10
 ) -> list[ArrayDataset]:
     """Every device of a Synthetic(alpha, beta) stream (:meth:`SyntheticStream.scan`)."""
-    stream = SyntheticStream.scan(num_devices, alpha, beta, seed, dimension, num_classes)
-    return [stream.device(k) for k in range(num_devices)]
+    devices: list[ArrayDataset] = []
+    SyntheticStream.scan(num_devices, alpha, beta, seed, dimension, num_classes, on_device=devices.append)
+    return devices
 
 
 # ----------------------------------------------------------------- federations, part by part
@@ -308,6 +309,7 @@ class FederationSource(ABC):
         """The examples of each class in each client's training data (clients x classes)."""
 
     def checked(self, partition_id: int) -> int:
+        """``partition_id`` if the federation has that client, else an IndexError naming it."""
         if not 0 <= partition_id < self.spec.num_clients:
             raise IndexError(f"partition-id {partition_id} out of range for {self.spec.num_clients} clients")
         return partition_id
