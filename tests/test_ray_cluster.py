@@ -26,7 +26,7 @@ from fedslim.cli import main as cli_main
 from fedslim.config import RunConfig
 from fedslim.simulation.simulate import simulate
 
-RAY_START_TIMEOUT_S = 60
+RAY_START_TIMEOUT_S = 180  # a head starts in seconds, but in minutes on a machine loaded many times over
 
 
 def processes_naming(marker: str) -> list[int]:
