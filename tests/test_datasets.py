@@ -221,5 +221,7 @@ def test_a_fashion_mnist_partition_is_sliced_from_the_images_read_once(tmp_path:
     source = federation_source(config)
     for k in (0, 13, 19):
         np.testing.assert_array_equal(source.client(k).x, private.subset(parts[k]).x)
+        # torch reads a one-channel image with the channel stride of one element as channels-last: strides count
+        assert source.client(k).x.strides == private.subset(parts[k]).x.strides == (3136, 112, 112, 4)
         np.testing.assert_array_equal(source.client(k).y, private.subset(parts[k]).y)
     assert source.label_counts().tolist() == [np.bincount(private.y[p], minlength=10).tolist() for p in parts]

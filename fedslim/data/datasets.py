@@ -121,10 +121,20 @@ def fashion_mnist_arrays(data_dir: Path) -> dict[str, np.ndarray]:
     return {key: _read_idx(data_dir / name) for key, name in FMNIST_FILES.items()}
 
 
-def fashion_mnist_examples(images: np.ndarray, labels: np.ndarray) -> ArrayDataset:
-    """Fashion-MNIST images as the models take them: scaled to [0, 1], standardised, one channel."""
-    x = (images.astype(np.float32) / 255.0 - 0.2860) / 0.3530
-    return ArrayDataset(x.reshape(len(x), 1, *x.shape[1:]), labels.astype(np.int64))
+def fashion_mnist_examples(images: np.ndarray, labels: np.ndarray, selections: int = 0) -> ArrayDataset:
+    """Fashion-MNIST images as the models take them: scaled to [0, 1], standardised, one channel.
+
+    The channel axis's strides are those the arrays always had (torch reads a
+    one-channel image whose channel stride is 1 element as channels-last, and
+    picks its convolution kernels, and so the last bits, by that): a new axis
+    for the test set, then a copy per selection the parts were once made by
+    (the public slice 1, a client's partition 2: the training set's private
+    part, then the client's share of it).
+    """
+    x = ((images.astype(np.float32) / 255.0 - 0.2860) / 0.3530)[:, None, :, :]
+    for _ in range(selections):
+        x = x[np.arange(len(x))]
+    return ArrayDataset(x, labels.astype(np.int64))
 
 
 def load_fashion_mnist(data_dir: Path) -> tuple[ArrayDataset, ArrayDataset]:
@@ -334,12 +344,12 @@ class FashionMnistSource(FederationSource):
         )
         return public, [private[part] for part in parts]
 
-    def examples(self, indices: np.ndarray) -> ArrayDataset:
+    def examples(self, indices: np.ndarray, selections: int) -> ArrayDataset:
         arrays = self.arrays()
-        return fashion_mnist_examples(arrays["train_images"][indices], arrays["train_labels"][indices])
+        return fashion_mnist_examples(arrays["train_images"][indices], arrays["train_labels"][indices], selections)
 
     def public(self) -> ArrayDataset:
-        return self.examples(self.split[0])
+        return self.examples(self.split[0], selections=1)
 
     @cached_property
     def _test(self) -> ArrayDataset:
@@ -350,7 +360,7 @@ class FashionMnistSource(FederationSource):
         return self._test
 
     def client(self, partition_id: int) -> ArrayDataset:
-        return self.examples(self.split[1][self.checked(partition_id)])
+        return self.examples(self.split[1][self.checked(partition_id)], selections=2)
 
     def label_counts(self) -> np.ndarray:
         return self._label_counts
