@@ -1,4 +1,5 @@
-"""A thousand clients on two cores: round time, memory and checkpoint cost at 100 and 1,000 simulated clients.
+"""A thousand clients on two cores: round time, memory and checkpoint cost at 100 and 1,000 simulated clients,
+and ten thousand at 1% per round.
 
 Setup: Synthetic(1, 1), the default LoRA fast layer, FedVARP (one stored
 update per client) with top-k 10% + 8-bit values both ways and error
@@ -6,6 +7,13 @@ feedback, 10% of the clients sampled per round, 20 rounds, seed 0, a
 checkpoint after every round (the default); N = 100 and N = 1,000 clients, on
 the inline backend and on Flower's simulation engine (Ray workers, one CPU
 each). Every row runs in a fresh Python process, so peaks do not mix.
+
+Ten thousand clients: ``--fraction 0.01 --clients 1000 10000`` samples 1%
+per round (10 and 100 clients), so that the 10,000 rows compare with 1,000
+clients at the same fraction (results ``scale-1pct``). The server holds the
+test set and each client's label counts, not the clients' data; each Ray
+worker makes only the partitions it serves (Synthetic: one device from where
+its draws start in the generator's stream, indexed once per process).
 
 Columns:
 
@@ -29,16 +37,17 @@ Columns:
   the previous one), and the mean time of one checkpoint (``save_checkpoint``:
   changed node states serialised and committed, the rest pickled, fsynced).
 
-The ratios compare the largest N with the smallest on the same backend: wall
-time per sampled client, server peak memory per client, strategy memory per
-client (the acceptance: each at most 2x).
+The ratios compare the largest N with the smallest on the same backend and
+fraction: wall time per sampled client, server peak memory per client,
+strategy memory per client (the acceptance: each at most 2x).
 
     python benchmarks/scale.py                  # the full table (N = 100 and 1,000; about 15 minutes on 2 cores)
     python benchmarks/scale.py --quick          # 3 rounds, N = 100 and 300, to try things out
     python benchmarks/scale.py --backends inline --clients 100 1000
+    python benchmarks/scale.py --fraction 0.01 --clients 1000 10000   # 10,000 clients against 1,000, 1% each
 
-Prints a table and writes benchmarks/results/scale.{json,md} (scale-quick with --quick), stamped with
-commit, command, seed and the base.
+Prints a table and writes benchmarks/results/scale.{json,md} (scale-quick with --quick, scale-1pct with
+--fraction 0.01, scale-1pct-inline with --backends inline too), stamped with commit, command, seed and the base.
 """
 
 from __future__ import annotations
@@ -169,14 +178,14 @@ def client_cpu_ms(log_path: str) -> float:
     return 1000 * (mean or 0.0)
 
 
-def row_config(backend: str, clients: int, rounds: int, out: str, seed: int) -> RunConfig:
+def row_config(backend: str, clients: int, rounds: int, out: str, seed: int, fraction: float) -> RunConfig:
     """The run of one configuration."""
     return RunConfig(
         overwrite=True,  # a benchmark's run directories are its own: a rerun replaces them
         task="synthetic",
         num_clients=clients,
         rounds=rounds,
-        fraction=0.1,
+        fraction=fraction,
         strategy="fedvarp",
         codec=CODEC,
         downstream_codec=CODEC,
@@ -185,14 +194,14 @@ def row_config(backend: str, clients: int, rounds: int, out: str, seed: int) -> 
     )
 
 
-def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row:
+def run_row(backend: str, clients: int, rounds: int, out: str, seed: int, fraction: float) -> Row:
     """One configuration, in this process."""
     from fedslim.commlog import RoundTotals
     from fedslim.server import loop
     from fedslim.server.checkpoint import NODE_STATES_FILENAME, checkpoint_path
     from fedslim.simulation.simulate import simulate
 
-    config = row_config(backend, clients, rounds, out, seed)
+    config = row_config(backend, clients, rounds, out, seed, fraction)
     checkpoint_s: list[float] = []
     loop.save_checkpoint = timed(loop.save_checkpoint, checkpoint_s)  # type: ignore[assignment]
     logged_at: dict[int, float] = {}
@@ -234,10 +243,10 @@ def run_row(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row
     )
 
 
-def run_in_subprocess(backend: str, clients: int, rounds: int, out: str, seed: int) -> Row:
+def run_in_subprocess(backend: str, clients: int, rounds: int, out: str, seed: int, fraction: float) -> Row:
     """One configuration in a fresh Python process (its progress on stderr, its row as JSON on stdout)."""
     command = [sys.executable, __file__, "--row", f"{backend}:{clients}", "--rounds", str(rounds)]
-    command += ["--out", out, "--seed", str(seed)]
+    command += ["--out", out, "--seed", str(seed), "--fraction", str(fraction)]
     completed = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if completed.returncode != 0:
         raise SystemExit(f"{backend} N={clients} failed (exit {completed.returncode})")
@@ -330,29 +339,31 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     parser.add_argument("--quick", action="store_true", help="3 rounds, N = 100 and 300")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fraction", type=float, default=0.1, help="the share of the clients sampled per round")
     parser.add_argument("--out", default="runs/bench-scale", help="run directories")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the table and JSON go")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # BACKEND:N, run in this process, JSON on stdout
     args = parser.parse_args()
     if args.row:
         backend, clients = args.row.split(":")
-        print(json.dumps(asdict(run_row(backend, int(clients), args.rounds, args.out, args.seed))))
+        print(json.dumps(asdict(run_row(backend, int(clients), args.rounds, args.out, args.seed, args.fraction))))
         return
     if args.quick:
         args.rounds, args.clients = 3, [100, 300]
 
     configs = [(backend, clients) for backend in args.backends for clients in args.clients]
-    bases = [base_used(row_config(b, n, args.rounds, args.out, args.seed)) for b, n in configs]
-    rows = [run_in_subprocess(b, n, args.rounds, args.out, args.seed) for b, n in configs]
+    bases = [base_used(row_config(b, n, args.rounds, args.out, args.seed, args.fraction)) for b, n in configs]
+    rows = [run_in_subprocess(b, n, args.rounds, args.out, args.seed, args.fraction) for b, n in configs]
     found = ratios(rows)
     title = (
-        f"Synthetic(1, 1), FedVARP, {CODEC} both ways, 10%/round, {args.rounds} rounds, seed {args.seed}, "
-        f"checkpoint every round, {os.cpu_count()} cores"
+        f"Synthetic(1, 1), FedVARP, {CODEC} both ways, {args.fraction:.0%}/round, {args.rounds} rounds, "
+        f"seed {args.seed}, checkpoint every round, {os.cpu_count()} cores"
     )
     result = table(rows, found, title)
     console = Console(width=max(Console().width, 200))
     console.print(result)
-    name = "scale-quick" if args.quick else "scale"
+    name = "scale-quick" if args.quick else "scale" + ("" if args.fraction == 0.1 else f"-{100 * args.fraction:g}pct")
+    name += "" if args.backends == list(BACKENDS) else "-" + "-".join(args.backends)
     record = {
         "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "row"},
         "rows": [asdict(r) for r in rows],

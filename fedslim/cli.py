@@ -60,7 +60,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     from fedslim.export import MODEL_DIRNAME
     from fedslim.report import output_console, round_table, saving_summary
     from fedslim.server.checkpoint import claim_run_dir
-    from fedslim.simulation.simulate import simulate
+    from fedslim.simulation.simulate import check_backend, simulate
     from fedslim.strategies.registry import strategy_for
     from fedslim.task import prepared_base, task_for
 
@@ -69,6 +69,7 @@ def run_simulate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--backend flower runs on Ray, which is not installed: {SIMULATION_INSTALL}, or --backend inline"
         )
+    check_backend(config, args.backend)
     # A bad strategy, trace or run directory fails here, before any node starts.
     strategy_for(config)
     config.torch_device()

@@ -367,6 +367,10 @@ class RunConfig:
         runs only.
     out : str
         Run directory: the communication log and results go there.
+    ray_address : str
+        Address of a running Ray cluster (``HOST:PORT`` of its head, or
+        ``auto``) for ``--backend flower`` to run its virtual nodes on; empty:
+        a Ray of the run's own on this machine (docs/operations.md).
     round_timeout : float
         Seconds the server waits for replies in one round.
     codec : str
@@ -525,6 +529,13 @@ class RunConfig:
         group=HelpGroup.RUN,
     )
     out: str = setting("runs/latest", "run directory (communication log goes here)", group=HelpGroup.RUN)
+    ray_address: str = setting(
+        "",
+        "address of a running Ray cluster for --backend flower, HOST:PORT of its head or auto "
+        "(default: a Ray of the run's own on this machine)",
+        metavar="ADDRESS",
+        group=HelpGroup.RUN,
+    )
     round_timeout: float = setting(
         600.0, "seconds the server waits for replies in one round", range=POSITIVE, group=HelpGroup.FAULTS
     )

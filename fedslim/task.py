@@ -173,6 +173,15 @@ class Task(ABC):
         """The class labels of ``data`` (label-correlated participation models read them)."""
         return np.asarray(data.y)
 
+    def label_counts(self, config: RunConfig, partition_id: int) -> np.ndarray:
+        """How many examples of each class simulated client ``partition_id`` trains on (index: class), for the
+        label-correlated participation models; the server asks for every client's, one after another.
+
+        By default counted in :meth:`client_data` (through :meth:`labels`), which is then dropped; override it when
+        the counts come cheaper than the data (the built-in benchmarks count them once for all their clients).
+        """
+        return np.bincount(self.labels(self.client_data(config, partition_id)))
+
     # ----------------------------------------------------------------- local training
 
     def batch(self, data: Any, indices: np.ndarray | slice) -> Batch:

@@ -71,7 +71,8 @@ def test_pyproject_lists_every_flat_key_with_its_default() -> None:
 
 def test_flat_defaults_build_the_default_config() -> None:
     defaults = flat_defaults()
-    assert len(defaults) == 46 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
+    assert len(defaults) == 47 and defaults["server-lr"] == 1.0 and defaults["provision-chunk-bytes"] == 4 << 20
+    assert defaults["ray-address"] == ""
     assert RunConfig.from_flat(defaults) == RunConfig()
 
 

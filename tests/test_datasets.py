@@ -16,11 +16,15 @@ from fedslim.data.datasets import (
     TRANSFER_TEST_EXAMPLES,
     ArrayDataset,
     DatasetMissingError,
+    DataSpec,
+    SyntheticSource,
     dirichlet_partition,
+    federation_source,
     load_fashion_mnist,
     load_federation,
     synthetic_devices,
 )
+from fedslim.task import Task, load_task
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -154,3 +158,70 @@ def test_dirichlet_partition_redraws_from_derived_seeds_when_flwr_datasets_gives
     monkeypatch.setattr(DirichletPartitioner, "load_partition", lambda self, i: (_ for _ in ()).throw(ValueError()))
     with pytest.raises(ValueError, match="no Dirichlet"):
         dirichlet_partition(labels, 4, alpha=1.0, seed=7)
+
+
+def sequential_synthetic(num_devices: int, alpha: float, beta: float, seed: list[int]) -> list[ArrayDataset]:
+    """Synthetic(alpha, beta) drawn device after device from one generator, as fedslim drew it before it indexed the
+    stream: what every partition made alone must equal, bit for bit."""
+    rng = np.random.default_rng(seed)
+    counts = rng.lognormal(4, 2, num_devices).astype(np.int64) + 50
+    model_means, feature_shifts = rng.normal(0, alpha, num_devices), rng.normal(0, beta, num_devices)
+    feature_std = np.power(np.arange(1, 61, dtype=np.float64), -1.2 / 2)
+    devices = []
+    for k in range(num_devices):
+        weights, bias = rng.normal(model_means[k], 1, (60, 10)), rng.normal(model_means[k], 1, 10)
+        x = rng.normal(rng.normal(feature_shifts[k], 1, 60), feature_std, (counts[k], 60))
+        devices.append(ArrayDataset(x.astype(np.float32), np.argmax(x @ weights + bias, axis=1).astype(np.int64)))
+    return devices
+
+
+@pytest.mark.parametrize("test_set_first", [True, False])
+def test_a_synthetic_partition_made_alone_is_the_one_the_whole_stream_makes(
+    test_set_first: bool, tmp_path: Path
+) -> None:
+    config = RunConfig(task="synthetic", num_clients=12, seed=4, out=str(tmp_path))
+    expected = sequential_synthetic(12, 1.0, 1.0, [4, 1])
+    source = SyntheticSource(DataSpec.of(config))
+    test = source.test() if test_set_first else None  # the server: one pass indexes the stream and keeps the test set
+    for k in (7, 0, 11, 3):  # in any order, each alone
+        cut = int(round(len(expected[k]) * 0.8))
+        np.testing.assert_array_equal(source.client(k).x, expected[k].x[:cut])
+        np.testing.assert_array_equal(source.client(k).y, expected[k].y[:cut])
+        assert source.label_counts()[k].tolist() == np.bincount(expected[k].y[:cut], minlength=10).tolist()
+    test = source.test() if test is None else test
+    np.testing.assert_array_equal(test.x, np.concatenate([d.x[int(round(len(d) * 0.8)) :] for d in expected]))
+    # What the source keeps: the stream's index and the test set, no client's data.
+    assert set(vars(source)) == {"spec", "stream", "_test"}
+    assert source.stream.starts.nbytes == 12 * 48
+    with pytest.raises(IndexError, match="partition-id 12 out of range for 12 clients"):
+        source.client(12)
+
+
+@pytest.mark.parametrize("task", ["synthetic", "synthetic-transfer"])
+def test_built_in_label_counts_are_those_of_the_clients_data(task: str, tmp_path: Path) -> None:
+    config = RunConfig(task=task, num_clients=6, out=str(tmp_path))
+    source = federation_source(config)
+    counted = [np.bincount(source.client(k).y, minlength=10).tolist() for k in range(6)]
+    assert source.label_counts().tolist() == counted
+    # Task.label_counts' default counts client_data: the built-in task's own counts agree with it.
+    built_in = load_task(task)
+    for k in range(6):
+        default = Task.label_counts(built_in, config, k)
+        assert np.pad(default, (0, 10 - len(default))).tolist() == built_in.label_counts(config, k).tolist()
+
+
+@pytest.mark.skipif(not FMNIST_DIR.is_dir(), reason="Debian dataset-fashion-mnist not installed")
+def test_a_fashion_mnist_partition_is_sliced_from_the_images_read_once(tmp_path: Path) -> None:
+    config = RunConfig(task="fmnist", num_clients=20, dirichlet_alpha=0.3, out=str(tmp_path))
+    train, _ = load_fashion_mnist(FMNIST_DIR)
+    # The split as fedslim made it before partitions were made alone: the whole private set, then its parts.
+    order = np.random.default_rng(config.seed).permutation(len(train))
+    private = train.subset(np.sort(order[int(0.05 * len(train)) :]))
+    parts = dirichlet_partition(private.y, 20, 0.3, config.seed)
+    source = federation_source(config)
+    for k in (0, 13, 19):
+        np.testing.assert_array_equal(source.client(k).x, private.subset(parts[k]).x)
+        # torch reads a one-channel image with the channel stride of one element as channels-last: strides count
+        assert source.client(k).x.strides == private.subset(parts[k]).x.strides == (3136, 112, 112, 4)
+        np.testing.assert_array_equal(source.client(k).y, private.subset(parts[k]).y)
+    assert source.label_counts().tolist() == [np.bincount(private.y[p], minlength=10).tolist() for p in parts]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import sys
 import textwrap
@@ -21,6 +22,7 @@ from fedslim.data.participation import (
     ParticipationError,
     bernoulli_schedule,
     cyclic_schedule,
+    label_count_matrix,
     label_probabilities,
     markov_schedule,
     participation_schedule,
@@ -457,3 +459,39 @@ def test_in_deployment_a_node_that_does_not_reply_is_absent(small_config: RunCon
     estimates = strategy.estimator
     assert isinstance(estimates, FedAUWeights)
     assert estimates.missed["partition-0"] == 3 and estimates.weight("partition-1") == 1.0
+
+
+def test_label_counts_of_any_width_make_one_matrix_as_wide_as_the_largest_label_held() -> None:
+    rows = [np.array([2, 0, 1, 0, 0]), np.array([], dtype=np.int64), np.array([0, 3])]
+    assert label_count_matrix(rows).tolist() == [[2, 0, 1], [0, 0, 0], [0, 3, 0]]
+    for bad, found in ((np.array([1.0, 2.0]), "float64 of shape (2,)"), (np.array([[1, 2]]), "int64 of shape (1, 2)")):
+        with pytest.raises(ParticipationError, match=rf"label_counts of client 1 .* got {re.escape(found)}"):
+            label_count_matrix([np.array([1]), bad])
+    with pytest.raises(ParticipationError, match="label_counts of client 0 must be non-negative"):
+        label_count_matrix([np.array([1, -1])])
+
+
+def test_the_server_schedules_label_participation_from_label_counts_not_the_clients_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedslim.data.datasets import load_federation
+    from fedslim.server.loop import simulated_participation
+    from fedslim.task import task_for
+    from fedslim.tasks.benchmarks import BenchmarkTask
+
+    config = RunConfig(
+        task="synthetic", num_clients=30, rounds=6, participation="label", participation_mean=0.3, out=str(tmp_path)
+    )
+    # As the server counted them before: every client's data loaded, its labels counted.
+    labels = [client.y for client in load_federation(config).clients]
+    counts = np.stack([np.bincount(y, minlength=int(max(y.max() for y in labels)) + 1) for y in labels])
+    expected = participation_schedule("label", counts, 6, 0.3, config.seed)
+
+    def no_data(self: BenchmarkTask, config: RunConfig, partition_id: int) -> None:
+        raise AssertionError(f"the server loaded client {partition_id}'s data")
+
+    monkeypatch.setattr(BenchmarkTask, "client_data", no_data)
+    schedule = simulated_participation(config, task_for(config))
+    assert schedule is not None
+    np.testing.assert_array_equal(schedule.available, expected.available)
+    np.testing.assert_array_equal(schedule.probabilities, expected.probabilities)

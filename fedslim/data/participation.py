@@ -200,6 +200,24 @@ def write_trace(path: Path, available: np.ndarray) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def label_count_matrix(rows: list[np.ndarray]) -> np.ndarray:
+    """Clients' label counts (one row each, of any length) as one matrix, clients x classes: as many classes as
+    the largest label any client holds, plus one. ParticipationError naming the client whose row is not a
+    vector of non-negative integers."""
+    for client, row in enumerate(rows):
+        if row.ndim != 1 or not np.issubdtype(row.dtype, np.integer) or (len(row) and row.min() < 0):
+            raise ParticipationError(
+                f"label_counts of client {client} must be non-negative integer counts per class, got {row.dtype} "
+                f"of shape {row.shape}"
+            )
+    width = max((int(np.flatnonzero(row)[-1]) + 1 for row in rows if row.any()), default=0)
+    matrix = np.zeros((len(rows), width), dtype=np.int64)
+    for client, row in enumerate(rows):
+        present = row[:width]
+        matrix[client, : len(present)] = present
+    return matrix
+
+
 def participation_schedule(spec: str, label_counts: np.ndarray, rounds: int, mean: float, seed: int) -> Schedule:
     """The schedule ``spec`` names for clients with ``label_counts`` (shape: clients x classes)."""
     if not 0.0 < mean <= 1.0:

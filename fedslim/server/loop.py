@@ -35,7 +35,7 @@ from fedslim.commlog import LOG_FILENAME, CommLog, RoundTotals
 from fedslim.config import ConfigError, RunConfig
 from fedslim.consolidation import BaseChain
 from fedslim.data.checks import attached_model, checked_test_data
-from fedslim.data.participation import TRACE_FILENAME, Schedule, participation_schedule, write_trace
+from fedslim.data.participation import TRACE_FILENAME, Schedule, label_count_matrix, participation_schedule, write_trace
 from fedslim.export import MODEL_DIRNAME, run_manifest, write_model
 from fedslim.server.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -410,9 +410,7 @@ def simulated_participation(config: RunConfig, task: Task) -> Schedule | None:
     """The availability schedule of a simulated participation model (None for ``all``), saved as a trace."""
     if config.participation == "all":
         return None
-    labels = [task.labels(task.client_data(config, i)) for i in range(config.num_clients)]
-    num_classes = int(max(int(y.max()) for y in labels if len(y)) + 1)
-    label_counts = np.stack([np.bincount(y, minlength=num_classes) for y in labels])
+    label_counts = label_count_matrix([np.asarray(task.label_counts(config, i)) for i in range(config.num_clients)])
     schedule = participation_schedule(
         config.participation, label_counts, config.rounds, config.participation_mean, config.seed
     )

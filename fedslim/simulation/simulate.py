@@ -11,7 +11,7 @@ from flwr.app import ConfigRecordValues
 from flwr.serverapp import Grid
 
 from fedslim.commlog import RoundTotals
-from fedslim.config import RunConfig
+from fedslim.config import ConfigError, RunConfig
 from fedslim.data.checks import attached_model, check_partitions, checked_test_data
 from fedslim.server.loop import RunResult
 from fedslim.simulation.interrupt import ServerStopper, stop_on_interrupt
@@ -51,6 +51,14 @@ def check_inputs(config: RunConfig) -> None:
     check_partitions(task, config, module)
 
 
+def check_backend(config: RunConfig, backend: str) -> None:
+    """A ConfigError where the run config asks for what ``backend`` does not have (a Ray cluster)."""
+    if config.ray_address and backend != "flower":
+        raise ConfigError(
+            f"ray-address {config.ray_address} needs --backend flower (the {backend} backend runs no Ray)"
+        )
+
+
 def simulate(
     config: RunConfig,
     on_round: Callable[[RoundTotals], None] | None = None,
@@ -79,6 +87,7 @@ def simulate(
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown simulation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(config, backend)
     strategy_for(config)  # a bad strategy or argument fails here, before any node starts
     wrap_grid = _composed(attack_wrapper(config), fault_wrapper(config))  # so does a bad attack spec
     config.torch_device()  # so does a device this machine does not have
@@ -109,6 +118,11 @@ def simulate(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"logging_level": "ERROR" if not verbose else "INFO", "log_to_driver": verbose},
     }
+    if config.ray_address:
+        from fedslim.simulation.ray_cluster import join_cluster
+
+        base = prepared_base(config)
+        join_cluster(config.ray_address, base.path, base.root_fingerprint, verbose)
     # Ctrl-C stops the server's thread too, at its next grid call, instead of leaving it waiting out a round.
     stopper = ServerStopper()
     try:

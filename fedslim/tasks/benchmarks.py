@@ -13,11 +13,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedslim.config import RunConfig
-from fedslim.data.datasets import TRANSFER_PUBLIC_EXAMPLES, TRANSFER_SHIFT, ArrayDataset, DataSpec, load_federation
+from fedslim.data.datasets import (
+    TRANSFER_PUBLIC_EXAMPLES,
+    TRANSFER_SHIFT,
+    ArrayDataset,
+    DataSpec,
+    federation_source,
+)
 from fedslim.models import FashionCNN, SyntheticMLP
 from fedslim.task import Task
 from fedslim.training import train_epochs
@@ -41,8 +48,8 @@ PRETRAIN_RECIPES = {
 
 
 class BenchmarkTask(Task):
-    """A built-in benchmark: its federation from :func:`fedslim.data.datasets.load_federation`, its base
-    pretrained on the federation's public slice."""
+    """A built-in benchmark: its federation from :func:`fedslim.data.datasets.federation_source` (each part made
+    when asked for), its base pretrained on the federation's public slice."""
 
     def __init__(self, name: str) -> None:
         if name not in PRETRAIN_RECIPES:
@@ -66,7 +73,7 @@ class BenchmarkTask(Task):
         return identity | {"recipe": asdict(self.recipe)}
 
     def pretrain(self, config: RunConfig) -> nn.Module:
-        public = load_federation(config).public
+        public = federation_source(config).public()
         # One thread: parallel reductions would make the checkpoint depend on the caller's thread count.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -80,10 +87,10 @@ class BenchmarkTask(Task):
         return module
 
     def client_data(self, config: RunConfig, partition_id: int) -> ArrayDataset:
-        clients = load_federation(config).clients
-        if not 0 <= partition_id < len(clients):
-            raise IndexError(f"partition-id {partition_id} out of range for {len(clients)} clients")
-        return clients[partition_id]
+        return federation_source(config).client(partition_id)
+
+    def label_counts(self, config: RunConfig, partition_id: int) -> np.ndarray:
+        return federation_source(config).label_counts()[partition_id]
 
     def test_data(self, config: RunConfig) -> ArrayDataset:
-        return load_federation(config).test
+        return federation_source(config).test()
