@@ -193,13 +193,13 @@ def test_server_rejects_malformed_updates(blob: bytes, metrics, reason: str) -> 
     assert found is not None and reason in found
 
 
-def test_update_size_is_the_norm_per_local_step() -> None:
+def test_update_size_is_the_norm_per_root_local_step() -> None:
     config = RunConfig(local_epochs=2, batch_size=10)
     delta = np.array([3.0, 4.0], np.float32)  # L2 norm 5
     update, _ = check_update(_update(_blob(delta), {"num-examples": 25}), UpdateCheck({"w": (2,)}, "base", 3))
     assert update is not None
-    assert update_size(update, 25, config.local_step_count) == pytest.approx(5.0 / 6)  # 2 epochs x 3 batches
-    assert update_size(update, 25, RunConfig(local_steps=5).local_step_count) == pytest.approx(1.0)
+    assert update_size(update, 25, config.local_step_count) == pytest.approx(5.0 / 6**0.5)  # 2 epochs x 3 batches
+    assert update_size(update, 25, RunConfig(local_steps=5).local_step_count) == pytest.approx(5.0 / 5**0.5)
 
 
 @pytest.mark.parametrize(
